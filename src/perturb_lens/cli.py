@@ -1,0 +1,93 @@
+"""The ``perturb-lens`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="perturb-lens",
+    help="Activation-perturbation (sensitive directions) experiments on transformer LMs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")] = False,
+) -> None:
+    """Activation-perturbation (sensitive directions) experiments on transformer LMs."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+
+
+def model_info(lens: Any) -> dict[str, Any]:
+    """What ``info`` shows: the model's spec, frame, hook points and origin."""
+    from perturb_lens.models.hooks import HOOK_KINDS
+
+    spec = lens.spec
+    return {
+        **asdict(spec),
+        "path": "generic (hooks)" if spec.family == "generic" else "native",
+        "frame": lens.frame,
+        "hooks": {
+            "kinds": list(HOOK_KINDS),
+            "layers": [0, spec.n_layers - 1],
+            "count": len(lens.hook_names()),
+            "default_read": lens.default_read,
+        },
+        "source": lens.source,
+    }
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="smollm2-135m, a .gguf file, an HF folder or hub id.")],
+    frame: Annotated[
+        str | None, typer.Option(help="centered | raw (default: the family's default).")
+    ] = None,
+    native: Annotated[
+        bool, typer.Option("--native/--generic", help="Native fast path or generic hooks.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Load MODEL and describe it: architecture, shapes, hook points, frame and origin."""
+    from perturb_lens import load_model
+
+    facts = model_info(load_model(model, frame=frame, device="cpu", native=native))
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    hooks = facts["hooks"]
+    n = facts["n_layers"]
+    rows = [
+        ("architecture", facts["architecture"]),
+        ("family / path", f"{facts['family']} / {facts['path']}"),
+        ("parameters", f"{facts['n_params']:,}"),
+        ("layers", str(n)),
+        ("d_model", str(facts["d_model"])),
+        ("heads / kv heads", f"{facts['n_heads']} / {facts['n_kv_heads']} (d_head {facts['d_head']})"),
+        ("d_mlp", str(facts["d_mlp"])),
+        ("vocab", f"{facts['vocab_size']:,}"),
+        ("context", f"{facts['n_ctx']:,}"),
+        ("norm", facts["norm"]),
+        ("frame", facts["frame"]),
+        (
+            "hook points",
+            f"blocks.{{0..{n - 1}}}.{{{', '.join(hooks['kinds'])}}} ({hooks['count']})",
+        ),
+        ("default read", hooks["default_read"]),
+        ("source", facts["source"]),
+    ]
+    table = Table(title=f"perturb-lens info: {model}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)

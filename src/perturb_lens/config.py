@@ -1,0 +1,201 @@
+"""Experiment configuration: pydantic models, YAML/TOML files, ``key=value`` overrides.
+
+The hash of the validated configuration is the run id: the same config and seed give the same
+results, and a run directory refuses to resume under a different config.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from perturb_lens.engine.lengths import resolve_lengths
+from perturb_lens.engine.metrics import check_metrics
+
+BASELINES = (
+    "isotropic",
+    "isotropic-difference",
+    "cov-random-difference",
+    "cov-random-mixture",
+    "real-difference",
+    "real-mixture",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Where the tokens come from and how they are chunked (BOS first in every row)."""
+
+    source: str = Field("default", description="file/folder, builtin:lee, HF dataset id, or default")
+    split: str = "train"
+    text_field: str = "text"
+    seq_len: int = Field(128, ge=2)
+    n_seqs: int = Field(16000, ge=1)
+
+
+class StatsConfig(_Strict):
+    """Activation statistics for the cov-random and real directions."""
+
+    n_seqs: int | None = Field(None, ge=1, description="sequences used for mean/cov; None = all")
+    jitter: float = Field(0.01, ge=0, description="added to the covariance diagonal (published)")
+    pool_size: int = Field(65536, ge=2, description="real activations kept for real-* directions")
+    batch_seqs: int = Field(16, ge=1)
+
+
+class DirectionSpec(BaseModel):
+    """A direction generator by name, with its options (e.g. ``sigma`` for isotropic-difference)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def label(self) -> str:
+        return str(self.options.get("label", self.name))
+
+
+class ExperimentConfig(_Strict):
+    """A sensitive-directions sweep: model, hook, data, directions, lengths, scope, metrics."""
+
+    name: str = "experiment"
+    experiment: Literal["sensitive-directions"] = "sensitive-directions"
+    model: str = "smollm2-135m"
+    frame: Literal["centered", "raw"] | None = None
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    device: str | None = None
+    hook: str = "blocks.6.hook_resid_pre"
+    read: str | None = Field(None, description="downstream hook for l2/cos; None = last resid_post")
+    scope: Literal["all-positions", "single-position", "last-position"] = "all-positions"
+    lengths: str | list[float] = "published"
+    relative_lengths: bool = Field(False, description="multiply lengths by the median norm at hook")
+    metrics: list[str] = Field(default_factory=lambda: ["kl", "l2"])
+    directions: list[DirectionSpec] = Field(
+        default_factory=lambda: [DirectionSpec(name=n) for n in BASELINES]
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    seed: int = 0
+    shard_seqs: int = Field(8, ge=1, description="sequences per result shard (unit of resume)")
+    rows_per_pass: int = Field(4096, ge=1)
+    rows_per_logits: int = Field(512, ge=1)
+    include_bos: bool = Field(True, description="BOS position in summary means (published: yes)")
+    drop_last_position: bool = Field(True, description="all-positions summary drops the last pos")
+
+    @field_validator("directions", mode="before")
+    @classmethod
+    def _names_to_specs(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        return [{"name": d} if isinstance(d, str) else d for d in v]
+
+    @field_validator("metrics")
+    @classmethod
+    def _check_metrics(cls, v: list[str]) -> list[str]:
+        return check_metrics(v)
+
+    @field_validator("lengths")
+    @classmethod
+    def _check_lengths(cls, v: str | list[float]) -> str | list[float]:
+        resolve_lengths(v)
+        return v
+
+    @field_validator("directions")
+    @classmethod
+    def _check_directions(cls, v: list[DirectionSpec]) -> list[DirectionSpec]:
+        if not v:
+            raise ValueError("no directions given")
+        labels = [d.label for d in v]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"direction labels must be unique; got {labels} (set 'label')")
+        return v
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at a (possibly nested) location of a config model."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return sorted(model.model_fields)
+
+
+def _explain(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            keys = ", ".join(_valid_keys(model, e["loc"]))
+            lines.append(f"unknown key {where!r}; valid keys here: {keys}")
+        else:
+            lines.append(f"{where}: {e['msg']}")
+    return "Invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def validate_config(data: dict[str, Any]) -> ExperimentConfig:
+    """Validate a plain dict; errors name the bad key and the valid ones."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, ExperimentConfig)) from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML (.yaml/.yml) or TOML (.toml) file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} not found.")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"Config {path} must end in .yaml, .yml or .toml.")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"Malformed config {path}: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config {path} must hold a mapping of keys to values at the top.")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML: numbers, lists, null...)."""
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"Override {item!r} must look like key=value (e.g. data.n_seqs=64).")
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {item!r}: {p!r} is not a section.")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate a config (no path: the defaults)."""
+    data = read_config_file(path) if path is not None else {}
+    return validate_config(apply_overrides(data, overrides or []))

@@ -1,0 +1,46 @@
+"""Perturbation-length grids: the published presets, ranges and explicit lists."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+# Lee & Heimersheim's sensitive-directions grid: 1, 3, ..., 19, 20, 24, ..., 48, 51, 61, ..., 91.
+PUBLISHED = [*range(1, 20, 2), *range(20, 49, 4), *range(51, 92, 10)]
+PRESETS: dict[str, list[float]] = {
+    "published": [float(v) for v in PUBLISHED],
+    "0..101": [float(v) for v in range(102)],
+    # SAE error / feature extrapolation grid: 1, 11, ..., 201.
+    "sae": [float(v) for v in range(1, 202, 10)],
+    # Relative interpolation grid: t = 0, 0.01, ..., 1 (101 steps).
+    "t101": [round(i / 100, 2) for i in range(101)],
+}
+
+
+def resolve_lengths(spec: str | Sequence[float], *, scale: float = 1.0) -> list[float]:
+    """A preset name, ``"a:b:step"`` range or list of lengths, multiplied by ``scale``.
+
+    ``scale`` is 1 for absolute lengths and the median activation norm for relative ones.
+    """
+    if isinstance(spec, str):
+        if spec in PRESETS:
+            values = PRESETS[spec]
+        elif spec.count(":") == 2:
+            start, stop, step = (float(v) for v in spec.split(":"))
+            if step <= 0:
+                raise ValueError(f"Length range {spec!r} needs a positive step.")
+            n = int((stop - start) / step + 1e-9) + 1
+            values = [start + i * step for i in range(n)]
+        else:
+            raise ValueError(
+                f"Unknown length preset {spec!r}; use one of {sorted(PRESETS)}, 'start:stop:step' "
+                "or a list of numbers."
+            )
+    else:
+        values = [float(v) for v in spec]
+    if not values:
+        raise ValueError("The length grid is empty; give at least one length (0 is allowed).")
+    bad = [v for v in values if not math.isfinite(v) or v < 0]
+    if bad:
+        raise ValueError(f"Lengths must be finite and >= 0; got {bad[:5]}.")
+    return [v * scale for v in values]

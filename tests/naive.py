@@ -15,7 +15,9 @@ def blocks(hf) -> torch.nn.ModuleList:
     return hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
 
 
-def forward_with_edit(hf, tokens: Tensor, layer: int, edit, read_layer: int) -> tuple[Tensor, Tensor]:
+def forward_with_edit(
+    hf, tokens: Tensor, layer: int, edit, read_layer: int
+) -> tuple[Tensor, Tensor]:
     """Logits (float64) and block ``read_layer``'s output, with ``edit(hidden)`` applied in place
     to the input of block ``layer`` (= hook_resid_pre)."""
     captured: dict[str, Tensor] = {}

@@ -60,7 +60,9 @@ def test_scopes_match_naive_gpt2(gpt2, scope: str) -> None:
 def test_alpha_zero_is_noise_floor(gpt2, scope: str) -> None:
     _, model = gpt2
     tokens = torch.randint(0, 50257, (3, 12), generator=torch.Generator().manual_seed(2))
-    spec = SweepSpec(hook="blocks.1.hook_mlp_out", lengths=[0.0], scope=scope, metrics=["kl", "l2", "js"])
+    spec = SweepSpec(
+        hook="blocks.1.hook_mlp_out", lengths=[0.0], scope=scope, metrics=["kl", "l2", "js"]
+    )
     clean = clean_pass(model, tokens, spec)
     df = measure(model, clean, _directions(clean.x), spec)
     assert df.kl.abs().max() <= 1e-6
@@ -78,7 +80,10 @@ def test_chunking_does_not_change_rows(gpt2) -> None:
         dirs = _directions(clean.x)
         a = measure(model, clean, dirs, big).sort_values(["direction", "seq", "pos", "length"])
         b = measure(model, clean, dirs, small).sort_values(["direction", "seq", "pos", "length"])
-        assert a[["seq", "pos", "length"]].to_numpy().tolist() == b[["seq", "pos", "length"]].to_numpy().tolist()
+        assert (
+            a[["seq", "pos", "length"]].to_numpy().tolist()
+            == b[["seq", "pos", "length"]].to_numpy().tolist()
+        )
         assert (a.kl.to_numpy() - b.kl.to_numpy()).max() <= 1e-6
 
 
@@ -113,3 +118,26 @@ def test_length_grids() -> None:
         resolve_lengths([1.0, -2.0])
     with pytest.raises(ValueError, match="preset"):
         resolve_lengths("paper")
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_scopes_match_naive_smollm2(smollm2, scope: str) -> None:
+    """The real embedded model: every scope against one HF forward per length / copy."""
+    from perturb_lens import load_model
+
+    hf = load_model("smollm2-135m", native=False, device="cpu").model
+    tokens = smollm2.to_tokens(["The quick brown fox jumps over the lazy dog and"])
+    # lengths relative to the activation norm at layer 15 (~170): small, medium, large
+    assert compare_to_naive(hf, smollm2, tokens, 15, scope, [10.0, 60.0]) <= 1e-4
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_alpha_zero_floor_smollm2(smollm2, scope: str) -> None:
+    """float32 noise at alpha = 0, relative to the size of what is compared (BOS norm ~25,000)."""
+    tokens = smollm2.to_tokens(["The quick brown fox jumps over the lazy dog and"])
+    spec = SweepSpec(hook="blocks.15.hook_resid_pre", lengths=[0.0], scope=scope)
+    clean = clean_pass(smollm2, tokens, spec)
+    df = measure(smollm2, clean, _directions(clean.x), spec)
+    norms = clean.reads[smollm2.default_read].norm(dim=-1)[0]
+    assert df.kl.max() <= 1e-5
+    assert (df.l2.to_numpy() / norms[df.pos.to_numpy()].numpy()).max() <= 5e-6  # ~80 eps

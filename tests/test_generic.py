@@ -1,4 +1,4 @@
-"""The generic hook path against transformers itself: hidden states, logits, plain hooked forwards."""
+"""The generic hook path against transformers itself: hidden states, logits, hooked forwards."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def submodule(hf: nn.Module, layer: int, kind: str) -> nn.Module:
 def hooked_forward(
     hf: nn.Module, tokens: Tensor, layer: int, kind: str, edit: Callable[[Tensor], Tensor] | None
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-    """Plain reference: one HF forward with ``edit`` applied to (layer, kind); returns the
-    activation there (after the edit), the last hidden state (final-normed) and all hidden states."""
+    """Plain reference: one HF forward with ``edit`` applied at (layer, kind). Returns the
+    activation there (after the edit), the last hidden state (final-normed), all hidden states."""
     seen: dict[str, Tensor] = {}
 
     def change(h: Tensor) -> Tensor:
@@ -87,7 +87,6 @@ def hooked_forward(
     finally:
         handle.remove()
     return seen["x"], out.hidden_states[-1], out.hidden_states
-
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -195,7 +194,9 @@ def test_continue_at_matches_one_copy_forward(models, family: str, kind: str) ->
 
             _, ref_final, hidden = hooked_forward(hf, tokens[b : b + 1], layer, kind, put)
             torch.testing.assert_close(final[b, i], ref_final[0, p], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(reads[read][b, i], hidden[read_layer][0, p], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                reads[read][b, i], hidden[read_layer][0, p], atol=1e-5, rtol=1e-5
+            )
             # and the perturbation did change something downstream
             assert not torch.allclose(final[b, i], clean.final[b, p], atol=1e-4)
 

@@ -58,7 +58,9 @@ def _hf_logits_with_edit(hf, tokens, layer: int, edit) -> torch.Tensor:
         handle.remove()
 
 
-@pytest.mark.parametrize(("family", "frame"), [("gpt2", "centered"), ("gpt2", "raw"), ("llama", "raw")])
+@pytest.mark.parametrize(
+    ("family", "frame"), [("gpt2", "centered"), ("gpt2", "raw"), ("llama", "raw")]
+)
 def test_logits_match_transformers(hf_models, family: str, frame: str) -> None:
     hf, _ = hf_models[family]
     model = _native(hf_models, family, frame)
@@ -102,7 +104,9 @@ def test_continue_unchanged_reproduces_full_forward(hf_models, family: str) -> N
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("layer", [0, 2])
-def test_perturbed_continuations_match_hooked_transformers(hf_models, family: str, layer: int) -> None:
+def test_perturbed_continuations_match_hooked_transformers(
+    hf_models, family: str, layer: int
+) -> None:
     """All positions perturbed, and one position perturbed alone, against plain HF hooks."""
     hf, _ = hf_models[family]
     model = _native(hf_models, family, "raw")
@@ -171,3 +175,21 @@ def test_clear_errors(hf_models) -> None:
     clean = model.run_clean(_tokens(), "blocks.1.hook_resid_pre")
     with pytest.raises(ValueError, match="keep_kv"):
         model.continue_at(clean, clean.x[:, :1], torch.zeros(3, 1, dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(smollm2):
+    from perturb_lens import load_model
+
+    return load_model("smollm2-135m", native=False, device="cpu").model
+
+
+def test_smollm2_native_matches_transformers(smollm2, smollm2_hf) -> None:
+    """Real pretrained weights: native Llama path vs transformers' LlamaForCausalLM."""
+    tokens = smollm2.to_tokens(["The capital of France is Paris, and the capital of Italy is"])
+    with torch.no_grad():
+        ref = smollm2_hf(tokens).logits.float()
+    out = smollm2.logits(tokens)
+    assert (out - ref).abs().max().item() <= 1e-4
+    paris = smollm2.logits(smollm2.to_tokens("The capital of France is"))[0, -1].argmax()
+    assert smollm2.tokenizer.decode(paris) == " Paris"

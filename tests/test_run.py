@@ -94,16 +94,25 @@ def test_killed_run_resumes_identically(tmp_path: Path, gpt2_dir: Path, text_fil
     pd.testing.assert_frame_equal(_sorted(load_results(run_dir)), _sorted(load_results(reference)))
 
 
-def test_resume_with_other_config_is_refused(tmp_path: Path, gpt2_dir: Path, text_file: Path) -> None:
+def test_resume_with_other_config_is_refused(
+    tmp_path: Path, gpt2_dir: Path, text_file: Path
+) -> None:
     run_dir = run_experiment(_config(gpt2_dir, text_file), tmp_path / "run", progress=False)
     with pytest.raises(ConfigMismatchError, match="hook"):
         run_experiment(
-            _config(gpt2_dir, text_file, hook="blocks.1.hook_resid_pre"), run_dir, resume=True, progress=False
+            _config(gpt2_dir, text_file, hook="blocks.1.hook_resid_pre"),
+            run_dir,
+            resume=True,
+            progress=False,
         )
 
 
-def test_single_position_run_and_custom_directions(tmp_path: Path, gpt2_dir: Path, text_file: Path) -> None:
-    @register_direction("test-first-axis", contains_minus_x=False, description="e_0", overwrite=True)
+def test_single_position_run_and_custom_directions(
+    tmp_path: Path, gpt2_dir: Path, text_file: Path
+) -> None:
+    @register_direction(
+        "test-first-axis", contains_minus_x=False, description="e_0", overwrite=True
+    )
     def first_axis(ctx):
         out = torch.zeros_like(ctx.x)
         out[:, 0] = 1.0
@@ -127,7 +136,7 @@ def test_config_errors(tmp_path: Path) -> None:
     bad.write_text("hook: blocks.1.hook_resid_pre\ndata:\n  n_seq: 4\n")
     with pytest.raises(ConfigError, match=r"unknown key 'data.n_seq'.*n_seqs"):
         load_config(bad)
-    with pytest.raises(ConfigError, match="valid keys here: .*scope"):
+    with pytest.raises(ConfigError, match=r"valid keys here: .*scope"):
         load_config(None, ["scopes=all-positions"])
     malformed = tmp_path / "m.toml"
     malformed.write_text("hook = [unclosed\n")

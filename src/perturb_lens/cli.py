@@ -21,7 +21,9 @@ app = typer.Typer(
 
 @app.callback()
 def main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")
+    ] = False,
 ) -> None:
     """Activation-perturbation (sensitive directions) experiments on transformer LMs."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
@@ -48,7 +50,9 @@ def model_info(lens: Any) -> dict[str, Any]:
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="smollm2-135m, a .gguf file, an HF folder or hub id.")],
+    model: Annotated[
+        str, typer.Argument(help="smollm2-135m, a .gguf file, an HF folder or hub id.")
+    ],
     frame: Annotated[
         str | None, typer.Option(help="centered | raw (default: the family's default).")
     ] = None,
@@ -60,7 +64,11 @@ def info(
     """Load MODEL and describe it: architecture, shapes, hook points, frame and origin."""
     from perturb_lens import load_model
 
-    facts = model_info(load_model(model, frame=frame, device="cpu", native=native))
+    try:
+        lens = load_model(model, frame=frame, device="cpu", native=native)
+    except ValueError as err:  # ModelLoadError and bad frames: the message says what to do
+        raise _fail(err) from err
+    facts = model_info(lens)
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
         return
@@ -72,7 +80,10 @@ def info(
         ("parameters", f"{facts['n_params']:,}"),
         ("layers", str(n)),
         ("d_model", str(facts["d_model"])),
-        ("heads / kv heads", f"{facts['n_heads']} / {facts['n_kv_heads']} (d_head {facts['d_head']})"),
+        (
+            "heads / kv heads",
+            f"{facts['n_heads']} / {facts['n_kv_heads']} (d_head {facts['d_head']})",
+        ),
         ("d_mlp", str(facts["d_mlp"])),
         ("vocab", f"{facts['vocab_size']:,}"),
         ("context", f"{facts['n_ctx']:,}"),
@@ -90,4 +101,50 @@ def info(
     table.add_column(overflow="fold")
     for key, value in rows:
         table.add_row(key, value)
+    Console().print(table)
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.echo(f"Error: {err}", err=True)
+    return typer.Exit(1)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def run(
+    config: Annotated[str, typer.Argument(help="Experiment config (.yaml/.yml/.toml).")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key=value overrides, e.g. data.n_seqs=64 scope=single-position."),
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Run directory (default runs/NAME-HASH).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run in --out.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run (or resume) an experiment; write Parquet shards + manifest; print a summary table."""
+    from perturb_lens.config import ConfigError, load_config
+    from perturb_lens.engine.run import run_experiment, summary_rows
+    from perturb_lens.results import summary_table
+
+    try:
+        cfg = load_config(config, overrides or [])
+        run_dir = run_experiment(cfg, out, resume=resume, progress=not quiet)
+    except (ConfigError, ValueError, FileExistsError, OSError, RuntimeError) as err:
+        raise _fail(err) from err
+    table = summary_table(summary_rows(run_dir), metrics=tuple(cfg.metrics[:2]))
+    _print_frame(table, f"{cfg.name}: mean over tokens ({cfg.scope}, hook {cfg.hook})")
+    Console().print(f"Results: [bold]{run_dir}[/bold]  (load with perturb_lens.load_results)")
+
+
+def _print_frame(df: Any, title: str) -> None:
+    """A pandas frame as a rich table (index as the first column)."""
+    table = Table(title=title)
+    table.add_column(str(df.index.name or ""), style="bold")
+    for col in df.columns:
+        table.add_column(str(col), justify="right")
+    for idx, row in df.iterrows():
+        table.add_row(str(idx), *(f"{v:.4g}" for v in row.to_numpy()))
     Console().print(table)

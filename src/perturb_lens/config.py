@@ -37,7 +37,9 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where the tokens come from and how they are chunked (BOS first in every row)."""
 
-    source: str = Field("default", description="file/folder, builtin:lee, HF dataset id, or default")
+    source: str = Field(
+        "default", description="file/folder, builtin:lee, HF dataset id, or default"
+    )
     split: str = "train"
     text_field: str = "text"
     seq_len: int = Field(128, ge=2)
@@ -195,7 +197,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
     """Read, override and validate a config (no path: the defaults)."""
     data = read_config_file(path) if path is not None else {}
     return validate_config(apply_overrides(data, overrides or []))

@@ -70,7 +70,7 @@ def default_text_source() -> str:
 
 
 def load_texts(
-    source: str,
+    source: str | os.PathLike[str],
     *,
     split: str = "train",
     text_field: str = "text",
@@ -82,7 +82,7 @@ def load_texts(
     Files are read lazily; a hub dataset is streamed (``streaming=True``) so nothing beyond what
     is consumed is downloaded.
     """
-    kind, target = _resolve(source)
+    kind, target = _resolve(os.fspath(source))
     if kind == "hub":
         docs = _hub_texts(target, split=split, text_field=text_field, streaming=streaming)
     else:
@@ -273,7 +273,7 @@ def chunk_tokens(
 
 
 def tokenize_dataset(
-    source: str,
+    source: str | os.PathLike[str],
     tokenizer: PreTrainedTokenizerBase,
     *,
     seq_len: int,
@@ -290,6 +290,7 @@ def tokenize_dataset(
     The cache key hashes the source's identity (file contents for local files), the tokenizer,
     and every argument that changes the result; a hit skips reading and tokenizing entirely.
     """
+    source = os.fspath(source)
     key = _cache_key(
         source,
         tokenizer,
@@ -330,10 +331,10 @@ def tokenize_dataset(
 
 
 def default_cache_dir() -> Path:
-    """Where token batches are cached: ``<user cache dir>/perturb-lens/tokens``."""
-    import platformdirs
+    """Token batch cache: ``<cache root>/tokens`` (``$PERTURB_LENS_CACHE`` moves the root)."""
+    from perturb_lens.paths import cache_root
 
-    return Path(platformdirs.user_cache_dir("perturb-lens")) / "tokens"
+    return cache_root() / "tokens"
 
 
 def _tokenize_batches(
@@ -345,7 +346,8 @@ def _tokenize_batches(
     """Token ids per document, tokenized lazily in batches (fast tokenizers parallelize)."""
     it = iter(texts)
     while batch := list(itertools.islice(it, TOKENIZE_BATCH_DOCS)):
-        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        # verbose=False: documents longer than the model's context are expected (they get chunked)
+        ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
         on_batch(sum(len(x) for x in ids))
         yield from ids
 

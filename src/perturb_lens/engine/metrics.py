@@ -29,6 +29,28 @@ def check_metrics(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+def logsumexp64(logits: Tensor) -> Tensor:
+    """log-sum-exp over the last axis of float32 logits, returned in float64 (max-shifted)."""
+    m = logits.max(-1, keepdim=True).values
+    s = (logits - m).exp().sum(-1)
+    return m.squeeze(-1).double() + s.double().log()
+
+
+def kl_linear(
+    lse_clean: Tensor, u_clean: Tensor, f_clean: Tensor, pert_logits: Tensor, f_pert: Tensor
+) -> Tensor:
+    """KL(p_clean || p_pert) for a linear unembedding ``logits = W f + b``, exactly rearranged:
+
+    ``sum p_c (lp_c - lp_p) = lse_p - lse_c - p_c . (logits_p - logits_c)
+    = lse_p - lse_c - u_c . (f_p - f_c)`` with ``u_c = W^T p_c`` (the bias cancels).
+    Per row only a log-sum-exp over the vocabulary is needed; the small terms are combined in
+    float64 and the difference ``f_p - f_c`` is taken first, so alpha = 0 gives 0 to float noise.
+    ``lse_clean`` [...], ``u_clean`` and ``f_clean`` [..., d] broadcast against ``f_pert``.
+    """
+    dot = (u_clean * (f_pert.double() - f_clean.double())).sum(-1)
+    return (logsumexp64(pert_logits) - lse_clean - dot).clamp_min(0.0).float()
+
+
 def output_metrics(
     clean_logp: Tensor,
     pert_logits: Tensor,

@@ -24,7 +24,11 @@ from tqdm.auto import tqdm
 
 import perturb_lens
 from perturb_lens.config import ExperimentConfig, validate_config
-from perturb_lens.data import default_cache_dir, default_text_source, token_source_hash, tokenize_dataset
+from perturb_lens.data import (
+    default_text_source,
+    token_source_hash,
+    tokenize_dataset,
+)
 from perturb_lens.directions import (
     DirectionContext,
     explicit_directions,
@@ -34,6 +38,7 @@ from perturb_lens.directions import (
 from perturb_lens.engine.lengths import resolve_lengths
 from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
 from perturb_lens.models.base import LensModel
+from perturb_lens.paths import cache_root
 from perturb_lens.results.store import RunStore, check_new_or_resume, config_hash, load_results
 from perturb_lens.stats import ActivationStats, StatsAccumulator
 
@@ -82,9 +87,13 @@ def compute_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
     x = clean.x.reshape(-1, d).float()
     dirs: dict[str, Tensor] = {}
     for spec in cfg.directions:
-        gen = torch.Generator(device=x.device).manual_seed(derive_seed(cfg.seed, shard_id, spec.label))
+        gen = torch.Generator(device=x.device).manual_seed(
+            derive_seed(cfg.seed, shard_id, spec.label)
+        )
         options = {k: v for k, v in spec.options.items() if k != "label"}
-        dctx = DirectionContext(x=x, stats=ctx.stats, pool=ctx.pool.to(x.device), generator=gen, options=options)
+        dctx = DirectionContext(
+            x=x, stats=ctx.stats, pool=ctx.pool.to(x.device), generator=gen, options=options
+        )
         if spec.name in ctx.explicit:
             fixed = ctx.explicit[spec.name]
             fixed = fixed[sl].reshape(-1, d) if fixed.ndim == 3 else fixed
@@ -130,17 +139,28 @@ def _cached_stats(
     """Statistics from the run dir, else the shared cache next to the tokens, else fitted."""
     n_stats = min(cfg.stats.n_seqs or tokens.shape[0], tokens.shape[0])
     key = derive_seed(
-        model.source, model.frame, cfg.dtype, cfg.hook, token_source_hash(tokens[:n_stats]),
-        cfg.stats.jitter, cfg.stats.pool_size, cfg.seed,
+        model.source,
+        model.frame,
+        cfg.dtype,
+        cfg.hook,
+        token_source_hash(tokens[:n_stats]),
+        cfg.stats.jitter,
+        cfg.stats.pool_size,
+        cfg.seed,
     )
-    cache = default_cache_dir().parent / "stats" / f"{key:016x}"
+    cache = cache_root() / "stats" / f"{key:016x}"
     for folder in (run_dir, cache):
         if (folder / STATS_FILE).is_file() and (folder / POOL_FILE).is_file():
             stats = ActivationStats.load(folder / STATS_FILE)
             return stats, torch.load(folder / POOL_FILE, weights_only=True)
     stats, pool = fit_activation_stats(
-        model, tokens[:n_stats], cfg.hook, jitter=cfg.stats.jitter,
-        pool_size=cfg.stats.pool_size, batch_seqs=cfg.stats.batch_seqs, seed=cfg.seed,
+        model,
+        tokens[:n_stats],
+        cfg.hook,
+        jitter=cfg.stats.jitter,
+        pool_size=cfg.stats.pool_size,
+        batch_seqs=cfg.stats.batch_seqs,
+        seed=cfg.seed,
         progress=progress,
     )
     cache.mkdir(parents=True, exist_ok=True)
@@ -160,9 +180,15 @@ def load_tokens_for(cfg: ExperimentConfig, model: LensModel, progress: bool = Tr
     """Token rows [n_seqs, seq_len] for a config (BOS first, cached by content hash)."""
     source = default_text_source() if cfg.data.source == "default" else cfg.data.source
     tokens = tokenize_dataset(
-        source, model.tokenizer, seq_len=cfg.data.seq_len, n_seqs=cfg.data.n_seqs,
-        bos_id=model.bos_token_id, sep_id=getattr(model.tokenizer, "eos_token_id", None),
-        text_field=cfg.data.text_field, split=cfg.data.split, show_progress=progress,
+        source,
+        model.tokenizer,
+        seq_len=cfg.data.seq_len,
+        n_seqs=cfg.data.n_seqs,
+        bos_id=model.bos_token_id,
+        sep_id=getattr(model.tokenizer, "eos_token_id", None),
+        text_field=cfg.data.text_field,
+        split=cfg.data.split,
+        show_progress=progress,
     )
     if tokens.shape[0] < cfg.data.n_seqs:
         log.warning("Only %d sequences available (asked for %d).", tokens.shape[0], cfg.data.n_seqs)
@@ -192,7 +218,9 @@ def prepare(
     if tokens is None:
         tokens = load_tokens_for(cfg, model, progress)
     if tokens.shape[1] > model.spec.n_ctx:
-        raise ValueError(f"seq_len {tokens.shape[1]} exceeds the model's context {model.spec.n_ctx}.")
+        raise ValueError(
+            f"seq_len {tokens.shape[1]} exceeds the model's context {model.spec.n_ctx}."
+        )
     stats, pool = _cached_stats(cfg, model, tokens, run_dir, progress)
     scale = stats.median_norm if cfg.relative_lengths else 1.0
     spec = SweepSpec(
@@ -267,7 +295,9 @@ def run_experiment(
         t0 = time.perf_counter()
         for sid in tqdm(todo, desc=f"Shards ({len(done)} done before)", disable=not progress):
             df = compute_shard(ctx, sid)
-            store.write_shard(sid, df, info={"seqs": [ctx.shard_slice(sid).start, ctx.shard_slice(sid).stop]})
+            store.write_shard(
+                sid, df, info={"seqs": [ctx.shard_slice(sid).start, ctx.shard_slice(sid).stop]}
+            )
             if on_shard is not None:
                 on_shard(sid)
         store.finish({"seconds": round(time.perf_counter() - t0, 3), "shards": len(ids)})

@@ -23,7 +23,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from perturb_lens.engine.metrics import DOWNSTREAM_METRICS, downstream_metrics, output_metrics
+from perturb_lens.engine.metrics import (
+    DOWNSTREAM_METRICS,
+    OUTPUT_METRICS,
+    downstream_metrics,
+    kl_linear,
+    logsumexp64,
+    output_metrics,
+)
 from perturb_lens.models.base import CleanRun, LensModel
 
 SCOPES = ("all-positions", "single-position", "last-position")
@@ -65,6 +72,42 @@ def clean_pass(model: LensModel, tokens: Tensor, spec: SweepSpec) -> CleanRun:
     return clean
 
 
+@dataclass
+class _CleanOut:
+    """Clean-pass quantities the output metrics compare against, computed once per batch."""
+
+    final: Tensor  # [B, T, d] float32
+    logp: Tensor | None  # [B, T, V] float32 log-probs (metrics that need the full distribution)
+    lse: Tensor | None  # [B, T] float64 log-sum-exp (fast KL)
+    u: Tensor | None  # [B, T, d] float64, W_U^T p_clean (fast KL)
+    rest: list[str]  # output metrics computed from full distributions
+
+    @classmethod
+    def build(cls, model: LensModel, clean: CleanRun, metrics: Sequence[str]) -> _CleanOut:
+        logits = model.unembed(clean.final)
+        lin = model.linear_unembedding()
+        fast = "kl" in metrics and lin is not None
+        rest = [m for m in metrics if m in OUTPUT_METRICS and not (m == "kl" and fast)]
+        logp = torch.log_softmax(logits, dim=-1) if rest else None
+        lse = logsumexp64(logits) if fast else None
+        # float64: a float32 sum over the whole vocabulary loses ~1e-5 relative, visible in KL
+        u = torch.softmax(logits.double(), dim=-1) @ lin[0].double() if fast and lin else None
+        return cls(clean.final.float(), logp, lse, u, rest)
+
+    def select(self, i: int, sel: Tensor | None = None) -> list[Tensor | None]:
+        """Sequence i (all positions, with a leading broadcast axis) or positions ``sel`` of it
+        (with a trailing broadcast axis for the lengths)."""
+        out = []
+        for v in (self.final, self.logp, self.lse, self.u):
+            if v is None:
+                out.append(None)
+            elif sel is None:
+                out.append(v[i].unsqueeze(0))
+            else:
+                out.append(v[i, sel].unsqueeze(1))
+        return out
+
+
 class _Rows:
     """Column buffers for the output rows."""
 
@@ -91,7 +134,7 @@ def measure(
     """Rows (seq, pos, direction, length, metrics...) for every direction [B, T, d] and length."""
     b, t, d = clean.x.shape
     read = spec.read or model.default_read
-    logp = torch.log_softmax(model.unembed(clean.final), dim=-1)  # [B, T, V] float32
+    ref = _CleanOut.build(model, clean, spec.metrics)
     nxt = torch.full((b, t), -1, dtype=torch.long, device=clean.tokens.device)
     nxt[:, :-1] = clean.tokens[:, 1:]
     alphas = torch.tensor(list(spec.lengths), dtype=torch.float32, device=clean.x.device)
@@ -99,13 +142,17 @@ def measure(
     seqs = torch.arange(b) + seq_offset
     for name, dirs in directions.items():
         if dirs.shape != clean.x.shape:
-            raise ValueError(f"Directions {name!r} have shape {tuple(dirs.shape)}, expected {(b, t, d)}.")
+            raise ValueError(
+                f"Directions {name!r} have shape {tuple(dirs.shape)}, expected {(b, t, d)}."
+            )
         dirs = dirs.to(clean.x.device, torch.float32)
         if spec.scope == "all-positions":
-            _all_positions(model, clean, dirs, alphas, spec, read, logp, nxt, rows, seqs, name)
+            _all_positions(model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name)
         else:
             first = t - 1 if spec.scope == "last-position" else 0
-            _single_positions(model, clean, dirs, alphas, spec, read, logp, nxt, rows, seqs, name, first)
+            _single_positions(
+                model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name, first
+            )
     df = rows.frame()
     df["direction"] = pd.Categorical(df["direction"], categories=list(directions))
     return df
@@ -115,27 +162,33 @@ def _metrics_block(
     model: LensModel,
     spec: SweepSpec,
     final: Tensor,
-    clean_logp: Tensor,
+    ref: _CleanOut,
+    clean_sel: list[Tensor | None],
     nxt: Tensor,
     pert_read: Tensor | None,
     clean_read: Tensor | None,
 ) -> dict[str, Tensor]:
-    """Metrics for final [..., d] against broadcastable clean log-probs / reads."""
-    out = output_metrics(clean_logp, model.unembed(final), spec.metrics, nxt)
+    """Metrics for final [..., d] against the broadcastable clean selection / reads."""
+    f_c, logp_c, lse_c, u_c = clean_sel
+    logits = model.unembed(final)
+    out = output_metrics(logp_c, logits, ref.rest, nxt) if ref.rest else {}
+    if lse_c is not None:
+        out["kl"] = kl_linear(lse_c, u_c, f_c, logits, final)
     if pert_read is not None and clean_read is not None:
         out.update(downstream_metrics(clean_read, pert_read, spec.metrics))
     return out
 
 
-def _all_positions(model, clean, dirs, alphas, spec, read, logp, nxt, rows, seqs, name) -> None:
-    b, t, d = clean.x.shape
+def _all_positions(model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name) -> None:
+    b, t, _ = clean.x.shape
     n_len = len(alphas)
     k_chunk = max(1, spec.rows_per_pass // (b * t))
     per_logits = max(1, spec.rows_per_logits // t)
     clean_read = clean.reads.get(read)
     for k0 in range(0, n_len, k_chunk):
         a = alphas[k0 : k0 + k_chunk]  # [k]
-        x_new = clean.x.float().unsqueeze(1) + a.view(1, -1, 1, 1) * dirs.unsqueeze(1)
+        step = a.view(1, -1, 1, 1) * dirs.unsqueeze(1)
+        x_new = clean.x.unsqueeze(1) + step.to(clean.x.dtype)
         final, reads = model.continue_all(clean, x_new, reads=[read] if spec.needs_read else [])
         k = len(a)
         for i in range(b):
@@ -143,7 +196,7 @@ def _all_positions(model, clean, dirs, alphas, spec, read, logp, nxt, rows, seqs
                 j1 = min(k, j0 + per_logits)
                 pr = reads[read][i, j0:j1] if spec.needs_read else None
                 cr = clean_read[i].unsqueeze(0) if clean_read is not None else None
-                m = _metrics_block(model, spec, final[i, j0:j1], logp[i].unsqueeze(0), nxt[i], pr, cr)
+                m = _metrics_block(model, spec, final[i, j0:j1], ref, ref.select(i), nxt[i], pr, cr)
                 kk = j1 - j0
                 rows.add(
                     seq=np.full(kk * t, int(seqs[i]), dtype=np.int32),
@@ -155,7 +208,7 @@ def _all_positions(model, clean, dirs, alphas, spec, read, logp, nxt, rows, seqs
 
 
 def _single_positions(
-    model, clean, dirs, alphas, spec, read, logp, nxt, rows, seqs, name, first
+    model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name, first
 ) -> None:
     b, t, d = clean.x.shape
     n_len = len(alphas)
@@ -166,11 +219,14 @@ def _single_positions(
     for p0 in range(0, len(positions), p_chunk):
         pos = positions[p0 : p0 + p_chunk]  # [P]
         n_p = len(pos)
-        x = clean.x[:, pos].float()  # [B, P, d]
-        x_new = x.unsqueeze(2) + alphas.view(1, 1, -1, 1) * dirs[:, pos].unsqueeze(2)  # [B,P,L,d]
+        step = alphas.view(1, 1, -1, 1) * dirs[:, pos].unsqueeze(2)  # [B, P, L, d]
+        x_new = clean.x[:, pos].unsqueeze(2) + step.to(clean.x.dtype)
         pos_rows = pos.view(1, -1, 1).expand(b, n_p, n_len).reshape(b, -1)
         final, reads = model.continue_at(
-            clean, x_new.reshape(b, n_p * n_len, d), pos_rows, reads=[read] if spec.needs_read else []
+            clean,
+            x_new.reshape(b, n_p * n_len, d),
+            pos_rows,
+            reads=[read] if spec.needs_read else [],
         )
         final = final.view(b, n_p, n_len, d)
         for i in range(b):
@@ -180,7 +236,14 @@ def _single_positions(
                 pr = reads[read].view(b, n_p, n_len, d)[i, j0:j1] if spec.needs_read else None
                 cr = clean_read[i, sel].unsqueeze(1) if clean_read is not None else None
                 m = _metrics_block(
-                    model, spec, final[i, j0:j1], logp[i, sel].unsqueeze(1), nxt[i, sel].unsqueeze(1), pr, cr
+                    model,
+                    spec,
+                    final[i, j0:j1],
+                    ref,
+                    ref.select(i, sel),
+                    nxt[i, sel].unsqueeze(1),
+                    pr,
+                    cr,
                 )
                 kk = j1 - j0
                 rows.add(

@@ -119,7 +119,9 @@ class LensModel(ABC):
         if prepend_bos:
             ids = [[self.bos_token_id, *row] for row in ids]
         if len({len(row) for row in ids}) != 1:
-            raise ValueError("to_tokens needs texts of equal token length; tokenize them one by one.")
+            raise ValueError(
+                "to_tokens needs texts of equal token length; tokenize them one by one."
+            )
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
     # ---- compute -----------------------------------------------------------------------------
@@ -158,6 +160,11 @@ class LensModel(ABC):
     def unembed(self, final: Tensor) -> Tensor:
         """Float32 logits [..., V] from the final normed hidden state [..., d]."""
 
+    def linear_unembedding(self) -> tuple[Tensor, Tensor | None] | None:
+        """``(W [V, d], b)`` float32 if logits = ``final @ W.T + b`` exactly, else None (the
+        engine then computes KL from full distributions)."""
+        return None
+
     def logits(self, tokens: Tensor) -> Tensor:
         """Plain full forward: float32 logits [B, T, V]."""
         clean = self.run_clean(tokens, f"blocks.{self.spec.n_layers - 1}.hook_resid_post")
@@ -169,7 +176,8 @@ class LensModel(ABC):
             raise ValueError(f"Unknown frame {frame!r}; use one of {FRAMES}.")
         if frame == "centered" and self.spec.norm != "layernorm":
             raise ValueError(
-                f"frame='centered' needs a LayerNorm model (the mean over d_model is then invisible "
-                f"to the model); {self.spec.architecture} uses {self.spec.norm}. Use frame='raw'."
+                "frame='centered' needs a LayerNorm model (the mean over d_model is then invisible "
+                f"to the model); {self.spec.architecture} uses {self.spec.norm}. "
+                "Use frame='raw'."
             )
         return frame

@@ -19,7 +19,7 @@ outputs, and replacing one replaces what that submodule adds to the residual.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -66,7 +66,9 @@ def _child(layer: nn.Module, names: Sequence[str], what: str) -> nn.Module:
 def _final_norm_kind(model: nn.Module, layers: nn.ModuleList) -> str:
     """'layernorm' if the last norm module outside the blocks is a LayerNorm, else 'rmsnorm'."""
     inside = {id(m) for m in layers.modules()}
-    norms = [m for m in model.modules() if "norm" in type(m).__name__.lower() and id(m) not in inside]
+    norms = [
+        m for m in model.modules() if "norm" in type(m).__name__.lower() and id(m) not in inside
+    ]
     if not norms:
         raise ValueError(f"Cannot find the final norm of {type(model).__name__}.")
     name = type(norms[-1]).__name__
@@ -216,7 +218,9 @@ class GenericLens(LensModel):
             for hook in points:
                 module = self._module_for(hook)
                 if hook.kind == "hook_resid_pre":
-                    handles.append(module.register_forward_pre_hook(pre_hook(hook), with_kwargs=True))
+                    handles.append(
+                        module.register_forward_pre_hook(pre_hook(hook), with_kwargs=True)
+                    )
                 else:
                     handles.append(module.register_forward_hook(post_hook(hook)))
             yield
@@ -243,11 +247,9 @@ class GenericLens(LensModel):
     ) -> dict[str, Tensor]:
         """One hooked forward over ``tokens`` [R, T]; returns the captured activations."""
         store: dict[str, Tensor] = {}
-        with torch.inference_mode(), self._hooked(points, store, stop_at=stop_at):
-            try:
-                self.model(input_ids=tokens, use_cache=False)
-            except _StopForward:
-                pass
+        hooked = self._hooked(points, store, stop_at=stop_at)
+        with torch.inference_mode(), hooked, suppress(_StopForward):
+            self.model(input_ids=tokens, use_cache=False)
         return store
 
     # ---- the LensModel interface -------------------------------------------------------------

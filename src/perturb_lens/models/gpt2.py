@@ -157,4 +157,6 @@ class GPT2Lens(NativeLens):
 
     def mlp(self, layer: int, h: Tensor) -> Tensor:
         p = self.layers[layer]
-        return F.linear(F.gelu(F.linear(h, p["w_in"], p["b_in"]), approximate="tanh"), p["w_out"], p["b_out"])
+        return F.linear(
+            F.gelu(F.linear(h, p["w_in"], p["b_in"]), approximate="tanh"), p["w_out"], p["b_out"]
+        )

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 # Order of the hook kinds inside one block (a sequential block: attention, then MLP).
 HOOK_KINDS: tuple[str, ...] = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_attn_out|hook_mlp_out|hook_resid_post)$")
+_HOOK_RE = re.compile(
+    r"^blocks\.(\d+)\.(hook_resid_pre|hook_attn_out|hook_mlp_out|hook_resid_post)$"
+)
 
 
 class UnknownHookError(ValueError):

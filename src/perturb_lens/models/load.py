@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from perturb_lens.models.base import LensModel
+from perturb_lens.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +48,6 @@ GGUF_HASH_PREFIX = 16 * 2**20  # bytes of the file hashed (with its size) for th
 
 class ModelLoadError(ValueError):
     """A model that cannot be found, read or wrapped; the message says what to do next."""
-
-
-def cache_root() -> Path:
-    """Where converted models live: ``$PERTURB_LENS_CACHE`` or the platform's user cache dir."""
-    env = os.environ.get("PERTURB_LENS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("perturb-lens"))
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -102,7 +93,9 @@ def gguf_architecture(path: Path) -> str:
     try:
         field = GGUFReader(path).fields["general.architecture"]
     except KeyError as err:
-        raise ModelLoadError(f"{path} has no general.architecture field; is it a GGUF model?") from err
+        raise ModelLoadError(
+            f"{path} has no general.architecture field; is it a GGUF model?"
+        ) from err
     except Exception as err:
         raise ModelLoadError(f"Cannot read {path} as a GGUF file: {err}") from err
     return bytes(field.parts[field.data[0]]).decode()
@@ -115,7 +108,7 @@ def check_gguf_architecture(path: Path) -> str:
         raise ModelLoadError(
             f"{path} holds a {arch!r} model, which perturb-lens cannot load from GGUF. Supported "
             f"GGUF architectures: {', '.join(supported)} (native path: "
-            f"{', '.join(NATIVE_GGUF_ARCHS)}). Use the model's Hugging Face folder or hub id instead."
+            f"{', '.join(NATIVE_GGUF_ARCHS)}). Use the model's Hugging Face folder or hub id."
         )
     return arch
 
@@ -154,7 +147,9 @@ def convert_gguf(path: Path) -> Path:
     )
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if getattr(model, "hf_quantizer", None) is not None:
-        raise ModelLoadError(f"transformers kept {path} quantized; cannot cache it as a plain model.")
+        raise ModelLoadError(
+            f"transformers kept {path} quantized; cannot cache it as a plain model."
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
@@ -242,9 +237,7 @@ def _resolve(name_or_path: str | Path, load_dtype: torch.dtype) -> tuple[Any, An
             )
         model, tok = _from_pretrained(path, load_dtype, str(path))
         return model, tok, f"folder {path.resolve()}"
-    not_found = (
-        f"{name!r} is neither a local folder or file nor a reachable Hugging Face hub id"
-    )
+    not_found = f"{name!r} is neither a local folder or file nor a reachable Hugging Face hub id"
     hint = f"The embedded default needs no hub: load_model({EMBEDDED_NAME!r})."
     if isinstance(name_or_path, Path) or _looks_like_path(name):
         raise ModelLoadError(f"{not_found} (no such path: {path.resolve()}). {hint}")

@@ -72,7 +72,9 @@ class NativeLens(LensModel):
         """[B, S, d] -> mlp_out [B, S, d]."""
 
     # ---- attention ---------------------------------------------------------------------------
-    def _attn_causal(self, kv_store: dict[int, tuple[Tensor, Tensor]] | None, min_layer: int) -> AttnFn:
+    def _attn_causal(
+        self, kv_store: dict[int, tuple[Tensor, Tensor]] | None, min_layer: int
+    ) -> AttnFn:
         """Full causal self-attention; optionally keep K, V of layers >= min_layer."""
 
         def attn(layer: int, h: Tensor, positions: Tensor) -> Tensor:
@@ -199,7 +201,9 @@ class NativeLens(LensModel):
         kv: dict[int, tuple[Tensor, Tensor]] = {}
         want = [*read_hooks, h, Hook(h.layer, RESID_PRE)]
         attn = self._attn_causal(kv if keep_kv else None, h.layer)
-        final, got = self._walk(Hook(0, RESID_PRE), self.embed(tokens), pos, attn, reads=want, keep_mid=h)
+        final, got = self._walk(
+            Hook(0, RESID_PRE), self.embed(tokens), pos, attn, reads=want, keep_mid=h
+        )
         assert final is not None
         cache = NativeCache(
             resid_pre=got[f"blocks.{h.layer}.hook_resid_pre"] if h.kind_index == ATTN_OUT else None,
@@ -274,6 +278,9 @@ class NativeLens(LensModel):
 
     def unembed(self, final: Tensor) -> Tensor:
         return F.linear(final.float(), self.w_unembed, self.b_unembed)
+
+    def linear_unembedding(self) -> tuple[Tensor, Tensor | None]:
+        return self.w_unembed, self.b_unembed
 
     w_unembed: Tensor  # [V, d] float32
     b_unembed: Tensor | None = None

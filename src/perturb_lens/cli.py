@@ -134,15 +134,18 @@ def run(
         run_dir = run_experiment(cfg, out, resume=resume, progress=not quiet)
     except (ConfigError, ValueError, FileExistsError, OSError, RuntimeError) as err:
         raise _fail(err) from err
-    table = summary_table(summary_rows(run_dir), metrics=tuple(cfg.metrics[:2]))
-    _print_frame(table, f"{cfg.name}: mean over tokens ({cfg.scope}, hook {cfg.hook})")
+    rows = summary_rows(run_dir)
+    for metric in [m for m in cfg.metrics if m in rows.columns][:2]:
+        table = summary_table(rows, metrics=(metric,))
+        table.columns = [f"{float(c.split('@')[1]):.3g}" for c in table.columns]
+        _print_frame(table, f"mean {metric} by length ({cfg.scope}, {cfg.hook})")
     Console().print(f"Results: [bold]{run_dir}[/bold]  (load with perturb_lens.load_results)")
 
 
 def _print_frame(df: Any, title: str) -> None:
     """A pandas frame as a rich table (index as the first column)."""
     table = Table(title=title)
-    table.add_column(str(df.index.name or ""), style="bold")
+    table.add_column("direction", style="bold")
     for col in df.columns:
         table.add_column(str(col), justify="right")
     for idx, row in df.iterrows():

@@ -1,0 +1,51 @@
+"""The command line: run a tiny config end to end, clear errors, presets validate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from perturb_lens.cli import app
+from perturb_lens.config import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_presets_validate(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+
+
+def test_run_prints_summary_and_writes(tmp_path: Path, gpt2_dir: Path, webtext_path: Path) -> None:
+    cfg = {
+        "name": "cli",
+        "model": str(gpt2_dir),
+        "hook": "blocks.1.hook_resid_pre",
+        "data": {"source": str(webtext_path), "seq_len": 16, "n_seqs": 4},
+        "stats": {"pool_size": 64},
+        "lengths": [0, 4, 16],
+        "directions": ["isotropic", "cov-random-mixture"],
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["run", str(path), "scope=single-position", "--out", str(out), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "mean kl by length" in result.output and "cov-random-mixture" in result.output
+    assert (out / "manifest.json").is_file()
+    again = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "-q"])
+    assert again.exit_code == 1 and "--resume" in again.output
+
+
+def test_run_bad_config_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("hookk: blocks.1.hook_resid_pre\n")
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 1
+    assert "unknown key 'hookk'" in result.output and "hook" in result.output

@@ -100,6 +100,24 @@ class LensModel(ABC):
                 )
         return parsed
 
+    @staticmethod
+    def _check_continue(clean: CleanRun, x_new: Tensor, positions: Tensor | None) -> int:
+        """Validate continue_all ([B, k, T, d]) / continue_at ([B, n, d] + positions [B, n])
+        arguments; return k or n."""
+        b, t, d = clean.x.shape
+        if positions is None:
+            if x_new.ndim != 4 or x_new.shape[0] != b or tuple(x_new.shape[2:]) != (t, d):
+                raise ValueError(
+                    f"x_new must be [B={b}, k, T={t}, d={d}]; got {tuple(x_new.shape)}."
+                )
+            return int(x_new.shape[1])
+        if x_new.ndim != 3 or x_new.shape[0] != b or x_new.shape[2] != d:
+            raise ValueError(f"x_new must be [B={b}, n, d={d}]; got {tuple(x_new.shape)}.")
+        n = int(x_new.shape[1])
+        if tuple(positions.shape) != (b, n) or positions.min() < 0 or positions.max() >= t:
+            raise ValueError(f"positions must be [B={b}, n={n}] with values in [0, {t}).")
+        return n
+
     # ---- tokens ------------------------------------------------------------------------------
     @property
     def bos_token_id(self) -> int:

@@ -294,9 +294,7 @@ class GenericLens(LensModel):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         read_hooks = self._check_reads(clean.hook, reads)
         B, T, d = clean.x.shape
-        if x_new.ndim != 4 or x_new.shape[0] != B or x_new.shape[2:] != (T, d):
-            raise ValueError(f"x_new must be [B={B}, k, T={T}, d={d}]; got {tuple(x_new.shape)}.")
-        k = x_new.shape[1]
+        k = self._check_continue(clean, x_new, None)
         rows = torch.arange(B, device=self.device).repeat_interleave(k)  # [B*k]
         x_rows = x_new.reshape(B * k, T, d).to(self.device)
         final, got = self._continue(clean, rows, lambda s: lambda _x: x_rows[s], read_hooks)
@@ -311,12 +309,8 @@ class GenericLens(LensModel):
         reads: Sequence[str] = (),
     ) -> tuple[Tensor, dict[str, Tensor]]:
         read_hooks = self._check_reads(clean.hook, reads)
-        B, T, d = clean.x.shape
-        if x_new.ndim != 3 or x_new.shape[0] != B or x_new.shape[2] != d:
-            raise ValueError(f"x_new must be [B={B}, n, d={d}]; got {tuple(x_new.shape)}.")
-        n = x_new.shape[1]
-        if positions.shape != (B, n) or positions.min() < 0 or positions.max() >= T:
-            raise ValueError(f"positions must be [B={B}, n={n}] with values in [0, {T}).")
+        B, _T, d = clean.x.shape
+        n = self._check_continue(clean, x_new, positions)
         rows = torch.arange(B, device=self.device).repeat_interleave(n)  # [B*n]: one copy per row
         pos = positions.reshape(B * n).to(self.device).long()
         x_rows = x_new.reshape(B * n, d).to(self.device)

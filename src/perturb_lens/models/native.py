@@ -230,9 +230,7 @@ class NativeLens(LensModel):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         read_hooks = self._check_reads(clean.hook, reads)
         b, t, d = clean.x.shape
-        if x_new.ndim != 4 or x_new.shape[0] != b or x_new.shape[2:] != (t, d):
-            raise ValueError(f"x_new must be [B={b}, k, T={t}, d={d}]; got {tuple(x_new.shape)}.")
-        k = x_new.shape[1]
+        k = self._check_continue(clean, x_new, None)
         flat = x_new.to(self.device, self.dtype).reshape(b * k, t, d)
         base = self._base(clean)
         if base is not None:
@@ -254,13 +252,9 @@ class NativeLens(LensModel):
         reads: Sequence[str] = (),
     ) -> tuple[Tensor, dict[str, Tensor]]:
         read_hooks = self._check_reads(clean.hook, reads)
-        b, t, d = clean.x.shape
-        if x_new.ndim != 3 or x_new.shape[0] != b or x_new.shape[2] != d:
-            raise ValueError(f"x_new must be [B={b}, n, d={d}]; got {tuple(x_new.shape)}.")
-        n = x_new.shape[1]
+        b, _t, d = clean.x.shape
         positions = positions.to(self.device).long()
-        if positions.shape != (b, n) or positions.min() < 0 or positions.max() >= t:
-            raise ValueError(f"positions must be [B={b}, n={n}] with values in [0, {t}).")
+        n = self._check_continue(clean, x_new, positions)
         cache: NativeCache = clean.cache
         first_attn = clean.hook.layer + (clean.hook.kind_index > RESID_PRE)
         missing = [lay for lay in range(first_attn, self.spec.n_layers) if lay not in cache.kv]

@@ -117,3 +117,11 @@ def smollm2():
     from perturb_lens import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2):
+    """transformers' own LlamaForCausalLM with SmolLM2's weights (the independent reference)."""
+    from perturb_lens import load_model
+
+    return load_model("smollm2-135m", native=False, device="cpu").model

@@ -121,14 +121,11 @@ def test_length_grids() -> None:
 
 
 @pytest.mark.parametrize("scope", SCOPES)
-def test_scopes_match_naive_smollm2(smollm2, scope: str) -> None:
+def test_scopes_match_naive_smollm2(smollm2, smollm2_hf, scope: str) -> None:
     """The real embedded model: every scope against one HF forward per length / copy."""
-    from perturb_lens import load_model
-
-    hf = load_model("smollm2-135m", native=False, device="cpu").model
     tokens = smollm2.to_tokens(["The quick brown fox jumps over the lazy dog and"])
     # lengths relative to the activation norm at layer 15 (~170): small, medium, large
-    assert compare_to_naive(hf, smollm2, tokens, 15, scope, [10.0, 60.0]) <= 1e-4
+    assert compare_to_naive(smollm2_hf, smollm2, tokens, 15, scope, [10.0, 60.0]) <= 1e-4
 
 
 @pytest.mark.parametrize("scope", SCOPES)

@@ -177,13 +177,6 @@ def test_clear_errors(hf_models) -> None:
         model.continue_at(clean, clean.x[:, :1], torch.zeros(3, 1, dtype=torch.long))
 
 
-@pytest.fixture(scope="module")
-def smollm2_hf(smollm2):
-    from perturb_lens import load_model
-
-    return load_model("smollm2-135m", native=False, device="cpu").model
-
-
 def test_smollm2_native_matches_transformers(smollm2, smollm2_hf) -> None:
     """Real pretrained weights: native Llama path vs transformers' LlamaForCausalLM."""
     tokens = smollm2.to_tokens(["The capital of France is Paris, and the capital of Italy is"])

@@ -258,7 +258,6 @@ def _meta(ctx: RunContext) -> dict[str, Any]:
         "median_norm": ctx.stats.median_norm,
         "include_bos": cfg.include_bos,
         "drop_last_position": cfg.drop_last_position,
-        "bos_included_in_mean": cfg.include_bos,
         "explicit_directions": sorted(ctx.explicit),
     }
 
@@ -294,10 +293,8 @@ def run_experiment(
         todo = [s for s in ids if s not in done]
         t0 = time.perf_counter()
         for sid in tqdm(todo, desc=f"Shards ({len(done)} done before)", disable=not progress):
-            df = compute_shard(ctx, sid)
-            store.write_shard(
-                sid, df, info={"seqs": [ctx.shard_slice(sid).start, ctx.shard_slice(sid).stop]}
-            )
+            sl = ctx.shard_slice(sid)
+            store.write_shard(sid, compute_shard(ctx, sid), info={"seqs": [sl.start, sl.stop]})
             if on_shard is not None:
                 on_shard(sid)
         store.finish({"seconds": round(time.perf_counter() - t0, 3), "shards": len(ids)})

@@ -228,8 +228,10 @@ def test_explicit_directions(data):
     torch.testing.assert_close(d, per_token / per_token.norm(dim=1, keepdim=True))
     with pytest.raises(ValueError, match="do not fit"):
         make_directions(explicit_directions(torch.ones(3, DIM)), ctx_for(data))
-    with pytest.raises(ValueError, match="zero norm"):
-        explicit_directions(torch.zeros(2, DIM))
+    with pytest.raises(ValueError, match="zero norm"):  # at unit scale; raw keeps zero rows
+        make_directions(explicit_directions(torch.zeros(N, DIM)), ctx_for(data))
+    with pytest.raises(ValueError, match="non-finite"):
+        explicit_directions(torch.full((2, DIM), float("inf")))
     with pytest.raises(ValueError, match="returned shape"):
         make_directions(lambda ctx: ctx.x[:3], ctx_for(data))
     with pytest.raises(ValueError, match="non-finite"):

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from perturb_lens.engine.lengths import resolve_lengths
 from perturb_lens.engine.metrics import check_metrics
@@ -66,16 +73,56 @@ class DirectionSpec(BaseModel):
         return dict(self.model_extra or {})
 
     @property
+    def generator_options(self) -> dict[str, Any]:
+        """The options the generator itself takes (without ``label`` and ``scale``)."""
+        return {k: v for k, v in self.options.items() if k not in ("label", "scale")}
+
+    @property
+    def scale(self) -> str:
+        """``unit`` (default), ``raw`` (the generator's own vector) or a registered scale."""
+        return str(self.options.get("scale", "unit"))
+
+    @property
     def label(self) -> str:
         return str(self.options.get("label", self.name))
 
 
+class PlateauConfig(_Strict):
+    """Activation plateaus: the base points that random perturbations start from."""
+
+    bases: list[DirectionSpec] = Field(
+        default_factory=lambda: [
+            DirectionSpec(name="real"),
+            DirectionSpec(name="synthetic", kind="bag"),
+            DirectionSpec(name="cov-random-difference", label="cov-random"),
+        ],
+        description="'real' (the clean activation) or a direction whose raw vector moves x there",
+    )
+
+    @field_validator("bases", mode="before")
+    @classmethod
+    def _names_to_specs(cls, v: Any) -> Any:
+        return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
+
+
+class StableRegionsConfig(_Strict):
+    """Stable regions: how the second prompt of each pair gets its different last token."""
+
+    replacement: Literal["next-prompt", "random"] = Field(
+        "next-prompt", description="the next prompt's last token (published), or a random token"
+    )
+
+
 class ExperimentConfig(_Strict):
-    """A sensitive-directions sweep: model, hook, data, directions, lengths, scope, metrics."""
+    """A sweep: model, hook, data, directions, lengths, scope, metrics (and per-experiment
+    sections for plateaus and stable regions)."""
 
     name: str = "experiment"
-    experiment: Literal["sensitive-directions"] = "sensitive-directions"
+    experiment: Literal[
+        "sensitive-directions", "synthetic-activations", "plateaus", "stable-regions"
+    ] = "sensitive-directions"
     model: str = "smollm2-135m"
+    sae: str | None = Field(None, description="SAE at the hook: SAELens folder or release id")
     frame: Literal["centered", "raw"] | None = None
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     device: str | None = None
@@ -96,6 +143,8 @@ class ExperimentConfig(_Strict):
     rows_per_logits: int = Field(512, ge=1)
     include_bos: bool = Field(True, description="BOS position in summary means (published: yes)")
     drop_last_position: bool = Field(True, description="all-positions summary drops the last pos")
+    plateaus: PlateauConfig = Field(default_factory=PlateauConfig)
+    stable_regions: StableRegionsConfig = Field(default_factory=StableRegionsConfig)
 
     @field_validator("directions", mode="before")
     @classmethod
@@ -124,6 +173,12 @@ class ExperimentConfig(_Strict):
         if len(set(labels)) != len(labels):
             raise ValueError(f"direction labels must be unique; got {labels} (set 'label')")
         return v
+
+    @model_validator(mode="after")
+    def _check_scope(self) -> ExperimentConfig:
+        if self.experiment in ("plateaus", "stable-regions") and self.scope != "last-position":
+            raise ValueError(f"experiment {self.experiment!r} needs scope: last-position")
+        return self
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -172,7 +227,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             raise ConfigError(f"Config {path} must end in .yaml, .yml or .toml.")
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"Malformed config {path}: {err}") from None
+        kind = "TOML" if path.suffix == ".toml" else "YAML"
+        raise ConfigError(
+            f"Malformed config {path}: {err}\nFix the {kind} syntax at the line shown (an "
+            "unclosed bracket or quote, a bad indent, a tab?)."
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -49,6 +49,8 @@ class DirectionContext:
     generator: torch.Generator
     options: dict[str, Any] = field(default_factory=dict)  # options of this direction
     sae: Any = None  # an SAE object, for the SAE directions
+    sequences: Tensor | None = None  # [B, T, d] whole sequences the rows of x come from
+    seq_of_row: Tensor | None = None  # [N] index into sequences of each row of x
 
 
 DirectionFn = Callable[[DirectionContext], Tensor]
@@ -139,8 +141,10 @@ def normalize_directions(raw: Tensor, *, name: str, allow_zero: bool = False) ->
     return (r / norms.clamp_min(ZERO_NORM_EPS)).float()
 
 
-def make_directions(direction: str | DirectionFn, ctx: DirectionContext) -> Tensor:
-    """Unit directions [N, d] float32 for the tokens ``ctx.x`` from a registered name or a fn."""
+def _raw_directions(
+    direction: str | DirectionFn, ctx: DirectionContext
+) -> tuple[Tensor, str, bool]:
+    """Run a generator (checking its options and output shape): raw rows, name, allow_zero."""
     if isinstance(direction, str):
         info, fn = _lookup(direction)
         unknown = set(ctx.options) - set(info.options)
@@ -148,7 +152,7 @@ def make_directions(direction: str | DirectionFn, ctx: DirectionContext) -> Tens
             known = ", ".join(sorted(info.options)) or "none"
             raise ValueError(
                 f"Unknown option(s) {sorted(unknown)} for direction {direction!r}; "
-                f"it takes: {known}."
+                f"it takes: {known} (and, for every direction: scale, label)."
             )
         name, allow_zero = direction, info.allow_zero
     else:
@@ -161,14 +165,83 @@ def make_directions(direction: str | DirectionFn, ctx: DirectionContext) -> Tens
             f"Direction {name!r} returned shape {tuple(raw.shape)}; expected {tuple(ctx.x.shape)} "
             "(one direction per row of ctx.x)."
         )
+    return raw, name, allow_zero
+
+
+def make_directions(direction: str | DirectionFn, ctx: DirectionContext) -> Tensor:
+    """Unit directions [N, d] float32 for the tokens ``ctx.x`` from a registered name or a fn."""
+    raw, name, allow_zero = _raw_directions(direction, ctx)
     return normalize_directions(raw, name=name, allow_zero=allow_zero)
 
 
+ScaleFn = Callable[[DirectionContext], Tensor]
+_SCALES: dict[str, tuple[str, ScaleFn]] = {}
+BUILTIN_SCALES = {
+    "unit": "unit directions: length alpha moves x by alpha (the default)",
+    "raw": "the generator's own vector (e.g. y - x): length t moves x to x + t (y - x)",
+}
+
+
+def register_scale(
+    name: str, *, description: str, overwrite: bool = False
+) -> Callable[[ScaleFn], ScaleFn]:
+    """Decorator: register ``fn(ctx) -> per-token lengths [N]`` as a direction ``scale``.
+
+    A scaled direction is the unit direction times that length, so the length grid becomes
+    relative to it (e.g. ``sae-error``: alpha = 1 moves x by ||SAE(x) - x||).
+    """
+
+    def decorator(fn: ScaleFn) -> ScaleFn:
+        if (name in _SCALES or name in BUILTIN_SCALES) and not overwrite:
+            raise ValueError(f"Scale {name!r} is already registered; pass overwrite=True.")
+        _SCALES[name] = (description, fn)
+        return fn
+
+    return decorator
+
+
+def list_scales() -> dict[str, str]:
+    """Every direction scale by name, with what it does."""
+    return {**BUILTIN_SCALES, **{k: v[0] for k, v in sorted(_SCALES.items())}}
+
+
+def check_scale(scale: str) -> None:
+    """Raise (listing the known scales) if ``scale`` is not one."""
+    if scale not in BUILTIN_SCALES and scale not in _SCALES:
+        raise ValueError(
+            f"Unknown direction scale {scale!r}; known: {', '.join(list_scales())}. "
+            "Register one with perturb_lens.directions.register_scale."
+        )
+
+
+def scaled_directions(
+    direction: str | DirectionFn, ctx: DirectionContext, scale: str = "unit"
+) -> Tensor:
+    """Directions [N, d] float32 at the given ``scale`` (see :func:`list_scales`)."""
+    check_scale(scale)
+    if scale == "unit":
+        return make_directions(direction, ctx)
+    if scale == "raw":
+        raw, name, _ = _raw_directions(direction, ctx)
+        if not bool(torch.isfinite(raw).all()):
+            raise ValueError(f"Direction {name!r} produced non-finite values (NaN/inf).")
+        return raw.float()
+    lengths = _SCALES[scale][1](ctx).reshape(-1, 1)
+    if lengths.shape[0] != ctx.x.shape[0] or not bool(torch.isfinite(lengths).all()):
+        raise ValueError(f"Scale {scale!r} must give one finite length per row of ctx.x.")
+    return (make_directions(direction, ctx).double() * lengths.double()).float()
+
+
 def explicit_directions(t: Tensor) -> DirectionFn:
-    """A generator returning fixed directions: [d] (the same for every token) or [N, d]."""
+    """A generator returning fixed directions: [d] (the same for every token) or [N, d].
+
+    Under the default ``unit`` scale they are normalised per row; under ``raw`` they are used
+    as given (e.g. ``y - x`` towards explicit targets)."""
     if t.ndim not in (1, 2):
         raise ValueError(f"Explicit directions must be [d] or [N, d]; got shape {tuple(t.shape)}")
-    fixed = normalize_directions(t.detach(), name="explicit")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("Explicit directions contain non-finite values (NaN/inf).")
+    fixed = t.detach().float()  # normalised (or kept raw) by the caller's scale
 
     def explicit(ctx: DirectionContext) -> Tensor:
         n, d = ctx.x.shape

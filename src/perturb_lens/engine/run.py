@@ -12,7 +12,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import perturb_lens
-from perturb_lens.config import ExperimentConfig, validate_config
+from perturb_lens.config import DirectionSpec, ExperimentConfig, validate_config
 from perturb_lens.data import (
     default_text_source,
     token_source_hash,
@@ -31,12 +31,15 @@ from perturb_lens.data import (
 )
 from perturb_lens.directions import (
     DirectionContext,
+    DirectionFn,
+    check_scale,
     explicit_directions,
     get_direction,
-    make_directions,
+    scaled_directions,
 )
 from perturb_lens.engine.lengths import resolve_lengths
 from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
+from perturb_lens.executors import Executor, ShardFn, ShardJob, get_executor
 from perturb_lens.models.base import LensModel
 from perturb_lens.paths import cache_root
 from perturb_lens.results.store import RunStore, check_new_or_resume, config_hash, load_results
@@ -70,6 +73,7 @@ class RunContext:
     pool: Tensor  # [M, d] float32 real non-BOS activations
     spec: SweepSpec
     explicit: Mapping[str, Tensor]
+    sae: Any = None  # the SAE at the hook (config ``sae``), for the SAE directions
 
     def shard_slice(self, shard_id: str) -> slice:
         i = int(shard_id[1:])
@@ -79,28 +83,52 @@ class RunContext:
 
 def compute_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
     """Rows of one shard: clean pass, directions for every token, the sweep."""
+    sl = ctx.shard_slice(shard_id)
+    clean = clean_pass(
+        ctx.model, ctx.tokens[sl].to(ctx.model.device), ctx.spec, seq_offset=sl.start
+    )
+    dirs = shard_directions(ctx, shard_id, clean.x)
+    return measure(ctx.model, clean, dirs, ctx.spec, seq_offset=sl.start)
+
+
+def shard_directions(
+    ctx: RunContext,
+    shard_id: str,
+    x: Tensor,
+    specs: Sequence[DirectionSpec] | None = None,
+) -> dict[str, Tensor]:
+    """Directions [B, T, d] per label (``specs``: default the config's) for the activations
+    ``x`` [B, T, d] of a shard, seeded by (run seed, shard, label). Under the last-position scope
+    only the last position gets one (zeros elsewhere)."""
     cfg = ctx.config
     sl = ctx.shard_slice(shard_id)
-    tokens = ctx.tokens[sl].to(ctx.model.device)
-    clean = clean_pass(ctx.model, tokens, ctx.spec)
-    b, t, d = clean.x.shape
-    x = clean.x.reshape(-1, d).float()
+    b, t, d = x.shape
+    first = t - 1 if ctx.spec.scope == "last-position" else 0
+    flat = x[:, first:].reshape(-1, d).float()
     dirs: dict[str, Tensor] = {}
-    for spec in cfg.directions:
-        gen = torch.Generator(device=x.device).manual_seed(
+    for spec in cfg.directions if specs is None else specs:
+        gen = torch.Generator(device=flat.device).manual_seed(
             derive_seed(cfg.seed, shard_id, spec.label)
         )
-        options = {k: v for k, v in spec.options.items() if k != "label"}
         dctx = DirectionContext(
-            x=x, stats=ctx.stats, pool=ctx.pool.to(x.device), generator=gen, options=options
+            x=flat,
+            stats=ctx.stats,
+            pool=ctx.pool.to(flat.device),
+            generator=gen,
+            options=spec.generator_options,
+            sae=ctx.sae,
+            sequences=x,
+            seq_of_row=torch.arange(b, device=flat.device).repeat_interleave(t - first),
         )
+        source: str | DirectionFn = spec.name
         if spec.name in ctx.explicit:
             fixed = ctx.explicit[spec.name]
-            fixed = fixed[sl].reshape(-1, d) if fixed.ndim == 3 else fixed
-            dirs[spec.label] = make_directions(explicit_directions(fixed), dctx).reshape(b, t, d)
-        else:
-            dirs[spec.label] = make_directions(spec.name, dctx).reshape(b, t, d)
-    return measure(ctx.model, clean, dirs, ctx.spec, seq_offset=sl.start)
+            fixed = fixed[sl, first:].reshape(-1, d) if fixed.ndim == 3 else fixed
+            source = explicit_directions(fixed)
+        out = torch.zeros(b, t, d, dtype=torch.float32, device=flat.device)
+        out[:, first:] = scaled_directions(source, dctx, spec.scale).reshape(b, t - first, d)
+        dirs[spec.label] = out
+    return dirs
 
 
 def fit_activation_stats(
@@ -202,9 +230,15 @@ def prepare(
     model: LensModel | None = None,
     tokens: Tensor | None = None,
     explicit: Mapping[str, Tensor] | None = None,
+    stats: tuple[ActivationStats, Tensor] | None = None,
+    sae: Any = None,
     progress: bool = True,
 ) -> RunContext:
-    """Load the model and tokens, fit (or reload) statistics; everything shards need."""
+    """Load the model and tokens, fit (or reload) statistics; everything shards need.
+
+    ``stats`` (statistics and pool, e.g. the driver's, on an executor's worker) skips fitting;
+    ``sae`` (an SAE object) replaces loading ``cfg.sae``.
+    """
     from perturb_lens.models.load import load_model
 
     if model is None:
@@ -215,13 +249,11 @@ def prepare(
     for d in cfg.directions:
         if d.name not in (explicit or {}):
             get_direction(d.name)  # unknown names fail here, before any work, listing the known
+        check_scale(d.scale)
+    _check_context(tokens.shape[1] if tokens is not None else cfg.data.seq_len, model)
     if tokens is None:
         tokens = load_tokens_for(cfg, model, progress)
-    if tokens.shape[1] > model.spec.n_ctx:
-        raise ValueError(
-            f"seq_len {tokens.shape[1]} exceeds the model's context {model.spec.n_ctx}."
-        )
-    stats, pool = _cached_stats(cfg, model, tokens, run_dir, progress)
+    stats, pool = stats or _cached_stats(cfg, model, tokens, run_dir, progress)
     scale = stats.median_norm if cfg.relative_lengths else 1.0
     spec = SweepSpec(
         hook=cfg.hook,
@@ -232,7 +264,32 @@ def prepare(
         rows_per_pass=cfg.rows_per_pass,
         rows_per_logits=cfg.rows_per_logits,
     )
-    return RunContext(cfg, model, tokens, stats, pool, spec, dict(explicit or {}))
+    sae = _load_sae(cfg, model, sae)
+    if sae is not None and any(d.name == "sae-feature" for d in cfg.directions):
+        from perturb_lens.saes.directions import cached_alive
+
+        n_stats = min(cfg.stats.n_seqs or tokens.shape[0], tokens.shape[0])
+        sae.alive = cached_alive(sae, model, tokens[:n_stats], run_dir, progress=progress)
+    return RunContext(cfg, model, tokens, stats, pool, spec, dict(explicit or {}), sae)
+
+
+def _load_sae(cfg: ExperimentConfig, model: LensModel, sae: Any) -> Any:
+    """The run's SAE (given, or loaded from ``cfg.sae``), checked against hook, width, frame."""
+    if sae is None and cfg.sae is None:
+        return None
+    from perturb_lens.saes import load_sae
+
+    sae = load_sae(sae if sae is not None else cfg.sae, hook=cfg.hook, model=cfg.model)
+    sae.check_compatible(cfg.hook, model.spec.d_model, model.frame)
+    return sae.to(model.device)
+
+
+def _check_context(seq_len: int, model: LensModel) -> None:
+    if seq_len > model.spec.n_ctx:
+        raise ValueError(
+            f"seq_len {seq_len} exceeds the model's context of {model.spec.n_ctx} tokens: set "
+            f"data.seq_len to at most {model.spec.n_ctx} (e.g. data.seq_len={model.spec.n_ctx})."
+        )
 
 
 def _meta(ctx: RunContext) -> dict[str, Any]:
@@ -272,29 +329,47 @@ def run_experiment(
     explicit: Mapping[str, Tensor] | None = None,
     progress: bool = True,
     on_shard: Callable[[str], None] | None = None,
+    executor: str | Executor = "local",
+    address: str | None = None,
+    shard_fn: ShardFn | None = None,
+    sae: Any = None,
 ) -> Path:
     """Run (or resume) a sweep; write Parquet shards and a manifest to ``out``; return it.
 
     ``model`` / ``tokens`` skip loading (notebooks, tests); ``explicit`` maps a direction name used
-    in ``config.directions`` to fixed directions [N_seqs, T, d] or [d].
+    in ``config.directions`` to fixed directions [N_seqs, T, d] or [d]. ``executor`` computes the
+    shards: ``"local"`` (this process), ``"ray"`` (a Ray cluster at ``address``; None: a local
+    one) or an :class:`~perturb_lens.executors.Executor`. ``shard_fn(ctx, shard_id)`` computes one
+    shard's rows (default: the one of ``config.experiment``). ``sae``: an SAE object instead of
+    loading ``config.sae``.
     """
     cfg = config if isinstance(config, ExperimentConfig) else validate_config(dict(config))
     cfg_dict = cfg.model_dump(mode="json")
     run_hash = config_hash(cfg_dict)
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{run_hash[:8]}"
-    check_new_or_resume(run_dir, resume)
-    ctx = prepare(cfg, run_dir, model=model, tokens=tokens, explicit=explicit, progress=progress)
-    with RunStore(run_dir) as store:
+    check_new_or_resume(run_dir, resume, cfg_dict, run_hash)
+    runner = get_executor(executor, address)
+    with RunStore(run_dir).open() as store:  # unwritable or locked: refused before any work
+        ctx = prepare(
+            cfg, run_dir, model=model, tokens=tokens, explicit=explicit, sae=sae, progress=progress
+        )
         store.create(cfg_dict, run_hash, _meta(ctx), resume=resume)
         if not (run_dir / STATS_FILE).is_file():
             save_stats(run_dir, ctx.stats, ctx.pool)
         ids = shard_ids(ctx.tokens.shape[0], cfg.shard_seqs)
         done = store.done_shards()
         todo = [s for s in ids if s not in done]
+        if shard_fn is None:
+            from perturb_lens.experiments import shard_function
+
+            shard_fn = shard_function(cfg.experiment)
+        job = ShardJob.from_context(ctx, run_dir, shard_fn, model=model, sae=sae)
         t0 = time.perf_counter()
-        for sid in tqdm(todo, desc=f"Shards ({len(done)} done before)", disable=not progress):
+        results = runner.map(job, todo, ctx)
+        bar = f"Shards ({len(done)} done before, {runner.name})"
+        for sid, rows in tqdm(results, desc=bar, total=len(todo), disable=not progress):
             sl = ctx.shard_slice(sid)
-            store.write_shard(sid, compute_shard(ctx, sid), info={"seqs": [sl.start, sl.stop]})
+            store.write_shard(sid, rows, info={"seqs": [sl.start, sl.stop]})
             if on_shard is not None:
                 on_shard(sid)
         store.finish({"seconds": round(time.perf_counter() - t0, 3), "shards": len(ids)})

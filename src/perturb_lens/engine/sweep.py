@@ -58,16 +58,21 @@ class SweepSpec:
         return any(m in DOWNSTREAM_METRICS for m in self.metrics)
 
 
-def clean_pass(model: LensModel, tokens: Tensor, spec: SweepSpec) -> CleanRun:
-    """The clean pass the sweep continues from (keys/values kept for the single-row scopes)."""
+def clean_pass(
+    model: LensModel, tokens: Tensor, spec: SweepSpec, *, seq_offset: int = 0
+) -> CleanRun:
+    """The clean pass the sweep continues from (keys/values kept for the single-row scopes).
+
+    Non-finite activations raise, naming the sequence (``seq_offset`` + row) and position."""
     reads = [spec.read or model.default_read] if spec.needs_read else []
     clean = model.run_clean(tokens, spec.hook, reads=reads, keep_kv=spec.scope != "all-positions")
     bad = ~torch.isfinite(clean.x).all(-1)
     if bad.any():
         seq, pos = (int(v) for v in bad.nonzero()[0])
         raise FloatingPointError(
-            f"Non-finite activation at {spec.hook}, sequence {seq} of the batch, position {pos}: "
-            "check the model weights (dtype overflow?) and the input tokens."
+            f"Non-finite activation (NaN/inf) at {spec.hook}, sequence {seq_offset + seq}, "
+            f"position {pos}: check the model weights (dtype overflow? try dtype=float32) and "
+            "the input tokens."
         )
     return clean
 
@@ -154,8 +159,24 @@ def measure(
                 model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name, first
             )
     df = rows.frame()
+    norms = {k: v.double().norm(dim=-1).cpu().numpy() for k, v in directions.items()}  # [B, T]
+    if any(np.abs(n - 1).max() > 1e-4 for n in norms.values()):
+        df["size"] = _perturbation_sizes(df, norms, seq_offset)
     df["direction"] = pd.Categorical(df["direction"], categories=list(directions))
     return df
+
+
+def _perturbation_sizes(
+    df: pd.DataFrame, norms: Mapping[str, np.ndarray], seq_offset: int
+) -> np.ndarray:
+    """||x' - x|| per row (length x direction norm), for runs with non-unit (scaled) directions."""
+    size = np.empty(len(df), dtype=np.float32)
+    seq = df["seq"].to_numpy() - seq_offset
+    pos = df["pos"].to_numpy().astype(np.int64)
+    for name, n in norms.items():
+        m = (df["direction"] == name).to_numpy()
+        size[m] = df["length"].to_numpy()[m] * n[seq[m], pos[m]]
+    return size
 
 
 def _metrics_block(

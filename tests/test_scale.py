@@ -1,0 +1,105 @@
+"""Direction scales: raw vectors reach their target at t = 1; registered per-token scales."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from perturb_lens import run_experiment
+from perturb_lens.directions import (
+    DirectionContext,
+    check_scale,
+    list_scales,
+    register_scale,
+    scaled_directions,
+)
+from perturb_lens.results.store import load_results
+
+
+def _ctx(n: int = 5, d: int = 8) -> DirectionContext:
+    g = torch.Generator().manual_seed(0)
+    return DirectionContext(torch.randn(n, d, generator=g), None, None, g)
+
+
+def test_raw_scale_keeps_the_vector_and_unit_normalises() -> None:
+    ctx = _ctx()
+    ablation = scaled_directions("ablation", ctx, "raw")
+    torch.testing.assert_close(ablation, -ctx.x)
+    unit = scaled_directions("ablation", ctx, "unit")
+    torch.testing.assert_close(unit.norm(dim=-1), torch.ones(5))
+
+
+def test_registered_scale_multiplies_unit_rows() -> None:
+    @register_scale("test-row-index", description="row index + 1", overwrite=True)
+    def _rows(ctx: DirectionContext) -> torch.Tensor:
+        return torch.arange(1, ctx.x.shape[0] + 1, dtype=torch.float64)
+
+    out = scaled_directions("isotropic", _ctx(), "test-row-index")
+    torch.testing.assert_close(out.norm(dim=-1).double(), torch.arange(1, 6).double())
+    assert "test-row-index" in list_scales()
+
+
+def test_unknown_scale_lists_known() -> None:
+    try:
+        check_scale("bogus")
+    except ValueError as err:
+        assert "raw" in str(err) and "register_scale" in str(err)
+    else:
+        raise AssertionError("no error")
+
+
+def test_raw_explicit_target_interpolation_reaches_target(gpt2_dir, tmp_path) -> None:
+    """x + t (y - x) at t = 1 equals running the model on y: size column = t * ||y - x||."""
+    from perturb_lens.models.load import load_model
+
+    model = load_model(str(gpt2_dir), frame="raw")
+    tokens = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = model.bos_token_id
+    x = model.run_to_hook(tokens, "blocks.1.hook_resid_pre")
+    y = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)) * 3
+    cfg = {
+        "model": str(gpt2_dir),
+        "frame": "raw",
+        "hook": "blocks.1.hook_resid_pre",
+        "scope": "last-position",
+        "lengths": [0.0, 0.5, 1.0],
+        "metrics": ["l2"],
+        "directions": [{"name": "towards-y", "scale": "raw"}],
+        "data": {"n_seqs": 2, "seq_len": 6},
+        "stats": {"pool_size": 4},
+    }
+    out = run_experiment(
+        cfg,
+        tmp_path / "run",
+        model=model,
+        tokens=tokens,
+        explicit={"towards-y": y - x},
+        progress=False,
+    )
+    df = load_results(out).sort_values(["seq", "length"])
+    dist = (y - x)[:, -1].norm(dim=-1).numpy()
+    np.testing.assert_allclose(df["size"].to_numpy(), np.outer(dist, [0, 0.5, 1]).ravel(), 1e-5)
+    # naive: the HF model with y substituted at the last position of block 1's input; the
+    # output of the last block (resid_post) read by a forward hook
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    seen: list[torch.Tensor] = []
+
+    def put_y(_module, args, kwargs):
+        h = args[0].clone()
+        h[:, -1] = y[:, -1]
+        return (h, *args[1:]), kwargs
+
+    def read(_module, _args, output):
+        seen.append((output[0] if isinstance(output, tuple) else output)[:, -1])
+
+    h_read = hf.transformer.h[-1].register_forward_hook(read)
+    with torch.no_grad():
+        hf(tokens)
+        h_put = hf.transformer.h[1].register_forward_pre_hook(put_y, with_kwargs=True)
+        hf(tokens)
+    h_put.remove()
+    h_read.remove()
+    l2_naive = (seen[1] - seen[0]).norm(dim=-1).numpy()
+    np.testing.assert_allclose(df[df.length == 1.0]["l2"].to_numpy(), l2_naive, rtol=1e-4)

@@ -189,6 +189,24 @@ def threshold_summary(
     return out
 
 
+def pick_lengths(df: pd.DataFrame, lengths: Sequence[float] | None = None) -> list[float]:
+    """The lengths of the frame's grid nearest to ``lengths`` (in order, duplicates dropped).
+
+    ``lengths=None`` takes four from the grid: its largest and those 1/4, 1/2 and 3/4 of the way
+    along it.
+    """
+    _require(df, ["length"])
+    grid = np.sort(df["length"].dropna().unique())
+    if grid.size == 0:
+        raise ValueError("the results frame has no lengths")
+    if lengths is None:
+        picked = grid[np.unique(np.round(np.linspace(0, grid.size - 1, 5)).astype(int))[1:]]
+        picked = picked if picked.size else grid
+    else:
+        picked = [grid[np.argmin(np.abs(grid - float(x)))] for x in lengths]
+    return list(dict.fromkeys(picked))  # two requests may share a nearest length
+
+
 def summary_table(
     df: pd.DataFrame,
     metrics: Sequence[str] = ("kl", "l2"),
@@ -199,21 +217,12 @@ def summary_table(
     """Mean of each metric per direction at a few lengths, wide: columns ``kl@20``, ``l2@20``, ...
 
     Each requested length is replaced by the nearest length in the frame (the column label shows
-    the one used). ``lengths=None`` takes four from the grid: its largest and those 1/4, 1/2 and
-    3/4 of the way along it.
+    the one used); ``lengths=None`` picks four (see :func:`pick_lengths`).
     """
     by = list(by)
     metrics = list(metrics)
     _require(df, [*by, "length", *metrics])
-    grid = np.sort(df["length"].dropna().unique())
-    if grid.size == 0:
-        raise ValueError("the results frame has no lengths")
-    if lengths is None:
-        picked = grid[np.unique(np.round(np.linspace(0, grid.size - 1, 5)).astype(int))[1:]]
-        picked = picked if picked.size else grid
-    else:
-        picked = [grid[np.argmin(np.abs(grid - float(x)))] for x in lengths]
-    picked = list(dict.fromkeys(picked))  # two requests may share a nearest length
+    picked = pick_lengths(df, lengths)
     sub = df.loc[df["length"].isin(picked), [*by, "length", *metrics]]
     sub = sub.astype(dict.fromkeys(metrics, np.float64))
     means = sub.groupby([*by, "length"], observed=True, sort=True)[metrics].mean().unstack("length")
@@ -244,3 +253,176 @@ def token_curves(
     chosen = units[units.groupby(by, observed=True).cumcount() < n].drop(columns="_key")
     out = df[[*by, *token, "length", metric]].merge(chosen, on=[*by, *token])
     return out.sort_values([*by, *token, "length"], ignore_index=True)
+
+
+def _finite(values: pd.Series) -> np.ndarray:
+    """The finite values of a column as float64 (NaN and inf left out)."""
+    v = values.to_numpy(np.float64)
+    return v[np.isfinite(v)]
+
+
+def _keyed(frame: pd.DataFrame, by: Sequence[str], key: tuple) -> pd.DataFrame:
+    """``frame`` with the group's ``by`` columns (values from ``key``) inserted in front."""
+    for i, (name, value) in enumerate(zip(by, key, strict=True)):
+        frame.insert(i, name, value)
+    return frame
+
+
+def bars(
+    df: pd.DataFrame,
+    metric: str = "kl",
+    lengths: Sequence[float] | None = None,
+    *,
+    by: Sequence[str] = ("direction",),
+    **curve_options: object,
+) -> pd.DataFrame:
+    """:func:`curves` at a few lengths (nearest grid lengths, :func:`pick_lengths`) per ``by``.
+
+    The bars of Lee & Heimersheim figures 7-8 (alpha = 20, 40, 61): one row per ``by`` group and
+    length with ``n``, the statistics and the bootstrap interval; ``curve_options`` go to
+    :func:`curves`.
+    """
+    picked = pick_lengths(df, lengths)
+    sub = df[df["length"].isin(picked)]
+    out = curves(sub, metric, by=[*by, "length"], **curve_options)  # type: ignore[arg-type]
+    out.attrs["lengths"] = picked
+    return out
+
+
+def scatter_points(
+    df: pd.DataFrame,
+    x: str = "size",
+    y: str = "kl",
+    *,
+    by: Sequence[str] = ("direction",),
+    **curve_options: object,
+) -> pd.DataFrame:
+    """Per ``by`` group the mean (and bootstrap interval) of two columns, side by side.
+
+    Lee & Heimersheim supplementary figure 3: mean reconstruction error ``||SAE(x) - x||`` (column
+    ``size``) against mean KL per SAE. Columns: ``by``, ``n``, then ``{x}_mean``, ``{x}_ci_low``,
+    ``{x}_ci_high`` and the same for ``y``.
+    """
+    by = list(by)
+    parts = []
+    for col in (x, y):
+        c = curves(df, col, by=by, stat=("mean",), **curve_options)  # type: ignore[arg-type]
+        c = c.drop(columns=[k for k in ("ci_method",) if k in c.columns])
+        keep = [k for k in c.columns if k not in (*by, "n")]
+        parts.append(c.rename(columns={k: f"{col}_{k}" for k in keep}))
+    out = parts[0].merge(parts[1].drop(columns="n"), on=by)
+    out.attrs.update(x=x, y=y)
+    return out
+
+
+def histograms(
+    df: pd.DataFrame,
+    column: str,
+    *,
+    by: Sequence[str] = ("direction",),
+    bins: int | Sequence[float] = 30,
+    right: bool = False,
+) -> pd.DataFrame:
+    """Histogram of ``column`` per ``by`` group on bins shared by all groups, long format.
+
+    ``bins``: a number of equal bins over the range of all groups' values, or explicit edges.
+    Bins are ``[left, right)`` (numpy's rule, the last one closed), or ``(left, right]`` with
+    ``right=True``: with the grid lengths as edges, a first-crossing length L then counts in
+    the bin from the previous grid length to L, where the crossing happened.
+    Columns: ``by``, ``bin_left``, ``bin_right``, ``count``, ``n`` (the group's non-NaN values),
+    ``n_total`` (its rows, NaN included: e.g. tokens that never cross a threshold), ``fraction``
+    (count / n_total) and ``density`` (count / (n * bin width), integrates to 1 over the bins).
+    """
+    by = list(by)
+    _require(df, [*by, column])
+    finite = _finite(df[column])
+    if isinstance(bins, int):
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+        edges = np.histogram_bin_edges(finite, bins=bins, range=(lo, hi if hi > lo else lo + 1))
+    else:
+        edges = np.asarray(bins, dtype=np.float64)
+    rows = []
+    for key, group in df.groupby(by, observed=True, sort=True):
+        v = _finite(group[column])
+        if right:
+            idx = np.searchsorted(edges, v, side="left") - 1
+            idx = idx[(idx >= 0) & (idx < edges.size - 1)]
+            count = np.bincount(idx, minlength=edges.size - 1)
+        else:
+            count, _ = np.histogram(v, bins=edges)
+        frame = pd.DataFrame(
+            {"bin_left": edges[:-1], "bin_right": edges[1:], "count": count, "n": v.size}
+        )
+        frame["n_total"] = len(group)
+        rows.append(_keyed(frame, by, key))
+    out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=[*by, "count"])
+    width = out["bin_right"] - out["bin_left"]
+    out["fraction"] = out["count"] / out["n_total"]
+    out["density"] = (out["count"] / (out["n"] * width)).where(out["n"] > 0, 0.0)
+    out.attrs["column"] = column
+    return out
+
+
+def kde_curves(
+    df: pd.DataFrame,
+    column: str,
+    *,
+    by: Sequence[str] = ("direction",),
+    points: int = 200,
+) -> pd.DataFrame:
+    """Gaussian kernel density estimate (Scott's bandwidth) of ``column`` per ``by`` group.
+
+    Evaluated on ``points`` values spanning all groups' range; columns ``by``, ``x``,
+    ``density``. Groups with fewer than two distinct values are left out.
+    """
+    from scipy.stats import gaussian_kde
+
+    by = list(by)
+    _require(df, [*by, column])
+    finite = _finite(df[column])
+    if finite.size == 0:
+        return pd.DataFrame(columns=[*by, "x", "density"])
+    pad = 0.05 * (finite.max() - finite.min() or 1.0)
+    x = np.linspace(finite.min() - pad, finite.max() + pad, points)
+    rows = []
+    for key, group in df.groupby(by, observed=True, sort=True):
+        v = _finite(group[column])
+        if np.unique(v).size < 2:
+            continue
+        frame = pd.DataFrame({"x": x, "density": gaussian_kde(v)(x)})
+        rows.append(_keyed(frame, by, key))
+    out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=[*by, "x"])
+    out.attrs["column"] = column
+    return out
+
+
+def ks_distances(df: pd.DataFrame, column: str, *, by: str = "direction") -> pd.DataFrame:
+    """Two-sample Kolmogorov-Smirnov distance of ``column`` between every pair of ``by`` groups.
+
+    Giglemiani et al. compare the distributions of a per-curve statistic (step of maximal slope,
+    plateau length) for real, synthetic and random targets this way. Columns ``a``, ``b``,
+    ``n_a``, ``n_b``, ``ks`` (the statistic) and ``pvalue``.
+    """
+    from scipy.stats import ks_2samp
+
+    _require(df, [by, column])
+    samples = {k: _finite(g) for k, g in df.groupby(by, observed=True, sort=True)[column]}
+    names = list(samples)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            sa, sb = samples[a], samples[b]
+            res = ks_2samp(sa, sb) if sa.size and sb.size else None
+            rows.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "n_a": sa.size,
+                    "n_b": sb.size,
+                    "ks": float(res.statistic) if res else np.nan,
+                    "pvalue": float(res.pvalue) if res else np.nan,
+                }
+            )
+    out = pd.DataFrame(rows, columns=["a", "b", "n_a", "n_b", "ks", "pvalue"])
+    out.attrs["column"] = column
+    return out

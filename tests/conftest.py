@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,3 +131,100 @@ def smollm2_hf(smollm2):
     from perturb_lens import load_model
 
     return load_model("smollm2-135m", native=False, device="cpu").model
+
+
+# -- runs: a small config, its reference run, bit-identity, an unwritable folder ----------------
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory, webtext_path: Path) -> Path:
+    """The first 120 WebText documents as a small .jsonl file."""
+    lines = webtext_path.read_text().splitlines()[:120]
+    path = tmp_path_factory.mktemp("text") / "docs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shard_config(gpt2_dir: Path, text_file: Path) -> dict:
+    """A small run: 8 sequences of 16 tokens in 4 shards, three kinds of seeded random
+    directions (isotropic, from the fitted Gaussian, from the pool of real activations)."""
+    return {
+        "name": "shards",
+        "model": str(gpt2_dir),
+        "hook": "blocks.1.hook_resid_pre",
+        "data": {"source": str(text_file), "seq_len": 16, "n_seqs": 8},
+        "stats": {"pool_size": 64},
+        "shard_seqs": 2,
+        "lengths": [0, 3, 9],
+        "directions": ["isotropic", "cov-random-mixture", "real-difference"],
+    }
+
+
+@pytest.fixture(scope="session")
+def shard_reference(shard_config: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``shard_config`` run once, uninterrupted, on the local executor."""
+    from perturb_lens.engine.run import run_experiment
+
+    return run_experiment(shard_config, tmp_path_factory.mktemp("ref") / "run", progress=False)
+
+
+def shard_hashes(run_dir: Path) -> dict[str, str]:
+    """Shard id -> sha256 of its Parquet file: equal hashes mean bit-identical results."""
+    from perturb_lens.results import load_manifest
+
+    return {k: v["sha256"] for k, v in load_manifest(run_dir)["shards"].items()}
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Nothing can be created below ``folder`` (chmod; simulated for root, who writes through)."""
+    if os.geteuid() == 0:
+        real_mkdir = Path.mkdir
+
+        def mkdir(self, *args, **kwargs):
+            if str(self).startswith(str(folder)):
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+    else:
+        folder.chmod(0o500)
+    try:
+        yield
+    finally:
+        folder.chmod(0o700)
+
+
+_SUBPROCESS_RUN = """
+import json, sys, time
+from perturb_lens.engine.run import run_experiment
+args = json.load(open(sys.argv[1]))
+pause = args.pop("pause")
+run_experiment(**args, progress=False, on_shard=lambda s: time.sleep(pause))
+"""
+
+
+def run_in_subprocess(
+    config: dict, run_dir: Path, *, kill_after_first_shard: bool = False, **kwargs
+) -> None:
+    """``run_experiment(config, run_dir, **kwargs)`` in a fresh Python process. With
+    ``kill_after_first_shard``, SIGKILL it as soon as the manifest records a shard (it pauses a
+    second after each shard, so the kill lands mid-run)."""
+    from perturb_lens.results import load_manifest
+
+    pause = 1.0 if kill_after_first_shard else 0.0
+    args = {"config": config, "out": str(run_dir), "pause": pause, **kwargs}
+    args_file = run_dir.with_name(run_dir.name + "-args.json")
+    args_file.write_text(json.dumps(args))
+    proc = subprocess.Popen([sys.executable, "-c", _SUBPROCESS_RUN, str(args_file)])
+    if not kill_after_first_shard:
+        assert proc.wait() == 0
+        return
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "manifest.json").exists() and load_manifest(run_dir)["shards"]:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()

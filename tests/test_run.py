@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from conftest import run_in_subprocess
 
 from perturb_lens.config import ConfigError, load_config
 from perturb_lens.directions import register_direction
 from perturb_lens.engine.run import run_experiment, summary_rows
 from perturb_lens.results import ConfigMismatchError, load_manifest, load_results
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory, webtext_path: Path) -> Path:
-    lines = webtext_path.read_text().splitlines()[:120]
-    path = tmp_path_factory.mktemp("text") / "docs.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _config(gpt2_dir: Path, text_file: Path, **over) -> dict:
@@ -66,25 +52,8 @@ def test_run_writes_results_and_manifest(tmp_path: Path, gpt2_dir: Path, text_fi
 def test_killed_run_resumes_identically(tmp_path: Path, gpt2_dir: Path, text_file: Path) -> None:
     cfg = _config(gpt2_dir, text_file)
     reference = run_experiment(cfg, tmp_path / "ref", progress=False)
-    cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps(cfg))
     run_dir = tmp_path / "killed"
-    script = textwrap.dedent(
-        f"""
-        import json, time
-        from perturb_lens.engine.run import run_experiment
-        cfg = json.load(open({str(cfg_file)!r}))
-        run_experiment(cfg, {str(run_dir)!r}, progress=False, on_shard=lambda s: time.sleep(0.5))
-        """
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if (run_dir / "manifest.json").exists() and load_manifest(run_dir)["shards"]:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_in_subprocess(cfg, run_dir, kill_after_first_shard=True)
     partial = load_manifest(run_dir)
     assert 1 <= len(partial["shards"]) < 6 and not partial["complete"]
     with pytest.raises(FileExistsError, match="--resume"):

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import unwritable
 
 from perturb_lens.results import (
     ChecksumError,
@@ -216,23 +217,9 @@ def test_disk_full_during_manifest_write_keeps_previous_manifest(tmp_path, monke
 def test_unwritable_location_says_what_to_do(tmp_path: Path, monkeypatch) -> None:
     parent = tmp_path / "ro"
     parent.mkdir()
-    if os.geteuid() == 0:  # root writes through chmod: simulate the refusal instead
-        real_mkdir = Path.mkdir
-
-        def mkdir(self, *args, **kwargs):
-            if str(self).startswith(str(parent)):
-                raise PermissionError(errno.EACCES, "Permission denied", str(self))
-            real_mkdir(self, *args, **kwargs)
-
-        monkeypatch.setattr(Path, "mkdir", mkdir)
-    else:
-        parent.chmod(0o500)
-    try:
-        with pytest.raises(PermissionError, match="--out") as err:
-            open_store(parent / "run")
-        assert str(parent / "run") in str(err.value)
-    finally:
-        parent.chmod(0o700)
+    with unwritable(parent, monkeypatch), pytest.raises(PermissionError, match="--out") as err:
+        open_store(parent / "run")
+    assert str(parent / "run") in str(err.value)
 
 
 def test_write_requires_create_and_a_safe_shard_id(tmp_path: Path) -> None:

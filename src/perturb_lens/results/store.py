@@ -202,13 +202,38 @@ def load_manifest(run_dir: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e}): damaged or edited by hand") from e
 
 
-def check_new_or_resume(run_dir: Path, resume: bool) -> None:
-    """Refuse a directory that already holds a run unless resuming (cheap: call it early)."""
-    if not resume and (Path(run_dir) / MANIFEST).exists():
+def check_new_or_resume(
+    run_dir: Path, resume: bool, config: dict | None = None, config_hash: str | None = None
+) -> None:
+    """Refuse a directory that already holds a run unless resuming (cheap: call it early).
+
+    With ``config`` and its ``config_hash``, resuming is also refused (naming the differing keys)
+    when the run was made with another config.
+    """
+    if not (Path(run_dir) / MANIFEST).exists():
+        return
+    if not resume:
         raise FileExistsError(
             f"run dir exists; pass --resume to continue or choose another --out "
             f"({run_dir} already holds a run)"
         )
+    if config is not None and config_hash is not None:
+        check_same_config(Path(run_dir), load_manifest(Path(run_dir)), config, config_hash)
+
+
+def check_same_config(run_dir: Path, old: dict, config: dict, new_hash: str) -> None:
+    """Raise :class:`ConfigMismatchError`, naming the keys, if ``old`` has another config."""
+    if old.get("config_hash") == new_hash:
+        return
+    diffs = diff_configs(old.get("config", {}), _to_jsonable(config))
+    lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs) or (
+        "  (no key differs: the hash function or its inputs changed)"
+    )
+    raise ConfigMismatchError(
+        f"cannot resume {run_dir}: it was made with another config "
+        f"(hash {old.get('config_hash')} != {new_hash}). Differing keys (old -> new):\n"
+        f"{lines}\nResume with the original config, or choose another --out."
+    )
 
 
 class RunStore:
@@ -228,6 +253,7 @@ class RunStore:
         self.run_dir = Path(run_dir)
         self._lock_fd: int | None = None
         self._manifest: dict | None = None
+        self._made_dir = False
         self._mutex = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -238,12 +264,10 @@ class RunStore:
         An existing manifest is refused without ``resume``; with ``resume`` its config hash must
         equal ``config_hash`` (else the differing keys are named) and it is kept as is.
         """
-        if self._lock_fd is not None:
+        if self._manifest is not None:
             raise RuntimeError(f"RunStore({self.run_dir}) is already open")
-        self._open_dir()
+        self.open()
         try:
-            self._acquire_lock()
-            self._remove_stale_tmp_files()
             manifest_path = self.run_dir / MANIFEST
             if manifest_path.exists():
                 check_new_or_resume(self.run_dir, resume)
@@ -266,13 +290,45 @@ class RunStore:
             self.close()
             raise
 
+    def open(self) -> RunStore:
+        """Make the run directory and take its lock, before any work (idempotent).
+
+        Fails fast, saying what to do, when the directory cannot be written or another run holds
+        it. :meth:`create` then writes or checks the manifest.
+        """
+        if self._lock_fd is None:
+            made = not self.run_dir.exists()
+            self._open_dir()
+            self._made_dir = made
+            try:
+                self._acquire_lock()
+            except BaseException as e:
+                if not isinstance(e, RunLockedError):  # a locked folder is another run's
+                    self._remove_if_unused()
+                raise
+            self._remove_stale_tmp_files()
+        return self
+
     def close(self) -> None:
-        """Release the lock (the manifest on disk is always up to date)."""
+        """Release the lock (the manifest on disk is always up to date).
+
+        A directory this store made but never wrote a manifest into (the run failed before it
+        started) is removed again, so a failed start leaves nothing behind.
+        """
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+            self._remove_if_unused()
+
+    def _remove_if_unused(self) -> None:
+        if not self._made_dir or (self.run_dir / MANIFEST).exists():
+            return
+        with contextlib.suppress(OSError):
+            (self.run_dir / LOCK).unlink(missing_ok=True)
+            (self.run_dir / SHARDS).rmdir()
+            self.run_dir.rmdir()
 
     def __enter__(self) -> RunStore:
         return self
@@ -320,16 +376,7 @@ class RunStore:
                 tmp.unlink(missing_ok=True)
 
     def _check_resume(self, old: dict, config: dict, new_hash: str, meta: dict) -> None:
-        if old.get("config_hash") != new_hash:
-            diffs = diff_configs(old.get("config", {}), _to_jsonable(config))
-            lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs) or (
-                "  (no key differs: the hash function or its inputs changed)"
-            )
-            raise ConfigMismatchError(
-                f"cannot resume {self.run_dir}: it was made with another config "
-                f"(hash {old.get('config_hash')} != {new_hash}). Differing keys (old -> new):\n"
-                f"{lines}\nResume with the original config, or choose another --out."
-            )
+        check_same_config(self.run_dir, old, config, new_hash)
         changed = diff_configs(old.get("meta", {}), _to_jsonable(meta))
         if changed:
             logger.warning(

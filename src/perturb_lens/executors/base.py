@@ -1,0 +1,103 @@
+"""What an executor is: it computes the shards of a run and hands each back to the driver.
+
+The driver (``run_experiment``) is the only writer of the run directory: it writes every shard it
+gets back through :class:`~perturb_lens.results.store.RunStore` (atomically, with its sha256 in the
+manifest). A shard is a pure function of the job and its id (its seed is derived from the run seed
+and the shard id), so an executor may compute a shard again after a worker died, in any order, on
+any machine, and the run directory stays consistent and identical.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import pandas as pd
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from perturb_lens.config import ExperimentConfig
+    from perturb_lens.engine.run import RunContext
+    from perturb_lens.models.base import LensModel
+    from perturb_lens.stats import ActivationStats
+
+ShardFn = Callable[["RunContext", str], pd.DataFrame]
+"""Computes the rows of one shard from the run context and the shard id (module-level function,
+so that it pickles by reference to a worker)."""
+
+
+@dataclass
+class ShardJob:
+    """Everything a worker needs to compute any shard of one run (picklable, shipped once).
+
+    A worker rebuilds the :class:`~perturb_lens.engine.run.RunContext` from it once per process:
+    the model from ``config.model`` (or ``model``, when the driver was handed one; the same for
+    ``sae``), and the driver's tokens and fitted statistics, so nothing is refitted and no shared
+    filesystem is needed.
+    """
+
+    config: ExperimentConfig
+    run_dir: str
+    tokens: Tensor
+    stats: ActivationStats
+    pool: Tensor
+    shard_fn: ShardFn
+    explicit: Mapping[str, Tensor] = field(default_factory=dict)
+    model: LensModel | None = None
+    sae: Any = None
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @classmethod
+    def from_context(
+        cls,
+        ctx: RunContext,
+        run_dir: Path,
+        shard_fn: ShardFn,
+        *,
+        model: LensModel | None = None,
+        sae: Any = None,
+    ) -> ShardJob:
+        """The job for a context built by the driver (``model``, ``sae``: objects the driver was
+        handed, shipped to workers instead of loading ``config.model`` / ``config.sae`` there)."""
+        return cls(
+            config=ctx.config,
+            run_dir=str(run_dir),
+            tokens=ctx.tokens,
+            stats=ctx.stats,
+            pool=ctx.pool,
+            shard_fn=shard_fn,
+            explicit=dict(ctx.explicit),
+            model=model,
+            sae=sae,
+        )
+
+    def context(self) -> RunContext:
+        """Rebuild the run context (loads the model unless the job carries one)."""
+        from perturb_lens.engine.run import prepare
+
+        return prepare(
+            self.config,
+            Path(self.run_dir),
+            model=self.model,
+            tokens=self.tokens,
+            explicit=self.explicit,
+            stats=(self.stats, self.pool),
+            sae=self.sae,
+            progress=False,
+        )
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Computes shards of a job; yields ``(shard_id, rows)`` as each finishes, each id once."""
+
+    name: str
+
+    def map(
+        self, job: ShardJob, shard_ids: Sequence[str], ctx: RunContext | None = None
+    ) -> Iterator[tuple[str, pd.DataFrame]]:
+        """Compute ``shard_ids`` (in any order); ``ctx`` is the driver's context, if useful."""
+        ...

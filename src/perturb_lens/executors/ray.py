@@ -1,0 +1,113 @@
+"""The Ray executor: shards as Ray tasks on a cluster (or a local one), retried if a worker dies.
+
+Needs the optional extra: ``pip install 'perturb-lens[ray]'``. The job (config, tokens, statistics)
+is put in the object store once; each worker process rebuilds the run context from it on its first
+shard and keeps it for the next ones. Workers send each shard's rows back to the driver, which
+writes them: workers need no access to the run directory, only to the model (``config.model``
+must load on every node: a hub id, or a path that exists there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from perturb_lens.executors.base import ShardJob
+
+if TYPE_CHECKING:
+    from perturb_lens.engine.run import RunContext
+
+RAY_INSTALL = "pip install 'perturb-lens[ray]'"
+
+# One run context per worker process: (job id, job, context) of the last job it served.
+_WORKER_CACHE: tuple[str, ShardJob, Any] | None = None
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or an ImportError that says how to install it."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError(
+            f"the Ray executor needs Ray, which is not installed: {RAY_INSTALL} "
+            "(or run with the default --executor local)"
+        ) from err
+    return ray
+
+
+def _run_shard(job_id: str, job_box: list[Any], shard_id: str) -> pd.DataFrame:
+    """Worker side: build (once per process) the job's context, compute one shard."""
+    global _WORKER_CACHE
+    if _WORKER_CACHE is None or _WORKER_CACHE[0] != job_id:
+        _WORKER_CACHE = None  # free the previous job's model before loading this one
+        job = import_ray().get(job_box[0])
+        _WORKER_CACHE = (job_id, job, job.context())
+    _, job, ctx = _WORKER_CACHE
+    return job.shard_fn(ctx, shard_id)
+
+
+class RayExecutor:
+    """Shards as Ray tasks; a task whose worker process dies is retried (``max_retries``).
+
+    ``address``: a running cluster (``ray://host:10001``, ``host:6379`` or ``auto``); None starts
+    a local one unless Ray is already initialised in this process (then that one is used). A
+    cluster this executor started is shut down when the shards are done.
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        max_retries: int = 3,
+        num_cpus: float = 1,
+        init_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.address = address
+        self.max_retries = max_retries
+        self.num_cpus = num_cpus
+        self.init_kwargs = dict(init_kwargs or {})
+        import_ray()  # fail now, before any work, if Ray is missing
+
+    def map(
+        self, job: ShardJob, shard_ids: Sequence[str], ctx: RunContext | None = None
+    ) -> Iterator[tuple[str, pd.DataFrame]]:
+        """Submit every shard, yield ``(shard_id, rows)`` as each finishes."""
+        ray = import_ray()
+        if not shard_ids:
+            return
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=self.address, **self.init_kwargs)
+        task = ray.remote(num_cpus=self.num_cpus, max_retries=self.max_retries)(_run_shard)
+        box = [ray.put(job)]  # boxed: workers fetch it only when they have no context for it
+        pending = {task.remote(job.job_id, box, sid): sid for sid in shard_ids}
+        refs = list(pending)
+        try:
+            while refs:
+                ready, refs = ray.wait(refs, num_returns=1)
+                sid = pending.pop(ready[0])
+                yield sid, self._result(ray, ready[0], sid)
+        finally:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            if started:
+                ray.shutdown()
+
+    def _result(self, ray: Any, ref: Any, shard_id: str) -> pd.DataFrame:
+        """The shard's rows; its own error if it raised one; a clear one if its workers died."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            cause = err.cause if isinstance(err.cause, Exception) else err
+            cause.add_note(f"(raised computing shard {shard_id} on a Ray worker)")
+            raise cause from None
+        except ray.exceptions.RayError as err:
+            raise RuntimeError(
+                f"shard {shard_id} failed on Ray after {self.max_retries} retries ({err}); the "
+                "shards done so far are saved: fix the cluster (memory? nodes?) and rerun with "
+                "--resume"
+            ) from err

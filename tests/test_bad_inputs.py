@@ -1,0 +1,285 @@
+"""The bad-input catalogue: each bad input fails with an error that says what to do, and leaves
+no corrupt output (no run directory at all, or one whose manifest matches every shard file).
+
+Entries: malformed YAML/TOML, unknown config key, unknown model, unknown hook, unknown direction,
+SAE width or hook mismatch, empty or too-short dataset, sequence longer than the context, empty or
+negative length grid, NaN/inf activations, unwritable output directory, disk full during a write,
+resume with another config, two runs writing to one directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from conftest import unwritable
+from typer.testing import CliRunner
+
+from perturb_lens.cli import app
+from perturb_lens.config import ConfigError
+from perturb_lens.directions import UnknownDirectionError
+from perturb_lens.engine.run import run_experiment
+from perturb_lens.models.hooks import UnknownHookError
+from perturb_lens.models.load import ModelLoadError, load_model
+from perturb_lens.results import (
+    ConfigMismatchError,
+    RunLockedError,
+    RunStore,
+    file_sha256,
+    load_manifest,
+    load_results,
+)
+
+
+@pytest.fixture(scope="module")
+def config(shard_config: dict) -> dict:
+    """A tiny valid run: 4 sequences of 16 tokens in 2 shards, one direction, two lengths."""
+    return with_(shard_config, data={"n_seqs": 4}, lengths=[0, 4], directions=["isotropic"])
+
+
+@pytest.fixture(scope="module")
+def reference(config: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run of ``config``."""
+    return run_experiment(config, tmp_path_factory.mktemp("ref") / "run", progress=False)
+
+
+def with_(config: dict, **over) -> dict:
+    """A copy of ``config`` with top-level keys replaced (``data`` is merged)."""
+    out = {**config, **over}
+    if "data" in over:
+        out["data"] = {**config["data"], **over["data"]}
+    return out
+
+
+def assert_no_corrupt_output(run_dir: Path) -> None:
+    """Nothing at all, or a manifest that lists exactly the shard files, each matching its sha256
+    (and no temporary files)."""
+    if not run_dir.exists():
+        return
+    assert [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")] == []
+    files = {p.relative_to(run_dir).as_posix() for p in run_dir.glob("shards/*.parquet")}
+    if not (run_dir / "manifest.json").exists():
+        assert files == set()
+        return
+    shards = load_manifest(run_dir)["shards"]
+    assert files == {entry["file"] for entry in shards.values()}
+    for entry in shards.values():
+        assert file_sha256(run_dir / entry["file"]) == entry["sha256"]
+
+
+def cli_error(*args: str) -> str:
+    """Run the CLI expecting a clean failure (exit 1, a message, no traceback); its output."""
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and "Traceback" not in result.output
+    return result.output
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "kind"),
+    [
+        ("cfg.yaml", "hook: [blocks.1\ndata: {n_seqs: 4\n", "YAML"),
+        ("cfg.toml", "hook = [x\n", "TOML"),
+    ],
+)
+def test_malformed_yaml_or_toml(tmp_path: Path, name: str, text: str, kind: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    out = cli_error("run", str(path), "--out", str(tmp_path / "run"))
+    assert "Malformed config" in out and f"Fix the {kind} syntax at the line shown" in out
+    assert "line" in out  # the parser's position
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_config_key(tmp_path: Path, config: dict) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(with_(config, data={"n_seq": 4})))
+    out = cli_error("run", str(path), "--out", str(tmp_path / "run"))
+    assert "unknown key 'data.n_seq'; valid keys here:" in out and "n_seqs" in out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("lengths", "advice"),
+    [([], "give at least one length"), ([0, -1, 4], "Use lengths >= 0"), ("5:1:-1", "positive")],
+    ids=["empty", "negative", "negative-step"],
+)
+def test_lengths_grid_empty_or_negative(
+    tmp_path: Path, config: dict, lengths: list | str, advice: str
+) -> None:
+    with pytest.raises(ConfigError, match="lengths") as err:
+        run_experiment(with_(config, lengths=lengths), tmp_path / "run", progress=False)
+    assert advice in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+# -- model, hook, direction --------------------------------------------------------------------
+
+
+def test_unknown_model(tmp_path: Path, config: dict) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError, match="neither a local folder or file") as err:
+        run_experiment(with_(config, model=str(missing)), tmp_path / "run", progress=False)
+    assert "load_model('smollm2-135m')" in str(err.value)  # what works without the hub
+    assert not (tmp_path / "run").exists()  # the folder opened for the run is removed again
+
+
+def test_unknown_hook(tmp_path: Path, config: dict) -> None:
+    with pytest.raises(UnknownHookError, match=r"Valid hook names are blocks\.\{0\.\.3\}"):
+        run_experiment(
+            with_(config, hook="blocks.7.hook_resid_pre"), tmp_path / "run", progress=False
+        )
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_direction(tmp_path: Path, config: dict) -> None:
+    with pytest.raises(UnknownDirectionError, match="registered directions: ablation") as err:
+        run_experiment(with_(config, directions=["isotropik"]), tmp_path / "run", progress=False)
+    assert "register_direction" in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("d_in", "hook", "problem"),
+    [
+        (32, "blocks.1.hook_resid_pre", "its width d_in=32 differs from d_model=64"),
+        (64, "blocks.2.hook_resid_pre", "it was trained at 'blocks.2.hook_resid_pre', not at"),
+    ],
+    ids=["width", "hook"],
+)
+def test_sae_width_or_hook_mismatch(
+    tmp_path: Path, config: dict, d_in: int, hook: str, problem: str
+) -> None:
+    from perturb_lens.saes import SAE, SAEConfig, SAEMismatchError
+
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=128, hook=hook, frame="centered", model="gpt2"))
+    folder = sae.save(tmp_path / "sae")
+    with pytest.raises(SAEMismatchError, match="does not fit this experiment") as err:
+        run_experiment(with_(config, sae=str(folder)), tmp_path / "run", progress=False)
+    assert problem in str(err.value)
+    assert "Use an SAE trained at blocks.1.hook_resid_pre of this model" in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "Too short."], ids=["empty", "too-short"])
+def test_empty_or_too_short_dataset(tmp_path: Path, config: dict, text: str) -> None:
+    source = tmp_path / "docs.txt"
+    source.write_text(text)
+    with pytest.raises(ValueError, match="give more text or lower seq_len"):
+        run_experiment(
+            with_(config, data={"source": str(source)}), tmp_path / "run", progress=False
+        )
+    assert not (tmp_path / "run").exists()
+
+
+def test_sequence_longer_than_context(tmp_path: Path, config: dict) -> None:
+    with pytest.raises(ValueError, match="exceeds the model's context of 256 tokens") as err:
+        run_experiment(with_(config, data={"seq_len": 300}), tmp_path / "run", progress=False)
+    assert "set data.seq_len to at most 256" in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["stats", "shard"])
+def test_nan_activation_reported_with_sequence_and_position(
+    tmp_path: Path, config: dict, gpt2_dir: Path, where: str
+) -> None:
+    model = load_model(str(gpt2_dir), device="cpu")
+    bad_token = 4321
+    model.w_te[bad_token] = float("nan")  # this token's embedding: NaN at the hook where it sits
+    tokens = torch.randint(0, 4000, (4, 16), generator=torch.Generator().manual_seed(7))
+    tokens[:, 0] = model.bos_token_id
+    tokens[3, 7] = bad_token
+    # stats fitted on all sequences meet the NaN first; fitted on 2, the shard of sequence 3 does
+    # at the embedding: past an attention layer, 0 x NaN spreads it to every position
+    cfg = with_(
+        config,
+        hook="blocks.0.hook_resid_pre",
+        stats={"pool_size": 64, "n_seqs": None if where == "stats" else 2},
+    )
+    run_dir = tmp_path / "run"
+    with pytest.raises((ValueError, FloatingPointError)) as err:
+        run_experiment(cfg, run_dir, model=model, tokens=tokens, progress=False)
+    msg = str(err.value)
+    assert "Non-finite activation" in msg and "NaN" in msg
+    assert "sequence 3" in msg and "position 7" in msg
+    assert "dtype" in msg and "input tokens" in msg  # what to check
+    assert_no_corrupt_output(run_dir)
+    if where == "shard":  # the first shard is kept; the run is not marked complete
+        manifest = load_manifest(run_dir)
+        assert set(manifest["shards"]) == {"s00000"} and not manifest["complete"]
+
+
+# -- the run directory -------------------------------------------------------------------------
+
+
+def test_output_dir_not_writable(tmp_path: Path, config: dict, monkeypatch) -> None:
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    with unwritable(parent, monkeypatch):
+        # refused before any work: the (unknown) model is never loaded
+        with pytest.raises(PermissionError, match="choose another --out") as err:
+            run_experiment(with_(config, model="no-such-model"), parent / "run", progress=False)
+        assert str(parent / "run") in str(err.value)
+    assert list(parent.iterdir()) == []
+
+
+def test_disk_full_during_a_write(
+    tmp_path: Path, config: dict, reference: Path, monkeypatch
+) -> None:
+    real_write = pq.write_table
+    calls = []
+
+    def fill_up(table, where, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second shard: half written, then the disk is full
+            where.write(b"PAR1 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(table, where, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", fill_up)
+    run_dir = tmp_path / "run"
+    with pytest.raises(OSError, match="disk full") as err:
+        run_experiment(config, run_dir, progress=False)
+    assert err.value.errno == errno.ENOSPC and "rerun with --resume" in str(err.value)
+    assert_no_corrupt_output(run_dir)
+    assert set(load_manifest(run_dir)["shards"]) == {"s00000"}
+    monkeypatch.setattr(pq, "write_table", real_write)  # space freed
+    run_experiment(config, run_dir, resume=True, progress=False)
+    pd.testing.assert_frame_equal(load_results(run_dir), load_results(reference))
+
+
+def test_resume_with_different_config(tmp_path: Path, config: dict, reference: Path) -> None:
+    before = {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}
+    other = with_(config, hook="blocks.2.hook_resid_pre", lengths=[0, 8])
+    with pytest.raises(ConfigMismatchError, match="cannot resume") as err:
+        run_experiment(other, reference, resume=True, progress=False)
+    msg = str(err.value)
+    assert "hook: 'blocks.1.hook_resid_pre' -> 'blocks.2.hook_resid_pre'" in msg
+    assert "lengths.1: 4.0 -> 8.0" in msg and "data" not in msg
+    assert "Resume with the original config, or choose another --out" in msg
+    assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
+
+
+def test_two_runs_writing_to_one_directory(tmp_path: Path, config: dict) -> None:
+    run_dir = tmp_path / "run"
+    holder = RunStore(run_dir).open()  # another run holds the directory
+    try:
+        with pytest.raises(RunLockedError, match=f"another run \\(pid {os.getpid()}\\)") as err:
+            run_experiment(config, run_dir, progress=False)
+        assert "wait for it to finish (or stop it), or choose another --out" in str(err.value)
+        assert not (run_dir / "manifest.json").exists()
+    finally:
+        holder.close()
+    assert_no_corrupt_output(run_dir)

@@ -1,0 +1,83 @@
+"""Activation plateaus (Heimersheim): how long the output stays flat as a base activation is
+perturbed by growing random steps, for real, synthetic and cov-random base points.
+
+A base point replaces the last position's activation (``real`` keeps the clean one; any other
+base is a registered direction whose raw vector moves ``x`` there, e.g. ``synthetic`` or
+``cov-random-difference``). The run's ``directions`` (default: isotropic unit directions, the same
+ones for every base) then perturb the base by each length, and every metric is measured against
+the base's own output. Rows carry a ``base`` column;
+:func:`~perturb_lens.results.curve_stats.curve_statistics` gives one row per curve (plateau length,
+max-slope step, sharpness).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from perturb_lens.config import DirectionSpec
+from perturb_lens.engine.run import RunContext, shard_directions
+from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
+from perturb_lens.models.base import CleanRun, LensModel
+
+REAL = "real"
+
+
+def rebase_last(model: LensModel, clean: CleanRun, x_base: Tensor, spec: SweepSpec) -> CleanRun:
+    """``clean`` with the last position's activation replaced by ``x_base`` [B, d] and its output
+    (final hidden state, downstream reads) recomputed: a clean run to perturb around ``x_base``.
+
+    Valid for single-row continuation (``continue_at``): earlier positions are unaffected.
+    """
+    b, t, _ = clean.x.shape
+    read = spec.read or model.default_read
+    reads = [read] if spec.needs_read else []
+    last = torch.full((b, 1), t - 1, dtype=torch.long, device=clean.x.device)
+    final, got = model.continue_at(clean, x_base.unsqueeze(1).to(clean.x.dtype), last, reads=reads)
+
+    def put(v: Tensor, new: Tensor) -> Tensor:
+        v = v.clone()
+        v[:, -1] = new.to(v.dtype)
+        return v
+
+    new_reads = dict(clean.reads)
+    if reads:
+        new_reads[read] = put(clean.reads[read], got[read][:, 0])
+    return dataclasses.replace(
+        clean, x=put(clean.x, x_base), final=put(clean.final, final[:, 0]), reads=new_reads
+    )
+
+
+def base_points(ctx: RunContext, shard_id: str, x: Tensor) -> dict[str, Tensor]:
+    """Base activations [B, d] at the last position, per base label of ``config.plateaus``."""
+    x_last = x[:, -1].float()
+    out: dict[str, Tensor] = {}
+    for spec in ctx.config.plateaus.bases:
+        if spec.name == REAL:
+            out[spec.label] = x_last
+            continue
+        opts = {**spec.options, "scale": "raw", "label": f"base/{spec.label}"}  # own seed
+        raw = DirectionSpec(name=spec.name, **opts)
+        moved = shard_directions(ctx, shard_id, x, [raw])[raw.label][:, -1]
+        out[spec.label] = x_last + moved
+    return out
+
+
+def plateau_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
+    """Rows of one shard: for every base point, the sweep of ``directions`` x ``lengths`` around
+    it, measured against the base's output (column ``base``)."""
+    if ctx.spec.scope != "last-position":
+        raise ValueError("The plateaus experiment perturbs the last position: scope=last-position.")
+    sl = ctx.shard_slice(shard_id)
+    clean = clean_pass(ctx.model, ctx.tokens[sl].to(ctx.model.device), ctx.spec)
+    frames = []
+    for label, x_base in base_points(ctx, shard_id, clean.x).items():
+        rebased = rebase_last(ctx.model, clean, x_base, ctx.spec)
+        dirs = shard_directions(ctx, shard_id, rebased.x)
+        df = measure(ctx.model, rebased, dirs, ctx.spec, seq_offset=sl.start)
+        df.insert(2, "base", label)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,107 @@
+"""Stable regions (Janiak et al.): interpolate between the activations of two prompts that differ
+only in their last token, and measure how sharp the transition of the output is.
+
+Prompt A is a row of the dataset; prompt B is A with its last token replaced (by the next prompt's
+last token, as the published code pairs consecutive prompts, or by a random token). Their
+activations at the hook (default: after the first layer, ``blocks.1.hook_resid_pre``) agree except
+at the last position, so perturbing A's last position along ``x_B - x_A`` by ``t`` in [0, 1]
+walks exactly from A's output (t = 0) to B's (t = 1). Sharpness: the largest step-to-step increase
+of the L2 distance (at the last layer's ``resid_post``) over its value at t = 1.
+
+:func:`stable_region_sharpness` runs several models (sizes, checkpoints) and returns one frame
+with a ``model`` column; :func:`sharpness_quantiles` summarises it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from perturb_lens.engine.run import RunContext, derive_seed, run_experiment
+from perturb_lens.engine.sweep import clean_pass, measure
+from perturb_lens.models.base import LensModel
+from perturb_lens.results.curve_stats import curve_statistics, statistic_summary
+from perturb_lens.results.store import load_results
+
+PAIR = "prompt-pair"
+
+
+def replacement_tokens(ctx: RunContext, shard_id: str) -> Tensor:
+    """The last token of each prompt B [B] (always different from prompt A's last token)."""
+    sl = ctx.shard_slice(shard_id)
+    last = ctx.tokens[:, -1]
+    own = last[sl]
+    if ctx.config.stable_regions.replacement == "next-prompt":
+        out = own.clone()
+        n = len(last)
+        for i, g in enumerate(range(sl.start, sl.stop)):
+            j = next((k % n for k in range(g + 1, g + n) if last[k % n] != last[g]), None)
+            if j is None:
+                raise ValueError("Every prompt ends in the same token: use replacement=random.")
+            out[i] = last[j]
+        return out
+    gen = torch.Generator().manual_seed(derive_seed(ctx.config.seed, shard_id, PAIR))
+    vocab = ctx.model.spec.vocab_size
+    out = torch.randint(vocab - 1, own.shape, generator=gen)
+    return out + (out >= own).long()  # uniform over the vocabulary without the original token
+
+
+def stable_region_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
+    """Rows of one shard: the interpolation from each prompt A to its prompt B (direction
+    ``prompt-pair``), with the two last tokens in ``token_a`` / ``token_b``."""
+    if ctx.spec.scope != "last-position":
+        raise ValueError("Stable regions interpolate the last position: scope=last-position.")
+    sl = ctx.shard_slice(shard_id)
+    tokens_a = ctx.tokens[sl].to(ctx.model.device)
+    tokens_b = tokens_a.clone()
+    tokens_b[:, -1] = replacement_tokens(ctx, shard_id).to(tokens_a.device)
+    clean = clean_pass(ctx.model, tokens_a, ctx.spec)
+    x_b = ctx.model.run_to_hook(tokens_b, ctx.config.hook)[:, -1]
+    dirs = torch.zeros(clean.x.shape, dtype=torch.float32, device=clean.x.device)
+    dirs[:, -1] = x_b.float() - clean.x[:, -1].float()
+    df = measure(ctx.model, clean, {PAIR: dirs}, ctx.spec, seq_offset=sl.start)
+    seq = df["seq"].to_numpy() - sl.start
+    df["token_a"] = tokens_a[:, -1].cpu().numpy()[seq]
+    df["token_b"] = tokens_b[:, -1].cpu().numpy()[seq]
+    return df
+
+
+def stable_region_sharpness(
+    models: Sequence[str | LensModel],
+    config: Mapping[str, Any],
+    out: str | Path,
+    *,
+    resume: bool = False,
+    tokens: Tensor | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run the stable-regions ``config`` on each model (names, paths or loaded models; e.g.
+    several sizes or training checkpoints) into ``out/<i>-<name>``; one row per curve with a
+    ``model`` column, ``sharpness``, ``max_slope_step`` and ``plateau_length``. ``tokens``: the
+    prompts [N, T] for every model instead of ``config.data`` (only for one shared tokenizer)."""
+    frames = []
+    for i, m in enumerate(models):
+        name = m if isinstance(m, str) else m.source
+        cfg = {**config, "experiment": "stable-regions", "model": name}
+        run_dir = run_experiment(
+            cfg,
+            Path(out) / f"{i:02d}-{Path(str(name)).name}",
+            resume=resume,
+            model=None if isinstance(m, str) else m,
+            tokens=tokens,
+            progress=progress,
+        )
+        stats = curve_statistics(load_results(run_dir), "l2")
+        stats.insert(0, "model", str(name))
+        frames.append(stats)
+    return pd.concat(frames, ignore_index=True)
+
+
+def sharpness_quantiles(stats: pd.DataFrame, by: Sequence[str] = ("model",)) -> pd.DataFrame:
+    """Quartiles (and mean) of the sharpness per group (Janiak et al. report quartiles)."""
+    return statistic_summary(stats, "sharpness", by=by, stat=("q25", "median", "q75", "mean"))

@@ -1,0 +1,194 @@
+"""Synthetic-activation, plateau and stable-region runs on a random GPT-2 vs plain HF forwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from random_sae import random_sae
+
+from perturb_lens import load_model, run_experiment
+from perturb_lens.config import load_config, validate_config
+from perturb_lens.engine.run import prepare, shard_directions
+from perturb_lens.experiments.plateaus import base_points
+from perturb_lens.experiments.stable_regions import sharpness_quantiles, stable_region_sharpness
+from perturb_lens.results.curve_stats import curve_statistics, ks_vs_reference
+from perturb_lens.results.store import load_results
+
+HOOK = "blocks.1.hook_resid_pre"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def model(gpt2_dir: Path):
+    return load_model(str(gpt2_dir), frame="raw")
+
+
+@pytest.fixture(scope="module")
+def tokens(model) -> torch.Tensor:
+    t = torch.randint(0, 5000, (6, 10), generator=torch.Generator().manual_seed(3))
+    t[:, 0] = model.bos_token_id
+    return t
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory: pytest.TempPathFactory, model) -> Path:
+    return random_sae(model.spec.d_model, 256, bias=-1.0).save(tmp_path_factory.mktemp("sae"))
+
+
+def hf_last_read(gpt2_dir: Path, tokens: torch.Tensor, x_last: torch.Tensor | None = None):
+    """HF GPT-2: the last block's output at the last position, with block 1's input at the last
+    position replaced by ``x_last`` [B, d] (None: clean)."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    seen: list[torch.Tensor] = []
+
+    def put(_module, args, kwargs):
+        h = args[0].clone()
+        h[:, -1] = x_last
+        return (h, *args[1:]), kwargs
+
+    def read(_module, _args, output):
+        seen.append((output[0] if isinstance(output, tuple) else output)[:, -1])
+
+    hooks = [hf.transformer.h[-1].register_forward_hook(read)]
+    if x_last is not None:
+        hooks.append(hf.transformer.h[1].register_forward_pre_hook(put, with_kwargs=True))
+    with torch.no_grad():
+        hf(tokens)
+    for h in hooks:
+        h.remove()
+    return seen[0].double()
+
+
+def base_config(gpt2_dir: Path, **over) -> dict:
+    cfg = {
+        "model": str(gpt2_dir),
+        "frame": "raw",
+        "hook": HOOK,
+        "scope": "last-position",
+        "lengths": "0:1:0.1",
+        "metrics": ["l2", "kl"],
+        "data": {"n_seqs": 6, "seq_len": 10},
+        "stats": {"pool_size": 54},
+        "shard_seqs": 4,
+    }
+    return {**cfg, **over}
+
+
+def test_synthetic_activation_targets(tmp_path, gpt2_dir, model, tokens, sae_dir) -> None:
+    raw = {"scale": "raw"}
+    directions = [
+        {"name": "real-difference", "label": "real", **raw},
+        {"name": "cov-random-difference", "label": "cov-random", **raw},
+        {"name": "synthetic", "label": "bag", "kind": "bag", **raw},
+        {"name": "synthetic", "label": "structured", "kind": "structured", "norm": "real", **raw},
+        {"name": "sae-reconstruction", **raw},
+        {"name": "sae-latent", **raw},
+    ]
+    cfg = base_config(
+        gpt2_dir, experiment="synthetic-activations", sae=str(sae_dir), directions=directions
+    )
+    df = load_results(run_experiment(cfg, tmp_path / "r", model=model, tokens=tokens))
+    assert set(df["pos"]) == {9} and len(df) == 6 * 6 * 11
+    assert np.abs(df.loc[df.length == 0, ["l2", "kl"]].to_numpy()).max() < 1e-4
+    stats = curve_statistics(df, "l2")
+    assert len(stats) == 36 and stats["max_slope_step"].between(1, 10).all()
+    table = ks_vs_reference(stats, reference="real")
+    assert set(table["direction"]) == {
+        d["label"] if "label" in d else d["name"] for d in directions
+    }
+    # t = 1 lands on the target y (norm: a real activation's); the output there is HF's with y
+    ctx = prepare(validate_config(cfg), tmp_path / "r", model=model)
+    clean = model.run_clean(tokens[:4], HOOK)
+    d = shard_directions(ctx, "s00000", clean.x)["structured"][:, -1].double()
+    y = clean.x[:, -1].double() + d
+    pool_norms = ctx.pool.double().norm(dim=-1).numpy()
+    for n in y.norm(dim=-1).numpy():
+        assert np.isclose(pool_norms, n, rtol=1e-5).any()
+    naive = (hf_last_read(gpt2_dir, tokens[:4], y) - hf_last_read(gpt2_dir, tokens[:4])).norm(
+        dim=-1
+    )
+    got = df[(df.direction == "structured") & (df.length == 1.0) & (df.seq < 4)].sort_values("seq")
+    np.testing.assert_allclose(got["l2"], naive.numpy(), rtol=1e-3)
+    np.testing.assert_allclose(got["size"], d.norm(dim=-1).numpy(), rtol=1e-4)
+
+
+def test_plateaus_real_base_is_the_plain_sweep(tmp_path, gpt2_dir, model, tokens, sae_dir):
+    over = {"sae": str(sae_dir), "directions": ["isotropic"], "lengths": [0, 1, 2, 4, 8]}
+    plain = load_results(
+        run_experiment(base_config(gpt2_dir, **over), tmp_path / "p", model=model, tokens=tokens)
+    )
+    cfg = base_config(gpt2_dir, experiment="plateaus", **over)
+    out = run_experiment(cfg, tmp_path / "q", model=model, tokens=tokens)
+    df = load_results(out)
+    assert set(df["base"]) == {"real", "synthetic", "cov-random"}
+    real = df[df.base == "real"].drop(columns="base").reset_index(drop=True)
+    cols = ["seq", "pos", "length", "l2", "kl"]
+    pd.testing.assert_frame_equal(real[cols], plain[cols], check_dtype=False, atol=1e-5)
+    assert np.abs(df.loc[df.length == 0, ["l2", "kl"]].to_numpy()).max() < 1e-4
+    # around the synthetic base: the distance between HF outputs at base + 8 u and at the base
+    ctx = prepare(validate_config(cfg), out, model=model)
+    clean = model.run_clean(tokens[:4], HOOK)
+    base = base_points(ctx, "s00000", clean.x)["synthetic"].double()
+    u = shard_directions(ctx, "s00000", clean.x)["isotropic"][:, -1].double()
+    naive = hf_last_read(gpt2_dir, tokens[:4], base + 8 * u) - hf_last_read(
+        gpt2_dir, tokens[:4], base
+    )
+    got = df[(df.base == "synthetic") & (df.length == 8) & (df.seq < 4)].sort_values("seq")
+    np.testing.assert_allclose(got["l2"], naive.norm(dim=-1).numpy(), rtol=1e-3)
+    stats = curve_statistics(df)
+    assert len(stats) == 6 * 3 and {"plateau_length", "base"} <= set(stats.columns)
+
+
+def test_stable_regions_end_point_is_prompt_b(tmp_path, gpt2_dir, llama_dir, model, tokens):
+    cfg = base_config(gpt2_dir, experiment="stable-regions", metrics=["l2"], frame=None)
+    models = [model, str(llama_dir)]  # a loaded model and a path (same tokenizer: shared tokens)
+    stats = stable_region_sharpness(models, cfg, tmp_path / "s", tokens=tokens, progress=False)
+    df = load_results(sorted((tmp_path / "s").iterdir())[0])
+    end = df[df.length == 1.0].sort_values("seq")
+    # next-prompt replacement: prompt B = prompt A with the next prompt's last token
+    np.testing.assert_array_equal(end["token_b"], np.roll(tokens[:, -1].numpy(), -1))
+    tokens_b = tokens.clone()
+    tokens_b[:, -1] = torch.as_tensor(end["token_b"].to_numpy())
+    naive = (hf_last_read(gpt2_dir, tokens_b) - hf_last_read(gpt2_dir, tokens)).norm(dim=-1)
+    np.testing.assert_allclose(end["l2"], naive.numpy(), rtol=1e-3)
+    assert len(stats) == 12 and stats["sharpness"].between(0, 1).all()
+    q = sharpness_quantiles(stats)
+    assert list(q.columns) == ["model", "n", "q25", "median", "q75", "mean"]
+    assert list(q["model"]) == sorted([model.source, str(llama_dir)])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "synthetic_activations_gpt2.yaml",
+        "synthetic_activations_smollm2.yaml",
+        "plateaus_gpt2.yaml",
+        "plateaus_smollm2.yaml",
+        "stable_regions_gpt2.yaml",
+        "stable_regions_smollm2.yaml",
+    ],
+)
+def test_presets_parse(name: str) -> None:
+    cfg = load_config(CONFIGS / name)
+    assert cfg.scope == "last-position" and cfg.data.seq_len == 10
+
+
+def test_cli_prints_curve_tables(tmp_path, gpt2_dir, webtext_path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from perturb_lens.cli import app
+
+    cfg = base_config(gpt2_dir, experiment="stable-regions", lengths="0:1:0.25", metrics=["l2"])
+    cfg["data"] = {"source": str(webtext_path), "seq_len": 10, "n_seqs": 4}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "sharpness (l2)" in result.output and "prompt-pair" in result.output

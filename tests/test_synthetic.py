@@ -1,0 +1,122 @@
+"""Synthetic activations honour their controls: L0, latent cosine bounds, norms, magnitudes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from random_sae import random_sae
+from scipy.stats import ks_2samp
+
+from perturb_lens.directions import DirectionContext, scaled_directions
+from perturb_lens.experiments.synthetic import LatentStats, synthesize
+from perturb_lens.saes.sae import SAE
+
+D_IN, D_SAE = 32, 128
+
+
+@pytest.fixture(scope="module")
+def sae() -> SAE:
+    return random_sae(D_IN, D_SAE)
+
+
+@pytest.fixture(scope="module")
+def pool() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return 2.0 * torch.randn(3000, D_IN, generator=g)
+
+
+@pytest.fixture(scope="module")
+def lstats(sae: SAE, pool: torch.Tensor) -> LatentStats:
+    return LatentStats.fit(sae, pool, batch=700)
+
+
+def pairwise_cos(sae: SAE, idx: np.ndarray) -> np.ndarray:
+    d = sae.decoder_directions().double().numpy()[idx]
+    return (d @ d.T)[np.triu_indices(len(idx), 1)]
+
+
+def test_latent_stats_match_a_dense_encode(sae: SAE, pool: torch.Tensor, lstats: LatentStats):
+    f = sae.encode(pool).detach().numpy()
+    np.testing.assert_array_equal(lstats.l0, (f > 0).sum(1))
+    np.testing.assert_allclose(lstats.frequency, (f > 0).mean(0))
+    j = int(np.argmax(lstats.frequency))
+    both = ((f > 0) & (f[:, [j]] > 0)).sum(0)
+    np.testing.assert_array_equal(lstats.cooccurrence(j), both)
+    assert 1 < lstats.l0.mean() < 20  # sparse, but not empty
+
+
+@pytest.mark.parametrize("kind", ["bag", "structured"])
+def test_fixed_l0_distinct_latents_and_real_magnitudes(sae, lstats, kind) -> None:
+    rng = np.random.default_rng(0)
+    syn = synthesize(sae, lstats, 50, kind=kind, l0=6, rng=rng)
+    acts = lstats.acts.tocsc()
+    for y, idx, m in zip(syn.y, syn.latents, syn.magnitudes, strict=True):
+        assert len(idx) == 6 and len(set(idx.tolist())) == 6
+        for j, mj in zip(idx, m, strict=True):
+            assert mj in acts[:, j].data  # drawn from the latent's own real activations
+        expected = sae.b_dec.double() + torch.from_numpy(m) @ sae.W_dec.double()[idx]
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_real_l0_distribution(sae, lstats) -> None:
+    syn = synthesize(sae, lstats, 2000, kind="bag", rng=np.random.default_rng(1))
+    measured = np.array([len(i) for i in syn.latents])
+    assert ks_2samp(measured, lstats.l0).statistic < 0.05
+    assert abs(measured.mean() - lstats.l0.mean()) < 0.2
+
+
+def test_cosine_bounds(sae, lstats) -> None:
+    for kind in ("bag", "structured"):
+        syn = synthesize(
+            sae, lstats, 40, kind=kind, l0=5, cosine=[-0.25, 0.3], rng=np.random.default_rng(2)
+        )
+        for idx in syn.latents:
+            assert len(idx) == 5
+            c = pairwise_cos(sae, idx)
+            assert c.min() >= -0.25 and c.max() <= 0.3
+    lo, hi = lstats.cosine_range
+    assert -1 <= lo < hi <= 1
+    syn = synthesize(sae, lstats, 30, l0=4, cosine="real", rng=np.random.default_rng(3))
+    for idx in syn.latents:
+        c = pairwise_cos(sae, idx)
+        assert c.min() >= lo and c.max() <= hi
+
+
+def test_norm_controls(sae, lstats) -> None:
+    syn = synthesize(sae, lstats, 60, norm="real", rng=np.random.default_rng(4))
+    np.testing.assert_allclose(syn.y.double().norm(dim=-1).numpy(), syn.target_norms, rtol=1e-5)
+    assert np.isin(syn.target_norms, lstats.norms).all()
+    syn = synthesize(sae, lstats, 20, kind="structured", norm=7.5, rng=np.random.default_rng(5))
+    np.testing.assert_allclose(syn.y.norm(dim=-1).numpy(), 7.5, rtol=1e-5)
+
+
+def test_structured_latents_co_occur(sae, lstats) -> None:
+    syn = synthesize(sae, lstats, 50, kind="structured", l0=2, rng=np.random.default_rng(6))
+    for a, b in syn.latents:
+        assert lstats.cooccurrence(int(a))[b] > 0
+
+
+def test_direction_generators(sae, pool) -> None:
+    x = pool[:16] + 0.5
+    gen = torch.Generator().manual_seed(0)
+
+    def ctx(**options) -> DirectionContext:
+        return DirectionContext(x=x, stats=None, pool=pool, generator=gen, options=options, sae=sae)
+
+    d = scaled_directions("synthetic", ctx(kind="structured", norm=5.0), "raw")
+    np.testing.assert_allclose((x + d).norm(dim=-1).numpy(), 5.0, rtol=1e-5)
+    unit = scaled_directions("synthetic", ctx(kind="bag"), "unit")
+    np.testing.assert_allclose(unit.norm(dim=-1).numpy(), 1.0, rtol=1e-6)
+    y = x + scaled_directions("sae-latent", ctx(norm=3.0), "raw")  # b_dec + m W_dec[j]
+    rel = (y.double() - sae.b_dec.double()) @ sae.decoder_directions().double().T
+    rel = rel / (y.double() - sae.b_dec.double()).norm(dim=-1, keepdim=True)
+    assert torch.allclose(rel.abs().max(-1).values, torch.ones(16, dtype=torch.float64))
+    y = x + scaled_directions("sae-reconstruction", ctx(), "raw")
+    recon = sae(pool)
+    dist = torch.cdist(y, recon, compute_mode="donot_use_mm_for_euclid_dist").min(-1).values
+    assert dist.max() < 1e-4
+    with pytest.raises(ValueError, match="needs an SAE"):
+        scaled_directions(
+            "synthetic", DirectionContext(x=x, stats=None, pool=pool, generator=gen), "raw"
+        )

@@ -51,6 +51,7 @@ class DirectionContext:
     sae: Any = None  # an SAE object, for the SAE directions
     sequences: Tensor | None = None  # [B, T, d] whole sequences the rows of x come from
     seq_of_row: Tensor | None = None  # [N] index into sequences of each row of x
+    pos_of_row: Tensor | None = None  # [N] position in its sequence of each row of x
 
 
 DirectionFn = Callable[[DirectionContext], Tensor]

@@ -75,6 +75,7 @@ class LensModel(ABC):
     source: str
     dtype: torch.dtype
     device: torch.device
+    precision: str = "float32"  # block matmuls: float32 | tf32 | bf16-matmul (native models)
 
     # ---- names -------------------------------------------------------------------------------
     def hook_names(self) -> list[str]:
@@ -182,6 +183,20 @@ class LensModel(ABC):
         """``(W [V, d], b)`` float32 if logits = ``final @ W.T + b`` exactly, else None (the
         engine then computes KL from full distributions)."""
         return None
+
+    def continue_all_grad(
+        self, clean: CleanRun, x_new: Tensor, *, reads: Sequence[str] = ()
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`continue_all` with autograd on, so gradients reach ``x_new`` (end-to-end SAE
+        training); the model's weights stay frozen. Native models only."""
+        fn = getattr(type(self).continue_all, "__wrapped__", None)  # under @inference_mode
+        if fn is None or self.spec.family == "generic":
+            raise NotImplementedError(
+                f"{type(self).__name__} has no differentiable continue_all; end-to-end SAE "
+                "training needs a native model (GPT-2 or Llama family)."
+            )
+        with torch.enable_grad():
+            return fn(self, clean, x_new, reads=reads)
 
     def logits(self, tokens: Tensor) -> Tensor:
         """Plain full forward: float32 logits [B, T, V]."""

@@ -1,0 +1,147 @@
+"""``perturb-lens sae ...``: train SAEs, compute their statistics, run SAE experiment suites."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+sae_app = typer.Typer(
+    name="sae",
+    help="Sparse autoencoders: train, statistics, SAE experiment suites.",
+    no_args_is_help=True,
+)
+
+_ERRORS = (ValueError, OSError, RuntimeError, ImportError, KeyError)
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.echo(f"Error: {err}", err=True)
+    return typer.Exit(1)
+
+
+@sae_app.command()
+def train(
+    config: Annotated[str, typer.Argument(help="SAE training config (.yaml/.toml).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. data.n_seqs=100.")
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Output folder (default runs/NAME).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted training in --out.")
+    ] = False,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Train only this SAE (repeatable).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train the SAEs of CONFIG: one SAELens folder per SAE, checkpoints, resumable."""
+    from perturb_lens.saes.train import load_train_config, train_saes
+
+    try:
+        cfg = load_train_config(config, overrides or [])
+        folder = Path(out) if out is not None else Path("runs") / cfg.name
+        if (folder / "train_config.json").is_file() and not resume:
+            raise FileExistsError(
+                f"{folder} already holds a training; pass --resume to continue it or choose "
+                "another --out."
+            )
+        folders = train_saes(cfg, folder, progress=not quiet, only=only)
+    except _ERRORS as err:
+        raise _fail(err) from err
+    for name, path in folders.items():
+        Console().print(f"{name}: [bold]{path}[/bold]")
+
+
+@sae_app.command()
+def stats(
+    saes: Annotated[list[str], typer.Argument(help="SAE folders, release:sae_id or e2e .pt.")],
+    model: Annotated[str, typer.Option(help="The model the SAEs read.")] = "smollm2-135m",
+    data: Annotated[
+        str, typer.Option(help="Text source: file/folder, builtin:lee or HF dataset.")
+    ] = "default",
+    n_seqs: Annotated[int, typer.Option(help="Sequences to evaluate on.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (BOS first).")] = 64,
+    include_bos: Annotated[bool, typer.Option(help="Count the BOS position.")] = False,
+    frame: Annotated[str | None, typer.Option(help="centered | raw.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    csv: Annotated[str | None, typer.Option(help="Also write the table to this CSV.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """L0, alive/dead latents, MSE, explained variance, CE increase and KL of SAE(x)."""
+    import pandas as pd
+
+    from perturb_lens.config import ExperimentConfig
+    from perturb_lens.engine.run import load_tokens_for
+    from perturb_lens.models.load import load_model
+    from perturb_lens.saes.io import load_sae
+    from perturb_lens.saes.stats import sae_stats
+
+    try:
+        lens = load_model(model, frame=frame)
+        named = {Path(s).name if Path(s).exists() else s: load_sae(s, model=model) for s in saes}
+        cfg = ExperimentConfig(
+            model=model, data={"source": data, "n_seqs": n_seqs, "seq_len": seq_len}
+        )
+        tokens = load_tokens_for(cfg, lens, not quiet)
+        rows = sae_stats(named, lens, tokens, include_bos=include_bos, progress=not quiet)
+    except _ERRORS as err:
+        raise _fail(err) from err
+    df = pd.DataFrame([r.to_dict() for r in rows])
+    if csv:
+        df.to_csv(csv, index=False)
+    if as_json:
+        typer.echo(json.dumps(df.to_dict(orient="records"), indent=2))
+        return
+    cols = {"l0": "L0", "alive": "alive", "dead": "dead", "mse": "MSE"}
+    cols |= {"explained_variance": "EV", "ce_increase": "dCE", "kl": "KL"}
+    title = f"SAE statistics ({model}, {int(df['n_tokens'].iloc[0])} tokens; EV = explained "
+    table = Table(title=title + "variance, dCE = CE increase, KL of SAE(x), nats)")
+    table.add_column("sae", style="bold")
+    table.add_column("hook")
+    for head in cols.values():
+        table.add_column(head, justify="right")
+    for r in df.itertuples():
+        table.add_row(r.name, r.hook, *(f"{getattr(r, c):.4g}" for c in cols))
+    Console().print(table)
+
+
+@sae_app.command("run")
+def run_suite_cmd(
+    config: Annotated[str, typer.Argument(help="SAE suite config (base + saes).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. base.data.n_seqs=8.")
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Suite folder (default runs/NAME).")
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Run only this SAE label (repeatable).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run (or resume) one sweep per SAE; print the mean KL per SAE and direction + ratios."""
+    from perturb_lens.saes.suite import load_suite_config, run_suite, suite_summary
+
+    try:
+        cfg = load_suite_config(config, overrides or [])
+        folder = run_suite(cfg, out, progress=not quiet, only=only)
+        df = suite_summary(folder, reference=cfg.reference)
+    except _ERRORS as err:
+        raise _fail(err) from err
+    cols = [c for c in ("kl", "size", "ratio_kl") if c in df.columns]
+    table = Table(title=f"SAE suite {cfg.name}: mean per SAE, direction and length")
+    for c in ("sae", "hook", "direction", "length", *cols):
+        table.add_column(c, justify="right" if c in (*cols, "length") else "left")
+    for r in df.itertuples():
+        table.add_row(
+            r.sae, r.hook, r.direction, f"{r.length:g}", *(f"{getattr(r, c):.4g}" for c in cols)
+        )
+    Console().print(table)
+    Console().print(f"Summary: [bold]{folder / 'summary.csv'}[/bold]")

@@ -1,0 +1,352 @@
+"""Loading and saving SAEs: SAELens folders and releases, e2e_sae (Braun et al.) checkpoints.
+
+- **SAELens folder**: ``cfg.json`` + ``sae_weights.safetensors``. Both the SAELens >= 6 layout
+  (``architecture``, hook and model under ``metadata``) and the older flat one (``hook_name`` or
+  ``hook_point``, ``activation_fn_str``, ``activation_fn_kwargs.k``) are read. We save the >= 6
+  layout, so ``sae_lens.SAE.load_from_disk`` reads our files; our own keys (the frame) go under
+  ``metadata``, which SAELens keeps as it is.
+- **SAELens release** ``release:sae_id`` or ``release/sae_id``: through ``sae_lens`` when it is
+  installed; else, for the releases of :data:`HUB_RELEASES`, the folder is fetched from the hub
+  with ``huggingface_hub`` directly.
+- **e2e_sae checkpoint** (a ``.pt`` state dict of ``SAETransformer.saes``, or a folder with
+  ``samples_*.pt`` and ``final_config.yaml``): keys ``{hook with '.' -> '-'}.encoder.0.weight``
+  [d_sae, d_in], ``.encoder.0.bias``, ``.decoder.weight`` [d_in, d_sae], ``.decoder.bias``. That
+  code decodes with the *column-normalised* decoder weight and does not subtract ``b_dec`` from
+  the input, so we load ``W_dec = normalize(decoder.weight, dim=0).T`` and
+  ``apply_b_dec_to_input = False``.
+
+Frames: an SAE we saved records its frame. For others it is inferred: SAEs trained on
+TransformerLens' processed LayerNorm models (GPT-2, Pythia: ``center_writing_weights``) read the
+``centered`` frame; RMSNorm models (Llama, Gemma, Qwen, Mistral, SmolLM) only have ``raw``. Pass
+``frame=`` to override.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from perturb_lens.saes.sae import SAE, SAEConfig
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout we write
+_RMSNORM_MODELS = re.compile(r"llama|gemma|qwen|mistral|smollm|phi-3|olmo", re.IGNORECASE)
+
+# Hub locations of the releases the GPT-2 presets use (as SAELens' pretrained_saes.yaml lists
+# them), so those presets also run without sae_lens: release -> (repo_id, path template).
+HUB_RELEASES: dict[str, tuple[str, str]] = {
+    "gpt2-small-res-jb": ("jbloom/GPT2-Small-SAEs-Reformatted", "{hook}"),
+    **{
+        f"gpt2-small-res_{v}-ajt": (
+            f"neuronpedia/gpt2-small__res_{v}-ajt",
+            f"{{layer}}-res_{v}-ajt",
+        )
+        for v in ("scl", "sll", "sce", "sle", "scefr", "slefr")
+    },
+}
+
+
+class SAELoadError(ValueError):
+    """An SAE reference that cannot be loaded; the message says what was expected."""
+
+
+def infer_frame(model_name: str) -> str:
+    """``raw`` for RMSNorm model families, else ``centered`` (TransformerLens' processed
+    LayerNorm models, which SAELens and e2e_sae SAEs are trained on)."""
+    return "raw" if _RMSNORM_MODELS.search(model_name or "") else "centered"
+
+
+# ---- SAELens folder ------------------------------------------------------------------------
+
+
+def _saelens_cfg_to_ours(raw: dict[str, Any], frame: str | None) -> SAEConfig:
+    """Our config from a SAELens cfg.json dict (>= 6 or older flat layout)."""
+    meta = dict(raw.get("metadata") or {})
+    ours = dict(meta.get("perturb_lens") or {})
+
+    def pick(*keys: str, default: Any = None) -> Any:
+        for k in keys:
+            for src in (raw, meta):
+                if src.get(k) is not None:
+                    return src[k]
+        return default
+
+    arch = raw.get("architecture")
+    act = pick("activation_fn", "activation_fn_str", default="relu")
+    k = raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k")
+    if arch == "topk" or act == "topk":
+        activation = "topk"
+    elif arch == "jumprelu":
+        activation = "jumprelu"
+    elif arch in (None, "standard") and act == "relu":
+        activation = "relu"
+    else:
+        raise SAELoadError(
+            f"Unsupported SAELens architecture {arch!r} / activation {act!r}; perturb-lens reads "
+            "standard (ReLU), topk and jumprelu SAEs."
+        )
+    norm = raw.get("normalize_activations")
+    if isinstance(norm, bool) or norm is None:  # pre-6 boolean form
+        norm = "expected_average_only_in" if norm else "none"
+    if raw.get("reshape_activations", "none") != "none":
+        raise SAELoadError("hook_z SAEs (reshape_activations='hook_z') are not supported.")
+    model = str(pick("model_name", default=""))
+    meta.pop("perturb_lens", None)
+    return SAEConfig(
+        d_in=int(raw["d_in"]),
+        d_sae=int(raw["d_sae"]),
+        activation=activation,
+        k=int(k) if activation == "topk" else None,
+        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+        normalize_activations=norm,
+        hook=str(pick("hook_name", "hook_point", default="")),
+        frame=frame or ours.get("frame") or infer_frame(model),  # type: ignore[arg-type]
+        model=model,
+        skip_bos=bool(ours.get("skip_bos", False)),
+        metadata={**meta, **{k2: v for k2, v in ours.items() if k2 not in ("frame", "skip_bos")}},
+    )
+
+
+def sae_from_state(cfg: SAEConfig, state: dict[str, torch.Tensor]) -> SAE:
+    """Build an SAE (float32, frozen: ``requires_grad`` off) from a config and SAELens-named
+    weights; shapes are checked."""
+    sae = SAE(cfg)
+    state = dict(state)
+    if cfg.activation == "jumprelu" and "threshold" not in state and "log_threshold" in state:
+        state["threshold"] = state.pop("log_threshold").exp()
+    want = {name: tuple(p.shape) for name, p in sae.named_parameters()}
+    missing = sorted(set(want) - set(state))
+    if missing:
+        raise SAELoadError(f"SAE weights lack {missing}; found {sorted(state)}.")
+    for name, shape in want.items():
+        if tuple(state[name].shape) != shape:
+            raise SAELoadError(
+                f"SAE weight {name} has shape {tuple(state[name].shape)}; cfg (d_in={cfg.d_in}, "
+                f"d_sae={cfg.d_sae}) needs {shape}."
+            )
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(state[name].to(torch.float32))
+    return sae.eval().requires_grad_(False)
+
+
+def load_saelens_folder(folder: str | Path, *, frame: str | None = None) -> SAE:
+    """Load a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``)."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise SAELoadError(
+            f"{folder} is not a SAELens folder: it needs {CFG_FILE} and {WEIGHTS_FILE}."
+        )
+    raw = json.loads(cfg_path.read_text())
+    cfg = _saelens_cfg_to_ours(raw, frame)
+    state = load_file(str(w_path))
+    if raw.get("finetuning_scaling_factor") and "scaling_factor" in state:
+        raise SAELoadError("SAEs with a finetuning scaling factor are not supported.")
+    return sae_from_state(cfg, state)
+
+
+def saelens_cfg_dict(sae: SAE) -> dict[str, Any]:
+    """The cfg.json dict (SAELens >= 6 layout) describing ``sae``."""
+    c = sae.cfg
+    arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}[c.activation]
+    meta = {
+        **c.metadata,
+        "model_name": c.model,
+        "hook_name": c.hook,
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+        "perturb_lens": {"frame": c.frame, "skip_bos": c.skip_bos},
+    }
+    out: dict[str, Any] = {
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": c.apply_b_dec_to_input,
+        "normalize_activations": c.normalize_activations,
+        "reshape_activations": "none",
+        "metadata": meta,
+        "architecture": arch,
+    }
+    if c.activation == "topk":
+        out["k"] = c.k
+    return out
+
+
+def save_saelens_folder(sae: SAE, folder: str | Path) -> Path:
+    """Write ``sae`` as a SAELens folder (written to a temporary name, then renamed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {n: p.detach().to(torch.float32).contiguous().cpu() for n, p in sae.named_parameters()}
+    tmp_w, tmp_c = folder / (WEIGHTS_FILE + ".tmp"), folder / (CFG_FILE + ".tmp")
+    save_file(state, str(tmp_w))
+    tmp_c.write_text(json.dumps(saelens_cfg_dict(sae), indent=1))
+    tmp_w.replace(folder / WEIGHTS_FILE)
+    tmp_c.replace(folder / CFG_FILE)
+    return folder
+
+
+# ---- SAELens releases ----------------------------------------------------------------------
+
+
+def split_release(ref: str) -> tuple[str, str] | None:
+    """``release:sae_id`` or ``release/sae_id`` -> (release, sae_id); None if not that form."""
+    if ":" in ref:
+        release, _, sae_id = ref.partition(":")
+        return (release, sae_id) if release and sae_id else None
+    if "/" in ref and not ref.startswith((".", "/", "~")):
+        release, _, sae_id = ref.partition("/")
+        return (release, sae_id) if release and sae_id else None
+    return None
+
+
+def load_saelens_release(release: str, sae_id: str, *, frame: str | None = None) -> SAE:
+    """A pretrained SAE by SAELens release and id (needs sae_lens, or hub access for
+    :data:`HUB_RELEASES`)."""
+    try:
+        from sae_lens import SAE as LensSAE
+    except ImportError:
+        return _load_release_from_hub(release, sae_id, frame=frame)
+    lens = LensSAE.from_pretrained(release, sae_id, device="cpu")
+    raw = lens.cfg.to_dict()
+    raw.setdefault("metadata", {})
+    state = {k: v.detach() for k, v in lens.state_dict().items()}
+    return sae_from_state(_saelens_cfg_to_ours(raw, frame), state)
+
+
+def _load_release_from_hub(release: str, sae_id: str, *, frame: str | None) -> SAE:
+    if release not in HUB_RELEASES:
+        raise SAELoadError(
+            f"Loading SAELens release {release!r} needs sae_lens: pip install sae-lens "
+            f"(without it, perturb-lens knows only {sorted(HUB_RELEASES)})."
+        )
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", sae_id)
+    if m is None:
+        raise SAELoadError(f"SAE id {sae_id!r} must look like blocks.<layer>.hook_resid_pre.")
+    repo, template = HUB_RELEASES[release]
+    path = template.format(hook=sae_id, layer=m.group(1))
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo, allow_patterns=[f"{path}/*"])
+    except Exception as err:  # network, auth, missing repo
+        raise SAELoadError(
+            f"Could not fetch SAE {release}:{sae_id} (hub {repo}, folder {path}): {err}. "
+            "Download the folder elsewhere and pass its local path instead."
+        ) from err
+    return load_saelens_folder(Path(local) / path, frame=frame)
+
+
+# ---- e2e_sae checkpoints -------------------------------------------------------------------
+
+
+def _e2e_checkpoint_file(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to read and its training config (if a final_config.yaml is beside it)."""
+    if path.is_dir():
+        pts = sorted(path.glob("*.pt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+        if not pts:
+            raise SAELoadError(f"No .pt checkpoint in {path}.")
+        ckpt = pts[-1]
+    else:
+        ckpt = path
+    cfg_file = ckpt.parent / "final_config.yaml"
+    config: dict[str, Any] = {}
+    if cfg_file.is_file():
+        import yaml
+
+        config = yaml.safe_load(cfg_file.read_text()) or {}
+    return ckpt, config
+
+
+def load_e2e_checkpoint(
+    path: str | Path, *, hook: str | None = None, frame: str | None = None, model: str = ""
+) -> SAE:
+    """An SAE from an e2e_sae checkpoint (see the module docstring for the layout)."""
+    ckpt, config = _e2e_checkpoint_file(Path(path))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise SAELoadError(f"{ckpt} does not hold a state dict.")
+    positions = sorted({k.split(".", 1)[0] for k in state if k.endswith(".encoder.0.weight")})
+    if not positions:
+        raise SAELoadError(
+            f"{ckpt} is not an e2e_sae checkpoint: no '<hook>.encoder.0.weight' keys "
+            f"(found {sorted(state)[:6]})."
+        )
+    if hook is None:
+        if len(positions) > 1:
+            names = [p.replace("-", ".") for p in positions]
+            raise SAELoadError(f"{ckpt} holds SAEs at {names}; pick one with hook=.")
+        key = positions[0]
+    else:
+        key = hook.replace(".", "-")
+        if key not in positions:
+            names = [p.replace("-", ".") for p in positions]
+            raise SAELoadError(f"{ckpt} has no SAE at {hook!r}; it has {names}.")
+    enc_w = state[f"{key}.encoder.0.weight"].double()  # [d_sae, d_in]
+    dec_w = state[f"{key}.decoder.weight"].double()  # [d_in, d_sae]
+    dec_w = dec_w / dec_w.norm(dim=0, keepdim=True).clamp_min(1e-12)  # F.normalize(dim=0)
+    model = model or str(config.get("tlens_model_name") or "")
+    cfg = SAEConfig(
+        d_in=int(enc_w.shape[1]),
+        d_sae=int(enc_w.shape[0]),
+        apply_b_dec_to_input=False,
+        hook=key.replace("-", "."),
+        frame=frame or infer_frame(model or "gpt2"),  # type: ignore[arg-type]
+        model=model,
+        metadata={"source": "e2e_sae", "checkpoint": str(ckpt)},
+    )
+    return sae_from_state(
+        cfg,
+        {
+            "W_enc": enc_w.T,
+            "b_enc": state[f"{key}.encoder.0.bias"],
+            "W_dec": dec_w.T,
+            "b_dec": state[f"{key}.decoder.bias"],
+        },
+    )
+
+
+# ---- dispatch ------------------------------------------------------------------------------
+
+
+def load_sae(
+    ref: str | Path | SAE,
+    *,
+    frame: str | None = None,
+    hook: str | None = None,
+    model: str = "",
+) -> SAE:
+    """Load an SAE from any supported reference (an :class:`SAE` is returned as it is).
+
+    ``ref``: a SAELens folder, an e2e_sae ``.pt`` file or checkpoint folder, or a SAELens release
+    ``release:sae_id`` / ``release/sae_id``. ``frame`` overrides the inferred frame; ``hook``
+    picks the SAE of a multi-SAE e2e_sae checkpoint.
+    """
+    if isinstance(ref, SAE):
+        return ref
+    path = Path(str(ref)).expanduser()
+    if path.is_dir() and (path / CFG_FILE).is_file():
+        return load_saelens_folder(path, frame=frame)
+    if path.suffix == ".pt" or (path.is_dir() and any(path.glob("*.pt"))):
+        if not path.exists():
+            raise SAELoadError(f"e2e_sae checkpoint {path} not found.")
+        return load_e2e_checkpoint(path, hook=hook, frame=frame, model=model)
+    if path.exists():
+        raise SAELoadError(
+            f"{path} is neither a SAELens folder ({CFG_FILE} + {WEIGHTS_FILE}) nor an e2e_sae "
+            "checkpoint (.pt)."
+        )
+    release = split_release(str(ref))
+    if release is None:
+        raise SAELoadError(
+            f"SAE {str(ref)!r} not found: give a SAELens folder, an e2e_sae .pt checkpoint, or a "
+            "SAELens release as release:sae_id (e.g. gpt2-small-res-jb:blocks.6.hook_resid_pre)."
+        )
+    return load_saelens_release(*release, frame=frame)

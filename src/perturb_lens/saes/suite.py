@@ -1,0 +1,143 @@
+"""SAE experiment suites: one sweep per SAE (per layer, per SAE type and L0), and their summary.
+
+A suite config (YAML/TOML) has a ``base`` experiment config (everything but ``sae`` and ``hook``)
+and a list of ``saes`` (``label``, ``sae`` reference, optional ``hook``: default the SAE's own).
+Each SAE's sweep is an ordinary run in ``<out>/<label>/``, so runs resume and load as usual. The
+presets (Lee & Heimersheim figures 3-8, Gurnee):
+
+- SAE substitution: ``sae-error`` with ``scale: raw`` at length 1 is ``SAE(x)``; ``isotropic``,
+  ``cov-random-mixture`` and ``real-mixture`` with ``scale: sae-error`` at length 1 are the
+  epsilon-baselines ``x + eps u`` with ``eps = ||SAE(x) - x||``; the ``size`` column of the results
+  is the per-token reconstruction error, so a run holds the error-vs-KL scatter data.
+- SAE error / feature extrapolation: ``sae-error`` / ``sae-feature`` (unit) on the ``sae`` grid.
+
+:func:`suite_summary` gives the mean of each metric per SAE, direction and length, and the ratio
+of the ``reference`` direction's mean (default label ``SAE(x)``) to every other direction's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from perturb_lens.config import ConfigError, apply_overrides, read_config_file, validate_config
+from perturb_lens.models.base import LensModel
+
+SUMMARY_FILE = "summary.csv"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SuiteSAE(_Strict):
+    """One SAE of a suite."""
+
+    label: str
+    sae: str = Field(description="SAELens folder, release:sae_id, or e2e_sae checkpoint")
+    hook: str | None = Field(None, description="default: the hook the SAE records")
+
+
+class SAESuiteConfig(_Strict):
+    """Several sweeps that differ only in the SAE (and its hook)."""
+
+    name: str = "sae-suite"
+    base: dict[str, Any]
+    saes: list[SuiteSAE]
+    reference: str = Field("SAE(x)", description="direction label the ratios are taken against")
+
+    @model_validator(mode="after")
+    def _check(self) -> SAESuiteConfig:
+        labels = [s.label for s in self.saes]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"SAE labels must be unique; got {labels}")
+        for key in ("sae", "hook", "name"):
+            if key in self.base:
+                raise ValueError(f"base must not set {key!r}: each SAE entry sets it")
+        return self
+
+    def run_config(self, entry: SuiteSAE, hook: str) -> dict[str, Any]:
+        """The plain experiment config of one entry."""
+        return {**self.base, "name": f"{self.name}-{entry.label}", "hook": hook, "sae": entry.sae}
+
+
+def load_suite_config(path: str | Path, overrides: list[str] | None = None) -> SAESuiteConfig:
+    """Read and validate a suite config; every run's config is validated too."""
+    data = apply_overrides(read_config_file(path), overrides or [])
+    try:
+        cfg = SAESuiteConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"Invalid SAE suite config {path}:\n{err}") from None
+    for entry in cfg.saes:
+        validate_config(cfg.run_config(entry, entry.hook or cfg.base.get("hook", "")))
+    return cfg
+
+
+def is_suite_file(path: str | Path) -> bool:
+    """Whether a config file is an SAE suite (has ``base`` and ``saes``)."""
+    data = read_config_file(path)
+    return "base" in data and "saes" in data
+
+
+def run_suite(
+    cfg: SAESuiteConfig,
+    out: str | Path | None = None,
+    *,
+    model: LensModel | None = None,
+    progress: bool = True,
+    only: list[str] | None = None,
+) -> Path:
+    """Run (or resume) every SAE's sweep into ``out/<label>``; write and return ``out``."""
+    from perturb_lens.engine.run import run_experiment
+    from perturb_lens.models.load import load_model
+    from perturb_lens.saes.io import load_sae
+
+    out = Path(out) if out is not None else Path("runs") / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    base = validate_config(
+        cfg.run_config(cfg.saes[0], cfg.base.get("hook", "blocks.0.hook_resid_pre"))
+    )
+    if model is None:
+        model = load_model(base.model, frame=base.frame, dtype=base.dtype, device=base.device)
+    for entry in cfg.saes:
+        if only is not None and entry.label not in only:
+            continue
+        sae = load_sae(entry.sae, hook=entry.hook, model=base.model)
+        run_cfg = validate_config(cfg.run_config(entry, entry.hook or sae.hook))
+        run_dir = out / entry.label
+        run_experiment(
+            run_cfg, run_dir, resume=run_dir.exists(), model=model, sae=sae, progress=progress
+        )
+    summary = suite_summary(out, reference=cfg.reference)
+    summary.to_csv(out / SUMMARY_FILE, index=False)
+    return out
+
+
+def suite_summary(out: str | Path, *, reference: str = "SAE(x)") -> pd.DataFrame:
+    """Mean of every metric (published averaging) per SAE label, hook, direction and length,
+    with ``ratio_<metric>`` = mean of ``reference`` / mean of the direction (same SAE, length)."""
+    from perturb_lens.engine.run import summary_rows
+    from perturb_lens.results.store import load_manifest
+
+    frames = []
+    for run_dir in sorted(p for p in Path(out).iterdir() if (p / "manifest.json").is_file()):
+        meta = load_manifest(run_dir)["meta"]
+        rows = summary_rows(run_dir)
+        metrics = [c for c in ("kl", "l2", "js", "dce", "cos", "size") if c in rows.columns]
+        g = rows.groupby(["direction", "length"], sort=False)[metrics].mean().reset_index()
+        g.insert(0, "hook", meta["hook"])
+        g.insert(0, "sae", run_dir.name)
+        frames.append(g)
+    if not frames:
+        raise ValueError(f"No finished runs under {out}.")
+    df = pd.concat(frames, ignore_index=True)
+    for metric in [m for m in ("kl", "l2") if m in df.columns]:
+        ref = df[df["direction"] == reference].set_index(["sae", "length"])[metric]
+        key = pd.MultiIndex.from_frame(df[["sae", "length"]])
+        df[f"ratio_{metric}"] = ref.reindex(key).to_numpy() / df[metric].to_numpy()
+    return df

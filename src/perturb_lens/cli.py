@@ -11,12 +11,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from perturb_lens.cli_sae import sae_app
+
 app = typer.Typer(
     name="perturb-lens",
     help="Activation-perturbation (sensitive directions) experiments on transformer LMs.",
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(sae_app)
 
 
 @app.callback()
@@ -123,6 +126,13 @@ def run(
         bool, typer.Option("--resume", help="Continue an interrupted run in --out.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    executor: Annotated[
+        str, typer.Option(help="Where shards are computed: local | ray (pip install '.[ray]').")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join (auto, host:6379, ...); default: a local one."),
+    ] = None,
 ) -> None:
     """Run (or resume) an experiment; write Parquet shards + manifest; print a summary table."""
     from perturb_lens.config import ConfigError, load_config
@@ -131,14 +141,21 @@ def run(
 
     try:
         cfg = load_config(config, overrides or [])
-        run_dir = run_experiment(cfg, out, resume=resume, progress=not quiet)
-    except (ConfigError, ValueError, FileExistsError, OSError, RuntimeError) as err:
+        run_dir = run_experiment(
+            cfg, out, resume=resume, progress=not quiet, executor=executor, address=address
+        )
+    except (ConfigError, ValueError, OSError, RuntimeError, ArithmeticError, ImportError) as err:
         raise _fail(err) from err
     rows = summary_rows(run_dir)
     for metric in [m for m in cfg.metrics if m in rows.columns][:2]:
         table = summary_table(rows, metrics=(metric,))
         table.columns = [f"{float(c.split('@')[1]):.3g}" for c in table.columns]
         _print_frame(table, f"mean {metric} by length ({cfg.scope}, {cfg.hook})")
+    if cfg.experiment in ("synthetic-activations", "plateaus", "stable-regions"):
+        from perturb_lens.experiments import curve_tables
+
+        for title, t in curve_tables(rows, cfg).items():
+            _print_frame(t.set_index([c for c in ("base", "direction") if c in t.columns]), title)
     Console().print(f"Results: [bold]{run_dir}[/bold]  (load with perturb_lens.load_results)")
 
 
@@ -151,3 +168,47 @@ def _print_frame(df: Any, title: str) -> None:
     for idx, row in df.iterrows():
         table.add_row(str(idx), *(f"{v:.4g}" for v in row.to_numpy()))
     Console().print(table)
+
+
+def _formats(value: str) -> list[str]:
+    return [f.strip().lower() for f in value.split(",") if f.strip()]
+
+
+@app.command()
+def report(
+    run_dir: Annotated[str, typer.Argument(help="Run directory (holds manifest.json).")],
+    out: Annotated[
+        str | None,
+        typer.Option("--out", "-o", help="HTML file or folder (default: RUN_DIR/report.html)."),
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="Figure files to write beside it: png,svg.")
+    ] = "png,svg",
+) -> None:
+    """Write a self-contained HTML report of a run: figures, summary tables, config, data links."""
+    from perturb_lens.plots import write_report
+
+    try:
+        path = write_report(run_dir, out, formats=_formats(fmt))
+    except (ValueError, KeyError, OSError) as err:
+        raise _fail(err) from err
+    Console().print(f"Report: [bold]{path}[/bold]  (figures in {path.parent / 'figures'})")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[str], typer.Argument(help="Run directories (e.g. one per layer).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder (or .html file) to write.")],
+    metric: Annotated[str, typer.Option(help="Metric to overlay: kl, l2, js, ...")] = "kl",
+    fmt: Annotated[
+        str, typer.Option("--format", help="Figure files to write beside it: png,svg.")
+    ] = "png,svg",
+) -> None:
+    """Overlay several runs (e.g. one per layer or SAE) in one HTML page with figures."""
+    from perturb_lens.plots import write_comparison
+
+    try:
+        path = write_comparison(run_dirs, out, metric=metric, formats=_formats(fmt))
+    except (ValueError, KeyError, OSError) as err:
+        raise _fail(err) from err
+    Console().print(f"Comparison: [bold]{path}[/bold]")

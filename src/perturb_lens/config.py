@@ -122,10 +122,15 @@ class ExperimentConfig(_Strict):
         "sensitive-directions", "synthetic-activations", "plateaus", "stable-regions"
     ] = "sensitive-directions"
     model: str = "smollm2-135m"
-    sae: str | None = Field(None, description="SAE at the hook: SAELens folder or release id")
+    sae: str | None = Field(
+        None, description="SAE at the hook: SAELens folder, release:sae_id, or e2e_sae checkpoint"
+    )
     frame: Literal["centered", "raw"] | None = None
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     device: str | None = None
+    precision: Literal["auto", "float32", "tf32", "bf16-matmul"] = Field(
+        "auto", description="block matmuls (native models); auto = tf32 on CUDA, else float32"
+    )
     hook: str = "blocks.6.hook_resid_pre"
     read: str | None = Field(None, description="downstream hook for l2/cos; None = last resid_post")
     scope: Literal["all-positions", "single-position", "last-position"] = "all-positions"
@@ -139,7 +144,12 @@ class ExperimentConfig(_Strict):
     stats: StatsConfig = Field(default_factory=StatsConfig)
     seed: int = 0
     shard_seqs: int = Field(8, ge=1, description="sequences per result shard (unit of resume)")
-    rows_per_pass: int = Field(4096, ge=1)
+    shard_by_direction: bool = Field(
+        False, description="one shard per batch x direction (finer resume and parallelism)"
+    )
+    rows_per_pass: int | None = Field(
+        None, ge=1, description="token rows per suffix pass; None = 4096 on CPU, from GPU memory"
+    )
     rows_per_logits: int = Field(512, ge=1)
     include_bos: bool = Field(True, description="BOS position in summary means (published: yes)")
     drop_last_position: bool = Field(True, description="all-positions summary drops the last pos")
@@ -178,6 +188,11 @@ class ExperimentConfig(_Strict):
     def _check_scope(self) -> ExperimentConfig:
         if self.experiment in ("plateaus", "stable-regions") and self.scope != "last-position":
             raise ValueError(f"experiment {self.experiment!r} needs scope: last-position")
+        if self.shard_by_direction and self.experiment in ("plateaus", "stable-regions"):
+            raise ValueError(
+                f"shard_by_direction is not supported by experiment {self.experiment!r}; "
+                "set it to false"
+            )
         return self
 
 

@@ -42,5 +42,8 @@ def resolve_lengths(spec: str | Sequence[float], *, scale: float = 1.0) -> list[
         raise ValueError("The length grid is empty; give at least one length (0 is allowed).")
     bad = [v for v in values if not math.isfinite(v) or v < 0]
     if bad:
-        raise ValueError(f"Lengths must be finite and >= 0; got {bad[:5]}.")
+        raise ValueError(
+            f"Lengths must be finite and >= 0; got {bad[:5]}. Use lengths >= 0 (alpha = 0 is the "
+            "noise floor; the sign belongs to the direction)."
+        )
     return [v * scale for v in values]

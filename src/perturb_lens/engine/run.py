@@ -57,9 +57,13 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def shard_ids(n_seqs: int, shard_seqs: int) -> list[str]:
-    """Shard ids s00000, s00001, ... covering ``n_seqs`` sequences."""
-    return [f"s{i:05d}" for i in range(math.ceil(n_seqs / shard_seqs))]
+def shard_ids(n_seqs: int, shard_seqs: int, n_directions: int = 0) -> list[str]:
+    """Shard ids s00000, s00001, ... covering ``n_seqs`` sequences; with ``n_directions``, one
+    per batch and direction: s00000-d00, s00000-d01, ..."""
+    batches = [f"s{i:05d}" for i in range(math.ceil(n_seqs / shard_seqs))]
+    if not n_directions:
+        return batches
+    return [f"{b}-d{j:02d}" for b in batches for j in range(n_directions)]
 
 
 @dataclass
@@ -75,8 +79,18 @@ class RunContext:
     explicit: Mapping[str, Tensor]
     sae: Any = None  # the SAE at the hook (config ``sae``), for the SAE directions
 
+    @staticmethod
+    def batch_id(shard_id: str) -> str:
+        """The token batch of a shard (``s00003`` for ``s00003`` and ``s00003-d01``)."""
+        return shard_id.partition("-")[0]
+
+    def shard_specs(self, shard_id: str) -> list[DirectionSpec]:
+        """The directions of a shard: all of the config's, or the one its ``-dNN`` names."""
+        _, _, d = shard_id.partition("-")
+        return [self.config.directions[int(d[1:])]] if d else list(self.config.directions)
+
     def shard_slice(self, shard_id: str) -> slice:
-        i = int(shard_id[1:])
+        i = int(self.batch_id(shard_id)[1:])
         n = self.config.shard_seqs
         return slice(i * n, min((i + 1) * n, self.tokens.shape[0]))
 
@@ -97,18 +111,18 @@ def shard_directions(
     x: Tensor,
     specs: Sequence[DirectionSpec] | None = None,
 ) -> dict[str, Tensor]:
-    """Directions [B, T, d] per label (``specs``: default the config's) for the activations
-    ``x`` [B, T, d] of a shard, seeded by (run seed, shard, label). Under the last-position scope
-    only the last position gets one (zeros elsewhere)."""
+    """Directions [B, T, d] per label (``specs``: default the shard's) for the activations
+    ``x`` [B, T, d] of a shard, seeded by (run seed, token batch, label). Under the last-position
+    scope only the last position gets one (zeros elsewhere)."""
     cfg = ctx.config
     sl = ctx.shard_slice(shard_id)
     b, t, d = x.shape
     first = t - 1 if ctx.spec.scope == "last-position" else 0
     flat = x[:, first:].reshape(-1, d).float()
     dirs: dict[str, Tensor] = {}
-    for spec in cfg.directions if specs is None else specs:
+    for spec in ctx.shard_specs(shard_id) if specs is None else specs:
         gen = torch.Generator(device=flat.device).manual_seed(
-            derive_seed(cfg.seed, shard_id, spec.label)
+            derive_seed(cfg.seed, ctx.batch_id(shard_id), spec.label)
         )
         dctx = DirectionContext(
             x=flat,
@@ -119,6 +133,7 @@ def shard_directions(
             sae=ctx.sae,
             sequences=x,
             seq_of_row=torch.arange(b, device=flat.device).repeat_interleave(t - first),
+            pos_of_row=torch.arange(first, t, device=flat.device).repeat(b),
         )
         source: str | DirectionFn = spec.name
         if spec.name in ctx.explicit:
@@ -242,7 +257,9 @@ def prepare(
     from perturb_lens.models.load import load_model
 
     if model is None:
-        model = load_model(cfg.model, frame=cfg.frame, dtype=cfg.dtype, device=cfg.device)
+        model = load_model(
+            cfg.model, frame=cfg.frame, dtype=cfg.dtype, device=cfg.device, precision=cfg.precision
+        )
     model.parse_hook(cfg.hook)
     if cfg.read:
         model.parse_hook(cfg.read)
@@ -251,6 +268,7 @@ def prepare(
             get_direction(d.name)  # unknown names fail here, before any work, listing the known
         check_scale(d.scale)
     _check_context(tokens.shape[1] if tokens is not None else cfg.data.seq_len, model)
+    sae = _load_sae(cfg, model, sae)  # a mismatched SAE fails here, before any work
     if tokens is None:
         tokens = load_tokens_for(cfg, model, progress)
     stats, pool = stats or _cached_stats(cfg, model, tokens, run_dir, progress)
@@ -264,7 +282,6 @@ def prepare(
         rows_per_pass=cfg.rows_per_pass,
         rows_per_logits=cfg.rows_per_logits,
     )
-    sae = _load_sae(cfg, model, sae)
     if sae is not None and any(d.name == "sae-feature" for d in cfg.directions):
         from perturb_lens.saes.directions import cached_alive
 
@@ -356,7 +373,8 @@ def run_experiment(
         store.create(cfg_dict, run_hash, _meta(ctx), resume=resume)
         if not (run_dir / STATS_FILE).is_file():
             save_stats(run_dir, ctx.stats, ctx.pool)
-        ids = shard_ids(ctx.tokens.shape[0], cfg.shard_seqs)
+        n_dirs = len(cfg.directions) if cfg.shard_by_direction else 0
+        ids = shard_ids(ctx.tokens.shape[0], cfg.shard_seqs, n_dirs)
         done = store.done_shards()
         todo = [s for s in ids if s not in done]
         if shard_fn is None:

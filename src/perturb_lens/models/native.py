@@ -14,7 +14,8 @@ One block, in TransformerLens' names::
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.models.hooks import HOOK_KINDS, Hook
 
 RESID_PRE, ATTN_OUT, MLP_OUT, RESID_POST = range(4)
+PRECISIONS = ("auto", "float32", "tf32", "bf16-matmul")
 
 # attention(layer, normed input [B, S, d], positions [S] or [B, S]) -> attn_out [B, S, d]
 AttnFn = Callable[[int, Tensor, Tensor], Tensor]
@@ -118,7 +120,12 @@ class NativeLens(LensModel):
         return attn
 
     # ---- the walk over hook points -------------------------------------------------------------
-    def _walk(
+    def _walk(self, *args, **kwargs) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """:meth:`_walk_blocks` with the block matrix products in ``self.precision``."""
+        with matmul_precision(getattr(self, "precision", "float32"), self.device):
+            return self._walk_blocks(*args, **kwargs)
+
+    def _walk_blocks(
         self,
         start: Hook,
         x: Tensor,
@@ -155,14 +162,14 @@ class NativeLens(LensModel):
             if fresh and capture(lay, RESID_PRE, resid):
                 return None, got
             if fresh or phase == RESID_PRE:
-                a = attn(lay, self.norm1(lay, resid), positions)
+                a = attn(lay, self.norm1(lay, resid), positions).to(resid.dtype)
                 if capture(lay, ATTN_OUT, a):
                     return None, got
                 resid = resid + a
             if keep_mid is not None and lay == keep_mid.layer:
                 got["_resid_mid"] = resid
             if fresh or phase <= ATTN_OUT:
-                m = self.mlp(lay, self.norm2(lay, resid))
+                m = self.mlp(lay, self.norm2(lay, resid)).to(resid.dtype)
                 if capture(lay, MLP_OUT, m):
                     return None, got
                 resid = resid + m
@@ -278,6 +285,34 @@ class NativeLens(LensModel):
 
     w_unembed: Tensor  # [V, d] float32
     b_unembed: Tensor | None = None
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> ``tf32`` on CUDA, ``float32`` elsewhere; other names are checked."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
+    if precision == "auto":
+        return "tf32" if torch.device(device).type == "cuda" else "float32"
+    return precision
+
+
+@contextmanager
+def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Matrix products of the blocks in ``precision``: ``bf16-matmul`` (autocast: bf16 products,
+    float32 norms, softmax and residual stream), ``tf32`` (CUDA TF32 products) or ``float32``.
+    The unembedding and log-softmax run outside, in float32."""
+    if precision == "bf16-matmul":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    elif precision == "tf32" and device.type == "cuda":
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    else:
+        yield
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -9,15 +9,26 @@ import yaml
 from typer.testing import CliRunner
 
 from perturb_lens.cli import app
-from perturb_lens.config import load_config
+from perturb_lens.config import ConfigError, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_presets_validate(path: Path) -> None:
-    cfg = load_config(path)
-    assert cfg.name == path.stem
+    """Every preset parses with the reader of its command (run, sae run, sae train)."""
+    from perturb_lens.saes.suite import is_suite_file, load_suite_config
+    from perturb_lens.saes.train import load_train_config
+
+    if path.name.startswith("sae_train"):
+        assert load_train_config(path).saes
+    elif is_suite_file(path):
+        assert load_suite_config(path).saes
+    else:
+        assert load_config(path).name == path.stem
+        return
+    with pytest.raises(ConfigError, match="perturb-lens sae"):  # `run` points to the right one
+        load_config(path)
 
 
 def test_run_prints_summary_and_writes(tmp_path: Path, gpt2_dir: Path, webtext_path: Path) -> None:

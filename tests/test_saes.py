@@ -457,22 +457,6 @@ def test_run_refuses_an_sae_of_another_hook_before_work(llama_dir: Path, tmp_pat
 # ---- presets -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "path", sorted((REPO / "configs").glob("sae_*.yaml")), ids=lambda p: p.name
-)
-def test_sae_presets_parse(path: Path) -> None:
-    from perturb_lens.saes.suite import is_suite_file, load_suite_config
-    from perturb_lens.saes.train import load_train_config
-
-    if path.name.startswith("sae_train"):
-        cfg = load_train_config(path)
-        assert len({s.kind for s in cfg.saes}) >= 1
-    else:
-        assert is_suite_file(path)
-        cfg = load_suite_config(path)
-        assert cfg.saes
-
-
 # ---- command line --------------------------------------------------------------------------
 
 

@@ -276,4 +276,10 @@ def load_config(
 ) -> ExperimentConfig:
     """Read, override and validate a config (no path: the defaults)."""
     data = read_config_file(path) if path is not None else {}
+    if "saes" in data:  # the SAE commands' files: say which command reads them
+        command = "sae run" if "base" in data else "sae train"
+        raise ConfigError(
+            f"{path} is an SAE {'suite' if 'base' in data else 'training'} config: "
+            f"run it with `perturb-lens {command} {path}`."
+        )
     return validate_config(apply_overrides(data, overrides or []))

@@ -179,6 +179,7 @@ def measure(
     alphas = torch.tensor(list(spec.lengths), dtype=torch.float32, device=clean.x.device)
     rows = _Rows()
     seqs = torch.arange(b) + seq_offset
+    first = t - 1 if spec.scope == "last-position" else 0  # first measured position
     for name, dirs in directions.items():
         if dirs.shape != clean.x.shape:
             raise ValueError(
@@ -188,13 +189,12 @@ def measure(
         if spec.scope == "all-positions":
             _all_positions(model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name)
         else:
-            first = t - 1 if spec.scope == "last-position" else 0
             _single_positions(
                 model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name, first
             )
     df = rows.frame()
     norms = {k: v.double().norm(dim=-1).cpu().numpy() for k, v in directions.items()}  # [B, T]
-    if any(np.abs(n - 1).max() > 1e-4 for n in norms.values()):
+    if any(np.abs(n[:, first:] - 1).max() > 1e-4 for n in norms.values()):
         df["size"] = _perturbation_sizes(df, norms, seq_offset)
     df["direction"] = pd.Categorical(df["direction"], categories=list(directions))
     return df

@@ -22,15 +22,16 @@ from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
 
 def naive_all_positions(
     hf, tokens: Tensor, layer: int, dirs: Tensor, lengths: list[float]
-) -> tuple[Tensor, Tensor]:
-    """KL and L2 [B, L, T]: one full forward per length (plus one clean)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """KL and L2 [B, L, T]: one full forward per length (plus one clean); the clean read's norm
+    [B, 1, T] (the scale of float32 noise in L2)."""
     logp_c, read_c = c.naive_forward(hf, tokens, layer, lambda h: h)
     kls, l2s = [], []
     for alpha in lengths:
         logp, read = c.naive_forward(hf, tokens, layer, lambda h, a=alpha: h + a * dirs)
         kls.append(c.naive_kl(logp_c, logp))
         l2s.append((read - read_c).norm(dim=-1))
-    return torch.stack(kls, 1), torch.stack(l2s, 1)
+    return torch.stack(kls, 1), torch.stack(l2s, 1), read_c.norm(dim=-1).unsqueeze(1)
 
 
 def main() -> int:
@@ -63,7 +64,7 @@ def main() -> int:
     t_ours, t_naive, peak = c.time_both(ours, naive, args)
 
     df = ours()
-    kl_ref, l2_ref = naive()
+    kl_ref, l2_ref, read_norm = naive()
     seq = torch.arange(b).view(b, 1, 1).expand(b, n_len, t)
     pos = torch.arange(t).view(1, 1, t).expand(b, n_len, t)
     length = torch.tensor(lengths).view(1, n_len, 1).expand(b, n_len, t)
@@ -73,6 +74,7 @@ def main() -> int:
         kl_ref,
         c.engine_values(df, seq, pos, length, "l2"),
         l2_ref,
+        read_norm.expand_as(l2_ref),
     )
 
     n_rows = b * t * n_len

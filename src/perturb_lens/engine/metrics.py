@@ -31,7 +31,7 @@ def check_metrics(names: Sequence[str]) -> list[str]:
 
 def vocab_block(device: torch.device) -> int:
     """Vocabulary rows per block of the blocked unembedding (cache-sized on CPU)."""
-    return 2048 if device.type == "cpu" else 16384
+    return 4096 if device.type == "cpu" else 16384
 
 
 def _logit_blocks(final: Tensor, w: Tensor, b: Tensor | None) -> Iterator[tuple[int, Tensor]]:

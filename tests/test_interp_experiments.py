@@ -154,7 +154,7 @@ def test_stable_regions_end_point_is_prompt_b(tmp_path, gpt2_dir, llama_dir, mod
     # next-prompt replacement: prompt B = prompt A with the next prompt's last token
     np.testing.assert_array_equal(end["token_b"], np.roll(tokens[:, -1].numpy(), -1))
     tokens_b = tokens.clone()
-    tokens_b[:, -1] = torch.as_tensor(end["token_b"].to_numpy())
+    tokens_b[:, -1] = torch.as_tensor(end["token_b"].to_numpy().copy())
     naive = (hf_last_read(gpt2_dir, tokens_b) - hf_last_read(gpt2_dir, tokens)).norm(dim=-1)
     np.testing.assert_allclose(end["l2"], naive.numpy(), rtol=1e-3)
     assert len(stats) == 12 and stats["sharpness"].between(0, 1).all()

@@ -40,9 +40,15 @@ from perturb_lens.directions import (
 from perturb_lens.engine.lengths import resolve_lengths
 from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
 from perturb_lens.executors import Executor, ShardFn, ShardJob, get_executor
-from perturb_lens.models.base import LensModel
+from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.paths import cache_root
-from perturb_lens.results.store import RunStore, check_new_or_resume, config_hash, load_results
+from perturb_lens.results.store import (
+    RunStore,
+    atomic_write,
+    check_new_or_resume,
+    config_hash,
+    load_results,
+)
 from perturb_lens.stats import ActivationStats, StatsAccumulator
 
 log = logging.getLogger(__name__)
@@ -95,14 +101,19 @@ class RunContext:
         return slice(i * n, min((i + 1) * n, self.tokens.shape[0]))
 
 
+def shard_clean(ctx: RunContext, shard_id: str, tokens: Tensor | None = None) -> CleanRun:
+    """The clean pass of a shard's token rows (or of ``tokens`` standing in for them), with
+    non-finite activations reported by their sequence number in the whole run."""
+    sl = ctx.shard_slice(shard_id)
+    rows = ctx.tokens[sl] if tokens is None else tokens
+    return clean_pass(ctx.model, rows.to(ctx.model.device), ctx.spec, seq_offset=sl.start)
+
+
 def compute_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
     """Rows of one shard: clean pass, directions for every token, the sweep."""
-    sl = ctx.shard_slice(shard_id)
-    clean = clean_pass(
-        ctx.model, ctx.tokens[sl].to(ctx.model.device), ctx.spec, seq_offset=sl.start
-    )
+    clean = shard_clean(ctx, shard_id)
     dirs = shard_directions(ctx, shard_id, clean.x)
-    return measure(ctx.model, clean, dirs, ctx.spec, seq_offset=sl.start)
+    return measure(ctx.model, clean, dirs, ctx.spec, seq_offset=ctx.shard_slice(shard_id).start)
 
 
 def shard_directions(
@@ -117,7 +128,7 @@ def shard_directions(
     cfg = ctx.config
     sl = ctx.shard_slice(shard_id)
     b, t, d = x.shape
-    first = t - 1 if ctx.spec.scope == "last-position" else 0
+    first = ctx.spec.first_position(t)
     flat = x[:, first:].reshape(-1, d).float()
     dirs: dict[str, Tensor] = {}
     for spec in ctx.shard_specs(shard_id) if specs is None else specs:
@@ -214,9 +225,7 @@ def _cached_stats(
 def save_stats(folder: Path, stats: ActivationStats, pool: Tensor) -> None:
     """Statistics and the real-activation pool, saved (atomically) into ``folder``."""
     stats.save(folder / STATS_FILE)
-    tmp = folder / (POOL_FILE + ".tmp")
-    torch.save(pool.contiguous(), tmp)
-    tmp.replace(folder / POOL_FILE)
+    atomic_write(folder / POOL_FILE, lambda f: torch.save(pool.contiguous(), f))
 
 
 def load_tokens_for(cfg: ExperimentConfig, model: LensModel, progress: bool = True) -> Tensor:

@@ -58,6 +58,10 @@ class SweepSpec:
     def needs_read(self) -> bool:
         return any(m in DOWNSTREAM_METRICS for m in self.metrics)
 
+    def first_position(self, seq_len: int) -> int:
+        """The first perturbed (and measured) position: the last one under ``last-position``."""
+        return seq_len - 1 if self.scope == "last-position" else 0
+
 
 CPU_ROWS_PER_PASS = 4096  # large enough for near-peak matrix products, small in memory
 
@@ -179,7 +183,7 @@ def measure(
     alphas = torch.tensor(list(spec.lengths), dtype=torch.float32, device=clean.x.device)
     rows = _Rows()
     seqs = torch.arange(b) + seq_offset
-    first = t - 1 if spec.scope == "last-position" else 0  # first measured position
+    first = spec.first_position(t)
     for name, dirs in directions.items():
         if dirs.shape != clean.x.shape:
             raise ValueError(

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from perturb_lens.config import DirectionSpec
-from perturb_lens.engine.run import RunContext, shard_directions
-from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
+from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
+from perturb_lens.engine.sweep import SweepSpec, measure
 from perturb_lens.models.base import CleanRun, LensModel
 
 REAL = "real"
@@ -69,10 +69,8 @@ def base_points(ctx: RunContext, shard_id: str, x: Tensor) -> dict[str, Tensor]:
 def plateau_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
     """Rows of one shard: for every base point, the sweep of ``directions`` x ``lengths`` around
     it, measured against the base's output (column ``base``)."""
-    if ctx.spec.scope != "last-position":
-        raise ValueError("The plateaus experiment perturbs the last position: scope=last-position.")
-    sl = ctx.shard_slice(shard_id)
-    clean = clean_pass(ctx.model, ctx.tokens[sl].to(ctx.model.device), ctx.spec)
+    sl = ctx.shard_slice(shard_id)  # the config guarantees scope=last-position
+    clean = shard_clean(ctx, shard_id)
     frames = []
     for label, x_base in base_points(ctx, shard_id, clean.x).items():
         rebased = rebase_last(ctx.model, clean, x_base, ctx.spec)

@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from perturb_lens.engine.run import RunContext, derive_seed, run_experiment
-from perturb_lens.engine.sweep import clean_pass, measure
+from perturb_lens.engine.run import RunContext, derive_seed, run_experiment, shard_clean
+from perturb_lens.engine.sweep import measure
 from perturb_lens.models.base import LensModel
 from perturb_lens.results.curve_stats import curve_statistics, statistic_summary
 from perturb_lens.results.store import load_results
@@ -54,13 +54,11 @@ def replacement_tokens(ctx: RunContext, shard_id: str) -> Tensor:
 def stable_region_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
     """Rows of one shard: the interpolation from each prompt A to its prompt B (direction
     ``prompt-pair``), with the two last tokens in ``token_a`` / ``token_b``."""
-    if ctx.spec.scope != "last-position":
-        raise ValueError("Stable regions interpolate the last position: scope=last-position.")
-    sl = ctx.shard_slice(shard_id)
+    sl = ctx.shard_slice(shard_id)  # the config guarantees scope=last-position
     tokens_a = ctx.tokens[sl].to(ctx.model.device)
     tokens_b = tokens_a.clone()
     tokens_b[:, -1] = replacement_tokens(ctx, shard_id).to(tokens_a.device)
-    clean = clean_pass(ctx.model, tokens_a, ctx.spec)
+    clean = shard_clean(ctx, shard_id, tokens_a)
     x_b = ctx.model.run_to_hook(tokens_b, ctx.config.hook)[:, -1]
     dirs = torch.zeros(clean.x.shape, dtype=torch.float32, device=clean.x.device)
     dirs[:, -1] = x_b.float() - clean.x[:, -1].float()

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from perturb_lens.directions import DirectionContext, register_direction, register_scale
 from perturb_lens.models.base import LensModel
+from perturb_lens.results.store import atomic_write
 from perturb_lens.saes.sae import SAE
 from perturb_lens.saes.stats import ALIVE_EPS, alive_latents
 
@@ -136,9 +137,7 @@ def cached_alive(
             return saved["alive"]
     alive = alive_latents(sae, model, tokens, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "alive": alive}, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda f: torch.save({"key": key, "alive": alive}, f))
     return alive
 
 

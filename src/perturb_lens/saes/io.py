@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
+from perturb_lens.results.store import atomic_write
 from perturb_lens.saes.sae import SAE, SAEConfig
 
 CFG_FILE = "cfg.json"
@@ -181,15 +183,13 @@ def saelens_cfg_dict(sae: SAE) -> dict[str, Any]:
 
 
 def save_saelens_folder(sae: SAE, folder: str | Path) -> Path:
-    """Write ``sae`` as a SAELens folder (written to a temporary name, then renamed)."""
+    """Write ``sae`` as a SAELens folder (each file written atomically: temp file, then renamed)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {n: p.detach().to(torch.float32).contiguous().cpu() for n, p in sae.named_parameters()}
-    tmp_w, tmp_c = folder / (WEIGHTS_FILE + ".tmp"), folder / (CFG_FILE + ".tmp")
-    save_file(state, str(tmp_w))
-    tmp_c.write_text(json.dumps(saelens_cfg_dict(sae), indent=1))
-    tmp_w.replace(folder / WEIGHTS_FILE)
-    tmp_c.replace(folder / CFG_FILE)
+    weights, cfg = save_safetensors(state), json.dumps(saelens_cfg_dict(sae), indent=1).encode()
+    atomic_write(folder / WEIGHTS_FILE, lambda f: f.write(weights))
+    atomic_write(folder / CFG_FILE, lambda f: f.write(cfg))
     return folder
 
 

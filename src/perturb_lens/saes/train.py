@@ -33,12 +33,14 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from perturb_lens.config import ConfigError, DataConfig, read_config_file
 from perturb_lens.models.base import CleanRun, LensModel
+from perturb_lens.results.store import atomic_write
 from perturb_lens.saes.sae import SAE, SAEConfig
 from perturb_lens.saes.stats import token_kl
 
@@ -133,9 +135,8 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> S
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    data = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
+    atomic_write(path, lambda f: f.write(data))
 
 
 def cache_activations(
@@ -397,9 +398,7 @@ def train_one(
                 "seconds": time.perf_counter() - t0,
                 "log": log_rows,
             }
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(ckpt)
+            atomic_write(ckpt, lambda f, state=state: torch.save(state, f))
         if out_of_time and step < total:
             bar.close()
             raise TimeoutError(f"{spec.name}: stopped at step {step}/{total}; resume to finish.")

@@ -31,10 +31,10 @@ from perturb_lens.plots import (
 from perturb_lens.plots.figures import line_panels
 from perturb_lens.plots.registry import RunView
 from perturb_lens.plots.report import inline_svg, run_labels
+from perturb_lens.experiments import get_experiment
 from perturb_lens.plots.sets import (
     FIG1_PANELS,
     FIG2_PANELS,
-    INTERPOLATION_STATS,
     distribution_plot,
     sharpness_plot,
 )
@@ -118,12 +118,13 @@ def preset_run(preset: Path, folder: Path) -> Path:
 def test_each_preset_yields_its_figure_set(preset: Path, tmp_path: Path) -> None:
     run = preset_run(preset, tmp_path / "run")
     view = RunView(run)
-    assert view.experiment in registered()
+    info = get_experiment(view.experiment)
+    assert info.figures in registered()
     names = {p.name for p in figures_for(view)}
     metrics = view.metrics
-    if view.experiment in INTERPOLATION_STATS:
+    if info.curve_stats:  # interpolation experiments
         metric = "l2" if "l2" in metrics else metrics[0]
-        expected = {f"dist_{c}" for c in INTERPOLATION_STATS[view.experiment]}
+        expected = {f"dist_{c}" for c in info.curve_stats}
         expected |= {f"all_{metric}", f"quantiles_{metric}", f"tokens_{metric}"}
     elif view.rows["length"].nunique() == 1:  # SAE substitution
         expected = {f"substitution_{m}" for m in metrics} | {"scatter_size_kl"}

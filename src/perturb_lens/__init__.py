@@ -3,12 +3,10 @@
 The public API is small: load a model, run an experiment, get a DataFrame, summarise it.
 """
 
-from perturb_lens import (
-    experiments,  # noqa: F401  (registers the SAE-latent directions)
-    saes,  # noqa: F401  (registers sae-error, sae-feature and its scale)
-)
+from perturb_lens import saes  # noqa: F401  (registers the SAE directions and the sae-error scale)
 from perturb_lens.config import load_config
 from perturb_lens.engine.run import run_experiment
+from perturb_lens.experiments import builtin  # noqa: F401  (registers the built-in experiments)
 from perturb_lens.models.load import load_model
 from perturb_lens.results import curves, load_results, summary_table, threshold_lengths
 

@@ -1,32 +1,172 @@
-"""Output-change metrics between a clean and a perturbed pass, per row (float32 or better).
+"""Output-change metrics between a clean and a perturbed pass, per row, and their registry.
 
-Output metrics compare next-token distributions: ``kl`` = KL(p_clean || p_perturbed) in nats,
-``js`` = Jensen-Shannon distance (square root of the JS divergence, nats), ``dce`` = change of the
-cross-entropy on the true next token (NaN where there is none), ``top1`` = whether the arg-max token
-changed. Downstream metrics compare activations at a later hook: ``l2`` = ||h_clean - h_pert||_2,
-``cos`` = cosine similarity.
+Every metric is registered once (:func:`register_metric`) with its function, axis label, unit,
+default threshold and whether it needs the next-token distributions (logits) or compares
+activations at a later hook. Built-ins (column names as stored in result shards):
+
+- ``kl``: KL(p_clean || p_perturbed) in nats;
+- ``js``: Jensen-Shannon *distance* (square root of the JS divergence in nats);
+- ``dce``: change of the cross-entropy on the true next token (NaN where there is none);
+- ``top1``: whether the arg-max token *changed* (its mean is the fraction of changed tokens);
+- ``l2``: ||h_clean - h_pert||_2 and ``cos``: cosine similarity, at the downstream hook.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
-OUTPUT_METRICS = ("kl", "js", "dce", "top1")
-DOWNSTREAM_METRICS = ("l2", "cos")
-METRICS = OUTPUT_METRICS + DOWNSTREAM_METRICS
+
+@dataclass
+class Distributions:
+    """The clean and perturbed next-token distributions an output metric compares.
+
+    ``clean_logp`` (float32 log-probs) broadcasts against ``logp`` [..., V]; ``next_tokens`` [...]
+    holds the true next token (-1 = none)."""
+
+    clean_logp: Tensor
+    logp: Tensor
+    next_tokens: Tensor | None = None
+
+    @cached_property
+    def p_clean(self) -> Tensor:
+        return self.clean_logp.exp()
+
+    @cached_property
+    def p(self) -> Tensor:
+        return self.logp.exp()
+
+
+OutputMetricFn = Callable[[Distributions], Tensor]
+DownstreamMetricFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """A registered metric: the stored column ``name`` and how to compute, label and read it."""
+
+    name: str
+    fn: Callable[..., Tensor]  # Distributions -> [...] (needs_logits), else (clean, pert) -> [...]
+    label: str  # axis label; ``{read}`` stands for the downstream hook
+    unit: str  # "" for none
+    needs_logits: bool  # compares next-token distributions (else activations at the read hook)
+    threshold: float | None = None  # "the output responds" once the metric exceeds this
+    description: str = ""
+
+    def axis_label(self, read: str = "a later layer", stat: str = "mean") -> str:
+        """``stat``, the label and the unit, e.g. ``mean KL(p_clean || p_pert) [nats]``."""
+        text = self.label.format(read=read) + (f" [{self.unit}]" if self.unit else "")
+        return f"{stat} {text}".strip()
+
+
+_METRICS: dict[str, MetricInfo] = {}
+
+
+def register_metric(
+    name: str,
+    *,
+    label: str,
+    needs_logits: bool,
+    unit: str = "",
+    threshold: float | None = None,
+    description: str = "",
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Decorator: register ``fn`` as metric ``name`` (a result column; a new name must not clash
+    with the row keys ``seq``, ``pos``, ``direction``, ``length``, ``size``)."""
+
+    def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        _METRICS[name] = MetricInfo(name, fn, label, unit, needs_logits, threshold, description)
+        return fn
+
+    return decorate
+
+
+def get_metric(name: str) -> MetricInfo:
+    """The registered metric ``name``; the error lists the known ones."""
+    if name not in _METRICS:
+        raise ValueError(f"Unknown metric {name!r}; choose from {list(_METRICS)}.")
+    return _METRICS[name]
+
+
+def metric_names(*, needs_logits: bool | None = None) -> tuple[str, ...]:
+    """Registered metric names in registration order (optionally only output / downstream)."""
+    return tuple(
+        m.name for m in _METRICS.values() if needs_logits is None or m.needs_logits == needs_logits
+    )
 
 
 def check_metrics(names: Sequence[str]) -> list[str]:
     """Validate metric names; the error lists the known ones."""
-    unknown = [m for m in names if m not in METRICS]
+    unknown = [m for m in names if m not in _METRICS]
     if unknown:
-        raise ValueError(f"Unknown metric(s) {unknown}; choose from {list(METRICS)}.")
+        raise ValueError(f"Unknown metric(s) {unknown}; choose from {list(_METRICS)}.")
     if not names:
-        raise ValueError(f"No metric requested; choose from {list(METRICS)}.")
+        raise ValueError(f"No metric requested; choose from {list(_METRICS)}.")
     return list(names)
+
+
+@register_metric("kl", label="KL(p_clean || p_pert)", unit="nats", needs_logits=True, threshold=0.1)
+def kl(d: Distributions) -> Tensor:
+    return (d.p_clean * (d.clean_logp - d.logp)).sum(-1).clamp_min(0.0)
+
+
+@register_metric(
+    "js",
+    label="JS distance",
+    unit="sqrt nats",
+    needs_logits=True,
+    threshold=0.01,
+    description="Jensen-Shannon distance: the square root of the JS divergence (nats)",
+)
+def js(d: Distributions) -> Tensor:
+    log_m = torch.log(0.5 * (d.p_clean + d.p)).clamp_min(torch.finfo(torch.float32).min)
+    clean_part = (d.p_clean * (d.clean_logp - log_m)).sum(-1)
+    div = 0.5 * clean_part + 0.5 * (d.p * (d.logp - log_m)).sum(-1)
+    return div.clamp_min(0.0).sqrt()
+
+
+@register_metric("dce", label="Δ cross-entropy", unit="nats", needs_logits=True, threshold=0.1)
+def dce(d: Distributions) -> Tensor:
+    if d.next_tokens is None:
+        raise ValueError("dce needs the true next tokens.")
+    idx = d.next_tokens.clamp_min(0).unsqueeze(-1)
+    shape = torch.broadcast_shapes(d.clean_logp.shape[:-1], d.logp.shape[:-1])
+    idx = idx.expand(*shape, 1)
+    ce_clean = -torch.gather(d.clean_logp.expand(*shape, -1), -1, idx).squeeze(-1)
+    ce_pert = -torch.gather(d.logp, -1, idx).squeeze(-1)
+    return torch.where(d.next_tokens.expand(shape) >= 0, ce_pert - ce_clean, torch.nan)
+
+
+@register_metric(
+    "top1",
+    label="top-1 token changed",
+    unit="0/1",
+    needs_logits=True,
+    description="1 where the arg-max token changed (the mean: fraction of changed tokens)",
+)
+def top1(d: Distributions) -> Tensor:
+    return d.clean_logp.argmax(-1) != d.logp.argmax(-1)
+
+
+@register_metric("l2", label="L2 distance at {read}", needs_logits=False)
+def l2(clean: Tensor, pert: Tensor) -> Tensor:
+    return (clean - pert).norm(dim=-1)
+
+
+@register_metric("cos", label="cosine similarity at {read}", needs_logits=False)
+def cos(clean: Tensor, pert: Tensor) -> Tensor:
+    return torch.cosine_similarity(clean, pert, dim=-1)
+
+
+# The built-ins by kind (kept for callers that take the fixed lists; a registered metric joins
+# :func:`metric_names`, not these).
+OUTPUT_METRICS = metric_names(needs_logits=True)
+DOWNSTREAM_METRICS = metric_names(needs_logits=False)
+METRICS = OUTPUT_METRICS + DOWNSTREAM_METRICS
 
 
 def vocab_block(device: torch.device) -> int:
@@ -118,42 +258,16 @@ def output_metrics(
     names: Sequence[str],
     next_tokens: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Metrics of the next-token distribution. ``clean_logp`` (float32 log-probs) broadcasts
-    against ``pert_logits`` [..., V]; ``next_tokens`` [...] (-1 = none) for ``dce``."""
-    want = [m for m in names if m in OUTPUT_METRICS]
+    """The output metrics among ``names`` (registration order). ``clean_logp`` (float32 log-probs)
+    broadcasts against ``pert_logits`` [..., V]; ``next_tokens`` [...] (-1 = none) for ``dce``."""
+    want = [m for m in metric_names(needs_logits=True) if m in names]
     if not want:
         return {}
-    logp = torch.log_softmax(pert_logits.float(), dim=-1)
-    p_clean = clean_logp.exp()
-    out: dict[str, Tensor] = {}
-    if "kl" in want:
-        out["kl"] = (p_clean * (clean_logp - logp)).sum(-1).clamp_min(0.0)
-    if "js" in want:
-        p = logp.exp()
-        log_m = torch.log(0.5 * (p_clean + p)).clamp_min(torch.finfo(torch.float32).min)
-        js = 0.5 * (p_clean * (clean_logp - log_m)).sum(-1) + 0.5 * (p * (logp - log_m)).sum(-1)
-        out["js"] = js.clamp_min(0.0).sqrt()
-    if "dce" in want:
-        if next_tokens is None:
-            raise ValueError("dce needs the true next tokens.")
-        idx = next_tokens.clamp_min(0).unsqueeze(-1)
-        shape = torch.broadcast_shapes(clean_logp.shape[:-1], logp.shape[:-1])
-        idx = idx.expand(*shape, 1)
-        ce_clean = -torch.gather(clean_logp.expand(*shape, -1), -1, idx).squeeze(-1)
-        ce_pert = -torch.gather(logp, -1, idx).squeeze(-1)
-        dce = ce_pert - ce_clean
-        out["dce"] = torch.where(next_tokens.expand(shape) >= 0, dce, torch.nan)
-    if "top1" in want:
-        out["top1"] = clean_logp.argmax(-1) != logp.argmax(-1)
-    return out
+    d = Distributions(clean_logp, torch.log_softmax(pert_logits.float(), dim=-1), next_tokens)
+    return {m: _METRICS[m].fn(d) for m in want}
 
 
 def downstream_metrics(clean: Tensor, pert: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
-    """Distance metrics between downstream activations [..., d] (computed in float32)."""
-    out: dict[str, Tensor] = {}
+    """The downstream metrics among ``names`` between activations [..., d] (in float32)."""
     clean, pert = clean.float(), pert.float()
-    if "l2" in names:
-        out["l2"] = (clean - pert).norm(dim=-1)
-    if "cos" in names:
-        out["cos"] = torch.cosine_similarity(clean, pert, dim=-1)
-    return out
+    return {m: _METRICS[m].fn(clean, pert) for m in metric_names(needs_logits=False) if m in names}

@@ -18,10 +18,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from perturb_lens.config import DirectionSpec
+from perturb_lens.config import DirectionSpec, ExperimentConfig, PlateauConfig
 from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
 from perturb_lens.engine.sweep import SweepSpec, measure
+from perturb_lens.experiments.registry import register_experiment
 from perturb_lens.models.base import CleanRun, LensModel
+from perturb_lens.results.curve_stats import curve_metric, curve_statistics, statistic_summary
 
 REAL = "real"
 
@@ -79,3 +81,28 @@ def plateau_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
         df.insert(2, "base", label)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def plateau_tables(rows: pd.DataFrame, cfg: ExperimentConfig) -> dict[str, pd.DataFrame]:
+    """Plateau lengths per base point and direction."""
+    metric = curve_metric(cfg.metrics)
+    stats = curve_statistics(rows, metric)
+    return {
+        f"plateau length in steps ({metric}, 10% of the end value)": statistic_summary(
+            stats, "plateau_length", by=("base", "direction")
+        )
+    }
+
+
+register_experiment(
+    "plateaus",
+    plateau_shard,
+    description="random perturbations around real, synthetic and cov-random base points",
+    options=PlateauConfig,
+    section="plateaus",
+    scope="last-position",
+    shard_by_direction=False,
+    tables=plateau_tables,
+    figures="interpolation",
+    curve_stats=("plateau_length",),
+)

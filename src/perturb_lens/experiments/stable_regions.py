@@ -22,10 +22,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from perturb_lens.config import ExperimentConfig, StableRegionsConfig
 from perturb_lens.engine.run import RunContext, derive_seed, run_experiment, shard_clean
 from perturb_lens.engine.sweep import measure
+from perturb_lens.experiments.registry import register_experiment
 from perturb_lens.models.base import LensModel
-from perturb_lens.results.curve_stats import curve_statistics, statistic_summary
+from perturb_lens.results.curve_stats import curve_metric, curve_statistics, statistic_summary
 from perturb_lens.results.store import load_results
 
 PAIR = "prompt-pair"
@@ -103,3 +105,25 @@ def stable_region_sharpness(
 def sharpness_quantiles(stats: pd.DataFrame, by: Sequence[str] = ("model",)) -> pd.DataFrame:
     """Quartiles (and mean) of the sharpness per group (Janiak et al. report quartiles)."""
     return statistic_summary(stats, "sharpness", by=by, stat=("q25", "median", "q75", "mean"))
+
+
+def stable_region_tables(rows: pd.DataFrame, cfg: ExperimentConfig) -> dict[str, pd.DataFrame]:
+    """Sharpness quartiles (and mean) per direction."""
+    metric = curve_metric(cfg.metrics)
+    stats = curve_statistics(rows, metric)
+    quartiles = ("q25", "median", "q75", "mean")
+    return {f"sharpness ({metric})": statistic_summary(stats, "sharpness", stat=quartiles)}
+
+
+register_experiment(
+    "stable-regions",
+    stable_region_shard,
+    description="interpolation between two prompts differing in their last token (sharpness)",
+    options=StableRegionsConfig,
+    section="stable_regions",
+    scope="last-position",
+    shard_by_direction=False,
+    tables=stable_region_tables,
+    figures="interpolation",
+    curve_stats=("sharpness", "max_slope_step"),
+)

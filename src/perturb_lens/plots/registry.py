@@ -1,19 +1,18 @@
-"""Figure sets keyed by experiment type: each experiment registers the figures of its runs.
+"""Figure sets by name; a run's figure set is the one its experiment registered.
 
 A figure set is a function ``RunView -> list[Plot]``. It aggregates with the analysis helpers
 (:mod:`perturb_lens.results.analysis`) and draws with :mod:`perturb_lens.plots.figures`; the
 aggregated frame travels with the figure (:attr:`Plot.data`), so the numbers a figure shows can be
 checked against the analysis API and are saved beside it as CSV.
 
-An experiment module registers its set with ``@register_figures("experiment-name")``. If no set is
-registered for a run's ``experiment``, :func:`figure_set` imports
-``perturb_lens.experiments.<experiment_name>`` (dashes as underscores) once, so an experiment's
-module registers itself on first use; otherwise the generic curve figures are used.
+A set is registered with ``@register_figures("set-name")``; an experiment names its set in its
+registration (``register_experiment(..., figures="set-name")``, see
+:mod:`perturb_lens.experiments.registry`). A run of an experiment that is not registered uses the
+set registered under the experiment's own name, else the generic curve figures.
 """
 
 from __future__ import annotations
 
-import importlib
 import io
 import logging
 from collections.abc import Callable, Iterable
@@ -25,13 +24,14 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from perturb_lens.engine.metrics import metric_names
+from perturb_lens.experiments.registry import ExperimentInfo, find_experiment
 from perturb_lens.plots.style import style
 from perturb_lens.results.analysis import curves
 from perturb_lens.results.store import load_manifest
 
 log = logging.getLogger(__name__)
 
-KNOWN_METRICS = ("kl", "l2", "js", "dce", "top1", "cos")
 FORMATS = ("png", "svg")
 
 
@@ -98,6 +98,17 @@ class RunView:
         """The experiment type (config ``experiment``), which selects the figure set."""
         return str(self.config.get("experiment", "sensitive-directions"))
 
+    @property
+    def experiment_info(self) -> ExperimentInfo | None:
+        """The registered experiment of the run (None: not registered in this process)."""
+        return find_experiment(self.experiment)
+
+    @property
+    def curve_stats(self) -> tuple[str, ...]:
+        """The per-curve statistics the run's experiment compares (interpolation experiments)."""
+        info = self.experiment_info
+        return info.curve_stats if info is not None else ()
+
     @cached_property
     def rows(self) -> pd.DataFrame:
         """The rows that enter the published averages (``engine.run.summary_rows``)."""
@@ -108,7 +119,8 @@ class RunView:
     @property
     def metrics(self) -> list[str]:
         """Metric columns of the results, in the config's order."""
-        wanted = list(self.config.get("metrics", KNOWN_METRICS)) + list(KNOWN_METRICS)
+        known = metric_names()
+        wanted = list(self.config.get("metrics", known)) + list(known)
         return [m for m in dict.fromkeys(wanted) if m in self.rows.columns]
 
     def curves(self, metric: str) -> pd.DataFrame:
@@ -133,17 +145,13 @@ def register_figures(experiment: str) -> Callable[[FigureSet], FigureSet]:
 
 
 def figure_set(experiment: str) -> FigureSet:
-    """The figure set registered for ``experiment`` (the generic curve figures if none)."""
-    if experiment not in _REGISTRY:
-        module = f"perturb_lens.experiments.{experiment.replace('-', '_')}"
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name is None or not module.startswith(err.name):
-                raise
-    if experiment not in _REGISTRY:
-        log.info("no figure set registered for %r: using the generic curve figures", experiment)
-    return _REGISTRY.get(experiment, _REGISTRY["curves"])
+    """The figure set of ``experiment`` runs: the one its registration names, else the one
+    registered under its name, else the generic curve figures."""
+    info = find_experiment(experiment)
+    name = info.figures if info is not None else experiment
+    if name not in _REGISTRY:
+        log.info("no figure set %r for %r: using the generic curve figures", name, experiment)
+    return _REGISTRY.get(name, _REGISTRY["curves"])
 
 
 def registered() -> dict[str, FigureSet]:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from perturb_lens.engine.metrics import get_metric, metric_names
 from perturb_lens.plots.figures import (
     bar_panels,
     distribution_figure,
@@ -49,15 +50,10 @@ FIG2_PANELS = {
 }
 # Figures 7-8 show bars at alpha = 20, 40, 61 on a grid reaching 91: the same fractions of any grid.
 BAR_FRACTIONS = (20 / 91, 40 / 91, 61 / 91)
-# A token "responds" once its metric exceeds this (threshold-crossing histograms).
-THRESHOLDS = {"kl": 0.1, "js": 0.01, "dce": 0.1}
+# A token "responds" once its metric exceeds this (threshold-crossing histograms): the built-in
+# metrics' registered thresholds (:func:`metric_threshold` also sees metrics registered later).
+THRESHOLDS = {m: get_metric(m).threshold for m in metric_names() if get_metric(m).threshold}
 N_TOKEN_CURVES = 5
-# Interpolation experiments: the per-curve statistics whose distributions they compare.
-INTERPOLATION_STATS = {
-    "synthetic-activations": ("max_slope_step", "plateau_length"),
-    "plateaus": ("plateau_length",),
-    "stable-regions": ("sharpness", "max_slope_step"),
-}
 
 
 def short_hook(hook: object) -> str:
@@ -67,22 +63,21 @@ def short_hook(hook: object) -> str:
 
 
 def metric_label(metric: str, view: RunView | None = None, stat: str = "mean") -> str:
-    """Axis label of a metric (``stat`` in front: "mean KL ...")."""
+    """Axis label of a metric from the metric registry (``stat`` in front: "mean KL ...")."""
     read = short_hook(view.meta.get("read")) if view and view.meta.get("read") else "a later layer"
-    labels = {
-        "kl": "KL(p_clean || p_pert) [nats]",
-        "l2": f"L2 distance at {read}",
-        "js": "JS divergence [nats]",
-        "dce": "Δ cross-entropy [nats]",
-        "top1": "top-1 agreement",
-        "cos": f"cosine similarity at {read}",
-    }
-    return f"{stat} {labels.get(metric, metric)}".strip()
+    if metric not in metric_names():
+        return f"{stat} {metric}".strip()
+    return get_metric(metric).axis_label(read, stat)
+
+
+def metric_threshold(metric: str) -> float | None:
+    """The registered default threshold of a metric (None: no threshold figure)."""
+    return get_metric(metric).threshold if metric in metric_names() else None
 
 
 def length_label(view: RunView) -> str:
     """x-axis label: the length, and its unit when the grid is relative to the median norm."""
-    if view.experiment in INTERPOLATION_STATS:
+    if view.curve_stats:  # interpolation experiments
         return "interpolation t (0: the activation, 1: the target)"
     if view.config.get("relative_lengths"):
         return f"perturbation length α (median norm = {view.meta.get('median_norm', 0):.3g})"
@@ -270,8 +265,9 @@ def curve_figures(view: RunView) -> list[Plot]:
         out += curve_plots(view, metric)
     for metric in view.metrics:
         out.append(bar_plot(view, metric))
-        if metric in THRESHOLDS:
-            out.append(threshold_plot(view, metric, THRESHOLDS[metric]))
+        threshold = metric_threshold(metric)
+        if threshold is not None:
+            out.append(threshold_plot(view, metric, threshold))
     return out
 
 
@@ -414,9 +410,9 @@ def sharpness_plot(
 def interpolation_stats(view: RunView) -> tuple[pd.DataFrame, str, str]:
     """``(curve statistics, series column, metric)`` of an interpolation run: one row per curve
     (``curve_statistics`` of L2, else the first metric); plateau runs' series is base · target."""
-    from perturb_lens.results.curve_stats import curve_statistics
+    from perturb_lens.results.curve_stats import curve_metric, curve_statistics
 
-    metric = "l2" if "l2" in view.metrics else view.metrics[0]
+    metric = curve_metric(view.metrics)
     stats = curve_statistics(view.rows, metric)
     if "base" not in stats.columns:
         return stats, "direction", metric
@@ -424,10 +420,12 @@ def interpolation_stats(view: RunView) -> tuple[pd.DataFrame, str, str]:
     return stats.assign(target=target), "target", metric
 
 
+@register_figures("interpolation")
 def interpolation_figures(view: RunView) -> list[Plot]:
     """Synthetic activations, plateaus, stable regions: the distribution of each curve statistic
-    per target type with KS distances (Giglemiani et al.), sharpness quartiles per target (stable
-    regions; across models: ``perturb-lens compare``), then the curve figures of the metric."""
+    the experiment registered (``curve_stats``) per target type with KS distances (Giglemiani et
+    al.), sharpness quartiles per target when sharpness is one (stable regions; across models:
+    ``perturb-lens compare``), then the curve figures of the metric."""
     stats, by, metric = interpolation_stats(view)
     out = [
         distribution_plot(
@@ -437,14 +435,10 @@ def interpolation_figures(view: RunView) -> list[Plot]:
             name=f"dist_{column}",
             title=f"{column} per {by} ({metric}): {run_title(view)}",
         )
-        for column in INTERPOLATION_STATS[view.experiment]
+        for column in view.curve_stats
     ]
-    if view.experiment == "stable-regions":
+    if "sharpness" in view.curve_stats:
         out.append(
             sharpness_plot(stats, by=by, title=f"Sharpness ({metric}) per {by}: {run_title(view)}")
         )
     return out + curve_plots(view, metric)
-
-
-for _experiment in INTERPOLATION_STATS:
-    register_figures(_experiment)(interpolation_figures)

@@ -84,6 +84,12 @@ def curve_matrix(
     return units, lengths[0], values
 
 
+def curve_metric(metrics: Sequence[str]) -> str:
+    """The metric whose curves the interpolation experiments summarise: L2 if measured, else the
+    first one."""
+    return "l2" if "l2" in metrics else metrics[0]
+
+
 def curve_statistics(
     df: pd.DataFrame,
     metric: str = "l2",

@@ -1,8 +1,12 @@
-"""Sparse autoencoders: the SAE type, loaders/savers, training and statistics."""
+"""Sparse autoencoders: the SAE type, loaders/savers, training and statistics.
 
-from perturb_lens.saes import directions  # noqa: F401  (registers sae-error, sae-feature)
-from perturb_lens.saes.io import SAELoadError, load_e2e_checkpoint, load_saelens_folder
-from perturb_lens.saes.sae import SAE, SAEConfig, SAEMismatchError, load_sae
+Importing this package registers the SAE directions (``sae-error``, ``sae-feature`` and the
+``sae-error`` scale; the synthetic-activation targets ``synthetic``, ``sae-latent`` and
+``sae-reconstruction``)."""
+
+from perturb_lens.saes import directions, synthetic  # noqa: F401  (registers the directions)
+from perturb_lens.saes.io import SAELoadError, load_e2e_checkpoint, load_sae, load_saelens_folder
+from perturb_lens.saes.sae import SAE, SAEConfig, SAEMismatchError
 
 __all__ = [
     "SAE",

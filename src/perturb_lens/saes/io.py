@@ -1,4 +1,5 @@
-"""Loading and saving SAEs: SAELens folders and releases, e2e_sae (Braun et al.) checkpoints.
+"""Loading SAEs: SAELens folders and releases, e2e_sae (Braun et al.) checkpoints (the writer:
+:mod:`perturb_lens.saes.format`).
 
 - **SAELens folder**: ``cfg.json`` + ``sae_weights.safetensors``. Both the SAELens >= 6 layout
   (``architecture``, hook and model under ``metadata``) and the older flat one (``hook_name`` or
@@ -30,14 +31,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from safetensors.torch import save as save_safetensors
 
-from perturb_lens.results.store import atomic_write
+from perturb_lens.saes.format import CFG_FILE, WEIGHTS_FILE
 from perturb_lens.saes.sae import SAE, SAEConfig
 
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
-SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout we write
 _RMSNORM_MODELS = re.compile(r"llama|gemma|qwen|mistral|smollm|phi-3|olmo", re.IGNORECASE)
 
 # Hub locations of the releases the GPT-2 presets use (as SAELens' pretrained_saes.yaml lists
@@ -152,45 +149,6 @@ def load_saelens_folder(folder: str | Path, *, frame: str | None = None) -> SAE:
     if raw.get("finetuning_scaling_factor") and "scaling_factor" in state:
         raise SAELoadError("SAEs with a finetuning scaling factor are not supported.")
     return sae_from_state(cfg, state)
-
-
-def saelens_cfg_dict(sae: SAE) -> dict[str, Any]:
-    """The cfg.json dict (SAELens >= 6 layout) describing ``sae``."""
-    c = sae.cfg
-    arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}[c.activation]
-    meta = {
-        **c.metadata,
-        "model_name": c.model,
-        "hook_name": c.hook,
-        "sae_lens_version": SAELENS_FORMAT_VERSION,
-        "sae_lens_training_version": SAELENS_FORMAT_VERSION,
-        "perturb_lens": {"frame": c.frame, "skip_bos": c.skip_bos},
-    }
-    out: dict[str, Any] = {
-        "d_in": c.d_in,
-        "d_sae": c.d_sae,
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": c.apply_b_dec_to_input,
-        "normalize_activations": c.normalize_activations,
-        "reshape_activations": "none",
-        "metadata": meta,
-        "architecture": arch,
-    }
-    if c.activation == "topk":
-        out["k"] = c.k
-    return out
-
-
-def save_saelens_folder(sae: SAE, folder: str | Path) -> Path:
-    """Write ``sae`` as a SAELens folder (each file written atomically: temp file, then renamed)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {n: p.detach().to(torch.float32).contiguous().cpu() for n, p in sae.named_parameters()}
-    weights, cfg = save_safetensors(state), json.dumps(saelens_cfg_dict(sae), indent=1).encode()
-    atomic_write(folder / WEIGHTS_FILE, lambda f: f.write(weights))
-    atomic_write(folder / CFG_FILE, lambda f: f.write(cfg))
-    return folder
 
 
 # ---- SAELens releases ----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The sparse autoencoder type: weights, activations, encode/decode, compatibility checks.
 
-Conventions follow SAELens (SPEC section 3): ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+Conventions follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
 ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``; encode ``act((x - b_dec) @ W_enc + b_enc)`` (the
 ``- b_dec`` only when ``apply_b_dec_to_input``), decode ``f @ W_dec + b_dec``. Activations:
 
@@ -204,14 +204,6 @@ class SAE(nn.Module):
     # ---- io ----------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
         """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens' folder format)."""
-        from perturb_lens.saes.io import save_saelens_folder
+        from perturb_lens.saes.format import save_saelens_folder
 
         return save_saelens_folder(self, folder)
-
-
-def load_sae(ref: str | Path, **kwargs: Any) -> SAE:
-    """Load an SAE from a SAELens folder, a SAELens ``release:sae_id`` (or ``release/sae_id``,
-    needs ``sae_lens``), or an e2e_sae checkpoint (``.pt``). See :mod:`perturb_lens.saes.io`."""
-    from perturb_lens.saes.io import load_sae as _load
-
-    return _load(ref, **kwargs)

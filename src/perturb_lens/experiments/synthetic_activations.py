@@ -1,0 +1,44 @@
+"""Synthetic activations (Giglemiani et al.): interpolate from real activations towards real,
+cov-random and SAE-composed synthetic targets (directions with ``scale: raw``, lengths ``t`` in
+[0, 1]) and compare where the output changes fastest and how long it stays flat.
+
+The targets are direction generators (:mod:`perturb_lens.saes.synthetic`); the shards are the
+plain sweep's.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from perturb_lens.config import ExperimentConfig
+from perturb_lens.engine.run import compute_shard
+from perturb_lens.experiments.registry import register_experiment
+from perturb_lens.results.curve_stats import (
+    curve_metric,
+    curve_statistics,
+    ks_vs_reference,
+    statistic_summary,
+)
+
+
+def synthetic_tables(rows: pd.DataFrame, cfg: ExperimentConfig) -> dict[str, pd.DataFrame]:
+    """Max-slope step (mean, sd, KS against the first target) and plateau lengths per target."""
+    metric = curve_metric(cfg.metrics)
+    stats = curve_statistics(rows, metric)
+    ref = cfg.directions[0].label
+    return {
+        f"max-slope step ({metric}) with KS vs {ref}": ks_vs_reference(stats, reference=ref),
+        f"plateau length in steps ({metric}, 10% of the end value)": statistic_summary(
+            stats, "plateau_length"
+        ),
+    }
+
+
+register_experiment(
+    "synthetic-activations",
+    compute_shard,
+    description="interpolation towards real, cov-random and synthetic (SAE-latent) targets",
+    tables=synthetic_tables,
+    figures="interpolation",
+    curve_stats=("max_slope_step", "plateau_length"),
+)

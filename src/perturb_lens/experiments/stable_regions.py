@@ -23,12 +23,13 @@ import torch
 from torch import Tensor
 
 from perturb_lens.config import ExperimentConfig, StableRegionsConfig
-from perturb_lens.engine.run import RunContext, derive_seed, run_experiment, shard_clean
+from perturb_lens.engine.run import RunContext, run_experiment, shard_clean
 from perturb_lens.engine.sweep import measure
 from perturb_lens.experiments.registry import register_experiment
 from perturb_lens.models.base import LensModel
 from perturb_lens.results.curve_stats import curve_metric, curve_statistics, statistic_summary
 from perturb_lens.results.store import load_results
+from perturb_lens.seeds import derive_seed
 
 PAIR = "prompt-pair"
 

@@ -29,6 +29,7 @@ from perturb_lens.experiments.registry import ExperimentInfo, find_experiment
 from perturb_lens.plots.style import style
 from perturb_lens.results.analysis import curves
 from perturb_lens.results.store import load_manifest
+from perturb_lens.results.summary import summary_rows
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,7 @@ class RunView:
 
     @cached_property
     def rows(self) -> pd.DataFrame:
-        """The rows that enter the published averages (``engine.run.summary_rows``)."""
-        from perturb_lens.engine.run import summary_rows
-
+        """The rows that enter the published averages (``results.summary.summary_rows``)."""
         return summary_rows(self.run_dir)
 
     @property

@@ -25,7 +25,10 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from perturb_lens.config import ConfigError, apply_overrides, read_config_file, validate_config
+from perturb_lens.engine.metrics import metric_names
 from perturb_lens.models.base import LensModel
+from perturb_lens.results.store import load_manifest
+from perturb_lens.results.summary import summary_rows
 
 SUMMARY_FILE = "summary.csv"
 
@@ -121,14 +124,11 @@ def run_suite(
 def suite_summary(out: str | Path, *, reference: str = "SAE(x)") -> pd.DataFrame:
     """Mean of every metric (published averaging) per SAE label, hook, direction and length,
     with ``ratio_<metric>`` = mean of ``reference`` / mean of the direction (same SAE, length)."""
-    from perturb_lens.engine.run import summary_rows
-    from perturb_lens.results.store import load_manifest
-
     frames = []
     for run_dir in sorted(p for p in Path(out).iterdir() if (p / "manifest.json").is_file()):
         meta = load_manifest(run_dir)["meta"]
         rows = summary_rows(run_dir)
-        metrics = [c for c in ("kl", "l2", "js", "dce", "cos", "size") if c in rows.columns]
+        metrics = [c for c in (*metric_names(), "size") if c in rows.columns]
         g = rows.groupby(["direction", "length"], sort=False)[metrics].mean().reset_index()
         g.insert(0, "hook", meta["hook"])
         g.insert(0, "sae", run_dir.name)

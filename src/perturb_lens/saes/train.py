@@ -43,6 +43,7 @@ from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.results.store import atomic_write
 from perturb_lens.saes.sae import SAE, SAEConfig
 from perturb_lens.saes.stats import token_kl
+from perturb_lens.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +266,6 @@ def _lr_at(step: int, total: int, lr: float) -> float:
 
 
 def _batches(n: int, size: int, seed: int, name: str, epoch: int) -> list[Tensor]:
-    from perturb_lens.engine.run import derive_seed
-
     g = torch.Generator().manual_seed(derive_seed(seed, name, epoch))
     perm = torch.randperm(n, generator=g)
     return [perm[i : i + size] for i in range(0, n - size + 1, size)] or [perm]
@@ -424,7 +423,6 @@ def train_sae(
     """Train one SAE on activations ``x`` ([N, T, d]; [N, d] for local/topk) and save it as a
     SAELens folder in ``folder`` (resuming its checkpoint). e2e objectives need ``model``,
     ``tokens`` and the ``clean`` outputs; ``init`` is a SAELens folder to start from."""
-    from perturb_lens.engine.run import derive_seed
     from perturb_lens.saes.io import load_saelens_folder
 
     folder = Path(folder)

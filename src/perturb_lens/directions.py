@@ -6,7 +6,7 @@ A generator takes a :class:`DirectionContext` (the activations ``x`` [N, d] to p
 normalises each row to unit L2 norm (float32). Every random draw uses ``ctx.generator`` only, so the
 same generator state gives the same directions.
 
-The built-ins are the baselines of Lee & Heimersheim (SPEC section 2). "Difference" directions
+The built-ins are the baselines of Lee & Heimersheim. "Difference" directions
 contain ``-x`` (they point from ``x`` towards another point); "mixture" directions are differences
 of two points independent of ``x``, so they do not.
 

@@ -1,0 +1,290 @@
+"""Run an experiment end to end: tokens, statistics, shards, result store. Resumable.
+
+The runner composes the stages: it loads the model, the tokens and the SAE, fits (or reloads)
+the activation statistics, builds the engine's :class:`~perturb_lens.engine.run.RunContext`, has
+an executor compute the shards with the experiment's registered shard function, and writes them
+through the result store. It is what the command line and the public API call.
+
+A run is split into shards of ``shard_seqs`` sequences. Each shard is a pure function of the
+config, the tokens, the fitted statistics and a seed derived from (run seed, shard id, direction),
+so a resumed or re-executed shard gives identical rows, wherever and however often it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+import perturb_lens
+from perturb_lens.config import ExperimentConfig, validate_config
+from perturb_lens.data import dataset_tokens, token_source_hash
+from perturb_lens.directions import check_scale, get_direction
+from perturb_lens.engine.run import RunContext, shard_ids
+from perturb_lens.engine.sweep import SweepPlan
+from perturb_lens.executors import Executor, ShardFn, ShardJob, get_executor
+from perturb_lens.experiments.registry import get_experiment
+from perturb_lens.lengths import resolve_lengths
+from perturb_lens.models.base import LensModel
+from perturb_lens.paths import cache_root
+from perturb_lens.results.curve_stats import curve_statistics
+from perturb_lens.results.store import (
+    RunStore,
+    atomic_write,
+    check_new_or_resume,
+    config_hash,
+    load_results,
+)
+from perturb_lens.seeds import derive_seed
+from perturb_lens.stats import ActivationStats, PoolSampler, fit_stats, hook_activations
+
+log = logging.getLogger(__name__)
+
+STATS_FILE = "stats.safetensors"
+POOL_FILE = "pool.pt"
+
+
+def fit_run_stats(
+    cfg: ExperimentConfig, model: LensModel, tokens: Tensor, progress: bool = True
+) -> tuple[ActivationStats, Tensor]:
+    """Mean/covariance/norms of the non-BOS activations at the hook over the statistics tokens,
+    and a seeded pool of them (``stats.pool_size``) for the real-* directions."""
+    n, t = tokens.shape
+    if t < 2:
+        raise ValueError("Sequences need at least 2 tokens (BOS + text) to fit statistics.")
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "pool"))
+    pool = PoolSampler(n * (t - 1), cfg.stats.pool_size, gen)
+    batches = hook_activations(model, tokens, cfg.hook, cfg.stats.batch_seqs, progress=progress)
+    stats = fit_stats(
+        batches, hook=cfg.hook, frame=model.frame, jitter=cfg.stats.jitter, seed=cfg.seed, pool=pool
+    )
+    return stats, pool.sample()
+
+
+def _cached_stats(
+    cfg: ExperimentConfig, model: LensModel, tokens: Tensor, run_dir: Path, progress: bool
+) -> tuple[ActivationStats, Tensor]:
+    """Statistics from the run dir, else the shared cache next to the tokens, else fitted."""
+    n_stats = min(cfg.stats.n_seqs or tokens.shape[0], tokens.shape[0])
+    key = derive_seed(
+        model.source,
+        model.frame,
+        cfg.dtype,
+        cfg.hook,
+        token_source_hash(tokens[:n_stats]),
+        cfg.stats.jitter,
+        cfg.stats.pool_size,
+        cfg.seed,
+    )
+    cache = cache_root() / "stats" / f"{key:016x}"
+    for folder in (run_dir, cache):
+        if (folder / STATS_FILE).is_file() and (folder / POOL_FILE).is_file():
+            stats = ActivationStats.load(folder / STATS_FILE)
+            return stats, torch.load(folder / POOL_FILE, weights_only=True)
+    stats, pool = fit_run_stats(cfg, model, tokens[:n_stats], progress)
+    cache.mkdir(parents=True, exist_ok=True)
+    save_stats(cache, stats, pool)
+    return stats, pool
+
+
+def save_stats(folder: Path, stats: ActivationStats, pool: Tensor) -> None:
+    """Statistics and the real-activation pool, saved (atomically) into ``folder``."""
+    stats.save(folder / STATS_FILE)
+    atomic_write(folder / POOL_FILE, lambda f: torch.save(pool.contiguous(), f))
+
+
+def load_tokens_for(cfg: ExperimentConfig, model: LensModel, progress: bool = True) -> Tensor:
+    """Token rows [n_seqs, seq_len] of a config's data section for ``model`` (cached)."""
+    return dataset_tokens(cfg.data, model, progress=progress)
+
+
+def prepare(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    *,
+    model: LensModel | None = None,
+    tokens: Tensor | None = None,
+    explicit: Mapping[str, Tensor] | None = None,
+    stats: tuple[ActivationStats, Tensor] | None = None,
+    sae: Any = None,
+    progress: bool = True,
+) -> RunContext:
+    """Load the model and tokens, fit (or reload) statistics; everything shards need.
+
+    ``stats`` (statistics and pool, e.g. the driver's, on an executor's worker) skips fitting;
+    ``sae`` (an SAE object) replaces loading ``cfg.sae``.
+    """
+    from perturb_lens.models.load import load_model
+
+    if model is None:
+        model = load_model(
+            cfg.model, frame=cfg.frame, dtype=cfg.dtype, device=cfg.device, precision=cfg.precision
+        )
+    model.parse_hook(cfg.hook)
+    if cfg.read:
+        model.parse_hook(cfg.read)
+    for d in cfg.directions:
+        if d.name not in (explicit or {}):
+            get_direction(d.name)  # unknown names fail here, before any work, listing the known
+        check_scale(d.scale)
+    _check_context(tokens.shape[1] if tokens is not None else cfg.data.seq_len, model)
+    sae = _run_sae(cfg, model, sae)  # a mismatched SAE fails here, before any work
+    if tokens is None:
+        tokens = load_tokens_for(cfg, model, progress)
+    stats, pool = stats or _cached_stats(cfg, model, tokens, run_dir, progress)
+    scale = stats.median_norm if cfg.relative_lengths else 1.0
+    plan = SweepPlan(
+        hook=cfg.hook,
+        lengths=resolve_lengths(cfg.lengths, scale=scale),
+        scope=cfg.scope,
+        metrics=cfg.metrics,
+        read=cfg.read,
+        rows_per_pass=cfg.rows_per_pass,
+        rows_per_logits=cfg.rows_per_logits,
+    )
+    if sae is not None and any(d.name == "sae-feature" for d in cfg.directions):
+        from perturb_lens.saes.directions import cached_alive
+
+        n_stats = min(cfg.stats.n_seqs or tokens.shape[0], tokens.shape[0])
+        sae.alive = cached_alive(sae, model, tokens[:n_stats], run_dir, progress=progress)
+    return RunContext(cfg, model, tokens, stats, pool, plan, dict(explicit or {}), sae)
+
+
+def _run_sae(cfg: ExperimentConfig, model: LensModel, sae: Any) -> Any:
+    """The run's SAE (given, or loaded from ``cfg.sae``), checked against hook, width, frame."""
+    if sae is None and cfg.sae is None:
+        return None
+    from perturb_lens.saes.io import load_sae
+
+    sae = load_sae(sae if sae is not None else cfg.sae, hook=cfg.hook, model=cfg.model)
+    sae.check_compatible(cfg.hook, model.spec.d_model, model.frame)
+    return sae.to(model.device)
+
+
+def _check_context(seq_len: int, model: LensModel) -> None:
+    if seq_len > model.spec.n_ctx:
+        raise ValueError(
+            f"seq_len {seq_len} exceeds the model's context of {model.spec.n_ctx} tokens: set "
+            f"data.seq_len to at most {model.spec.n_ctx} (e.g. data.seq_len={model.spec.n_ctx})."
+        )
+
+
+def _meta(ctx: RunContext) -> dict[str, Any]:
+    cfg = ctx.config
+    return {
+        "perturb_lens_version": perturb_lens.__version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "model": cfg.model,
+        "model_source": ctx.model.source,
+        "architecture": ctx.model.spec.architecture,
+        "frame": ctx.model.frame,
+        "dtype": cfg.dtype,
+        "device": str(ctx.model.device),
+        "hook": cfg.hook,
+        "read": cfg.read or ctx.model.default_read,
+        "scope": cfg.scope,
+        "lengths": list(ctx.plan.lengths),
+        "dataset_hash": token_source_hash(ctx.tokens),
+        "n_seqs": int(ctx.tokens.shape[0]),
+        "seq_len": int(ctx.tokens.shape[1]),
+        "seed": cfg.seed,
+        "median_norm": ctx.stats.median_norm,
+        "include_bos": cfg.include_bos,
+        "drop_last_position": cfg.drop_last_position,
+        "explicit_directions": sorted(ctx.explicit),
+    }
+
+
+def run_experiment(
+    config: ExperimentConfig | Mapping[str, Any],
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    model: LensModel | None = None,
+    tokens: Tensor | None = None,
+    explicit: Mapping[str, Tensor] | None = None,
+    progress: bool = True,
+    on_shard: Callable[[str], None] | None = None,
+    executor: str | Executor = "local",
+    address: str | None = None,
+    shard_fn: ShardFn | None = None,
+    sae: Any = None,
+) -> Path:
+    """Run (or resume) an experiment; write Parquet shards and a manifest to ``out``; return it.
+
+    ``model`` / ``tokens`` skip loading (notebooks, tests); ``explicit`` maps a direction name used
+    in ``config.directions`` to fixed directions [N_seqs, T, d] or [d]. ``executor`` computes the
+    shards: ``"local"`` (this process), ``"ray"`` (a Ray cluster at ``address``; None: a local
+    one) or an :class:`~perturb_lens.executors.Executor`. ``shard_fn(ctx, shard_id)`` computes one
+    shard's rows (default: the registered one of ``config.experiment``). ``sae``: an SAE object
+    instead of loading ``config.sae``.
+    """
+    cfg = config if isinstance(config, ExperimentConfig) else validate_config(dict(config))
+    cfg_dict = cfg.model_dump(mode="json")
+    run_hash = config_hash(cfg_dict)
+    run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{run_hash[:8]}"
+    check_new_or_resume(run_dir, resume, cfg_dict, run_hash)
+    runner = get_executor(executor, address)
+    with RunStore(run_dir).open() as store:  # unwritable or locked: refused before any work
+        ctx = prepare(
+            cfg, run_dir, model=model, tokens=tokens, explicit=explicit, sae=sae, progress=progress
+        )
+        store.create(cfg_dict, run_hash, _meta(ctx), resume=resume)
+        if not (run_dir / STATS_FILE).is_file():
+            save_stats(run_dir, ctx.stats, ctx.pool)
+        n_dirs = len(cfg.directions) if cfg.shard_by_direction else 0
+        ids = shard_ids(ctx.tokens.shape[0], cfg.shard_seqs, n_dirs)
+        done = store.done_shards()
+        todo = [s for s in ids if s not in done]
+        shard_fn = shard_fn or get_experiment(cfg.experiment).shard
+        job = ShardJob.from_context(ctx, run_dir, shard_fn, prepare, model=model, sae=sae)
+        t0 = time.perf_counter()
+        results = runner.map(job, todo, ctx)
+        bar = f"Shards ({len(done)} done before, {runner.name})"
+        for sid, rows in tqdm(results, desc=bar, total=len(todo), disable=not progress):
+            sl = ctx.shard_slice(sid)
+            store.write_shard(sid, rows, info={"seqs": [sl.start, sl.stop]})
+            if on_shard is not None:
+                on_shard(sid)
+        store.finish({"seconds": round(time.perf_counter() - t0, 3), "shards": len(ids)})
+    return run_dir
+
+
+def stable_region_sharpness(
+    models: Sequence[str | LensModel],
+    config: Mapping[str, Any],
+    out: str | Path,
+    *,
+    resume: bool = False,
+    tokens: Tensor | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run the stable-regions ``config`` on each model (names, paths or loaded models; e.g.
+    several sizes or training checkpoints) into ``out/<i>-<name>``; one row per curve with a
+    ``model`` column, ``sharpness``, ``max_slope_step`` and ``plateau_length``. ``tokens``: the
+    prompts [N, T] for every model instead of ``config.data`` (only for one shared tokenizer)."""
+    frames = []
+    for i, m in enumerate(models):
+        name = m if isinstance(m, str) else m.source
+        cfg = {**config, "experiment": "stable-regions", "model": name}
+        run_dir = run_experiment(
+            cfg,
+            Path(out) / f"{i:02d}-{Path(str(name)).name}",
+            resume=resume,
+            model=None if isinstance(m, str) else m,
+            tokens=tokens,
+            progress=progress,
+        )
+        stats = curve_statistics(load_results(run_dir), "l2")
+        stats.insert(0, "model", str(name))
+        frames.append(stats)
+    return pd.concat(frames, ignore_index=True)

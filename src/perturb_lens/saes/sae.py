@@ -22,20 +22,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 Activation = Literal["relu", "topk", "jumprelu"]
 Normalization = Literal["none", "expected_average_only_in", "constant_norm_rescale", "layer_norm"]
-ACTIVATIONS: tuple[str, ...] = ("relu", "topk", "jumprelu")
-NORMALIZATIONS: tuple[str, ...] = (
-    "none",
-    "expected_average_only_in",
-    "constant_norm_rescale",
-    "layer_norm",
-)
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
 LAYER_NORM_EPS = 1e-5  # SAELens' epsilon for normalize_activations="layer_norm"
 
 

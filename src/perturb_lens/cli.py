@@ -133,6 +133,14 @@ def run(
         str | None,
         typer.Option(help="Ray cluster to join (auto, host:6379, ...); default: a local one."),
     ] = None,
+    allow_cpu_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-cpu-change",
+            help="Resume (or run Ray workers) on another CPU kind than the run's, accepting "
+            "shards that may differ in the last bits.",
+        ),
+    ] = False,
 ) -> None:
     """Run (or resume) an experiment; write Parquet shards + manifest; print a summary table."""
     from perturb_lens.config import ConfigError, load_config
@@ -142,7 +150,13 @@ def run(
     try:
         cfg = load_config(config, overrides or [])
         run_dir = run_experiment(
-            cfg, out, resume=resume, progress=not quiet, executor=executor, address=address
+            cfg,
+            out,
+            resume=resume,
+            progress=not quiet,
+            executor=executor,
+            address=address,
+            allow_cpu_change=allow_cpu_change,
         )
     except (ConfigError, ValueError, OSError, RuntimeError, ArithmeticError, ImportError) as err:
         raise _fail(err) from err

@@ -131,6 +131,12 @@ class ExperimentConfig(_Strict):
     precision: Literal["auto", "float32", "tf32", "bf16-matmul"] = Field(
         "auto", description="block matmuls (native models); auto = tf32 on CUDA, else float32"
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per shard, the same on every executor (float32 results depend "
+        "on it); None = torch's default on the driver, recorded in the manifest",
+    )
     hook: str = "blocks.6.hook_resid_pre"
     read: str | None = Field(None, description="downstream hook for l2/cos; None = last resid_post")
     scope: Literal["all-positions", "single-position", "last-position"] = "all-positions"

@@ -40,13 +40,21 @@ from perturb_lens.directions import (
 from perturb_lens.engine.lengths import resolve_lengths
 from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
 from perturb_lens.executors import Executor, ShardFn, ShardJob, get_executor
+from perturb_lens.executors.compute import (
+    check_same_compute,
+    cpu_model,
+    resolve_threads,
+    torch_threads,
+)
 from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.paths import cache_root
 from perturb_lens.results.store import (
+    MANIFEST,
     RunStore,
     atomic_write,
     check_new_or_resume,
     config_hash,
+    load_manifest,
     load_results,
 )
 from perturb_lens.stats import ActivationStats, StatsAccumulator
@@ -318,9 +326,11 @@ def _check_context(seq_len: int, model: LensModel) -> None:
         )
 
 
-def _meta(ctx: RunContext) -> dict[str, Any]:
+def _meta(ctx: RunContext, threads: int, cpu: str) -> dict[str, Any]:
     cfg = ctx.config
     return {
+        "threads": threads,  # the torch threads every shard was computed with
+        "cpu": cpu,
         "perturb_lens_version": perturb_lens.__version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
@@ -359,6 +369,7 @@ def run_experiment(
     address: str | None = None,
     shard_fn: ShardFn | None = None,
     sae: Any = None,
+    allow_cpu_change: bool = False,
 ) -> Path:
     """Run (or resume) a sweep; write Parquet shards and a manifest to ``out``; return it.
 
@@ -367,19 +378,25 @@ def run_experiment(
     shards: ``"local"`` (this process), ``"ray"`` (a Ray cluster at ``address``; None: a local
     one) or an :class:`~perturb_lens.executors.Executor`. ``shard_fn(ctx, shard_id)`` computes one
     shard's rows (default: the one of ``config.experiment``). ``sae``: an SAE object instead of
-    loading ``config.sae``.
+    loading ``config.sae``. Shards are computed with ``config.threads`` torch threads (None:
+    torch's default here, or on resume the recorded count); a resume with another thread count
+    or CPU kind is refused (``allow_cpu_change``: accept another CPU kind).
     """
     cfg = config if isinstance(config, ExperimentConfig) else validate_config(dict(config))
     cfg_dict = cfg.model_dump(mode="json")
     run_hash = config_hash(cfg_dict)
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{run_hash[:8]}"
     check_new_or_resume(run_dir, resume, cfg_dict, run_hash)
+    old_meta = _recorded_meta(run_dir) if resume else {}
+    threads, cpu = resolve_threads(cfg.threads, old_meta.get("threads")), cpu_model()
+    check_same_compute(run_dir, old_meta, threads, cpu, allow_cpu_change=allow_cpu_change)
     runner = get_executor(executor, address)
-    with RunStore(run_dir).open() as store:  # unwritable or locked: refused before any work
+    # unwritable or locked: refused before any work
+    with RunStore(run_dir).open() as store, torch_threads(threads):
         ctx = prepare(
             cfg, run_dir, model=model, tokens=tokens, explicit=explicit, sae=sae, progress=progress
         )
-        store.create(cfg_dict, run_hash, _meta(ctx), resume=resume)
+        store.create(cfg_dict, run_hash, _meta(ctx, threads, cpu), resume=resume)
         if not (run_dir / STATS_FILE).is_file():
             save_stats(run_dir, ctx.stats, ctx.pool)
         n_dirs = len(cfg.directions) if cfg.shard_by_direction else 0
@@ -390,7 +407,15 @@ def run_experiment(
             from perturb_lens.experiments import shard_function
 
             shard_fn = shard_function(cfg.experiment)
-        job = ShardJob.from_context(ctx, run_dir, shard_fn, model=model, sae=sae)
+        job = ShardJob.from_context(
+            ctx,
+            run_dir,
+            shard_fn,
+            model=model,
+            sae=sae,
+            threads=threads,
+            cpu=None if allow_cpu_change else cpu,
+        )
         t0 = time.perf_counter()
         results = runner.map(job, todo, ctx)
         bar = f"Shards ({len(done)} done before, {runner.name})"
@@ -403,11 +428,18 @@ def run_experiment(
     return run_dir
 
 
+def _recorded_meta(run_dir: Path) -> dict[str, Any]:
+    """The ``meta`` of the run in ``run_dir`` ({} if it has none to read)."""
+    if not (run_dir / MANIFEST).is_file():
+        return {}
+    manifest = load_manifest(run_dir)
+    meta = manifest.get("meta") if isinstance(manifest, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
 def summary_rows(run_dir: str | Path) -> pd.DataFrame:
     """The rows that enter the published mean: drop the last position (all-positions) / BOS if
     the run says so."""
-    from perturb_lens.results.store import load_manifest
-
     meta = load_manifest(Path(run_dir))["meta"]
     df = load_results(run_dir)
     if meta["scope"] == "all-positions" and meta.get("drop_last_position", True):

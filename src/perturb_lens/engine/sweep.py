@@ -26,6 +26,7 @@ from torch import Tensor
 from perturb_lens.engine.metrics import (
     DOWNSTREAM_METRICS,
     OUTPUT_METRICS,
+    at_least_float32,
     downstream_metrics,
     kl_linear,
     lse_linear,
@@ -133,7 +134,7 @@ class _CleanOut:
             parts = [softmax_moment(flat[r0 : r0 + rows], *lin) for r0 in range(0, len(flat), rows)]
             lse = torch.cat([p[0] for p in parts]).reshape(clean.final.shape[:-1])
             u = torch.cat([p[1] for p in parts]).reshape(*clean.final.shape[:-1], -1)
-        return cls(clean.final.float(), logp, lse, u, rest, lin)
+        return cls(at_least_float32(clean.final), logp, lse, u, rest, lin)
 
     def select(self, i: int, sel: Tensor | None = None) -> list[Tensor | None]:
         """Sequence i (all positions, with a leading broadcast axis) or positions ``sel`` of it
@@ -180,7 +181,8 @@ def measure(
     ref = _CleanOut.build(model, clean, spec.metrics, spec.rows_per_logits)
     nxt = torch.full((b, t), -1, dtype=torch.long, device=clean.tokens.device)
     nxt[:, :-1] = clean.tokens[:, 1:]
-    alphas = torch.tensor(list(spec.lengths), dtype=torch.float32, device=clean.x.device)
+    wide = torch.promote_types(clean.x.dtype, torch.float32)  # float64 for a float64 model
+    alphas = torch.tensor(list(spec.lengths), dtype=wide, device=clean.x.device)
     rows = _Rows()
     seqs = torch.arange(b) + seq_offset
     first = spec.first_position(t)
@@ -189,7 +191,7 @@ def measure(
             raise ValueError(
                 f"Directions {name!r} have shape {tuple(dirs.shape)}, expected {(b, t, d)}."
             )
-        dirs = dirs.to(clean.x.device, torch.float32)
+        dirs = dirs.to(clean.x.device, wide)
         if spec.scope == "all-positions":
             _all_positions(model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name)
         else:

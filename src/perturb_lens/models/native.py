@@ -278,7 +278,7 @@ class NativeLens(LensModel):
         return final, got
 
     def unembed(self, final: Tensor) -> Tensor:
-        return F.linear(final.float(), self.w_unembed, self.b_unembed)
+        return F.linear(final.to(self.w_unembed.dtype), self.w_unembed, self.b_unembed)
 
     def linear_unembedding(self) -> tuple[Tensor, Tensor | None]:
         return self.w_unembed, self.b_unembed

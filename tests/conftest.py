@@ -23,6 +23,9 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # between runs so the embedded model is converted once.
 os.environ.setdefault("PERTURB_LENS_CACHE", str(REPO / ".pytest_cache" / "perturb-lens"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# CI runs the exactness tests (-m exact) a second time on one thread: other float kernels.
+if os.environ.get("PERTURB_LENS_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["PERTURB_LENS_TEST_THREADS"]))
 GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
 WEBTEXT = SHARED_DATA / "webtext" / "webtext.test.jsonl"
 

@@ -10,6 +10,7 @@ resume with another config, two runs writing to one directory.
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -283,3 +284,42 @@ def test_two_runs_writing_to_one_directory(tmp_path: Path, config: dict) -> None
     finally:
         holder.close()
     assert_no_corrupt_output(run_dir)
+
+
+# --- issue 16 item 7: thread count ---
+
+
+def test_resume_under_other_threads_or_cpu_is_refused(tmp_path: Path, config: dict) -> None:
+    """The manifest records the thread count and CPU kind; resuming with another of either is
+    refused through the CLI, naming what changed and the fix (a CPU change can be accepted)."""
+    from perturb_lens.executors.compute import cpu_model
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(with_(config, threads=1)))
+    run_dir = tmp_path / "run"
+    ok = CliRunner().invoke(app, ["run", str(cfg_file), "--out", str(run_dir), "-q"])
+    assert ok.exit_code == 0, ok.output
+    meta = load_manifest(run_dir)["meta"]
+    assert meta["threads"] == 1 and meta["cpu"] == cpu_model()
+
+    out = cli_error("run", str(cfg_file), "threads=2", "--out", str(run_dir), "--resume")
+    assert "threads: 1 -> 2" in out and "Resume with the original config" in out
+
+    def record(**changes) -> None:
+        manifest = load_manifest(run_dir)
+        manifest["meta"].update(changes)
+        (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    record(threads=3)  # shards made with 3 threads, a config that now says 1
+    out = cli_error("run", str(cfg_file), "--out", str(run_dir), "--resume")
+    assert "computed with 3 torch threads, this run would use 1" in out
+    assert "Resume with threads=3" in out
+
+    record(threads=1, cpu="Another CPU 9000")
+    out = cli_error("run", str(cfg_file), "--out", str(run_dir), "--resume")
+    assert "'Another CPU 9000' CPU" in out and repr(cpu_model()) in out
+    assert "pass --allow-cpu-change" in out and "another --out" in out
+    ok = CliRunner().invoke(
+        app, ["run", str(cfg_file), "--out", str(run_dir), "--resume", "--allow-cpu-change", "-q"]
+    )
+    assert ok.exit_code == 0, ok.output

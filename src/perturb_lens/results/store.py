@@ -2,15 +2,18 @@
 
 Layout of a run directory::
 
-    manifest.json          config, config_hash, meta (versions, model, frame, scope, seeds, ...),
-                           created, complete, and per shard {file, sha256, rows, info}
+    manifest.json          config, config_hash, meta (versions, model, frame, scope, seeds, and
+                           what the rows depend on beyond the config: the weights fingerprint,
+                           dataset hash, sha256 of the statistics files, ...), created, complete,
+                           and per shard {file, sha256, rows, info}
     shards/{id}.parquet    one row per sequence x position x direction x length
     .lock                  flock'ed by the writer for its lifetime; holds its PID
 
 Every file is written to a temporary file in its own folder, fsync'ed and moved into place with
 ``os.replace``, so a crash (or a full disk) at any moment leaves the previous manifest and shards
 whole. A shard counts as done only if the manifest lists it *and* its file's sha256 matches, so
-resuming recomputes exactly the shards that are missing or damaged.
+resuming recomputes exactly the shards that are missing or damaged. A resume whose meta differs
+from the recorded one (other tokens, weights, statistics, versions) is refused: the rows would mix.
 """
 
 from __future__ import annotations

@@ -198,11 +198,10 @@ def _cached_stats(
     tokens: Tensor,
     run_dir: Path,
     progress: bool,
-    recorded: Mapping[str, Any] | None = None,
 ) -> tuple[ActivationStats, Tensor, Path]:
-    """Statistics, pool and the folder of their files: the run dir's when resuming and they match
-    the sha256 the manifest ``recorded``, else the shared cache (keyed by the model's weights, the
-    tokens and the settings), else fitted into it. Damaged cache files are refitted."""
+    """Statistics, pool and the folder of their files: the run dir's if they match the sha256 its
+    manifest recorded, else the shared cache (keyed by the model's weights, the tokens and the
+    settings), else fitted into it. Damaged cache files are refitted."""
     n_stats = min(cfg.stats.n_seqs or tokens.shape[0], tokens.shape[0])
     key = derive_seed(
         model_fingerprint(model),
@@ -215,7 +214,7 @@ def _cached_stats(
         cfg.seed,
     )
     cache = cache_root() / "stats" / f"{key:016x}"
-    if recorded is not None and _run_stats_intact(run_dir, recorded):
+    if _run_stats_intact(run_dir):
         return *load_stats(run_dir), run_dir
     if (cache / STATS_FILE).is_file() or (cache / POOL_FILE).is_file():
         try:
@@ -237,9 +236,12 @@ def _cached_stats(
     return stats, pool, cache
 
 
-def _run_stats_intact(run_dir: Path, recorded: Mapping[str, Any]) -> bool:
-    """Whether the run dir's statistics files are those the manifest recorded (else warn: they
-    are refitted, and the resume refused unless they come out identical)."""
+def _run_stats_intact(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run whose statistics files are those its manifest recorded
+    (if not, warn: they are refitted, and a resume refused unless they come out identical)."""
+    if not (run_dir / MANIFEST).is_file():
+        return False
+    recorded = load_manifest(run_dir)["meta"]
     for name, key in ((STATS_FILE, "stats_sha256"), (POOL_FILE, "pool_sha256")):
         path = run_dir / name
         if not path.is_file() or file_sha256(path) != recorded.get(key):
@@ -311,13 +313,12 @@ def prepare(
     stats: tuple[ActivationStats, Tensor] | None = None,
     sae: Any = None,
     progress: bool = True,
-    recorded: Mapping[str, Any] | None = None,
 ) -> RunContext:
     """Load the model and tokens, fit (or reload) statistics; everything shards need.
 
     ``stats`` (statistics and pool, e.g. the driver's, on an executor's worker) skips fitting;
-    ``sae`` (an SAE object) replaces loading ``cfg.sae``; ``recorded``: the meta of the run being
-    resumed (its statistics files are reused only if they match it).
+    ``sae`` (an SAE object) replaces loading ``cfg.sae``. The statistics of a run already in
+    ``run_dir`` are reused only if they match its manifest.
     """
     from perturb_lens.models.load import load_model
 
@@ -338,7 +339,7 @@ def prepare(
         tokens = load_tokens_for(cfg, model, progress)
     stats_files = None
     if stats is None:
-        *stats, stats_files = _cached_stats(cfg, model, tokens, run_dir, progress, recorded)
+        *stats, stats_files = _cached_stats(cfg, model, tokens, run_dir, progress)
     stats, pool = stats
     scale = stats.median_norm if cfg.relative_lengths else 1.0
     spec = SweepSpec(
@@ -456,16 +457,8 @@ def run_experiment(
     check_new_or_resume(run_dir, resume, cfg_dict, run_hash)  # also checks the manifest's layout
     runner = get_executor(executor, address)
     with RunStore(run_dir).open() as store:  # unwritable or locked: refused before any work
-        recorded = load_manifest(run_dir)["meta"] if (run_dir / MANIFEST).is_file() else None
         ctx = prepare(
-            cfg,
-            run_dir,
-            model=model,
-            tokens=tokens,
-            explicit=explicit,
-            sae=sae,
-            progress=progress,
-            recorded=recorded,
+            cfg, run_dir, model=model, tokens=tokens, explicit=explicit, sae=sae, progress=progress
         )
         store.create(cfg_dict, run_hash, _meta(ctx), resume=resume)  # other inputs: refused
         if ctx.stats_files != run_dir:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -30,6 +32,7 @@ from perturb_lens.models.hooks import UnknownHookError
 from perturb_lens.models.load import ModelLoadError, load_model
 from perturb_lens.results import (
     ConfigMismatchError,
+    InputsChangedError,
     RunLockedError,
     RunStore,
     file_sha256,
@@ -323,3 +326,180 @@ def test_resume_under_other_threads_or_cpu_is_refused(tmp_path: Path, config: di
         app, ["run", str(cfg_file), "--out", str(run_dir), "--resume", "--allow-cpu-change", "-q"]
     )
     assert ok.exit_code == 0, ok.output
+
+
+# --- issue 16 items 2-3: resume refuses, non-finite ---
+
+
+def cli_run(config: dict, run_dir: Path, *extra: str) -> tuple[int, str]:
+    """``perturb-lens run CONFIG.yaml --out RUN_DIR -q EXTRA...`` in-process: (exit code, output
+    from ``Error:`` on if any), checked to hold no traceback."""
+    path = run_dir.with_name(run_dir.name + ".yaml")
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(run_dir), "-q", *extra])
+    assert "Traceback" not in result.output and not isinstance(result.exception, AssertionError)
+    out = result.output
+    return result.exit_code, out[out.find("Error: ") :] if "Error: " in out else out
+
+
+def interrupted(config: dict, run_dir: Path) -> Path:
+    """A run of ``config`` killed after its first shard: the manifest records only that one."""
+    assert cli_run(config, run_dir)[0] == 0
+    manifest = load_manifest(run_dir)
+    for sid in sorted(manifest["shards"])[1:]:
+        (run_dir / manifest["shards"].pop(sid)["file"]).unlink()
+    manifest["complete"] = False
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    return run_dir
+
+
+def assert_refused(run_dir: Path, out: str, *named: str) -> None:
+    """A refused resume: the message names what changed and the fix; nothing was written."""
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert out.startswith("Error: cannot resume") and all(n in out for n in named), out
+    assert "choose another --out" in out and f"delete {run_dir}" in out
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before and not load_manifest(run_dir)["complete"]
+
+
+def test_resume_refuses_an_edited_text_source(tmp_path: Path, config: dict) -> None:
+    source = tmp_path / "docs.jsonl"
+    source.write_text(Path(config["data"]["source"]).read_text())
+    cfg = with_(config, data={"source": str(source)})
+    run_dir = interrupted(cfg, tmp_path / "run")
+    source.write_text("\n".join(reversed(source.read_text().splitlines())) + "\n")
+    code, out = cli_run(cfg, run_dir, "--resume")
+    assert code == 1
+    assert_refused(run_dir, out, "dataset_hash", "the tokens", "1 finished shard")
+    assert len(load_manifest(run_dir)["shards"]) == 1
+
+
+def test_resume_refuses_retrained_weights_and_stats_follow_them(
+    tmp_path: Path, config: dict, gpt2_dir: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(gpt2_dir, model_dir)
+    cfg = with_(config, model=str(model_dir))
+    run_dir = interrupted(cfg, tmp_path / "run")
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(weights)
+    tensors = {k: v + 0.01 * torch.randn_like(v) for k, v in tensors.items()}  # "retrained"
+    save_file(tensors, weights, metadata={"format": "pt"})
+    code, out = cli_run(cfg, run_dir, "--resume")
+    assert code == 1
+    assert_refused(run_dir, out, "weights_fingerprint", "the model weights")
+    # a fresh run at the same path fits new statistics (the cache is keyed by the weights)
+    assert cli_run(cfg, tmp_path / "fresh")[0] == 0
+    old, new = load_manifest(run_dir)["meta"], load_manifest(tmp_path / "fresh")["meta"]
+    assert new["stats_sha256"] != old["stats_sha256"]
+    assert new["weights_fingerprint"] != old["weights_fingerprint"]
+
+
+def test_resume_refuses_another_package_version(tmp_path: Path, config: dict, monkeypatch) -> None:
+    import perturb_lens
+
+    run_dir = interrupted(config, tmp_path / "run")
+    monkeypatch.setattr(perturb_lens, "__version__", "99.0")
+    code, out = cli_run(config, run_dir, "--resume")
+    assert code == 1
+    assert_refused(run_dir, out, "perturb_lens_version", "'99.0'", "numbers may differ")
+
+
+def stats_cache_of(run_dir: Path) -> Path:
+    """The shared statistics cache folder holding the very files a run recorded."""
+    from perturb_lens.paths import cache_root
+
+    want = load_manifest(run_dir)["meta"]["stats_sha256"]
+    for folder in (cache_root() / "stats").iterdir():
+        if file_sha256(folder / "stats.safetensors") == want:
+            return folder
+    raise AssertionError("the run's statistics are not in the cache")
+
+
+def test_resume_with_another_runs_statistics(
+    tmp_path: Path, config: dict, reference: Path, webtext_path: Path
+) -> None:
+    other_text = tmp_path / "other.jsonl"  # another run: other text, so other statistics
+    other_text.write_text("\n".join(webtext_path.read_text().splitlines()[200:320]) + "\n")
+    other = tmp_path / "other"
+    assert cli_run(with_(config, data={"source": str(other_text)}), other)[0] == 0
+    run_dir = interrupted(config, tmp_path / "run")
+    recorded = load_manifest(run_dir)["meta"]
+    for name in ("stats.safetensors", "pool.pt"):
+        shutil.copy(other / name, run_dir / name)
+    # the files are not those recorded: refitted (here: from the shared cache), exactly as before
+    code, out = cli_run(config, run_dir, "--resume")
+    assert code == 0, out
+    pd.testing.assert_frame_equal(load_results(run_dir), load_results(reference))
+    assert file_sha256(run_dir / "stats.safetensors") == recorded["stats_sha256"]
+    assert file_sha256(run_dir / "pool.pt") == recorded["pool_sha256"]
+    # when even the recomputation gives other statistics (a cache overwritten by another run's
+    # files), the resume is refused
+    run_dir = interrupted(config, tmp_path / "run2")
+    cache = stats_cache_of(run_dir)
+    for name in ("stats.safetensors", "pool.pt"):
+        shutil.copy(other / name, run_dir / name)
+        shutil.copy(other / name, cache / name)
+    try:
+        code, out = cli_run(config, run_dir, "--resume")
+        assert code == 1
+        assert_refused(run_dir, out, "stats_sha256", "pool_sha256", "activation statistics")
+    finally:
+        shutil.rmtree(cache)  # the poisoned cache entry; refitted by the next run
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cause"),
+    [("float32", "activation norm there"), ("float16", "half precision (float16)")],
+)
+def test_nonfinite_metric_refuses_the_shard(
+    tmp_path: Path, config: dict, dtype: str, cause: str
+) -> None:
+    run_dir = tmp_path / "run"
+    code, out = cli_run(config, run_dir, "lengths=[0,1.0e+30]", f"dtype={dtype}")
+    assert code == 1
+    assert out.startswith("Error: Non-finite metric (NaN/inf)") and cause in out, out
+    assert "direction 'isotropic', length 1e+30, sequence 0, position" in out
+    assert "use shorter lengths" in out and "nonfinite=record" in out
+    assert_no_corrupt_output(run_dir)
+    assert load_manifest(run_dir)["shards"] == {}  # nothing non-finite was written
+
+
+def test_nonfinite_rows_recorded_flagged_and_counted(tmp_path: Path, config: dict) -> None:
+    run_dir = tmp_path / "run"
+    extra = ("lengths=[0,4,1.0e+30]", "nonfinite=record", "metrics=[kl,l2,dce]")
+    code, out = cli_run(config, run_dir, *extra)
+    assert code == 0, out
+    df = load_results(run_dir)
+    finite = {m: np.isfinite(df[m].to_numpy()) for m in ("kl", "l2", "dce")}
+    last = df["pos"].to_numpy() == 15  # no next token: dce is NaN by definition, not flagged
+    expect = ~finite["kl"] | ~finite["l2"] | (~finite["dce"] & ~last)
+    assert expect.sum() > 0 and (df["length"][expect] == np.float32(1e30)).all()
+    np.testing.assert_array_equal(df["nonfinite"].to_numpy(), expect)
+    assert f"Non-finite rows (NaN/inf): {int(expect.sum())}, flagged in column 'nonfinite'" in (
+        " ".join(out.split())
+    )
+    from perturb_lens.engine.run import summary_rows
+
+    kept = summary_rows(run_dir)
+    assert not kept["nonfinite"].any() and np.isfinite(kept[["kl", "l2"]].to_numpy()).all()
+
+
+def test_resume_refuses_weights_changed_in_memory(tmp_path: Path, config: dict, gpt2_dir: Path):
+    model = load_model(str(gpt2_dir), device="cpu")
+    tokens = torch.randint(0, 4000, (4, 16), generator=torch.Generator().manual_seed(3))
+    tokens[:, 0] = model.bos_token_id
+    run_dir = tmp_path / "run"
+    run_experiment(config, run_dir, model=model, tokens=tokens, progress=False)
+    manifest = load_manifest(run_dir)
+    (run_dir / manifest["shards"].pop("s00001")["file"]).unlink()
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    before = manifest["meta"]["weights_fingerprint"]
+    assert before.startswith("files:")  # loaded from files: their digest, no tensor hashing
+    model.w_te[5] += 1.0  # edited in place after loading
+    with pytest.raises(InputsChangedError, match="weights_fingerprint") as err:
+        run_experiment(config, run_dir, resume=True, model=model, tokens=tokens, progress=False)
+    assert "the model weights" in str(err.value) and before[:12] in str(err.value)
+    assert load_manifest(run_dir) == manifest

@@ -144,7 +144,7 @@ def run(
 ) -> None:
     """Run (or resume) an experiment; write Parquet shards + manifest; print a summary table."""
     from perturb_lens.config import ConfigError, load_config
-    from perturb_lens.engine.run import run_experiment, summary_rows
+    from perturb_lens.engine.run import nonfinite_rows, run_experiment, summary_rows
     from perturb_lens.results import summary_table
 
     try:
@@ -170,6 +170,11 @@ def run(
 
         for title, t in curve_tables(rows, cfg).items():
             _print_frame(t.set_index([c for c in ("base", "direction") if c in t.columns]), title)
+    if n_bad := nonfinite_rows(run_dir):
+        Console().print(
+            f"Non-finite rows (NaN/inf): {n_bad}, flagged in column 'nonfinite' and left out of "
+            "the means above"
+        )
     Console().print(f"Results: [bold]{run_dir}[/bold]  (load with perturb_lens.load_results)")
 
 

@@ -157,6 +157,9 @@ class ExperimentConfig(_Strict):
         None, ge=1, description="token rows per suffix pass; None = 4096 on CPU, from GPU memory"
     )
     rows_per_logits: int = Field(512, ge=1)
+    nonfinite: Literal["error", "record"] = Field(
+        "error", description="NaN/inf metrics: refuse the shard, or record them (flagged, unmeaned)"
+    )
     include_bos: bool = Field(True, description="BOS position in summary means (published: yes)")
     drop_last_position: bool = Field(True, description="all-positions summary drops the last pos")
     plateaus: PlateauConfig = Field(default_factory=PlateauConfig)

@@ -36,6 +36,12 @@ from perturb_lens.engine.metrics import (
 from perturb_lens.models.base import CleanRun, LensModel
 
 SCOPES = ("all-positions", "single-position", "last-position")
+NONFINITE = "nonfinite"  # the column flagging rows with a NaN/inf metric (nonfinite=record)
+NONFINITE_POLICIES = ("error", "record")
+
+
+class NonFiniteMetricError(FloatingPointError):
+    """A perturbed row's metric is NaN or inf (and the config did not ask to record such rows)."""
 
 
 @dataclass
@@ -49,11 +55,16 @@ class SweepSpec:
     read: str | None = None  # downstream hook for l2/cos; None = the last resid_post
     rows_per_pass: int | None = None  # token rows per suffix pass; None: auto_rows_per_pass
     rows_per_logits: int = 512  # rows per unembedding chunk ([rows, vocab] float32 temporaries)
+    nonfinite: str = "error"  # NaN/inf metrics: refuse the shard, or "record" them (flagged)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"Unknown scope {self.scope!r}; choose from {list(SCOPES)}.")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"Unknown nonfinite {self.nonfinite!r}; choose from {list(NONFINITE_POLICIES)}."
+            )
 
     @property
     def needs_read(self) -> bool:
@@ -203,7 +214,53 @@ def measure(
     if any(np.abs(n[:, first:] - 1).max() > 1e-4 for n in norms.values()):
         df["size"] = _perturbation_sizes(df, norms, seq_offset)
     df["direction"] = pd.Categorical(df["direction"], categories=list(directions))
+    bad = _nonfinite_rows(df, spec.metrics, t)
+    if spec.nonfinite == "record":
+        df[NONFINITE] = bad
+    elif bad.any():
+        raise _nonfinite_error(df, bad, clean.x, spec, seq_offset)
     return df
+
+
+def _nonfinite_rows(df: pd.DataFrame, metrics: Sequence[str], seq_len: int) -> np.ndarray:
+    """Rows with a NaN/inf metric (``dce`` is NaN by definition at the last position: no next
+    token there)."""
+    bad = np.zeros(len(df), dtype=bool)
+    for m in metrics:
+        if m not in df.columns or df[m].dtype.kind != "f":
+            continue
+        wrong = ~np.isfinite(df[m].to_numpy())
+        if m == "dce":
+            wrong &= df["pos"].to_numpy() < seq_len - 1
+        bad |= wrong
+    return bad
+
+
+def _nonfinite_error(
+    df: pd.DataFrame, bad: np.ndarray, x: Tensor, spec: SweepSpec, seq_offset: int
+) -> NonFiniteMetricError:
+    """The error for the first non-finite row: where, the values, the likely cause, the fix."""
+    row = df[bad].iloc[0]
+    seq, pos, length = int(row["seq"]), int(row["pos"]), float(row["length"])
+    values = ", ".join(
+        f"{m}={row[m]}" for m in spec.metrics if m in df.columns and df[m].dtype.kind == "f"
+    )
+    norm = float(x[seq - seq_offset, pos].double().norm())
+    causes = [
+        f"the length {length:.4g} is {length / norm:.3g}x the activation norm there ({norm:.4g}): "
+        "far beyond it the arithmetic overflows; use shorter lengths"
+    ]
+    if x.dtype in (torch.float16, torch.bfloat16):
+        causes.append(
+            f"half precision ({str(x.dtype).removeprefix('torch.')}) overflows far sooner: "
+            "use dtype=float32"
+        )
+    return NonFiniteMetricError(
+        f"Non-finite metric (NaN/inf) in {int(bad.sum())} of {len(df)} rows, first at direction "
+        f"{row['direction']!r}, length {length:.4g}, sequence {seq}, position {pos} ({values}). "
+        f"Likely cause: {'; or '.join(causes)}. Or set nonfinite=record to keep such rows, "
+        f"flagged in column {NONFINITE!r} and left out of the summary means."
+    )
 
 
 def _perturbation_sizes(

@@ -18,6 +18,7 @@ sae_app = typer.Typer(
     no_args_is_help=True,
 )
 
+
 @sae_app.command()
 def train(
     config: Annotated[str, typer.Argument(help="SAE training config (.yaml/.toml).")],

@@ -43,9 +43,10 @@ class _Loader(yaml.SafeLoader):
     """YAML without 1.1's base-60 numbers: ``lengths=1:20:1`` stays a string, not 4801."""
 
 
+_NUMBERS = ("int", "float")
 _Loader.yaml_implicit_resolvers = {
     first: [
-        (tag, re.compile(r"(?!.*:)" + rx.pattern, rx.flags) if tag.endswith(("int", "float")) else rx)
+        (tag, re.compile(r"(?!.*:)" + rx.pattern, rx.flags) if tag.endswith(_NUMBERS) else rx)
         for tag, rx in resolvers
     ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
@@ -54,7 +55,7 @@ _Loader.yaml_implicit_resolvers = {
 
 def parse_yaml(text: str) -> Any:
     """``yaml.safe_load`` without base-60 numbers (YAML 1.2 dropped them too)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
 
 
 SEED_MAX = 2**63 - 1  # seeds torch generators, which take 64-bit integers

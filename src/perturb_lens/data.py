@@ -201,9 +201,8 @@ def _jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
 
 
 def _parquet_texts(file: Path, text_field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(file)

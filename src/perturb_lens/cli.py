@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from perturb_lens.cli_errors import checked_out, user_errors
+from perturb_lens.cli_errors import checked_out, set_verbose, user_errors
 from perturb_lens.cli_sae import sae_app
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ def main(
 ) -> None:
     """Activation-perturbation (sensitive directions) experiments on transformer LMs."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    set_verbose(verbose)
 
 
 def model_info(lens: Any) -> dict[str, Any]:

@@ -9,12 +9,17 @@ input nobody anticipated: one line naming the exception, exit 1, and the traceba
 from __future__ import annotations
 
 import contextlib
-import logging
+import traceback
 from collections.abc import Iterator
 
 import typer
 
-log = logging.getLogger("perturb_lens.cli")
+_verbose = [False]
+
+
+def set_verbose(on: bool) -> None:
+    """``perturb-lens --verbose``: unexpected errors also print their traceback."""
+    _verbose[0] = on
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -46,7 +51,8 @@ def user_errors() -> Iterator[None]:
         if isinstance(err, user_error_types()):
             typer.echo(f"Error: {error_text(err)}", err=True)
             raise typer.Exit(1) from err
-        log.info("unexpected error", exc_info=err)
+        if _verbose[0]:
+            typer.echo("".join(traceback.format_exception(err)), err=True)
         typer.echo(
             f"Error: unexpected {type(err).__name__}: {error_text(err)}\n(a bug, or an input "
             "perturb-lens does not check yet: rerun with `perturb-lens --verbose ...` for the "

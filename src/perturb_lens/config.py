@@ -316,6 +316,8 @@ def _explain(err: ValidationError, model: type[BaseModel]) -> str:
             lines.append(f"unknown key {where!r}; valid keys here: {keys}")
         else:
             msg = str(e["msg"]).removeprefix("Value error, ")
+            if e["type"] == "string_type" and not isinstance(e.get("input"), dict | list):
+                msg += f" (YAML read {e.get('input')!r} as a non-string: quote it)"
             lines.append(f"{where}: {msg}" if where else msg)
     return "Invalid configuration:\n  " + "\n  ".join(lines)
 

@@ -489,7 +489,6 @@ def save_tokens(tokens: torch.Tensor, path: str | Path) -> Path:
     tokens = _check_tokens(tokens, "tokens to save").contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, file_mode())  # mkstemp makes 0600; the cache gets what the umask allows
     os.close(fd)
     try:
         if suffix == ".pt":
@@ -501,6 +500,7 @@ def save_tokens(tokens: torch.Tensor, path: str | Path) -> Path:
             from safetensors.torch import save_file
 
             save_file({_SAFETENSORS_KEY: tokens}, tmp)
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; the cache gets what the umask allows
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

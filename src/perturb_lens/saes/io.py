@@ -155,7 +155,10 @@ def load_saelens_folder(folder: str | Path, *, frame: str | None = None) -> SAE:
             "(e.g. save the SAE again) or point to another SAE folder."
         ) from None
     if not isinstance(raw, dict):
-        raise SAELoadError(f"{cfg_path} must hold a JSON object (SAELens cfg.json), not a list.")
+        raise SAELoadError(
+            f"{cfg_path} must hold a JSON object (a SAELens cfg.json), not "
+            f"{type(raw).__name__}: fix it or point to another SAE folder."
+        )
     try:
         cfg = _saelens_cfg_to_ours(raw, frame)
     except SAELoadError:

@@ -235,6 +235,7 @@ def test_overrides_either_run_cleanly_or_fail_naming_the_key(
     args = [c.arg for c in by_key.values()]
     invalid = [c for c in by_key.values() if c.needle is not None]
     out = tmp_path_factory.mktemp("run") / "r"
+    print("ARGS", args, flush=True)  # DEBUG
     result = CliRunner().invoke(app, ["run", str(base_file), *args, "-q", "--out", str(out)])
     text = result.output
     assert "Traceback" not in text and "unexpected" not in text, (args, text)

@@ -23,7 +23,7 @@ from pydantic import (
 
 from perturb_lens.engine.lengths import resolve_lengths
 from perturb_lens.engine.metrics import check_metrics
-from perturb_lens.models.hooks import UnknownHookError, parse_hook
+from perturb_lens.models.hooks import HOOK_KINDS
 
 BASELINES = (
     "isotropic",
@@ -108,19 +108,27 @@ def check_device(device: str | None) -> str | None:
     return device
 
 
+_HOOK_NAME = re.compile(r"blocks\.(\d+)\.(\w+)")
+
+
+def _hook_position(name: str | None) -> tuple[int, int] | None:
+    """(layer, kind index) of a well-formed hook name: its place in the forward pass."""
+    m = _HOOK_NAME.fullmatch(name or "")
+    if m is None or m.group(2) not in HOOK_KINDS:
+        return None
+    return int(m.group(1)), HOOK_KINDS.index(m.group(2))
+
+
 def check_read_after_hook(hook: str, read: str | None) -> None:
     """The downstream read (l2/cos) must sit at or after the perturbed hook."""
-    if read is None:
-        return
-    try:  # well-formed names only: a name the model lacks is refused when the model is loaded
-        h, r = parse_hook(hook, 1 << 30), parse_hook(read, 1 << 30)
-    except UnknownHookError:
+    h, r = _hook_position(hook), _hook_position(read)
+    if h is None or r is None:  # a name the model lacks is refused when the model is loaded
         return
     if r < h:
         raise ValueError(
             f"read {read!r} comes before hook {hook!r} in the forward pass, so the perturbation "
             f"cannot reach it: set read to a hook at or after {hook!r} (e.g. "
-            f"blocks.{h.layer}.hook_resid_post), or leave read unset (the last layer's "
+            f"blocks.{h[0]}.hook_resid_post), or leave read unset (the last layer's "
             "hook_resid_post)."
         )
 

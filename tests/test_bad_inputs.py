@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -287,6 +288,390 @@ def test_two_runs_writing_to_one_directory(tmp_path: Path, config: dict) -> None
     finally:
         holder.close()
     assert_no_corrupt_output(run_dir)
+
+
+# --- issue 16 items 4-6 ---
+# Each case through the CLI as a user types it: exit code 1, no traceback, a message naming the
+# thing and the fix, and nothing left behind that the README does not promise.
+
+
+def cli_fails(*args: str, cwd: Path | None = None, monkeypatch=None) -> str:
+    """Run ``perturb-lens ARGS`` expecting a clean refusal; its output (stdout + stderr)."""
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # handled, not a crash
+    assert "Traceback" not in result.output and "Error: " in result.output, result.output
+    return result.output
+
+
+def config_file(folder: Path, config: dict, **over) -> str:
+    """``config`` (with ``over``) as a YAML file in ``folder``; its path."""
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(with_(config, **over)))
+    return str(path)
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path below ``folder`` with its bytes (None for folders)."""
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+# -- item 4: no raw traceback ------------------------------------------------------------------
+
+
+def test_unknown_direction_on_the_command_line(tmp_path: Path, config: dict) -> None:
+    out = cli_fails(
+        "run",
+        config_file(tmp_path, config),
+        "directions=[isotropic,foo-dir]",
+        "-o",
+        f"{tmp_path}/r",
+    )
+    assert "Unknown direction 'foo-dir'" in out and "register_direction" in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_unexpected_error_is_one_line_and_verbose_shows_the_traceback(
+    tmp_path: Path, config: dict, monkeypatch
+) -> None:
+    import perturb_lens.engine.run as run_module
+
+    def broken(*args, **kwargs):
+        raise KeyError("shards")
+
+    monkeypatch.setattr(run_module, "run_experiment", broken)
+    out = cli_fails("run", config_file(tmp_path, config))
+    assert "Error: unexpected KeyError: 'shards'" in out and "perturb-lens --verbose" in out
+    result = CliRunner().invoke(app, ["--verbose", "run", config_file(tmp_path, config)])
+    assert result.exit_code == 1 and "Traceback" in result.output  # for the bug report
+
+
+def test_disk_full_while_writing_statistics(tmp_path: Path, config: dict, monkeypatch) -> None:
+    import perturb_lens.results.store as store
+
+    monkeypatch.setenv("PERTURB_LENS_CACHE", str(tmp_path / "cache"))  # statistics not cached
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if "stats.safetensors" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    out = cli_fails("run", config_file(tmp_path, config), "-o", str(tmp_path / "r"))
+    assert "disk full while writing" in out and "stats.safetensors" in out
+    assert "free some space" in out
+    assert not (tmp_path / "r").exists()
+    stats_cache = tmp_path / "cache" / "stats"
+    assert [p.name for p in stats_cache.rglob("*") if p.is_file()] == []  # no half-written file
+
+
+@pytest.fixture
+def garbage_sae(tmp_path: Path) -> Path:
+    """A SAELens folder whose weights file is random bytes."""
+    from perturb_lens.saes import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(d_in=64, d_sae=128, hook="blocks.1.hook_resid_pre", frame="centered"))
+    folder = sae.save(tmp_path / "sae")
+    (folder / "sae_weights.safetensors").write_bytes(os.urandom(300))
+    return folder
+
+
+def test_sae_with_garbage_weights(
+    tmp_path: Path, config: dict, garbage_sae: Path, gpt2_dir: Path, text_file: Path
+) -> None:
+    weights = garbage_sae / "sae_weights.safetensors"
+    out = cli_fails(
+        "run", config_file(tmp_path, config, sae=str(garbage_sae)), "-o", f"{tmp_path}/r"
+    )
+    assert f"{weights} is not a readable safetensors file" in out
+    assert "save or download the SAE again" in out
+    assert not (tmp_path / "r").exists()
+    out = cli_fails(
+        "sae", "stats", str(garbage_sae), "--model", str(gpt2_dir), "--data", str(text_file),
+        "--n-seqs", "2", "--seq-len", "16", "-q",
+    )  # fmt: skip
+    assert f"{weights} is not a readable safetensors file" in out
+
+
+def test_e2e_checkpoint_with_garbage_bytes(tmp_path: Path, config: dict) -> None:
+    ckpt = tmp_path / "samples_100.pt"
+    ckpt.write_bytes(b"PK\x03\x04 not a checkpoint" + os.urandom(64))
+    out = cli_fails("run", config_file(tmp_path, config, sae=str(ckpt)), "-o", f"{tmp_path}/r")
+    assert f"{ckpt} is not a readable torch checkpoint" in out and "another checkpoint" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_on_a_cpu_only_torch(tmp_path: Path, config: dict) -> None:
+    out = cli_fails("run", config_file(tmp_path, config), "device=cuda", "-o", f"{tmp_path}/r")
+    assert "device 'cuda' is not available" in out and "set device=cpu" in out
+    assert not (tmp_path / "r").exists()
+
+
+def without_shards(run: Path, folder: Path) -> Path:
+    """A copy of ``run`` whose manifest lists no shard (a run killed before its first)."""
+    import shutil
+
+    copy = folder / "empty-run"
+    shutil.copytree(run, copy)
+    manifest = load_manifest(copy)
+    manifest["shards"], manifest["complete"] = {}, False
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(copy / "shards")
+    return copy
+
+
+def test_report_and_compare_on_a_run_without_shards(tmp_path: Path, reference: Path) -> None:
+    empty = without_shards(reference, tmp_path)
+    before = tree(empty)
+    out = cli_fails("report", str(empty))
+    assert f"{empty} has no finished shard yet" in out and f"--out {empty} --resume" in out
+    out = cli_fails("compare", str(reference), str(empty), "--out", str(tmp_path / "cmp"))
+    assert "has no finished shard yet" in out
+    assert tree(empty) == before and not (tmp_path / "cmp").exists()
+
+
+def test_compare_runs_with_different_length_grids(
+    tmp_path: Path, config: dict, reference: Path
+) -> None:
+    other = run_experiment(with_(config, lengths=[0, 3, 9]), tmp_path / "other", progress=False)
+    result = CliRunner().invoke(
+        app, ["compare", str(other), str(reference), "-o", str(tmp_path / "cmp"), "--format", "svg"]
+    )
+    assert result.exit_code == 0, result.output
+    bars = pd.read_csv(tmp_path / "cmp" / "figures" / "compare_kl_bars.csv")
+    # figure 7-8 lengths of the first run (grid 0, 3, 9): 20/91, 40/91 and 61/91 of 9, nearest
+    # 3, 3, 9 -> [3, 9]; the second run (grid 0, 4) has 4 nearest to both: one bar, at 3
+    second = bars[bars["run"] == bars["run"].iloc[-1]]
+    assert set(second["length"]) == {4.0} and set(second["requested"]) == {3.0}
+
+
+# -- item 5: writes where it should not ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x/evil", "a/b", ".hidden", ""])
+def test_run_name_must_be_a_plain_folder_name(
+    tmp_path: Path, config: dict, monkeypatch, name: str
+) -> None:
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    cfg = config_file(tmp_path, config)
+    out = cli_fails("run", cfg, f"name={name!r}", cwd=cwd, monkeypatch=monkeypatch)
+    assert "must be a plain folder name" in out and "pass --out DIR" in out
+    assert tree(tmp_path / "a") == {"b": None} and not Path("/tmp/x/evil").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "report"])
+def test_empty_out_is_refused(
+    tmp_path: Path, config: dict, reference: Path, monkeypatch, command: str
+) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "notes.txt").write_text("the user's own file")
+    target = config_file(tmp_path, config) if command == "run" else str(reference)
+    out = cli_fails(command, target, "--out", "", cwd=cwd, monkeypatch=monkeypatch)
+    assert "--out is empty, which would write into the current folder" in out
+    assert tree(cwd) == {"notes.txt": b"the user's own file"}
+
+
+def test_failed_start_leaves_an_existing_folder_as_it_was(tmp_path: Path, config: dict) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("kept")
+    out = cli_fails(
+        "run", config_file(tmp_path, config), "hook=blocks.9.hook_resid_pre", "-o", str(folder)
+    )
+    assert "Unknown hook 'blocks.9.hook_resid_pre'" in out
+    assert tree(folder) == {"notes.txt": b"kept"}  # no .lock, no shards/
+
+
+def test_read_hook_before_the_perturbed_hook_is_refused_before_any_work(
+    tmp_path: Path, config: dict
+) -> None:
+    out = cli_fails(
+        "run", config_file(tmp_path, config), "read=blocks.0.hook_resid_post", "-o", f"{tmp_path}/r"
+    )
+    assert "read 'blocks.0.hook_resid_post' comes before hook 'blocks.1.hook_resid_pre'" in out
+    assert "set read to a hook at or after" in out
+    assert not (tmp_path / "r").exists()  # no manifest, no statistics
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_respect_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    from perturb_lens.data import save_tokens
+    from perturb_lens.results import atomic_write
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))
+        save_tokens(torch.zeros(1, 2, dtype=torch.long), tmp_path / "t.safetensors")
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        "a.bin": mode,
+        "t.safetensors": mode,
+    }
+
+
+def test_run_files_respect_the_umask(tmp_path: Path, config: dict) -> None:
+    old = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(
+            app, ["run", config_file(tmp_path, config), "-q", "-o", f"{tmp_path}/r"]
+        )
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    assert {"manifest.json", "stats.safetensors", "pool.pt", "s00000.parquet"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes
+
+
+# -- item 6: messages that name the file and the fix ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "problem"),
+    [
+        ("latin1.txt", "caf\xe9 au lait\n".encode("latin-1"), "not UTF-8 text"),
+        ("latin1.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"), "not UTF-8 text"),
+        ("binary.txt", b"\x00\x01\x02ELF\x00\n" * 20, "binary, not text"),
+    ],
+)
+def test_text_source_that_is_not_utf8_text(
+    tmp_path: Path, config: dict, name: str, data: bytes, problem: str
+) -> None:
+    source = tmp_path / name
+    source.write_bytes(data)
+    cfg = config_file(tmp_path, config, data={"source": str(source)})
+    out = cli_fails("run", cfg, "-o", f"{tmp_path}/r")
+    assert f"{source}, line 1: " in out and problem in out and "data.source" in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_parquet_column_not_strings_or_file_not_parquet(tmp_path: Path, config: dict) -> None:
+    import pyarrow as pa
+
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3], "body": ["a", "b", "c"]}), numbers)
+    out = cli_fails(
+        "run", config_file(tmp_path, config, data={"source": str(numbers)}), "-o", f"{tmp_path}/r"
+    )
+    assert f"{numbers}: column 'text' holds int64, not strings" in out
+    assert "set data.text_field" in out and "'body'" in out
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("just some text, not parquet\n")
+    out = cli_fails(
+        "run", config_file(tmp_path, config, data={"source": str(fake)}), "-o", f"{tmp_path}/r"
+    )
+    assert f"{fake} is not a readable Parquet file" in out
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("{not json", "is not valid JSON"), ("[1, 2]", "must hold a JSON object"), ("{}", "lacks")],
+)
+def test_sae_cfg_json_that_is_not_a_config(
+    tmp_path: Path, config: dict, text: str, problem: str
+) -> None:
+    from perturb_lens.saes import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(d_in=64, d_sae=128, hook="blocks.1.hook_resid_pre", frame="centered"))
+    folder = sae.save(tmp_path / "sae")
+    (folder / "cfg.json").write_text(text)
+    out = cli_fails("run", config_file(tmp_path, config, sae=str(folder)), "-o", f"{tmp_path}/r")
+    assert f"{folder / 'cfg.json'} " in out and problem in out
+    assert "point to another SAE folder" in out
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (f"seed={2**64}", "seed: Input should be less than or equal to 9223372036854775807"),
+        ("seed=-1", "seed: Input should be greater than or equal to 0"),
+        ("lengths=a:b:c", "Length range 'a:b:c' must be three numbers start:stop:step"),
+        ("lengths=[0,4,4]", "Lengths [4.0] appear more than once; each length is measured once"),
+        ("lengths=0:1e6:1", "has 1,000,001 lengths, more than the cap of 1,000: use a larger step"),
+        (f"lengths={list(range(1001))}", "1,001 lengths, more than the cap of 1,000"),
+        ("lengths=0:inf:1", "must use finite numbers"),
+        ("data=[", "Override 'data=[': the value is not valid YAML"),
+    ],
+    ids=["seed-64-bit", "seed-negative", "a:b:c", "duplicates", "absurd-range", "long-list",
+         "inf-range", "bad-yaml"],
+)  # fmt: skip
+def test_bad_values_on_the_command_line(
+    tmp_path: Path, config: dict, override: str, message: str
+) -> None:
+    out = cli_fails("run", config_file(tmp_path, config), override, "-o", f"{tmp_path}/r")
+    assert message in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_range_lengths_are_not_read_as_base_60_numbers() -> None:
+    from perturb_lens.config import load_config
+    from perturb_lens.engine.lengths import resolve_lengths
+
+    cfg = load_config(None, ["lengths=1:20:1", "name=x"])  # YAML 1.1 would read 4801
+    assert cfg.lengths == "1:20:1" and resolve_lengths(cfg.lengths) == [
+        float(v) for v in range(1, 21)
+    ]
+
+
+def test_too_little_data_stops(tmp_path: Path, config: dict, text_file: Path) -> None:
+    out = cli_fails(
+        "run", config_file(tmp_path, config), "data.n_seqs=100000", "-o", f"{tmp_path}/r"
+    )
+    assert f"Too little data: {text_file} gives" in out and "fewer than data.n_seqs=100000" in out
+    assert re.search(r"Set data\.n_seqs=\d+ \(or lower data\.seq_len\), or give more text", out)
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_into_an_unwritable_folder(tmp_path: Path, reference: Path, monkeypatch) -> None:
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    with unwritable(parent, monkeypatch):
+        out = cli_fails("report", str(reference), "--out", str(parent / "rep"))
+    assert str(parent) in out and "pass --out a folder or .html file you can write" in out
+    assert list(parent.iterdir()) == []
+
+
+def test_resume_into_an_unwritable_run_directory(
+    tmp_path: Path, config: dict, reference: Path, monkeypatch
+) -> None:
+    import shutil
+
+    import perturb_lens.results.store as store
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = tree(run)
+    real_mkstemp = store.tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # what a read-only folder does, even for root
+        if Path(dir) == run:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(store.tempfile, "mkstemp", mkstemp)
+    out = cli_fails("run", config_file(tmp_path, config), "--resume", "-o", str(run))
+    assert f"cannot write to the run directory {run}" in out and "chmod u+w" in out
+    assert tree(run) == before
+
+
+def test_report_out_is_an_existing_file(tmp_path: Path, reference: Path) -> None:
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    out = cli_fails("report", str(reference), "--out", str(existing))
+    assert f"--out {existing} is an existing file, not a folder" in out
+    assert "pass a folder, or an .html file path" in out
+    assert tree(tmp_path) == {"notes.txt": b"mine"}
 
 
 # --- issue 16 item 7: thread count ---

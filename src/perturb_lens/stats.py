@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 NORM_QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -120,13 +120,11 @@ class ActivationStats:
             name: getattr(self, name).detach().to("cpu").contiguous()
             for name in ("mean", "cov", "chol")
         }
+        from perturb_lens.results.store import atomic_write  # lazy: stats sit below results
+
+        data = save_safetensors(tensors, metadata={_FORMAT: json.dumps(meta)})
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata={_FORMAT: json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda f: f.write(data))  # a full disk says so and changes nothing
         return path
 
     @classmethod

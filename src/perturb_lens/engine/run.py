@@ -26,6 +26,7 @@ import perturb_lens
 from perturb_lens.config import DirectionSpec, ExperimentConfig, validate_config
 from perturb_lens.data import (
     default_text_source,
+    require_sequences,
     token_source_hash,
     tokenize_dataset,
 )
@@ -304,8 +305,7 @@ def load_tokens_for(cfg: ExperimentConfig, model: LensModel, progress: bool = Tr
         split=cfg.data.split,
         show_progress=progress,
     )
-    if tokens.shape[0] < cfg.data.n_seqs:
-        log.warning("Only %d sequences available (asked for %d).", tokens.shape[0], cfg.data.n_seqs)
+    require_sequences(tokens, cfg.data.n_seqs, source)
     return tokens
 
 

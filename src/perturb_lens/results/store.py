@@ -39,6 +39,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from perturb_lens.paths import file_mode
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -180,6 +182,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; the file gets what the umask allows
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -341,7 +344,7 @@ class RunStore:
         self.run_dir = Path(run_dir)
         self._lock_fd: int | None = None
         self._manifest: dict | None = None
-        self._made_dir = False
+        self._made: list[Path] = []  # what open() created, removed again if no run starts
         self._mutex = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -385,16 +388,19 @@ class RunStore:
         it. :meth:`create` then writes or checks the manifest.
         """
         if self._lock_fd is None:
-            made = not self.run_dir.exists()
-            self._open_dir()
-            self._made_dir = made
+            wanted = [self.run_dir, self.run_dir / SHARDS, self.run_dir / LOCK]
+            missing = [p for p in wanted if not p.exists()]
             try:
+                self._open_dir()
                 self._acquire_lock()
             except BaseException as e:
                 if not isinstance(e, RunLockedError):  # a locked folder is another run's
+                    self._made = missing
                     self._remove_if_unused()
                 raise
+            self._made = missing
             self._remove_stale_tmp_files()
+            self._check_writable()
         return self
 
     def close(self) -> None:
@@ -411,12 +417,32 @@ class RunStore:
             self._remove_if_unused()
 
     def _remove_if_unused(self) -> None:
-        if not self._made_dir or (self.run_dir / MANIFEST).exists():
+        """Remove what :meth:`open` created (lock file, shards/, the folder) if no run started
+        in it; a folder that existed before is left as it was."""
+        if (self.run_dir / MANIFEST).exists():
             return
-        with contextlib.suppress(OSError):
-            (self.run_dir / LOCK).unlink(missing_ok=True)
-            (self.run_dir / SHARDS).rmdir()
-            self.run_dir.rmdir()
+        for path in reversed(self._made):  # the lock, shards/, then the folder itself
+            with contextlib.suppress(OSError):
+                if path.name == LOCK:
+                    path.unlink()
+                else:
+                    path.rmdir()
+        self._made = []
+
+    def _check_writable(self) -> None:
+        """Fail now, not at the first write, when the folder cannot take new files (an existing
+        run dir made read-only, a read-only mount): the lock file alone does not show it."""
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.run_dir, prefix=".probe.", suffix=_TMP_SUFFIX)
+        except OSError as e:
+            self.close()
+            raise OSError(
+                e.errno,
+                f"cannot write to the run directory {self.run_dir} ({e.strerror or e}): choose "
+                f"another --out, or make it writable (chmod u+w {self.run_dir})",
+            ) from e
+        os.close(fd)
+        os.unlink(probe)
 
     def __enter__(self) -> RunStore:
         return self

@@ -792,15 +792,20 @@ def test_resume_refuses_another_package_version(tmp_path: Path, config: dict, mo
     assert_refused(run_dir, out, "perturb_lens_version", "'99.0'", "numbers may differ")
 
 
-def stats_cache_of(run_dir: Path) -> Path:
-    """The shared statistics cache folder holding the very files a run recorded."""
+def stats_caches_of(run_dir: Path) -> list[Path]:
+    """The shared statistics cache folders holding the very files a run recorded (several when
+    runs of other settings, e.g. another thread count, fitted identical statistics)."""
     from perturb_lens.paths import cache_root
 
     want = load_manifest(run_dir)["meta"]["stats_sha256"]
-    for folder in (cache_root() / "stats").iterdir():
-        if file_sha256(folder / "stats.safetensors") == want:
-            return folder
-    raise AssertionError("the run's statistics are not in the cache")
+    found = [
+        folder
+        for folder in (cache_root() / "stats").iterdir()
+        if (folder / "stats.safetensors").is_file()
+        and file_sha256(folder / "stats.safetensors") == want
+    ]
+    assert found, "the run's statistics are not in the cache"
+    return found
 
 
 def test_resume_with_another_runs_statistics(
@@ -823,16 +828,18 @@ def test_resume_with_another_runs_statistics(
     # when even the recomputation gives other statistics (a cache overwritten by another run's
     # files), the resume is refused
     run_dir = interrupted(config, tmp_path / "run2")
-    cache = stats_cache_of(run_dir)
+    caches = stats_caches_of(run_dir)
     for name in ("stats.safetensors", "pool.pt"):
         shutil.copy(other / name, run_dir / name)
-        shutil.copy(other / name, cache / name)
+        for cache in caches:
+            shutil.copy(other / name, cache / name)
     try:
         code, out = cli_run(config, run_dir, "--resume")
         assert code == 1
         assert_refused(run_dir, out, "stats_sha256", "pool_sha256", "activation statistics")
     finally:
-        shutil.rmtree(cache)  # the poisoned cache entry; refitted by the next run
+        for cache in caches:
+            shutil.rmtree(cache)  # the poisoned cache entries; refitted by the next run
 
 
 @pytest.mark.parametrize(

@@ -71,8 +71,9 @@ class InputsChangedError(ValueError):
     """Resuming would compute the remaining shards from other inputs than the finished ones."""
 
 
-INFORMATIONAL_META = frozenset({"python", "model_source"})
-"""Meta keys that may change on resume (with a warning); any other change refuses the resume."""
+INFORMATIONAL_META = frozenset({"python", "model_source", "cpu"})
+"""Meta keys that may change on resume (with a warning); any other change refuses the resume.
+``cpu`` is vetted before this check, by the runner (refused unless ``--allow-cpu-change``)."""
 
 _META_MEANING = {
     "dataset_hash": "the tokens: the text source, its tokenizer or the data settings changed",

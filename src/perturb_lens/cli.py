@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from perturb_lens.cli_errors import checked_out, set_verbose, user_errors
 from perturb_lens.cli_sae import sae_app
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ def main(
 ) -> None:
     """Activation-perturbation (sensitive directions) experiments on transformer LMs."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    set_verbose(verbose)
 
 
 def model_info(lens: Any) -> dict[str, Any]:
@@ -67,10 +69,8 @@ def info(
     """Load MODEL and describe it: architecture, shapes, hook points, frame and origin."""
     from perturb_lens import load_model
 
-    try:
+    with user_errors():  # ModelLoadError and bad frames: the message says what to do
         lens = load_model(model, frame=frame, device="cpu", native=native)
-    except ValueError as err:  # ModelLoadError and bad frames: the message says what to do
-        raise _fail(err) from err
     facts = model_info(lens)
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
@@ -107,11 +107,6 @@ def info(
     Console().print(table)
 
 
-def _fail(err: Exception) -> typer.Exit:
-    typer.echo(f"Error: {err}", err=True)
-    return typer.Exit(1)
-
-
 @app.command(context_settings={"allow_extra_args": False})
 def run(
     config: Annotated[str, typer.Argument(help="Experiment config (.yaml/.yml/.toml).")],
@@ -133,20 +128,33 @@ def run(
         str | None,
         typer.Option(help="Ray cluster to join (auto, host:6379, ...); default: a local one."),
     ] = None,
+    allow_cpu_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-cpu-change",
+            help="Resume (or run Ray workers) on another CPU kind than the run's, accepting "
+            "shards that may differ in the last bits.",
+        ),
+    ] = False,
 ) -> None:
     """Run (or resume) an experiment; write Parquet shards + manifest; print a summary table."""
-    from perturb_lens.config import ConfigError, load_config
-    from perturb_lens.engine.run import run_experiment, summary_rows
+    from perturb_lens.config import load_config
+    from perturb_lens.engine.run import nonfinite_rows, run_experiment, summary_rows
     from perturb_lens.results import summary_table
 
-    try:
+    out = checked_out(out)
+    with user_errors():
         cfg = load_config(config, overrides or [])
         run_dir = run_experiment(
-            cfg, out, resume=resume, progress=not quiet, executor=executor, address=address
+            cfg,
+            out,
+            resume=resume,
+            progress=not quiet,
+            executor=executor,
+            address=address,
+            allow_cpu_change=allow_cpu_change,
         )
-    except (ConfigError, ValueError, OSError, RuntimeError, ArithmeticError, ImportError) as err:
-        raise _fail(err) from err
-    rows = summary_rows(run_dir)
+        rows = summary_rows(run_dir)
     for metric in [m for m in cfg.metrics if m in rows.columns][:2]:
         table = summary_table(rows, metrics=(metric,))
         table.columns = [f"{float(c.split('@')[1]):.3g}" for c in table.columns]
@@ -156,6 +164,11 @@ def run(
 
         for title, t in curve_tables(rows, cfg).items():
             _print_frame(t.set_index([c for c in ("base", "direction") if c in t.columns]), title)
+    if n_bad := nonfinite_rows(run_dir):
+        Console().print(
+            f"Non-finite rows (NaN/inf): {n_bad}, flagged in column 'nonfinite' and left out of "
+            "the means above"
+        )
     Console().print(f"Results: [bold]{run_dir}[/bold]  (load with perturb_lens.load_results)")
 
 
@@ -188,10 +201,9 @@ def report(
     """Write a self-contained HTML report of a run: figures, summary tables, config, data links."""
     from perturb_lens.plots import write_report
 
-    try:
+    out = checked_out(out)
+    with user_errors():
         path = write_report(run_dir, out, formats=_formats(fmt))
-    except (ValueError, KeyError, OSError) as err:
-        raise _fail(err) from err
     Console().print(f"Report: [bold]{path}[/bold]  (figures in {path.parent / 'figures'})")
 
 
@@ -207,8 +219,11 @@ def compare(
     """Overlay several runs (e.g. one per layer or SAE) in one HTML page with figures."""
     from perturb_lens.plots import write_comparison
 
-    try:
+    checked_out(out)
+    with user_errors():
         path = write_comparison(run_dirs, out, metric=metric, formats=_formats(fmt))
-    except (ValueError, KeyError, OSError) as err:
-        raise _fail(err) from err
     Console().print(f"Comparison: [bold]{path}[/bold]")
+
+
+if __name__ == "__main__":
+    app()

@@ -10,18 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from perturb_lens.cli_errors import checked_out, user_errors
+
 sae_app = typer.Typer(
     name="sae",
     help="Sparse autoencoders: train, statistics, SAE experiment suites.",
     no_args_is_help=True,
 )
-
-_ERRORS = (ValueError, OSError, RuntimeError, ImportError, KeyError)
-
-
-def _fail(err: Exception) -> typer.Exit:
-    typer.echo(f"Error: {err}", err=True)
-    return typer.Exit(1)
 
 
 @sae_app.command()
@@ -44,7 +39,8 @@ def train(
     """Train the SAEs of CONFIG: one SAELens folder per SAE, checkpoints, resumable."""
     from perturb_lens.saes.train import load_train_config, train_saes
 
-    try:
+    out = checked_out(out)
+    with user_errors():
         cfg = load_train_config(config, overrides or [])
         folder = Path(out) if out is not None else Path("runs") / cfg.name
         if (folder / "train_config.json").is_file() and not resume:
@@ -53,8 +49,6 @@ def train(
                 "another --out."
             )
         folders = train_saes(cfg, folder, progress=not quiet, only=only)
-    except _ERRORS as err:
-        raise _fail(err) from err
     for name, path in folders.items():
         Console().print(f"{name}: [bold]{path}[/bold]")
 
@@ -83,7 +77,7 @@ def stats(
     from perturb_lens.saes.io import load_sae
     from perturb_lens.saes.stats import sae_stats
 
-    try:
+    with user_errors():
         lens = load_model(model, frame=frame)
         named = {Path(s).name if Path(s).exists() else s: load_sae(s, model=model) for s in saes}
         cfg = ExperimentConfig(
@@ -91,8 +85,6 @@ def stats(
         )
         tokens = load_tokens_for(cfg, lens, not quiet)
         rows = sae_stats(named, lens, tokens, include_bos=include_bos, progress=not quiet)
-    except _ERRORS as err:
-        raise _fail(err) from err
     df = pd.DataFrame([r.to_dict() for r in rows])
     if csv:
         df.to_csv(csv, index=False)
@@ -129,12 +121,11 @@ def run_suite_cmd(
     """Run (or resume) one sweep per SAE; print the mean KL per SAE and direction + ratios."""
     from perturb_lens.saes.suite import load_suite_config, run_suite, suite_summary
 
-    try:
+    out = checked_out(out)
+    with user_errors():
         cfg = load_suite_config(config, overrides or [])
         folder = run_suite(cfg, out, progress=not quiet, only=only)
         df = suite_summary(folder, reference=cfg.reference)
-    except _ERRORS as err:
-        raise _fail(err) from err
     cols = [c for c in ("kl", "size", "ratio_kl") if c in df.columns]
     table = Table(title=f"SAE suite {cfg.name}: mean per SAE, direction and length")
     for c in ("sae", "hook", "direction", "length", *cols):

@@ -6,6 +6,7 @@ results, and a run directory refuses to resume under a different config.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from pydantic import (
 
 from perturb_lens.engine.lengths import resolve_lengths
 from perturb_lens.engine.metrics import check_metrics
+from perturb_lens.models.hooks import HOOK_KINDS
 
 BASELINES = (
     "isotropic",
@@ -35,6 +37,100 @@ BASELINES = (
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what to change."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML without 1.1's base-60 numbers: ``lengths=1:20:1`` stays a string, not 4801."""
+
+
+_NUMBERS = ("int", "float")
+_Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, re.compile(r"(?!.*:)" + rx.pattern, rx.flags) if tag.endswith(_NUMBERS) else rx)
+        for tag, rx in resolvers
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` without base-60 numbers (YAML 1.2 dropped them too)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+
+
+SEED_MAX = 2**63 - 1  # seeds torch generators, which take 64-bit integers
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one plain folder name: the run goes to ``runs/NAME-HASH``."""
+    bad = (
+        not name
+        or name.startswith(".")
+        or any(c in name for c in "/\\:")
+        or any(ord(c) < 32 for c in name)
+        or len(name) > 100
+    )
+    if bad:
+        raise ValueError(
+            f"name {name!r} must be a plain folder name of at most 100 characters (no '/', '\\', "
+            "':' or control characters, not starting with '.'): the run is written to "
+            "runs/NAME-HASH. To write it elsewhere, keep a plain name and pass --out DIR."
+        )
+    return name
+
+
+def check_device(device: str | None) -> str | None:
+    """A torch device string this machine has (None: CUDA if available, else the CPU)."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(
+            f"device {device!r} is not a torch device: use cpu, cuda, cuda:N or mps, or leave it "
+            "unset (CUDA when available, else the CPU)."
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(
+            f"device {device!r} is not available ({why}): set device=cpu, or leave device unset "
+            "to use CUDA only when it is available."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {device!r} is not available: this machine has "
+            f"{torch.cuda.device_count()} GPU(s) (cuda:0 ...); pick one of them or set device=cpu."
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not available here: set device=cpu.")
+    return device
+
+
+_HOOK_NAME = re.compile(r"blocks\.(\d+)\.(\w+)")
+
+
+def _hook_position(name: str | None) -> tuple[int, int] | None:
+    """(layer, kind index) of a well-formed hook name: its place in the forward pass."""
+    m = _HOOK_NAME.fullmatch(name or "")
+    if m is None or m.group(2) not in HOOK_KINDS:
+        return None
+    return int(m.group(1)), HOOK_KINDS.index(m.group(2))
+
+
+def check_read_after_hook(hook: str, read: str | None) -> None:
+    """The downstream read (l2/cos) must sit at or after the perturbed hook."""
+    h, r = _hook_position(hook), _hook_position(read)
+    if h is None or r is None:  # a name the model lacks is refused when the model is loaded
+        return
+    if r < h:
+        raise ValueError(
+            f"read {read!r} comes before hook {hook!r} in the forward pass, so the perturbation "
+            f"cannot reach it: set read to a hook at or after {hook!r} (e.g. "
+            f"blocks.{h[0]}.hook_resid_post), or leave read unset (the last layer's "
+            "hook_resid_post)."
+        )
 
 
 class _Strict(BaseModel):
@@ -117,7 +213,7 @@ class ExperimentConfig(_Strict):
     """A sweep: model, hook, data, directions, lengths, scope, metrics (and per-experiment
     sections for plateaus and stable regions)."""
 
-    name: str = "experiment"
+    name: str = Field("experiment", description="the run goes to runs/NAME-HASH (no '/')")
     experiment: Literal[
         "sensitive-directions", "synthetic-activations", "plateaus", "stable-regions"
     ] = "sensitive-directions"
@@ -131,6 +227,12 @@ class ExperimentConfig(_Strict):
     precision: Literal["auto", "float32", "tf32", "bf16-matmul"] = Field(
         "auto", description="block matmuls (native models); auto = tf32 on CUDA, else float32"
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per shard, the same on every executor (float32 results depend "
+        "on it); None = torch's default on the driver, recorded in the manifest",
+    )
     hook: str = "blocks.6.hook_resid_pre"
     read: str | None = Field(None, description="downstream hook for l2/cos; None = last resid_post")
     scope: Literal["all-positions", "single-position", "last-position"] = "all-positions"
@@ -142,7 +244,7 @@ class ExperimentConfig(_Strict):
     )
     data: DataConfig = Field(default_factory=DataConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="0 .. 2**63 - 1")
     shard_seqs: int = Field(8, ge=1, description="sequences per result shard (unit of resume)")
     shard_by_direction: bool = Field(
         False, description="one shard per batch x direction (finer resume and parallelism)"
@@ -151,6 +253,9 @@ class ExperimentConfig(_Strict):
         None, ge=1, description="token rows per suffix pass; None = 4096 on CPU, from GPU memory"
     )
     rows_per_logits: int = Field(512, ge=1)
+    nonfinite: Literal["error", "record"] = Field(
+        "error", description="NaN/inf metrics: refuse the shard, or record them (flagged, unmeaned)"
+    )
     include_bos: bool = Field(True, description="BOS position in summary means (published: yes)")
     drop_last_position: bool = Field(True, description="all-positions summary drops the last pos")
     plateaus: PlateauConfig = Field(default_factory=PlateauConfig)
@@ -162,6 +267,16 @@ class ExperimentConfig(_Strict):
         if not isinstance(v, list):
             return v
         return [{"name": d} if isinstance(d, str) else d for d in v]
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        return check_run_name(v)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str | None) -> str | None:
+        return check_device(v)
 
     @field_validator("metrics")
     @classmethod
@@ -186,6 +301,7 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_scope(self) -> ExperimentConfig:
+        check_read_after_hook(self.hook, self.read)
         if self.experiment in ("plateaus", "stable-regions") and self.scope != "last-position":
             raise ValueError(f"experiment {self.experiment!r} needs scope: last-position")
         if self.shard_by_direction and self.experiment in ("plateaus", "stable-regions"):
@@ -216,7 +332,10 @@ def _explain(err: ValidationError, model: type[BaseModel]) -> str:
             keys = ", ".join(_valid_keys(model, e["loc"]))
             lines.append(f"unknown key {where!r}; valid keys here: {keys}")
         else:
-            lines.append(f"{where}: {e['msg']}")
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            if e["type"] == "string_type" and not isinstance(e.get("input"), dict | list):
+                msg += f" (YAML read {e.get('input')!r} as a non-string: quote it)"
+            lines.append(f"{where}: {msg}" if where else msg)
     return "Invalid configuration:\n  " + "\n  ".join(lines)
 
 
@@ -233,12 +352,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} not found.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"Config {path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as "
+            "UTF-8, or check that it is the config file you meant."
+        ) from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
+            data = parse_yaml(text)
         else:
             raise ConfigError(f"Config {path} must end in .yaml, .yml or .toml.")
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
@@ -256,7 +381,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides (values parsed as YAML: numbers, lists, null...)."""
-    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    out = parse_yaml(yaml.safe_dump(data)) or {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -267,7 +392,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"Override {item!r}: {p!r} is not a section.")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = parse_yaml(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"Override {item!r}: the value is not valid YAML ({err}); quote it, e.g. "
+                f"{key}='\"...\"', or fix the brackets of a list ({key}=[a,b])."
+            ) from None
     return out
 
 

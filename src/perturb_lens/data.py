@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from perturb_lens.paths import file_mode
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -147,48 +149,79 @@ def _local_texts(path: Path, text_field: str) -> Iterator[str]:
             yield from _line_texts(file)
 
 
+def _text_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; binary or other encodings: a clear error."""
+    with file.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{file}, line {lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the "
+                    "line): convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8), or point "
+                    "data.source at a text file."
+                ) from None
+            if "\x00" in line:
+                raise ValueError(
+                    f"{file}, line {lineno}: holds NUL bytes, so it is binary, not text: point "
+                    "data.source at a .txt/.cor/.jsonl/.parquet text source."
+                )
+            yield lineno, line
+
+
 def _line_texts(file: Path) -> Iterator[str]:
     """One document per line; blank lines skipped."""
-    with file.open(encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield line
+    for _, line in _text_lines(file):
+        line = line.rstrip("\r\n")
+        if line.strip():
+            yield line
 
 
 def _jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
-    with file.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}, line {lineno}: not valid JSON ({e}).") from e
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(
-                    f"{file}, line {lineno}: no field {text_field!r} (available: {keys}); "
-                    "pass text_field=... to name the text field."
-                )
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"{file}, line {lineno}: field {text_field!r} is a {type(text).__name__}, "
-                    "not a string."
-                )
-            yield text
+    for lineno, line in _text_lines(file):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}, line {lineno}: not valid JSON ({e}).") from e
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(
+                f"{file}, line {lineno}: no field {text_field!r} (available: {keys}); "
+                "pass text_field=... to name the text field."
+            )
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{file}, line {lineno}: field {text_field!r} is a {type(text).__name__}, "
+                "not a string."
+            )
+        yield text
 
 
 def _parquet_texts(file: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(file)
+    try:
+        pf = pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(
+            f"{file} is not a readable Parquet file ({e}): check the file, or give it the suffix "
+            "of what it holds (.txt, .jsonl)."
+        ) from None
     names = pf.schema_arrow.names
     if text_field not in names:
         raise ValueError(
             f"{file}: no column {text_field!r} (available: {names}); "
-            "pass text_field=... to name the text column."
+            "set data.text_field to name the text column."
+        )
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(
+            f"{file}: column {text_field!r} holds {kind}, not strings: set data.text_field to the "
+            f"column with the text (columns: {names})."
         )
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         yield from (t for t in batch.column(0).to_pylist() if t is not None)
@@ -266,6 +299,17 @@ def chunk_tokens(
         )
     body = torch.tensor(rows, dtype=torch.long)  # [N, seq_len - 1]
     return torch.cat([torch.full((len(rows), 1), bos_id, dtype=torch.long), body], dim=1)
+
+
+def require_sequences(tokens: torch.Tensor, n_seqs: int, source: str) -> None:
+    """Stop (as the README promises) when ``source`` gave fewer rows than ``n_seqs``."""
+    n, seq_len = tokens.shape
+    if n < n_seqs:
+        raise ValueError(
+            f"Too little data: {source} gives {n} sequences of {seq_len} tokens, fewer than "
+            f"data.n_seqs={n_seqs}. Set data.n_seqs={n} (or lower data.seq_len), or give more "
+            "text."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,6 +500,7 @@ def save_tokens(tokens: torch.Tensor, path: str | Path) -> Path:
             from safetensors.torch import save_file
 
             save_file({_SAFETENSORS_KEY: tokens}, tmp)
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; the cache gets what the umask allows
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -20,14 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 NORM_QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 DEFAULT_JITTER = 0.01  # the published choice: 0.01 added to the covariance diagonal
 _FORMAT = "perturb-lens/activation-stats"
 _FORMAT_VERSION = 1
+
+
+class StatsFileError(ValueError):
+    """A statistics file that cannot be read: damaged, truncated, or not one."""
 
 
 @dataclass(eq=False)
@@ -116,31 +120,48 @@ class ActivationStats:
             name: getattr(self, name).detach().to("cpu").contiguous()
             for name in ("mean", "cov", "chol")
         }
+        from perturb_lens.results.store import atomic_write  # lazy: stats sit below results
+
+        data = save_safetensors(tensors, metadata={_FORMAT: json.dumps(meta)})
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata={_FORMAT: json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda f: f.write(data))  # a full disk says so and changes nothing
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ActivationStats:
-        """Read a file written by :meth:`save`."""
+        """Read a file written by :meth:`save`; a damaged or foreign file raises
+        :class:`StatsFileError` naming it."""
+        try:
+            return cls._load(path)
+        except (StatsFileError, FileNotFoundError):
+            raise
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise StatsFileError(
+                f"{path} is not a readable activation-stats file ({type(e).__name__}: {e}): "
+                "damaged or truncated; delete it to fit the statistics again."
+            ) from e
+
+    @classmethod
+    def _load(cls, path: str | os.PathLike[str]) -> ActivationStats:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(_FORMAT)
             if raw is None:
-                raise ValueError(
+                raise StatsFileError(
                     f"{path} is not an activation-stats file (no '{_FORMAT}' metadata)"
                 )
             meta = json.loads(raw)
             if meta.get("version") != _FORMAT_VERSION:
-                raise ValueError(
+                raise StatsFileError(
                     f"{path} has activation-stats format version {meta.get('version')}; this "
                     f"perturb-lens reads version {_FORMAT_VERSION}: refit the statistics."
                 )
             t = {name: f.get_tensor(name) for name in ("mean", "cov", "chol")}
+        d = t["mean"].shape[0] if t["mean"].ndim == 1 else -1
+        if d < 1 or any(t[k].shape != (d, d) for k in ("cov", "chol")):
+            raise StatsFileError(
+                f"{path} holds tensors of inconsistent shapes "
+                f"({ {k: tuple(v.shape) for k, v in t.items()} }): damaged; delete it to refit."
+            )
         return cls(
             **t,
             norm_quantiles={float(q): float(v) for q, v in meta["norm_quantiles"]},

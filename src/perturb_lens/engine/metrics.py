@@ -169,6 +169,12 @@ DOWNSTREAM_METRICS = metric_names(needs_logits=False)
 METRICS = OUTPUT_METRICS + DOWNSTREAM_METRICS
 
 
+def at_least_float32(x: Tensor, like: torch.dtype | None = None) -> Tensor:
+    """``x`` in float32, or in float64 when ``like`` (default: its own dtype) is float64: metrics
+    of a float64 model stay float64 (exactness tests), half precision is widened."""
+    return x.to(torch.promote_types(like or x.dtype, torch.float32))
+
+
 def vocab_block(device: torch.device) -> int:
     """Vocabulary rows per block of the blocked unembedding (cache-sized on CPU)."""
     return 4096 if device.type == "cpu" else 16384
@@ -178,7 +184,7 @@ def _logit_blocks(final: Tensor, w: Tensor, b: Tensor | None) -> Iterator[tuple[
     """Transposed float32 logits ``[block, rows]`` of ``final @ w.T + b``, block by block over the
     vocabulary (the ``[vocab, rows]`` orientation runs near the matmul peak on CPU, and a block
     stays in cache for the reductions that follow)."""
-    ft = final.reshape(-1, final.shape[-1]).float().t()
+    ft = final.reshape(-1, final.shape[-1]).to(w.dtype).t()  # float64 for a float64 model
     step = vocab_block(final.device)
     for v0 in range(0, w.shape[0], step):
         z = w[v0 : v0 + step] @ ft
@@ -249,7 +255,7 @@ def kl_linear(
     ``f_clean`` [..., d] broadcast against ``f_pert``.
     """
     dot = (u_clean * (f_pert.double() - f_clean.double())).sum(-1)
-    return (lse_pert - lse_clean - dot).clamp_min(0.0).float()
+    return at_least_float32((lse_pert - lse_clean - dot).clamp_min(0.0), f_pert.dtype)
 
 
 def output_metrics(
@@ -263,11 +269,13 @@ def output_metrics(
     want = [m for m in metric_names(needs_logits=True) if m in names]
     if not want:
         return {}
-    d = Distributions(clean_logp, torch.log_softmax(pert_logits.float(), dim=-1), next_tokens)
+    logp = torch.log_softmax(at_least_float32(pert_logits), dim=-1)
+    d = Distributions(clean_logp, logp, next_tokens)
     return {m: _METRICS[m].fn(d) for m in want}
 
 
 def downstream_metrics(clean: Tensor, pert: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
-    """The downstream metrics among ``names`` between activations [..., d] (in float32)."""
-    clean, pert = clean.float(), pert.float()
+    """The downstream metrics among ``names`` between activations [..., d] (in float32, or
+    float64)."""
+    clean, pert = at_least_float32(clean, pert.dtype), at_least_float32(pert)
     return {m: _METRICS[m].fn(clean, pert) for m in metric_names(needs_logits=False) if m in names}

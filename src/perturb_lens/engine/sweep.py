@@ -26,6 +26,7 @@ from torch import Tensor
 from perturb_lens.engine.metrics import (
     DOWNSTREAM_METRICS,
     OUTPUT_METRICS,
+    at_least_float32,
     downstream_metrics,
     kl_linear,
     lse_linear,
@@ -35,6 +36,12 @@ from perturb_lens.engine.metrics import (
 from perturb_lens.models.base import CleanRun, LensModel
 
 SCOPES = ("all-positions", "single-position", "last-position")
+NONFINITE = "nonfinite"  # the column flagging rows with a NaN/inf metric (nonfinite=record)
+NONFINITE_POLICIES = ("error", "record")
+
+
+class NonFiniteMetricError(FloatingPointError):
+    """A perturbed row's metric is NaN or inf (and the config did not ask to record such rows)."""
 
 
 @dataclass
@@ -48,11 +55,16 @@ class SweepSpec:
     read: str | None = None  # downstream hook for l2/cos; None = the last resid_post
     rows_per_pass: int | None = None  # token rows per suffix pass; None: auto_rows_per_pass
     rows_per_logits: int = 512  # rows per unembedding chunk ([rows, vocab] float32 temporaries)
+    nonfinite: str = "error"  # NaN/inf metrics: refuse the shard, or "record" them (flagged)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"Unknown scope {self.scope!r}; choose from {list(SCOPES)}.")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"Unknown nonfinite {self.nonfinite!r}; choose from {list(NONFINITE_POLICIES)}."
+            )
 
     @property
     def needs_read(self) -> bool:
@@ -133,7 +145,7 @@ class _CleanOut:
             parts = [softmax_moment(flat[r0 : r0 + rows], *lin) for r0 in range(0, len(flat), rows)]
             lse = torch.cat([p[0] for p in parts]).reshape(clean.final.shape[:-1])
             u = torch.cat([p[1] for p in parts]).reshape(*clean.final.shape[:-1], -1)
-        return cls(clean.final.float(), logp, lse, u, rest, lin)
+        return cls(at_least_float32(clean.final), logp, lse, u, rest, lin)
 
     def select(self, i: int, sel: Tensor | None = None) -> list[Tensor | None]:
         """Sequence i (all positions, with a leading broadcast axis) or positions ``sel`` of it
@@ -180,7 +192,8 @@ def measure(
     ref = _CleanOut.build(model, clean, spec.metrics, spec.rows_per_logits)
     nxt = torch.full((b, t), -1, dtype=torch.long, device=clean.tokens.device)
     nxt[:, :-1] = clean.tokens[:, 1:]
-    alphas = torch.tensor(list(spec.lengths), dtype=torch.float32, device=clean.x.device)
+    wide = torch.promote_types(clean.x.dtype, torch.float32)  # float64 for a float64 model
+    alphas = torch.tensor(list(spec.lengths), dtype=wide, device=clean.x.device)
     rows = _Rows()
     seqs = torch.arange(b) + seq_offset
     first = spec.first_position(t)
@@ -189,7 +202,7 @@ def measure(
             raise ValueError(
                 f"Directions {name!r} have shape {tuple(dirs.shape)}, expected {(b, t, d)}."
             )
-        dirs = dirs.to(clean.x.device, torch.float32)
+        dirs = dirs.to(clean.x.device, wide)
         if spec.scope == "all-positions":
             _all_positions(model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name)
         else:
@@ -201,7 +214,53 @@ def measure(
     if any(np.abs(n[:, first:] - 1).max() > 1e-4 for n in norms.values()):
         df["size"] = _perturbation_sizes(df, norms, seq_offset)
     df["direction"] = pd.Categorical(df["direction"], categories=list(directions))
+    bad = _nonfinite_rows(df, spec.metrics, t)
+    if spec.nonfinite == "record":
+        df[NONFINITE] = bad
+    elif bad.any():
+        raise _nonfinite_error(df, bad, clean.x, spec, seq_offset)
     return df
+
+
+def _nonfinite_rows(df: pd.DataFrame, metrics: Sequence[str], seq_len: int) -> np.ndarray:
+    """Rows with a NaN/inf metric (``dce`` is NaN by definition at the last position: no next
+    token there)."""
+    bad = np.zeros(len(df), dtype=bool)
+    for m in metrics:
+        if m not in df.columns or df[m].dtype.kind != "f":
+            continue
+        wrong = ~np.isfinite(df[m].to_numpy())
+        if m == "dce":
+            wrong &= df["pos"].to_numpy() < seq_len - 1
+        bad |= wrong
+    return bad
+
+
+def _nonfinite_error(
+    df: pd.DataFrame, bad: np.ndarray, x: Tensor, spec: SweepSpec, seq_offset: int
+) -> NonFiniteMetricError:
+    """The error for the first non-finite row: where, the values, the likely cause, the fix."""
+    row = df[bad].iloc[0]
+    seq, pos, length = int(row["seq"]), int(row["pos"]), float(row["length"])
+    values = ", ".join(
+        f"{m}={row[m]}" for m in spec.metrics if m in df.columns and df[m].dtype.kind == "f"
+    )
+    norm = float(x[seq - seq_offset, pos].double().norm())
+    causes = [
+        f"the length {length:.4g} is {length / norm:.3g}x the activation norm there ({norm:.4g}): "
+        "far beyond it the arithmetic overflows; use shorter lengths"
+    ]
+    if x.dtype in (torch.float16, torch.bfloat16):
+        causes.append(
+            f"half precision ({str(x.dtype).removeprefix('torch.')}) overflows far sooner: "
+            "use dtype=float32"
+        )
+    return NonFiniteMetricError(
+        f"Non-finite metric (NaN/inf) in {int(bad.sum())} of {len(df)} rows, first at direction "
+        f"{row['direction']!r}, length {length:.4g}, sequence {seq}, position {pos} ({values}). "
+        f"Likely cause: {'; or '.join(causes)}. Or set nonfinite=record to keep such rows, "
+        f"flagged in column {NONFINITE!r} and left out of the summary means."
+    )
 
 
 def _perturbation_sizes(

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import pandas as pd
 from torch import Tensor
 
+from perturb_lens.executors.compute import ComputeMismatchError, cpu_model, torch_threads
+
 if TYPE_CHECKING:
     from perturb_lens.config import ExperimentConfig
     from perturb_lens.engine.run import RunContext
@@ -48,6 +50,8 @@ class ShardJob:
     explicit: Mapping[str, Tensor] = field(default_factory=dict)
     model: LensModel | None = None
     sae: Any = None
+    threads: int | None = None
+    cpu: str | None = None
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
@@ -59,9 +63,12 @@ class ShardJob:
         *,
         model: LensModel | None = None,
         sae: Any = None,
+        threads: int | None = None,
+        cpu: str | None = None,
     ) -> ShardJob:
         """The job for a context built by the driver (``model``, ``sae``: objects the driver was
-        handed, shipped to workers instead of loading ``config.model`` / ``config.sae`` there)."""
+        handed, shipped to workers instead of loading ``config.model`` / ``config.sae`` there;
+        ``threads``, ``cpu``: the run's compute contract, see :meth:`compute`)."""
         return cls(
             config=ctx.config,
             run_dir=str(run_dir),
@@ -72,7 +79,23 @@ class ShardJob:
             explicit=dict(ctx.explicit),
             model=model,
             sae=sae,
+            threads=threads,
+            cpu=cpu,
         )
+
+    def compute(self, ctx: RunContext, shard_id: str) -> pd.DataFrame:
+        """One shard's rows with the run's torch thread count (None: as set), refused on another
+        CPU kind than ``cpu`` (None: any). Every executor computes shards through this."""
+        if self.cpu is not None and cpu_model() != self.cpu:
+            raise ComputeMismatchError(
+                f"this worker's CPU is {cpu_model()!r}, the run's is {self.cpu!r}: float32 kernels "
+                "differ between CPU kinds, so its shards would not match the others bit for bit. "
+                "Use workers with the run's CPU kind, or pass --allow-cpu-change to accept it."
+            )
+        if self.threads is None:
+            return self.shard_fn(ctx, shard_id)
+        with torch_threads(self.threads):
+            return self.shard_fn(ctx, shard_id)
 
     def context(self) -> RunContext:
         """Rebuild the run context (loads the model unless the job carries one)."""
@@ -99,5 +122,6 @@ class Executor(Protocol):
     def map(
         self, job: ShardJob, shard_ids: Sequence[str], ctx: RunContext | None = None
     ) -> Iterator[tuple[str, pd.DataFrame]]:
-        """Compute ``shard_ids`` (in any order); ``ctx`` is the driver's context, if useful."""
+        """Compute ``shard_ids`` (in any order, each with ``job.compute``); ``ctx`` is the
+        driver's context, if useful."""
         ...

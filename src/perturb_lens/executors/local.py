@@ -24,4 +24,4 @@ class LocalExecutor:
         """Yield ``(shard_id, rows)`` for each shard in order."""
         ctx = ctx if ctx is not None else job.context()
         for sid in shard_ids:
-            yield sid, job.shard_fn(ctx, sid)
+            yield sid, job.compute(ctx, sid)

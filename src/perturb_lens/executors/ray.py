@@ -45,11 +45,25 @@ def _run_shard(job_id: str, job_box: list[Any], shard_id: str) -> pd.DataFrame:
         job = import_ray().get(job_box[0])
         _WORKER_CACHE = (job_id, job, job.context())
     _, job, ctx = _WORKER_CACHE
-    return job.shard_fn(ctx, shard_id)
+    return job.compute(ctx, shard_id)
+
+
+def _check_cpus(ray: Any, threads: int) -> None:
+    """Refuse (instead of waiting forever) when no Ray node has ``threads`` CPUs."""
+    most = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if most < threads:
+        raise ValueError(
+            f"each shard needs {threads} CPUs (threads={threads}) but the largest Ray node has "
+            f"{most:g}: set threads={max(1, int(most))} or less in the config (or join a cluster "
+            "with larger nodes)"
+        )
 
 
 class RayExecutor:
     """Shards as Ray tasks; a task whose worker process dies is retried (``max_retries``).
+
+    Each task requests as many CPUs as the run's torch threads (``job.threads``) and computes
+    with that many, as the local executor does, so both give bit-identical shards.
 
     ``address``: a running cluster (``ray://host:10001``, ``host:6379`` or ``auto``); None starts
     a local one unless Ray is already initialised in this process (then that one is used). A
@@ -63,12 +77,10 @@ class RayExecutor:
         address: str | None = None,
         *,
         max_retries: int = 3,
-        num_cpus: float = 1,
         init_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.address = address
         self.max_retries = max_retries
-        self.num_cpus = num_cpus
         self.init_kwargs = dict(init_kwargs or {})
         import_ray()  # fail now, before any work, if Ray is missing
 
@@ -82,7 +94,9 @@ class RayExecutor:
         started = not ray.is_initialized()
         if started:
             ray.init(address=self.address, **self.init_kwargs)
-        task = ray.remote(num_cpus=self.num_cpus, max_retries=self.max_retries)(_run_shard)
+        threads = job.threads or 1
+        _check_cpus(ray, threads)
+        task = ray.remote(num_cpus=threads, max_retries=self.max_retries)(_run_shard)
         box = [ray.put(job)]  # boxed: workers fetch it only when they have no context for it
         pending = {task.remote(job.job_id, box, sid): sid for sid in shard_ids}
         refs = list(pending)

@@ -68,7 +68,7 @@ class GPT2Lens(NativeLens):
         p = "transformer." if "transformer.wte.weight" in state else ""
 
         def get(name: str) -> Tensor:
-            return state[p + name].to(self.device, torch.float32)
+            return state[p + name].to(self.device, torch.promote_types(dtype, torch.float32))
 
         def w(name: str) -> Tensor:
             return get(name).to(dtype).contiguous()

@@ -73,7 +73,8 @@ class LlamaLens(NativeLens):
 
         self.w_te = w("model.embed_tokens.weight")
         head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
-        self.w_unembed = head.to(self.device, torch.float32).contiguous()
+        wide = torch.promote_types(dtype, torch.float32)  # float64 for a float64 model
+        self.w_unembed = head.to(self.device, wide).contiguous()
         self.layers: list[dict[str, Tensor | None]] = []
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from perturb_lens.models.base import LensModel
+from perturb_lens.models.fingerprint import record_files
 from perturb_lens.models.native import resolve_precision
 from perturb_lens.paths import cache_root
 
@@ -307,6 +308,7 @@ def load_model(
         native=native,
     )
     lens.precision = resolve_precision(precision, device)
+    record_files(lens, getattr(hf_model, "name_or_path", None))  # weights fingerprint, by file
     log.info(
         "Loaded %s (%s, %s, %s on %s) in %.1f s",
         name_or_path,

@@ -110,7 +110,8 @@ class NativeLens(LensModel):
             s_clean = s_clean.masked_fill(~earlier, float("-inf"))
             s_self = (q.reshape(b, n_kv, g, n, dh) * k_self.unsqueeze(2)).sum(-1) * scale
             scores = torch.cat([s_clean, s_self.unsqueeze(-1)], dim=-1)
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            wide = torch.promote_types(scores.dtype, torch.float32)  # float64 stays float64
+            probs = torch.softmax(scores.to(wide), dim=-1).to(q.dtype)
             p_clean = probs[..., :t].reshape(b, n_kv, g * n, t)
             z = (p_clean @ v_clean).reshape(b, n_kv, g, n, dh)
             z = z + probs[..., t:] * v_self.unsqueeze(2)
@@ -278,7 +279,7 @@ class NativeLens(LensModel):
         return final, got
 
     def unembed(self, final: Tensor) -> Tensor:
-        return F.linear(final.float(), self.w_unembed, self.b_unembed)
+        return F.linear(final.to(self.w_unembed.dtype), self.w_unembed, self.b_unembed)
 
     def linear_unembedding(self) -> tuple[Tensor, Tensor | None]:
         return self.w_unembed, self.b_unembed
@@ -316,8 +317,9 @@ def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm as Llama computes it (in float32, scaled after casting back)."""
-    xf = x.float()
+    """RMSNorm as Llama computes it (in float32, or float64 for float64, scaled after casting
+    back)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 

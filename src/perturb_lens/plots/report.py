@@ -7,6 +7,7 @@ numbers) is relative, so a copied run directory still opens on another machine.
 
 from __future__ import annotations
 
+import errno
 import html
 import json
 import os
@@ -45,8 +46,8 @@ from perturb_lens.plots.sets import (
     sharpness_plot,
     size_kl_plot,
 )
-from perturb_lens.results.analysis import bars, summary_table, threshold_summary
-from perturb_lens.results.store import MANIFEST, diff_configs
+from perturb_lens.results.analysis import bars, pick_lengths, summary_table, threshold_summary
+from perturb_lens.results.store import MANIFEST, atomic_write, diff_configs
 
 REPORT = "report.html"
 COMPARE = "compare.html"
@@ -253,8 +254,26 @@ def _data_links(view: RunView, out_dir: Path) -> str:
     return f"<ul>{''.join(items)}</ul>"
 
 
+def run_view(run_dir: str | Path) -> RunView:
+    """The run at ``run_dir``, refused (saying what to do) when it has no finished shard."""
+    view = RunView(run_dir)
+    if not view.manifest["shards"]:
+        raise ValueError(
+            f"{view.run_dir} has no finished shard yet, so there is nothing to plot: finish it "
+            f"with `perturb-lens run CONFIG --out {view.run_dir} --resume`, then report again."
+        )
+    return view
+
+
 def _figures_html(plots: Sequence[Plot], out_dir: Path, formats: Iterable[str]) -> str:
-    files = save_plots(plots, out_dir / FIGURES, formats)
+    try:
+        files = save_plots(plots, out_dir / FIGURES, formats)
+    except PermissionError as e:
+        raise PermissionError(
+            e.errno,
+            f"cannot write the figures into {out_dir / FIGURES} ({e.strerror or e}): pass --out a "
+            "folder or .html file you can write",
+        ) from e
     return "".join(_figure(p, files[p.name], out_dir) for p in plots)
 
 
@@ -268,7 +287,7 @@ def write_report(
     self-contained. Returns the path of the HTML file.
     """
     formats = check_formats(formats)
-    view = RunView(run_dir)
+    view = run_view(run_dir)
     out_file = _out_file(out, view.run_dir, REPORT)
     out_dir = out_file.parent
     plots = figures_for(view)
@@ -294,19 +313,40 @@ def write_report(
         ("config", "Config"),
         ("data", "Data"),
     ]
-    out_file.write_text(_page(title, subtitle, body, sections), encoding="utf-8")
+    _write_page(out_file, _page(title, subtitle, body, sections))
     for p in plots:
         p.figure.clear()
     return out_file
 
 
 def _out_file(out: str | Path | None, default_dir: Path, name: str) -> Path:
-    """``out`` as an .html file path (a folder gets ``name`` inside); folders are created."""
+    """``out`` as an .html file path (a folder gets ``name`` inside), checked before any work:
+    an existing file that is not a page, or a folder that cannot be written, is refused."""
     path = Path(out) if out is not None else default_dir
     if path.suffix.lower() not in (".html", ".htm"):
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(
+                f"--out {path} is an existing file, not a folder: pass a folder, or an .html file "
+                "path for the page."
+            )
         path = path / name
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {path} is a folder: pass another .html file name.")
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(
+            errno.EACCES,
+            f"cannot write the page into {path.parent} ({folder} is not a writable folder): pass "
+            "--out a folder or .html file you can write",
+        )
     return path
+
+
+def _write_page(out_file: Path, page: str) -> None:
+    """The HTML page, atomically (its figures are already in place)."""
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    data = page.encode("utf-8")
+    atomic_write(out_file, lambda f: f.write(data))
 
 
 def run_labels(views: Sequence[RunView]) -> list[str]:
@@ -377,12 +417,10 @@ def compare_plots(views: Sequence[RunView], metric: str = "kl") -> list[Plot]:
     parts = []
     for v in views:
         b = bars(v.rows, metric, wanted)
-        parts.append(
-            b.assign(
-                run=v.label,
-                requested=b["length"].map(dict(zip(b.attrs["lengths"], wanted, strict=True))),
-            )
-        )
+        nearest: dict[float, float] = {}  # this run's grid length -> the first length it stands for
+        for w in wanted:
+            nearest.setdefault(pick_lengths(v.rows, [w])[0], w)
+        parts.append(b.assign(run=v.label, requested=b["length"].map(nearest)))
     bar_data = pd.concat(parts, ignore_index=True)
     bar_fig = bar_panels(
         bar_data,
@@ -452,7 +490,7 @@ def write_comparison(
     formats = check_formats(formats)
     if len(run_dirs) < 1:
         raise ValueError("compare needs at least one run directory")
-    views = [RunView(r) for r in run_dirs]
+    views = [run_view(r) for r in run_dirs]
     for view, label in zip(views, run_labels(views), strict=True):
         view.label = label
     missing = [str(v.run_dir) for v in views if metric not in v.rows.columns]
@@ -508,9 +546,7 @@ def write_comparison(
     )
     sections = [("runs", "Runs"), ("figures", "Figures"), ("tables", "Table")]
     title = f"perturb-lens comparison: {len(views)} runs, {metric}"
-    out_file.write_text(
-        _page(title, " · ".join(v.label for v in views), body, sections), encoding="utf-8"
-    )
+    _write_page(out_file, _page(title, " · ".join(v.label for v in views), body, sections))
     for p in plots:
         p.figure.clear()
     return out_file

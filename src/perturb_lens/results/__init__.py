@@ -16,6 +16,8 @@ from perturb_lens.results.analysis import (
 from perturb_lens.results.store import (
     ChecksumError,
     ConfigMismatchError,
+    InputsChangedError,
+    ManifestError,
     RunLockedError,
     RunStore,
     atomic_write,
@@ -30,6 +32,8 @@ from perturb_lens.results.store import (
 __all__ = [
     "ChecksumError",
     "ConfigMismatchError",
+    "InputsChangedError",
+    "ManifestError",
     "RunLockedError",
     "RunStore",
     "atomic_write",

@@ -2,15 +2,18 @@
 
 Layout of a run directory::
 
-    manifest.json          config, config_hash, meta (versions, model, frame, scope, seeds, ...),
-                           created, complete, and per shard {file, sha256, rows, info}
+    manifest.json          config, config_hash, meta (versions, model, frame, scope, seeds, and
+                           what the rows depend on beyond the config: the weights fingerprint,
+                           dataset hash, sha256 of the statistics files, ...), created, complete,
+                           and per shard {file, sha256, rows, info}
     shards/{id}.parquet    one row per sequence x position x direction x length
     .lock                  flock'ed by the writer for its lifetime; holds its PID
 
 Every file is written to a temporary file in its own folder, fsync'ed and moved into place with
 ``os.replace``, so a crash (or a full disk) at any moment leaves the previous manifest and shards
 whole. A shard counts as done only if the manifest lists it *and* its file's sha256 matches, so
-resuming recomputes exactly the shards that are missing or damaged.
+resuming recomputes exactly the shards that are missing or damaged. A resume whose meta differs
+from the recorded one (other tokens, weights, statistics, versions) is refused: the rows would mix.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from perturb_lens.paths import file_mode
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -56,6 +61,32 @@ class ConfigMismatchError(ValueError):
 
 class ChecksumError(ValueError):
     """A shard file does not match the sha256 recorded in the manifest."""
+
+
+class ManifestError(ValueError):
+    """A manifest that is not a JSON object with config, config_hash, meta and shards."""
+
+
+class InputsChangedError(ValueError):
+    """Resuming would compute the remaining shards from other inputs than the finished ones."""
+
+
+INFORMATIONAL_META = frozenset({"python", "model_source", "cpu"})
+"""Meta keys that may change on resume (with a warning); any other change refuses the resume.
+``cpu`` is vetted before this check, by the runner (refused unless ``--allow-cpu-change``)."""
+
+_META_MEANING = {
+    "dataset_hash": "the tokens: the text source, its tokenizer or the data settings changed",
+    "weights_fingerprint": "the model weights",
+    "stats_sha256": "the activation statistics (stats.safetensors)",
+    "pool_sha256": "the pool of real activations (pool.pt)",
+    "median_norm": "the activation statistics",
+    "lengths": "the resolved length grid (relative lengths follow the statistics)",
+    "perturb_lens_version": "the perturb-lens version (numbers may differ)",
+    "torch_version": "the torch version (numbers may differ)",
+    "device": "the device (numbers differ between devices)",
+}
+_SHARD_FILE = re.compile(rf"{SHARDS}/[A-Za-z0-9_][A-Za-z0-9_.-]*\.parquet")
 
 
 class _Missing:
@@ -152,6 +183,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; the file gets what the umask allows
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -178,6 +210,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def _short(value: Any) -> str:
+    """A value for a message: long hashes cut to 12 characters."""
+    if isinstance(value, str) and len(value) > 24 and re.fullmatch(r"[\w:]+", value):
+        return repr(value[:12] + "...")
+    return repr(value)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -190,16 +229,69 @@ def load_manifest(run_dir: Path) -> dict:
     """The manifest of a run directory (config, meta, shards with checksums, ...)."""
     path = Path(run_dir) / MANIFEST
     try:
-        text = path.read_text()
+        text = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no {MANIFEST} in {run_dir}: not a perturb-lens run directory (or the run has not "
             "started yet); pass the folder given to --out"
         ) from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): damaged or edited by hand") from e
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(
+            f"{path} is not valid JSON ({e}): damaged or edited by hand. {_fresh_run(run_dir)}"
+        ) from e
+    check_manifest(manifest, path)
+    return manifest
+
+
+def _fresh_run(run_dir: Path) -> str:
+    return (
+        f"Start a fresh run: choose another --out (or delete {run_dir}) and run the config again."
+    )
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    return names.get(type(value), "a number" if isinstance(value, int | float) else "null")
+
+
+def check_manifest(manifest: Any, path: Path) -> None:
+    """Raise :class:`ManifestError`, naming what is wrong, unless ``manifest`` has the layout
+    this version writes (an object with config, config_hash, meta and shards objects)."""
+    if not isinstance(manifest, dict):
+        problems = [f"it holds {_json_type(manifest)} instead of an object"]
+    else:
+        problems = []
+        for key, kind in (("config", dict), ("config_hash", str), ("meta", dict), ("shards", dict)):
+            if key not in manifest:
+                problems.append(f"{key!r} is missing")
+            elif not isinstance(manifest[key], kind):
+                want = _json_type(kind())
+                problems.append(f"{key!r} is {_json_type(manifest[key])} instead of {want}")
+        version = manifest.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            problems.append(
+                f"format_version {version!r} is not one this perturb-lens reads "
+                f"({FORMAT_VERSION}; a newer perturb-lens may read it)"
+            )
+    if problems:
+        raise ManifestError(
+            f"{path} is damaged ({'; '.join(problems)}), so which shards are finished, and from "
+            f"what, is unknown. {_fresh_run(Path(path).parent)}"
+        )
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with a manifest's shard entry (None: it names a shard file and a sha256)."""
+    if not isinstance(entry, dict):
+        return f"its manifest entry is {_json_type(entry)} instead of an object"
+    if not isinstance(entry.get("file"), str) or not _SHARD_FILE.fullmatch(entry["file"]):
+        return "its manifest entry has no valid 'file'"
+    sha = entry.get("sha256")
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        return "its manifest entry has no valid 'sha256'"
+    return None
 
 
 def check_new_or_resume(
@@ -253,7 +345,7 @@ class RunStore:
         self.run_dir = Path(run_dir)
         self._lock_fd: int | None = None
         self._manifest: dict | None = None
-        self._made_dir = False
+        self._made: list[Path] = []  # what open() created, removed again if no run starts
         self._mutex = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -297,16 +389,19 @@ class RunStore:
         it. :meth:`create` then writes or checks the manifest.
         """
         if self._lock_fd is None:
-            made = not self.run_dir.exists()
-            self._open_dir()
-            self._made_dir = made
+            wanted = [self.run_dir, self.run_dir / SHARDS, self.run_dir / LOCK]
+            missing = [p for p in wanted if not p.exists()]
             try:
+                self._open_dir()
                 self._acquire_lock()
             except BaseException as e:
                 if not isinstance(e, RunLockedError):  # a locked folder is another run's
+                    self._made = missing
                     self._remove_if_unused()
                 raise
+            self._made = missing
             self._remove_stale_tmp_files()
+            self._check_writable()
         return self
 
     def close(self) -> None:
@@ -323,12 +418,32 @@ class RunStore:
             self._remove_if_unused()
 
     def _remove_if_unused(self) -> None:
-        if not self._made_dir or (self.run_dir / MANIFEST).exists():
+        """Remove what :meth:`open` created (lock file, shards/, the folder) if no run started
+        in it; a folder that existed before is left as it was."""
+        if (self.run_dir / MANIFEST).exists():
             return
-        with contextlib.suppress(OSError):
-            (self.run_dir / LOCK).unlink(missing_ok=True)
-            (self.run_dir / SHARDS).rmdir()
-            self.run_dir.rmdir()
+        for path in reversed(self._made):  # the lock, shards/, then the folder itself
+            with contextlib.suppress(OSError):
+                if path.name == LOCK:
+                    path.unlink()
+                else:
+                    path.rmdir()
+        self._made = []
+
+    def _check_writable(self) -> None:
+        """Fail now, not at the first write, when the folder cannot take new files (an existing
+        run dir made read-only, a read-only mount): the lock file alone does not show it."""
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.run_dir, prefix=".probe.", suffix=_TMP_SUFFIX)
+        except OSError as e:
+            self.close()
+            raise OSError(
+                e.errno,
+                f"cannot write to the run directory {self.run_dir} ({e.strerror or e}): choose "
+                f"another --out, or make it writable (chmod u+w {self.run_dir})",
+            ) from e
+        os.close(fd)
+        os.unlink(probe)
 
     def __enter__(self) -> RunStore:
         return self
@@ -376,14 +491,33 @@ class RunStore:
                 tmp.unlink(missing_ok=True)
 
     def _check_resume(self, old: dict, config: dict, new_hash: str, meta: dict) -> None:
+        """Same config; same inputs (meta) unless only :data:`INFORMATIONAL_META` differs or no
+        shard is finished yet (then the new meta replaces the old)."""
         check_same_config(self.run_dir, old, config, new_hash)
-        changed = diff_configs(old.get("meta", {}), _to_jsonable(meta))
-        if changed:
-            logger.warning(
-                "resuming %s with a different environment: %s",
-                self.run_dir,
-                "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed),
+        changed = diff_configs(old["meta"], _to_jsonable(meta))
+        if not changed:
+            return
+        shown = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in changed)
+        blocking = [c for c in changed if c[0].split(".")[0] not in INFORMATIONAL_META]
+        if blocking and old["shards"]:
+            lines = "\n".join(
+                f"  {k}: {_short(a)} -> {_short(b)}"
+                + (
+                    f"  ({_META_MEANING[k.split('.')[0]]})"
+                    if k.split(".")[0] in _META_MEANING
+                    else ""
+                )
+                for k, a, b in blocking
             )
+            raise InputsChangedError(
+                f"cannot resume {self.run_dir}: its {len(old['shards'])} finished shard(s) were "
+                "computed from other inputs than the rest would be, and the rows would mix. "
+                f"Changed (recorded -> now):\n{lines}\nRestore what changed and resume, or "
+                f"start a fresh run: choose another --out (or delete {self.run_dir})."
+            )
+        logger.warning("resuming %s with a different environment: %s", self.run_dir, shown)
+        old["meta"] = _to_jsonable(meta)
+        atomic_write_json(self.run_dir / MANIFEST, old)
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -399,8 +533,12 @@ class RunStore:
         manifest = self._manifest if self._manifest is not None else load_manifest(self.run_dir)
         done = set()
         for shard_id, entry in manifest["shards"].items():
+            problem = _entry_problem(entry)
+            if problem is not None:
+                logger.warning("shard %s: %s; it will be recomputed", shard_id, problem)
+                continue
             path = self.run_dir / entry["file"]
-            if not path.exists():
+            if not path.is_file():
                 logger.warning("shard %s: %s is missing; it will be recomputed", shard_id, path)
             elif file_sha256(path) != entry["sha256"]:
                 logger.warning("shard %s: %s is damaged; it will be recomputed", shard_id, path)
@@ -465,10 +603,16 @@ def load_results(
     tables = []
     for shard_id in sorted(manifest["shards"]):
         entry = manifest["shards"][shard_id]
+        problem = _entry_problem(entry)
+        if problem is not None:
+            raise ChecksumError(
+                f"shard {shard_id} of {run_dir}: {problem}: rerun the run with --resume to "
+                "recompute it"
+            )
         path = run_dir / entry["file"]
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             raise ChecksumError(
                 f"shard {shard_id} ({path}) is missing: rerun the run with --resume to recompute it"
             ) from None

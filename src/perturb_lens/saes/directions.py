@@ -17,6 +17,7 @@ alone: its error, and so ``eps``, is zero there.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -132,8 +133,12 @@ def cached_alive(
     key = f"{token_source_hash(tokens)}-{sae_fingerprint(sae)}"
     path = Path(run_dir) / ALIVE_FILE
     if path.is_file():
-        saved = torch.load(path, weights_only=True)
-        if saved.get("key") == key:
+        try:
+            saved = torch.load(path, weights_only=True)
+        except Exception as e:  # damaged: computed again below, like any other cache
+            logging.getLogger(__name__).warning("Ignoring unreadable %s (%s)", path, e)
+            saved = None
+        if isinstance(saved, dict) and saved.get("key") == key:
             return saved["alive"]
     alive = alive_latents(sae, model, tokens, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)

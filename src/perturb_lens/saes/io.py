@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from perturb_lens.saes.format import CFG_FILE, WEIGHTS_FILE
@@ -143,9 +144,35 @@ def load_saelens_folder(folder: str | Path, *, frame: str | None = None) -> SAE:
         raise SAELoadError(
             f"{folder} is not a SAELens folder: it needs {CFG_FILE} and {WEIGHTS_FILE}."
         )
-    raw = json.loads(cfg_path.read_text())
-    cfg = _saelens_cfg_to_ours(raw, frame)
-    state = load_file(str(w_path))
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SAELoadError(
+            f"{cfg_path} is not valid JSON ({e}): damaged or not a SAELens config; restore it "
+            "(e.g. save the SAE again) or point to another SAE folder."
+        ) from None
+    if not isinstance(raw, dict):
+        raise SAELoadError(
+            f"{cfg_path} must hold a JSON object (a SAELens cfg.json), not "
+            f"{type(raw).__name__}: fix it or point to another SAE folder."
+        )
+    try:
+        cfg = _saelens_cfg_to_ours(raw, frame)
+    except SAELoadError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"has a bad value ({e})"
+        raise SAELoadError(
+            f"{cfg_path} {what}: a SAELens cfg.json needs d_in, d_sae and the hook name; fix it "
+            "or point to another SAE folder."
+        ) from None
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SAELoadError(
+            f"{w_path} is not a readable safetensors file ({e}): damaged or truncated; restore "
+            "it (e.g. save or download the SAE again) or point to another SAE folder."
+        ) from None
     if raw.get("finetuning_scaling_factor") and "scaling_factor" in state:
         raise SAELoadError("SAEs with a finetuning scaling factor are not supported.")
     return sae_from_state(cfg, state)
@@ -228,7 +255,13 @@ def load_e2e_checkpoint(
 ) -> SAE:
     """An SAE from an e2e_sae checkpoint (see the module docstring for the layout)."""
     ckpt, config = _e2e_checkpoint_file(Path(path))
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign pickles raise many kinds of errors
+        raise SAELoadError(
+            f"{ckpt} is not a readable torch checkpoint ({type(e).__name__}: {e}): damaged, or "
+            "not an e2e_sae state dict; point to another checkpoint."
+        ) from None
     if not isinstance(state, dict):
         raise SAELoadError(f"{ckpt} does not hold a state dict.")
     positions = sorted({k.split(".", 1)[0] for k in state if k.endswith(".encoder.0.weight")})

@@ -616,7 +616,7 @@ def test_bad_values_on_the_command_line(
 
 def test_range_lengths_are_not_read_as_base_60_numbers() -> None:
     from perturb_lens.config import load_config
-    from perturb_lens.engine.lengths import resolve_lengths
+    from perturb_lens.lengths import resolve_lengths
 
     cfg = load_config(None, ["lengths=1:20:1", "name=x"])  # YAML 1.1 would read 4801
     assert cfg.lengths == "1:20:1" and resolve_lengths(cfg.lengths) == [

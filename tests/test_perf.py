@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import EPS32
 from transformers import AutoModelForCausalLM
 
-from perturb_lens.engine.metrics import lse_linear, softmax_moment
+from perturb_lens.engine.softmax import lse_linear, softmax_moment
 from perturb_lens.engine.sweep import (
     CPU_ROWS_PER_PASS,
     SweepSpec,

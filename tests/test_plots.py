@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from perturb_lens.config import BASELINES, load_config
 from perturb_lens.engine.run import summary_rows
+from perturb_lens.experiments import get_experiment
 from perturb_lens.plots import (
     Plot,
     figure_set,
@@ -31,7 +32,6 @@ from perturb_lens.plots import (
 from perturb_lens.plots.figures import line_panels
 from perturb_lens.plots.registry import RunView
 from perturb_lens.plots.report import inline_svg, run_labels
-from perturb_lens.experiments import get_experiment
 from perturb_lens.plots.sets import (
     FIG1_PANELS,
     FIG2_PANELS,
@@ -87,7 +87,7 @@ def preset_run(preset: Path, folder: Path) -> Path:
     """A synthetic run shaped like ``preset`` (an SAE suite: one of its runs): its directions,
     lengths, metrics, scope and experiment; ``size`` when it has SAE directions; plateau bases."""
     from perturb_lens.config import read_config_file
-    from perturb_lens.engine.lengths import resolve_lengths
+    from perturb_lens.lengths import resolve_lengths
 
     raw = read_config_file(preset)
     if "saes" in raw and "base" not in raw:

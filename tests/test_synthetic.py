@@ -9,8 +9,8 @@ from random_sae import random_sae
 from scipy.stats import ks_2samp
 
 from perturb_lens.directions import DirectionContext, scaled_directions
-from perturb_lens.saes.synthetic import LatentStats, synthesize
 from perturb_lens.saes.sae import SAE
+from perturb_lens.saes.synthetic import LatentStats, synthesize
 
 D_IN, D_SAE = 32, 128
 

@@ -21,8 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-from perturb_lens.engine.lengths import resolve_lengths
-from perturb_lens.engine.metrics import check_metrics
+from perturb_lens.lengths import resolve_lengths
+from perturb_lens.metrics import check_metrics
 from perturb_lens.models.hooks import HOOK_KINDS
 
 BASELINES = (

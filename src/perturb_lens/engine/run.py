@@ -38,7 +38,6 @@ from perturb_lens.directions import (
     get_direction,
     scaled_directions,
 )
-from perturb_lens.engine.lengths import resolve_lengths
 from perturb_lens.engine.sweep import NONFINITE, SweepSpec, clean_pass, measure
 from perturb_lens.executors import Executor, ShardFn, ShardJob, get_executor
 from perturb_lens.executors.compute import (
@@ -47,6 +46,7 @@ from perturb_lens.executors.compute import (
     resolve_threads,
     torch_threads,
 )
+from perturb_lens.lengths import resolve_lengths
 from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.models.fingerprint import model_fingerprint
 from perturb_lens.paths import cache_root

@@ -23,16 +23,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from perturb_lens.engine.metrics import (
-    DOWNSTREAM_METRICS,
-    OUTPUT_METRICS,
-    at_least_float32,
-    downstream_metrics,
-    kl_linear,
-    lse_linear,
-    output_metrics,
-    softmax_moment,
-)
+from perturb_lens.engine.softmax import kl_linear, lse_linear, softmax_moment
+from perturb_lens.metrics import at_least_float32, downstream_metrics, get_metric, output_metrics
 from perturb_lens.models.base import CleanRun, LensModel
 
 SCOPES = ("all-positions", "single-position", "last-position")
@@ -68,7 +60,7 @@ class SweepSpec:
 
     @property
     def needs_read(self) -> bool:
-        return any(m in DOWNSTREAM_METRICS for m in self.metrics)
+        return any(not get_metric(m).needs_logits for m in self.metrics)
 
     def first_position(self, seq_len: int) -> int:
         """The first perturbed (and measured) position: the last one under ``last-position``."""
@@ -137,7 +129,7 @@ class _CleanOut:
         """Only what the metrics need: nothing from the unembedding for downstream-only metrics;
         for fast KL, log-sum-exps and ``W_U^T p`` computed blockwise, ``rows`` at a time."""
         lin = model.linear_unembedding() if "kl" in metrics else None
-        rest = [m for m in metrics if m in OUTPUT_METRICS and not (m == "kl" and lin)]
+        rest = [m for m in metrics if get_metric(m).needs_logits and not (m == "kl" and lin)]
         logp = torch.log_softmax(model.unembed(clean.final), dim=-1) if rest else None
         lse = u = None
         if lin is not None:

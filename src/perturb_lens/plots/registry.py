@@ -24,8 +24,8 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from perturb_lens.engine.metrics import metric_names
 from perturb_lens.experiments.registry import ExperimentInfo, find_experiment
+from perturb_lens.metrics import metric_names
 from perturb_lens.plots.style import style
 from perturb_lens.results.analysis import curves
 from perturb_lens.results.store import load_manifest

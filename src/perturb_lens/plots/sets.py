@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from perturb_lens.engine.metrics import get_metric, metric_names
+from perturb_lens.metrics import get_metric, metric_names
 from perturb_lens.plots.figures import (
     bar_panels,
     distribution_figure,

@@ -25,7 +25,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from perturb_lens.config import ConfigError, apply_overrides, read_config_file, validate_config
-from perturb_lens.engine.metrics import metric_names
+from perturb_lens.metrics import metric_names
 from perturb_lens.models.base import LensModel
 from perturb_lens.results.store import load_manifest
 from perturb_lens.results.summary import summary_rows

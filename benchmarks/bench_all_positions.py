@@ -17,7 +17,7 @@ import common as c
 import torch
 from torch import Tensor
 
-from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
+from perturb_lens.engine.sweep import SweepPlan, clean_pass, sweep
 
 
 def naive_all_positions(
@@ -47,19 +47,19 @@ def main() -> int:
     lengths = [float(v) for v in c.PUBLISHED_LENGTHS[: args.n_lengths]]
     tokens = c.random_tokens(args.n_seqs, args.seq_len, spec_m.vocab_size, args.seed)
     b, t, n_len = args.n_seqs, args.seq_len, len(lengths)
-    spec = SweepSpec(hook=f"blocks.{layer}.hook_resid_pre", lengths=lengths, metrics=["kl", "l2"])
+    spec = SweepPlan(hook=f"blocks.{layer}.hook_resid_pre", lengths=lengths, metrics=["kl", "l2"])
     dirs = c.unit_directions((b, t, spec_m.d_model), args.seed + 1)
 
     def ours():
         clean = clean_pass(model, tokens, spec)
-        return measure(model, clean, {"random": dirs}, spec)
+        return sweep(model, clean, {"random": dirs}, spec)
 
     def naive():
         return naive_all_positions(hf, tokens, layer, dirs, lengths)
 
     # warm both paths up on a small problem, then time them interleaved with the peak
-    small = SweepSpec(hook=spec.hook, lengths=lengths[:2], metrics=["kl", "l2"])
-    measure(model, clean_pass(model, tokens[:1, :16], small), {"r": dirs[:1, :16]}, small)
+    small = SweepPlan(hook=spec.hook, lengths=lengths[:2], metrics=["kl", "l2"])
+    sweep(model, clean_pass(model, tokens[:1, :16], small), {"r": dirs[:1, :16]}, small)
     naive_all_positions(hf, tokens[:1, :16], layer, dirs[:1, :16], lengths[:1])
     t_ours, t_naive, peak = c.time_both(ours, naive, args)
 

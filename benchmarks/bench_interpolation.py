@@ -21,7 +21,7 @@ import common as c
 import torch
 from torch import Tensor
 
-from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
+from perturb_lens.engine.sweep import SweepPlan, clean_pass, sweep
 
 
 def naive_interpolation(
@@ -55,7 +55,7 @@ def main() -> int:
     b, t = args.n_prompts, args.seq_len
     steps = torch.linspace(0, 1, args.steps).tolist()
     tokens = c.random_tokens(b, t, ms.vocab_size, args.seed)
-    spec = SweepSpec(
+    spec = SweepPlan(
         hook=f"blocks.{args.layer}.hook_resid_pre",
         lengths=steps,
         scope="last-position",
@@ -67,7 +67,7 @@ def main() -> int:
     dirs[:, -1] = delta
 
     def ours():
-        return measure(model, clean_pass(model, tokens, spec), {"interp": dirs}, spec)
+        return sweep(model, clean_pass(model, tokens, spec), {"interp": dirs}, spec)
 
     def naive():
         return naive_interpolation(hf, tokens, args.layer, delta, steps)

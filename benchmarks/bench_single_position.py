@@ -18,7 +18,7 @@ import common as c
 import torch
 from torch import Tensor
 
-from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
+from perturb_lens.engine.sweep import SweepPlan, clean_pass, sweep
 
 
 def naive_copies(
@@ -61,7 +61,7 @@ def main() -> int:
     b, t, n_len = args.n_seqs, args.seq_len, len(lengths)
     tokens = c.random_tokens(b, t, ms.vocab_size, args.seed)
     extra = {} if args.rows_per_pass is None else {"rows_per_pass": args.rows_per_pass}
-    spec = SweepSpec(
+    spec = SweepPlan(
         hook=f"blocks.{layer}.hook_resid_pre", lengths=lengths, scope="single-position", **extra
     )
     dirs = c.unit_directions((b, t, ms.d_model), args.seed + 1)
@@ -78,10 +78,10 @@ def main() -> int:
 
     def ours():
         clean = clean_pass(model, tokens, spec)
-        return measure(model, clean, {"random": dirs}, spec)
+        return sweep(model, clean, {"random": dirs}, spec)
 
-    small = SweepSpec(hook=spec.hook, lengths=lengths[:2], scope="single-position")
-    measure(model, clean_pass(model, tokens[:1, :16], small), {"r": dirs[:1, :16]}, small)
+    small = SweepPlan(hook=spec.hook, lengths=lengths[:2], scope="single-position")
+    sweep(model, clean_pass(model, tokens[:1, :16], small), {"r": dirs[:1, :16]}, small)
     naive_copies(hf, tokens, layer, dirs, copies[:1], 1)
     t_clean_naive = c.best_time(
         lambda: c.naive_forward(hf, tokens, layer, lambda h: h), args.repeat

@@ -221,7 +221,7 @@ def shard_config(gpt2_dir: Path, text_file: Path) -> dict:
 @pytest.fixture(scope="session")
 def shard_reference(shard_config: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``shard_config`` run once, uninterrupted, on the local executor."""
-    from perturb_lens.engine.run import run_experiment
+    from perturb_lens.runner import run_experiment
 
     return run_experiment(shard_config, tmp_path_factory.mktemp("ref") / "run", progress=False)
 
@@ -255,7 +255,7 @@ def unwritable(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 _SUBPROCESS_RUN = """
 import json, sys, time
-from perturb_lens.engine.run import run_experiment
+from perturb_lens.runner import run_experiment
 args = json.load(open(sys.argv[1]))
 pause = args.pop("pause")
 run_experiment(**args, progress=False, on_shard=lambda s: time.sleep(pause))

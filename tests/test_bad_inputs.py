@@ -28,7 +28,6 @@ from typer.testing import CliRunner
 from perturb_lens.cli import app
 from perturb_lens.config import ConfigError
 from perturb_lens.directions import UnknownDirectionError
-from perturb_lens.engine.run import run_experiment
 from perturb_lens.models.hooks import UnknownHookError
 from perturb_lens.models.load import ModelLoadError, load_model
 from perturb_lens.results import (
@@ -40,6 +39,7 @@ from perturb_lens.results import (
     load_manifest,
     load_results,
 )
+from perturb_lens.runner import run_experiment
 
 
 @pytest.fixture(scope="module")
@@ -873,7 +873,7 @@ def test_nonfinite_rows_recorded_flagged_and_counted(tmp_path: Path, config: dic
     assert f"Non-finite rows (NaN/inf): {int(expect.sum())}, flagged in column 'nonfinite'" in (
         " ".join(out.split())
     )
-    from perturb_lens.engine.run import summary_rows
+    from perturb_lens.results.summary import summary_rows
 
     kept = summary_rows(run_dir)
     assert not kept["nonfinite"].any() and np.isfinite(kept[["kl", "l2"]].to_numpy()).all()

@@ -12,7 +12,7 @@ from conftest import EPS32
 from naive import naive_sweep
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
+from perturb_lens.engine.sweep import SweepPlan, clean_pass, sweep
 from perturb_lens.lengths import PRESETS, resolve_lengths
 from perturb_lens.models.gpt2 import GPT2Lens
 
@@ -50,10 +50,10 @@ def compare_to_naive(
     """Largest |KL diff|, and largest |L2 diff| relative to the norm of the clean read at that
     position (rounding errors scale with the activations compared, not with their difference),
     between engine rows and the naive loop."""
-    spec = SweepSpec(hook=f"blocks.{layer}.hook_resid_pre", lengths=lengths, scope=scope)
+    spec = SweepPlan(hook=f"blocks.{layer}.hook_resid_pre", lengths=lengths, scope=scope)
     clean = clean_pass(model, tokens, spec)
     dirs = _directions(clean.x)
-    df = measure(model, clean, dirs, spec)
+    df = sweep(model, clean, dirs, spec)
     read_norm = clean.reads[model.default_read].double().norm(dim=-1)
     kl_err = l2_err = 0.0
     read_layer = model.spec.n_layers - 1
@@ -117,9 +117,9 @@ def alpha_zero_tolerances(model, tokens, layer: int) -> tuple[float, float]:
 
 def _alpha_zero_errors(model, tokens, hook: str, scope: str) -> tuple[float, float, float]:
     """Largest KL, L2 / ||clean read|| and JS over every row at alpha = 0."""
-    spec = SweepSpec(hook=hook, lengths=[0.0], scope=scope, metrics=["kl", "l2", "js"])
+    spec = SweepPlan(hook=hook, lengths=[0.0], scope=scope, metrics=["kl", "l2", "js"])
     clean = clean_pass(model, tokens, spec)
-    df = measure(model, clean, _directions(clean.x), spec)
+    df = sweep(model, clean, _directions(clean.x), spec)
     norms = clean.reads[model.default_read].double().norm(dim=-1).numpy()
     rel = df.l2.to_numpy() / norms[df.seq.to_numpy(), df.pos.to_numpy()]
     return float(df.kl.abs().max()), float(rel.max()), float(df.js.max())
@@ -149,12 +149,12 @@ def test_chunking_does_not_change_rows(gpt2) -> None:
     _, model = gpt2
     tokens = torch.randint(0, 50257, (3, 12), generator=torch.Generator().manual_seed(3))
     for scope in SCOPES:
-        big = SweepSpec(hook="blocks.2.hook_resid_pre", lengths=[0.0, 3.0, 9.0], scope=scope)
-        small = SweepSpec(**{**big.__dict__, "rows_per_pass": 7, "rows_per_logits": 5})
+        big = SweepPlan(hook="blocks.2.hook_resid_pre", lengths=[0.0, 3.0, 9.0], scope=scope)
+        small = SweepPlan(**{**big.__dict__, "rows_per_pass": 7, "rows_per_logits": 5})
         clean = clean_pass(model, tokens, big)
         dirs = _directions(clean.x)
-        a = measure(model, clean, dirs, big).sort_values(["direction", "seq", "pos", "length"])
-        b = measure(model, clean, dirs, small).sort_values(["direction", "seq", "pos", "length"])
+        a = sweep(model, clean, dirs, big).sort_values(["direction", "seq", "pos", "length"])
+        b = sweep(model, clean, dirs, small).sort_values(["direction", "seq", "pos", "length"])
         assert (
             a[["seq", "pos", "length"]].to_numpy().tolist()
             == b[["seq", "pos", "length"]].to_numpy().tolist()
@@ -166,14 +166,14 @@ def test_chunking_does_not_change_rows(gpt2) -> None:
 def test_all_metrics_and_rows(gpt2) -> None:
     _, model = gpt2
     tokens = torch.randint(0, 50257, (2, 6), generator=torch.Generator().manual_seed(4))
-    spec = SweepSpec(
+    spec = SweepPlan(
         hook="blocks.0.hook_resid_post",
         lengths=[0.0, 50.0],
         metrics=["kl", "js", "dce", "top1", "l2", "cos"],
         read="blocks.2.hook_resid_post",
     )
     clean = clean_pass(model, tokens, spec)
-    df = measure(model, clean, _directions(clean.x), spec, seq_offset=10)
+    df = sweep(model, clean, _directions(clean.x), spec, seq_offset=10)
     assert len(df) == 2 * 2 * 6 * 2
     assert sorted(df.seq.unique()) == [10, 11]
     assert df[df.pos == 5].dce.isna().all() and df[df.pos < 5].dce.notna().all()

@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM
 from perturb_lens.engine.softmax import lse_linear, softmax_moment
 from perturb_lens.engine.sweep import (
     CPU_ROWS_PER_PASS,
-    SweepSpec,
+    SweepPlan,
     auto_rows_per_pass,
     clean_pass,
-    measure,
     rows_for_memory,
+    sweep,
 )
 from perturb_lens.models.gpt2 import GPT2Lens
 from perturb_lens.models.native import resolve_precision
@@ -55,8 +55,8 @@ def test_downstream_metrics_skip_the_unembedding(model: GPT2Lens, monkeypatch) -
     monkeypatch.setattr(model, "unembed", fail)
     monkeypatch.setattr(model, "linear_unembedding", fail)
     for scope in ("all-positions", "last-position"):
-        spec = SweepSpec("blocks.1.hook_resid_pre", [0.0, 2.0], scope=scope, metrics=["l2"])
-        df = measure(model, clean_pass(model, tokens, spec), {"r": dirs}, spec)
+        spec = SweepPlan("blocks.1.hook_resid_pre", [0.0, 2.0], scope=scope, metrics=["l2"])
+        df = sweep(model, clean_pass(model, tokens, spec), {"r": dirs}, spec)
         assert list(df.columns[-1:]) == ["l2"] and df.l2.notna().all()
 
 
@@ -65,14 +65,14 @@ def test_bf16_matmul_agrees_with_float32(model: GPT2Lens, scope: str) -> None:
     """bf16 block products (float32 residual stream, norms, unembedding): KL and L2 within a few
     percent of float32 where they are not tiny (bf16 keeps 8 significant bits)."""
     tokens = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(2))
-    spec = SweepSpec(hook="blocks.1.hook_resid_pre", lengths=[0.0, 5.0, 20.0], scope=scope)
+    spec = SweepPlan(hook="blocks.1.hook_resid_pre", lengths=[0.0, 5.0, 20.0], scope=scope)
     out = {}
     for precision in ("float32", "bf16-matmul"):
         model.precision = precision
         try:
             clean = clean_pass(model, tokens, spec)
             dirs = F.normalize(torch.randn(clean.x.shape, generator=torch.Generator()), dim=-1)
-            out[precision] = measure(model, clean, {"r": dirs}, spec)
+            out[precision] = sweep(model, clean, {"r": dirs}, spec)
         finally:
             model.precision = "float32"
     a, b = out["float32"], out["bf16-matmul"]

@@ -18,7 +18,6 @@ from synthetic_runs import REPO, make_run, small_config
 from typer.testing import CliRunner
 
 from perturb_lens.config import BASELINES, load_config
-from perturb_lens.engine.run import summary_rows
 from perturb_lens.experiments import get_experiment
 from perturb_lens.plots import (
     Plot,
@@ -49,6 +48,7 @@ from perturb_lens.results import (
     threshold_lengths,
     token_curves,
 )
+from perturb_lens.results.summary import summary_rows
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ import torch
 from conftest import REPO, run_in_subprocess, shard_hashes
 
 from perturb_lens.config import load_config
-from perturb_lens.engine.run import compute_shard, run_experiment
+from perturb_lens.experiments.sensitive_directions import sweep_shard
 from perturb_lens.results import load_manifest, load_results
+from perturb_lens.runner import run_experiment
 
 ray = pytest.importorskip(
     "ray", reason="the Ray executor tests need Ray: pip install 'perturb-lens[ray]'"
@@ -43,8 +44,8 @@ def assert_identical(run_dir: Path, reference: Path) -> None:
 
 
 def crash_once(ctx, shard_id: str, *, victim: str, marker: str) -> pd.DataFrame:
-    """compute_shard, but the worker process dies after computing ``victim`` the first time."""
-    rows = compute_shard(ctx, shard_id)
+    """sweep_shard, but the worker process dies after computing ``victim`` the first time."""
+    rows = sweep_shard(ctx, shard_id)
     if shard_id == victim and not Path(marker).exists():
         Path(marker).write_text(str(os.getpid()))
         os._exit(1)  # real process death, mid-task, the result never sent

@@ -107,15 +107,15 @@ def test_raw_explicit_target_interpolation_reaches_target(gpt2_dir, tmp_path) ->
 
 def test_unit_directions_under_last_position_have_no_size_column(gpt2_dir) -> None:
     """Unmeasured positions carry zero directions; they must not make a unit run look scaled."""
-    from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
+    from perturb_lens.engine.sweep import SweepPlan, clean_pass, sweep
     from perturb_lens.models.load import load_model
 
     model = load_model(str(gpt2_dir), frame="raw")
     tokens = torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(3))
-    spec = SweepSpec(hook="blocks.1.hook_resid_pre", lengths=[0.0, 2.0], scope="last-position")
+    spec = SweepPlan(hook="blocks.1.hook_resid_pre", lengths=[0.0, 2.0], scope="last-position")
     clean = clean_pass(model, tokens, spec)
     dirs = torch.zeros_like(clean.x)
     dirs[:, -1, 0] = 1.0
-    assert "size" not in measure(model, clean, {"e0": dirs}, spec).columns
+    assert "size" not in sweep(model, clean, {"e0": dirs}, spec).columns
     dirs[:, -1, 0] = 3.0
-    np.testing.assert_allclose(measure(model, clean, {"e0": dirs}, spec)["size"], [0, 6] * 2)
+    np.testing.assert_allclose(sweep(model, clean, {"e0": dirs}, spec)["size"], [0, 6] * 2)

@@ -5,12 +5,12 @@ The public API is small: load a model, run an experiment, get a DataFrame, summa
 
 from perturb_lens import saes  # noqa: F401  (registers the SAE directions and the sae-error scale)
 from perturb_lens.config import load_config
-from perturb_lens.engine.run import run_experiment
 from perturb_lens.experiments import builtin  # noqa: F401  (registers the built-in experiments)
 from perturb_lens.models.load import load_model
 from perturb_lens.results import curves, load_results, summary_table, threshold_lengths
+from perturb_lens.runner import run_experiment
+from perturb_lens.version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "__version__",
     "curves",

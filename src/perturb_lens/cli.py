@@ -139,8 +139,10 @@ def run(
 ) -> None:
     """Run (or resume) an experiment; write Parquet shards + manifest; print a summary table."""
     from perturb_lens.config import load_config
-    from perturb_lens.engine.run import nonfinite_rows, run_experiment, summary_rows
+    from perturb_lens.experiments import get_experiment
     from perturb_lens.results import summary_table
+    from perturb_lens.results.summary import nonfinite_rows, summary_rows
+    from perturb_lens.runner import run_experiment
 
     out = checked_out(out)
     with user_errors():
@@ -159,11 +161,9 @@ def run(
         table = summary_table(rows, metrics=(metric,))
         table.columns = [f"{float(c.split('@')[1]):.3g}" for c in table.columns]
         _print_frame(table, f"mean {metric} by length ({cfg.scope}, {cfg.hook})")
-    if cfg.experiment in ("synthetic-activations", "plateaus", "stable-regions"):
-        from perturb_lens.experiments import curve_tables
-
-        for title, t in curve_tables(rows, cfg).items():
-            _print_frame(t.set_index([c for c in ("base", "direction") if c in t.columns]), title)
+    tables = get_experiment(cfg.experiment).tables
+    for title, t in (tables(rows, cfg) if tables is not None else {}).items():
+        _print_frame(t.set_index([c for c in ("base", "direction") if c in t.columns]), title)
     if n_bad := nonfinite_rows(run_dir):
         Console().print(
             f"Non-finite rows (NaN/inf): {n_bad}, flagged in column 'nonfinite' and left out of "

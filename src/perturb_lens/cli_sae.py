@@ -71,8 +71,8 @@ def stats(
     """L0, alive/dead latents, MSE, explained variance, CE increase and KL of SAE(x)."""
     import pandas as pd
 
-    from perturb_lens.config import ExperimentConfig
-    from perturb_lens.engine.run import load_tokens_for
+    from perturb_lens.config import DataConfig
+    from perturb_lens.data import dataset_tokens
     from perturb_lens.models.load import load_model
     from perturb_lens.saes.io import load_sae
     from perturb_lens.saes.stats import sae_stats
@@ -80,10 +80,8 @@ def stats(
     with user_errors():
         lens = load_model(model, frame=frame)
         named = {Path(s).name if Path(s).exists() else s: load_sae(s, model=model) for s in saes}
-        cfg = ExperimentConfig(
-            model=model, data={"source": data, "n_seqs": n_seqs, "seq_len": seq_len}
-        )
-        tokens = load_tokens_for(cfg, lens, not quiet)
+        text = DataConfig(source=data, n_seqs=n_seqs, seq_len=seq_len)
+        tokens = dataset_tokens(text, lens, progress=not quiet)
         rows = sae_stats(named, lens, tokens, include_bos=include_bos, progress=not quiet)
     df = pd.DataFrame([r.to_dict() for r in rows])
     if csv:

@@ -9,21 +9,29 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
+from perturb_lens.experiments.registry import get_experiment, list_experiments
 from perturb_lens.lengths import resolve_lengths
 from perturb_lens.metrics import check_metrics
 from perturb_lens.models.hooks import HOOK_KINDS
+
+Scope = Literal["all-positions", "single-position", "last-position"]
+SCOPES: tuple[str, ...] = get_args(Scope)
+Nonfinite = Literal["error", "record"]  # a NaN/inf metric: stop the run, or flag its row
+NONFINITE_POLICIES: tuple[str, ...] = get_args(Nonfinite)
 
 BASELINES = (
     "isotropic",
@@ -158,7 +166,7 @@ class StatsConfig(_Strict):
     batch_seqs: int = Field(16, ge=1)
 
 
-class DirectionSpec(BaseModel):
+class DirectionConfig(BaseModel):
     """A direction generator by name, with its options (e.g. ``sigma`` for isotropic-difference)."""
 
     model_config = ConfigDict(extra="allow")
@@ -183,40 +191,26 @@ class DirectionSpec(BaseModel):
         return str(self.options.get("label", self.name))
 
 
-class PlateauConfig(_Strict):
-    """Activation plateaus: the base points that random perturbations start from."""
-
-    bases: list[DirectionSpec] = Field(
-        default_factory=lambda: [
-            DirectionSpec(name="real"),
-            DirectionSpec(name="synthetic", kind="bag"),
-            DirectionSpec(name="cov-random-difference", label="cov-random"),
-        ],
-        description="'real' (the clean activation) or a direction whose raw vector moves x there",
-    )
-
-    @field_validator("bases", mode="before")
-    @classmethod
-    def _names_to_specs(cls, v: Any) -> Any:
-        return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
+def _names_to_configs(v: Any) -> Any:
+    """``[name, {name: ..., ...}]`` -> a list of direction configs' inputs."""
+    return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
 
 
-class StableRegionsConfig(_Strict):
-    """Stable regions: how the second prompt of each pair gets its different last token."""
-
-    replacement: Literal["next-prompt", "random"] = Field(
-        "next-prompt", description="the next prompt's last token (published), or a random token"
-    )
+DirectionList = Annotated[list[DirectionConfig], BeforeValidator(_names_to_configs)]
+"""A list of directions, each a name or a mapping with ``name`` and options."""
 
 
-class ExperimentConfig(_Strict):
-    """A sweep: model, hook, data, directions, lengths, scope, metrics (and per-experiment
-    sections for plateaus and stable regions)."""
+class ExperimentConfig(BaseModel):
+    """A sweep: model, hook, data, directions, lengths, scope, metrics, and the experiments'
+    options sections (``plateaus``, ``stable_regions``, ...: extra keys, each validated by its
+    registered experiment's own model)."""
+
+    model_config = ConfigDict(extra="allow")
 
     name: str = Field("experiment", description="the run goes to runs/NAME-HASH (no '/')")
-    experiment: Literal[
-        "sensitive-directions", "synthetic-activations", "plateaus", "stable-regions"
-    ] = "sensitive-directions"
+    experiment: str = Field(
+        "sensitive-directions", description="a registered experiment (experiments.registry)"
+    )
     model: str = "smollm2-135m"
     sae: str | None = Field(
         None, description="SAE at the hook: SAELens folder, release:sae_id, or e2e_sae checkpoint"
@@ -235,12 +229,12 @@ class ExperimentConfig(_Strict):
     )
     hook: str = "blocks.6.hook_resid_pre"
     read: str | None = Field(None, description="downstream hook for l2/cos; None = last resid_post")
-    scope: Literal["all-positions", "single-position", "last-position"] = "all-positions"
+    scope: Scope = "all-positions"
     lengths: str | list[float] = "published"
     relative_lengths: bool = Field(False, description="multiply lengths by the median norm at hook")
     metrics: list[str] = Field(default_factory=lambda: ["kl", "l2"])
-    directions: list[DirectionSpec] = Field(
-        default_factory=lambda: [DirectionSpec(name=n) for n in BASELINES]
+    directions: DirectionList = Field(
+        default_factory=lambda: [DirectionConfig(name=n) for n in BASELINES]
     )
     data: DataConfig = Field(default_factory=DataConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
@@ -253,20 +247,17 @@ class ExperimentConfig(_Strict):
         None, ge=1, description="token rows per suffix pass; None = 4096 on CPU, from GPU memory"
     )
     rows_per_logits: int = Field(512, ge=1)
-    nonfinite: Literal["error", "record"] = Field(
+    nonfinite: Nonfinite = Field(
         "error", description="NaN/inf metrics: refuse the shard, or record them (flagged, unmeaned)"
     )
     include_bos: bool = Field(True, description="BOS position in summary means (published: yes)")
     drop_last_position: bool = Field(True, description="all-positions summary drops the last pos")
-    plateaus: PlateauConfig = Field(default_factory=PlateauConfig)
-    stable_regions: StableRegionsConfig = Field(default_factory=StableRegionsConfig)
 
-    @field_validator("directions", mode="before")
+    @field_validator("experiment")
     @classmethod
-    def _names_to_specs(cls, v: Any) -> Any:
-        if not isinstance(v, list):
-            return v
-        return [{"name": d} if isinstance(d, str) else d for d in v]
+    def _check_experiment(cls, v: str) -> str:
+        get_experiment(v)  # unknown: the error lists the registered ones
+        return v
 
     @field_validator("name")
     @classmethod
@@ -291,7 +282,7 @@ class ExperimentConfig(_Strict):
 
     @field_validator("directions")
     @classmethod
-    def _check_directions(cls, v: list[DirectionSpec]) -> list[DirectionSpec]:
+    def _check_directions(cls, v: list[DirectionConfig]) -> list[DirectionConfig]:
         if not v:
             raise ValueError("no directions given")
         labels = [d.label for d in v]
@@ -302,13 +293,36 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _check_scope(self) -> ExperimentConfig:
         check_read_after_hook(self.hook, self.read)
-        if self.experiment in ("plateaus", "stable-regions") and self.scope != "last-position":
-            raise ValueError(f"experiment {self.experiment!r} needs scope: last-position")
-        if self.shard_by_direction and self.experiment in ("plateaus", "stable-regions"):
+        info = get_experiment(self.experiment)
+        if info.scope is not None and self.scope != info.scope:
+            raise ValueError(f"experiment {self.experiment!r} needs scope: {info.scope}")
+        if self.shard_by_direction and not info.shard_by_direction:
             raise ValueError(
                 f"shard_by_direction is not supported by experiment {self.experiment!r}; "
                 "set it to false"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _experiment_sections(self) -> ExperimentConfig:
+        """Every registered experiment's options section, validated by its own model (defaults
+        where absent; all of them, so that a config's hash does not depend on which experiment
+        it runs); any other key is refused."""
+        given = dict(self.__pydantic_extra__ or {})
+        sections = {e.section: e.options for e in list_experiments() if e.section and e.options}
+        unknown = [k for k in given if k not in sections]
+        if unknown:
+            keys = ", ".join(sorted([*type(self).model_fields, *sections]))
+            message = f"unknown key {unknown[0]!r}; valid keys here: {keys}"
+            raise PydanticCustomError("unknown_key", _literal(message))
+        out: dict[str, BaseModel] = {}
+        for key, options in sections.items():
+            try:
+                out[key] = options.model_validate(given.get(key, {}))
+            except ValidationError as err:
+                message = "\n  ".join(_explain_lines(err, options, prefix=f"{key}."))
+                raise PydanticCustomError("config_section", _literal(message)) from None
+        self.__pydantic_extra__ = out
         return self
 
 
@@ -324,19 +338,31 @@ def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _explain(err: ValidationError, model: type[BaseModel]) -> str:
+def _literal(message: str) -> str:
+    """``message`` as a PydanticCustomError template (braces escaped)."""
+    return message.replace("{", "{{").replace("}", "}}")
+
+
+def _explain_lines(err: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per error: the dotted key and what is wrong (unknown keys: the valid ones)."""
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"])
+        where = prefix + ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             keys = ", ".join(_valid_keys(model, e["loc"]))
             lines.append(f"unknown key {where!r}; valid keys here: {keys}")
+        elif e["type"] in ("unknown_key", "config_section"):
+            lines.append(e["msg"])
         else:
             msg = str(e["msg"]).removeprefix("Value error, ")
             if e["type"] == "string_type" and not isinstance(e.get("input"), dict | list):
                 msg += f" (YAML read {e.get('input')!r} as a non-string: quote it)"
             lines.append(f"{where}: {msg}" if where else msg)
-    return "Invalid configuration:\n  " + "\n  ".join(lines)
+    return lines
+
+
+def _explain(err: ValidationError, model: type[BaseModel]) -> str:
+    return "Invalid configuration:\n  " + "\n  ".join(_explain_lines(err, model))
 
 
 def validate_config(data: dict[str, Any]) -> ExperimentConfig:

@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ from perturb_lens.paths import file_mode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from perturb_lens.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +373,32 @@ def tokenize_dataset(
         tokens = chunk_tokens(token_lists, seq_len, bos_id, n_seqs=n_seqs, sep_id=sep_id)
     save_tokens(tokens, path)
     log.info("Tokenized %s -> %s, cached at %s", source, tuple(tokens.shape), path)
+    return tokens
+
+
+class _HasTokenizer(Protocol):
+    tokenizer: Any
+    bos_token_id: int
+
+
+def dataset_tokens(
+    data: DataConfig, model: _HasTokenizer, *, progress: bool = True
+) -> torch.Tensor:
+    """Token rows [n_seqs, seq_len] of a config's ``data`` section for ``model``'s tokenizer (BOS
+    first, the tokenizer's EOS between documents; cached by content hash)."""
+    source = default_text_source() if data.source == "default" else data.source
+    tokens = tokenize_dataset(
+        source,
+        model.tokenizer,
+        seq_len=data.seq_len,
+        n_seqs=data.n_seqs,
+        bos_id=model.bos_token_id,
+        sep_id=getattr(model.tokenizer, "eos_token_id", None),
+        text_field=data.text_field,
+        split=data.split,
+        show_progress=progress,
+    )
+    require_sequences(tokens, data.n_seqs, source)
     return tokens
 
 

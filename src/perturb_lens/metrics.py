@@ -41,6 +41,8 @@ class Distributions:
         return self.logp.exp()
 
 
+NONFINITE = "nonfinite"  # the column flagging rows with a NaN/inf metric (nonfinite=record)
+
 OutputMetricFn = Callable[[Distributions], Tensor]
 DownstreamMetricFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -12,6 +12,7 @@ so a resumed or re-executed shard gives identical rows, wherever and however oft
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 import time
@@ -24,27 +25,44 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-import perturb_lens
 from perturb_lens.config import ExperimentConfig, validate_config
 from perturb_lens.data import dataset_tokens, token_source_hash
 from perturb_lens.directions import check_scale, get_direction
 from perturb_lens.engine.run import RunContext, shard_ids
 from perturb_lens.engine.sweep import SweepPlan
 from perturb_lens.executors import Executor, ShardFn, ShardJob, get_executor
+from perturb_lens.executors.compute import (
+    check_same_compute,
+    cpu_model,
+    resolve_threads,
+    torch_threads,
+)
 from perturb_lens.experiments.registry import get_experiment
 from perturb_lens.lengths import resolve_lengths
+from perturb_lens.metrics import NONFINITE
 from perturb_lens.models.base import LensModel
+from perturb_lens.models.fingerprint import model_fingerprint
 from perturb_lens.paths import cache_root
 from perturb_lens.results.curve_stats import curve_statistics
 from perturb_lens.results.store import (
+    MANIFEST,
     RunStore,
     atomic_write,
     check_new_or_resume,
     config_hash,
+    file_sha256,
+    load_manifest,
     load_results,
 )
 from perturb_lens.seeds import derive_seed
-from perturb_lens.stats import ActivationStats, PoolSampler, fit_stats, hook_activations
+from perturb_lens.stats import (
+    ActivationStats,
+    PoolSampler,
+    StatsFileError,
+    fit_stats,
+    hook_activations,
+)
+from perturb_lens.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +88,18 @@ def fit_run_stats(
 
 
 def _cached_stats(
-    cfg: ExperimentConfig, model: LensModel, tokens: Tensor, run_dir: Path, progress: bool
-) -> tuple[ActivationStats, Tensor]:
-    """Statistics from the run dir, else the shared cache next to the tokens, else fitted."""
+    cfg: ExperimentConfig,
+    model: LensModel,
+    tokens: Tensor,
+    run_dir: Path,
+    progress: bool,
+) -> tuple[ActivationStats, Tensor, Path]:
+    """Statistics, pool and the folder of their files: the run dir's if they match the sha256 its
+    manifest recorded, else the shared cache (keyed by the model's weights, the tokens and the
+    settings), else fitted into it. Damaged cache files are refitted."""
     n_stats = min(cfg.stats.n_seqs or tokens.shape[0], tokens.shape[0])
     key = derive_seed(
-        model.source,
+        model_fingerprint(model),
         model.frame,
         cfg.dtype,
         cfg.hook,
@@ -85,13 +109,51 @@ def _cached_stats(
         cfg.seed,
     )
     cache = cache_root() / "stats" / f"{key:016x}"
-    for folder in (run_dir, cache):
-        if (folder / STATS_FILE).is_file() and (folder / POOL_FILE).is_file():
-            stats = ActivationStats.load(folder / STATS_FILE)
-            return stats, torch.load(folder / POOL_FILE, weights_only=True)
+    if _run_stats_intact(run_dir):
+        return *load_stats(run_dir), run_dir
+    if (cache / STATS_FILE).is_file() or (cache / POOL_FILE).is_file():
+        try:
+            return *load_stats(cache), cache
+        except (StatsFileError, FileNotFoundError) as e:
+            log.warning("Ignoring unreadable statistics cache %s (%s); fitting again", cache, e)
     stats, pool = fit_run_stats(cfg, model, tokens[:n_stats], progress)
     cache.mkdir(parents=True, exist_ok=True)
     save_stats(cache, stats, pool)
+    return stats, pool, cache
+
+
+def _run_stats_intact(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run whose statistics files are those its manifest recorded
+    (if not, warn: they are refitted, and a resume refused unless they come out identical)."""
+    if not (run_dir / MANIFEST).is_file():
+        return False
+    recorded = load_manifest(run_dir)["meta"]
+    for name, key in ((STATS_FILE, "stats_sha256"), (POOL_FILE, "pool_sha256")):
+        path = run_dir / name
+        if not path.is_file() or file_sha256(path) != recorded.get(key):
+            state = "damaged or replaced" if path.is_file() else "missing"
+            log.warning(
+                "%s is %s (its sha256 is not the one in the manifest); recomputing the "
+                "statistics: the resume goes on only if they come out identical",
+                path,
+                state,
+            )
+            return False
+    return True
+
+
+def load_stats(folder: Path) -> tuple[ActivationStats, Tensor]:
+    """Statistics and pool saved by :func:`save_stats`; damaged files raise StatsFileError."""
+    stats = ActivationStats.load(folder / STATS_FILE)
+    path = folder / POOL_FILE
+    try:
+        pool = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated or foreign pickles raise many kinds of errors
+        raise StatsFileError(f"{path} is not a readable pool ({type(e).__name__}: {e})") from e
+    if not (isinstance(pool, Tensor) and pool.ndim == 2 and pool.shape[1] == stats.d_model):
+        raise StatsFileError(f"{path} does not hold a [n, {stats.d_model}] pool of activations")
     return stats, pool
 
 
@@ -101,9 +163,11 @@ def save_stats(folder: Path, stats: ActivationStats, pool: Tensor) -> None:
     atomic_write(folder / POOL_FILE, lambda f: torch.save(pool.contiguous(), f))
 
 
-def load_tokens_for(cfg: ExperimentConfig, model: LensModel, progress: bool = True) -> Tensor:
-    """Token rows [n_seqs, seq_len] of a config's data section for ``model`` (cached)."""
-    return dataset_tokens(cfg.data, model, progress=progress)
+def _copy_stats(src: Path, run_dir: Path) -> None:
+    """The statistics files, byte for byte (their sha256 is in the manifest), into the run dir."""
+    for name in (STATS_FILE, POOL_FILE):
+        data = (src / name).read_bytes()
+        atomic_write(run_dir / name, lambda f, data=data: f.write(data))
 
 
 def prepare(
@@ -120,7 +184,8 @@ def prepare(
     """Load the model and tokens, fit (or reload) statistics; everything shards need.
 
     ``stats`` (statistics and pool, e.g. the driver's, on an executor's worker) skips fitting;
-    ``sae`` (an SAE object) replaces loading ``cfg.sae``.
+    ``sae`` (an SAE object) replaces loading ``cfg.sae``. The statistics of a run already in
+    ``run_dir`` are reused only if they match its manifest.
     """
     from perturb_lens.models.load import load_model
 
@@ -138,8 +203,11 @@ def prepare(
     _check_context(tokens.shape[1] if tokens is not None else cfg.data.seq_len, model)
     sae = _run_sae(cfg, model, sae)  # a mismatched SAE fails here, before any work
     if tokens is None:
-        tokens = load_tokens_for(cfg, model, progress)
-    stats, pool = stats or _cached_stats(cfg, model, tokens, run_dir, progress)
+        tokens = dataset_tokens(cfg.data, model, progress=progress)
+    stats_files = None
+    if stats is None:
+        *stats, stats_files = _cached_stats(cfg, model, tokens, run_dir, progress)
+    stats, pool = stats
     scale = stats.median_norm if cfg.relative_lengths else 1.0
     plan = SweepPlan(
         hook=cfg.hook,
@@ -149,20 +217,21 @@ def prepare(
         read=cfg.read,
         rows_per_pass=cfg.rows_per_pass,
         rows_per_logits=cfg.rows_per_logits,
+        nonfinite=cfg.nonfinite,
     )
     if sae is not None and any(d.name == "sae-feature" for d in cfg.directions):
         from perturb_lens.saes.directions import cached_alive
 
         n_stats = min(cfg.stats.n_seqs or tokens.shape[0], tokens.shape[0])
         sae.alive = cached_alive(sae, model, tokens[:n_stats], run_dir, progress=progress)
-    return RunContext(cfg, model, tokens, stats, pool, plan, dict(explicit or {}), sae)
+    return RunContext(cfg, model, tokens, stats, pool, plan, dict(explicit or {}), sae, stats_files)
 
 
 def _run_sae(cfg: ExperimentConfig, model: LensModel, sae: Any) -> Any:
     """The run's SAE (given, or loaded from ``cfg.sae``), checked against hook, width, frame."""
     if sae is None and cfg.sae is None:
         return None
-    from perturb_lens.saes.io import load_sae
+    from perturb_lens.saes import load_sae
 
     sae = load_sae(sae if sae is not None else cfg.sae, hook=cfg.hook, model=cfg.model)
     sae.check_compatible(cfg.hook, model.spec.d_model, model.frame)
@@ -177,10 +246,12 @@ def _check_context(seq_len: int, model: LensModel) -> None:
         )
 
 
-def _meta(ctx: RunContext) -> dict[str, Any]:
+def _meta(ctx: RunContext, threads: int, cpu: str) -> dict[str, Any]:
     cfg = ctx.config
     return {
-        "perturb_lens_version": perturb_lens.__version__,
+        "threads": threads,  # the torch threads every shard was computed with
+        "cpu": cpu,
+        "perturb_lens_version": __version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "model": cfg.model,
@@ -201,7 +272,27 @@ def _meta(ctx: RunContext) -> dict[str, Any]:
         "include_bos": cfg.include_bos,
         "drop_last_position": cfg.drop_last_position,
         "explicit_directions": sorted(ctx.explicit),
+        **_fingerprints(ctx),
     }
+
+
+def _fingerprints(ctx: RunContext) -> dict[str, Any]:
+    """What the rows depend on beyond the config: model weights, statistics files, explicit
+    directions, SAE weights (a resume is refused when any differs)."""
+    out: dict[str, Any] = {"weights_fingerprint": model_fingerprint(ctx.model)}
+    if ctx.stats_files is not None:
+        out["stats_sha256"] = file_sha256(ctx.stats_files / STATS_FILE)
+        out["pool_sha256"] = file_sha256(ctx.stats_files / POOL_FILE)
+    if ctx.explicit:
+        out["explicit_sha256"] = {
+            k: hashlib.sha256(v.detach().cpu().float().numpy().tobytes()).hexdigest()
+            for k, v in sorted(ctx.explicit.items())
+        }
+    if ctx.sae is not None:
+        from perturb_lens.saes.directions import sae_fingerprint
+
+        out["sae_fingerprint"] = sae_fingerprint(ctx.sae)
+    return out
 
 
 def run_experiment(
@@ -218,45 +309,74 @@ def run_experiment(
     address: str | None = None,
     shard_fn: ShardFn | None = None,
     sae: Any = None,
+    allow_cpu_change: bool = False,
 ) -> Path:
-    """Run (or resume) an experiment; write Parquet shards and a manifest to ``out``; return it.
+    """Run (or resume) a sweep; write Parquet shards and a manifest to ``out``; return it.
 
     ``model`` / ``tokens`` skip loading (notebooks, tests); ``explicit`` maps a direction name used
     in ``config.directions`` to fixed directions [N_seqs, T, d] or [d]. ``executor`` computes the
     shards: ``"local"`` (this process), ``"ray"`` (a Ray cluster at ``address``; None: a local
     one) or an :class:`~perturb_lens.executors.Executor`. ``shard_fn(ctx, shard_id)`` computes one
     shard's rows (default: the registered one of ``config.experiment``). ``sae``: an SAE object
-    instead of loading ``config.sae``.
+    instead of loading ``config.sae``. Shards are computed with ``config.threads`` torch threads
+    (None: torch's default here, or on resume the recorded count); a resume with another thread
+    count or CPU kind is refused (``allow_cpu_change``: accept another CPU kind).
     """
     cfg = config if isinstance(config, ExperimentConfig) else validate_config(dict(config))
     cfg_dict = cfg.model_dump(mode="json")
     run_hash = config_hash(cfg_dict)
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{run_hash[:8]}"
-    check_new_or_resume(run_dir, resume, cfg_dict, run_hash)
+    check_new_or_resume(run_dir, resume, cfg_dict, run_hash)  # also checks the manifest's layout
+    old_meta = _recorded_meta(run_dir) if resume else {}
+    threads, cpu = resolve_threads(cfg.threads, old_meta.get("threads")), cpu_model()
+    check_same_compute(run_dir, old_meta, threads, cpu, allow_cpu_change=allow_cpu_change)
     runner = get_executor(executor, address)
-    with RunStore(run_dir).open() as store:  # unwritable or locked: refused before any work
+    # unwritable or locked: refused before any work
+    with RunStore(run_dir).open() as store, torch_threads(threads):
         ctx = prepare(
             cfg, run_dir, model=model, tokens=tokens, explicit=explicit, sae=sae, progress=progress
         )
-        store.create(cfg_dict, run_hash, _meta(ctx), resume=resume)
-        if not (run_dir / STATS_FILE).is_file():
-            save_stats(run_dir, ctx.stats, ctx.pool)
+        # other inputs (tokens, weights, statistics, versions): refused on resume
+        store.create(cfg_dict, run_hash, _meta(ctx, threads, cpu), resume=resume)
+        if ctx.stats_files != run_dir:
+            _copy_stats(ctx.stats_files, run_dir)
         n_dirs = len(cfg.directions) if cfg.shard_by_direction else 0
         ids = shard_ids(ctx.tokens.shape[0], cfg.shard_seqs, n_dirs)
         done = store.done_shards()
         todo = [s for s in ids if s not in done]
         shard_fn = shard_fn or get_experiment(cfg.experiment).shard
-        job = ShardJob.from_context(ctx, run_dir, shard_fn, prepare, model=model, sae=sae)
+        job = ShardJob.from_context(
+            ctx,
+            run_dir,
+            shard_fn,
+            prepare,
+            model=model,
+            sae=sae,
+            threads=threads,
+            cpu=None if allow_cpu_change else cpu,
+        )
         t0 = time.perf_counter()
         results = runner.map(job, todo, ctx)
         bar = f"Shards ({len(done)} done before, {runner.name})"
         for sid, rows in tqdm(results, desc=bar, total=len(todo), disable=not progress):
             sl = ctx.shard_slice(sid)
-            store.write_shard(sid, rows, info={"seqs": [sl.start, sl.stop]})
+            info: dict[str, Any] = {"seqs": [sl.start, sl.stop]}
+            if NONFINITE in rows.columns:
+                info[NONFINITE] = int(rows[NONFINITE].sum())
+            store.write_shard(sid, rows, info=info)
             if on_shard is not None:
                 on_shard(sid)
         store.finish({"seconds": round(time.perf_counter() - t0, 3), "shards": len(ids)})
     return run_dir
+
+
+def _recorded_meta(run_dir: Path) -> dict[str, Any]:
+    """The ``meta`` of the run in ``run_dir`` ({} if it has none to read)."""
+    if not (run_dir / MANIFEST).is_file():
+        return {}
+    manifest = load_manifest(run_dir)
+    meta = manifest.get("meta") if isinstance(manifest, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def stable_region_sharpness(

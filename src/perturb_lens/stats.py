@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from perturb_lens.models.base import LensModel
 
 NORM_QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 DEFAULT_JITTER = 0.01  # the published choice: 0.01 added to the covariance diagonal
@@ -313,16 +318,53 @@ def fit_stats(
     frame: str = "",
     exclude_first_position: bool = True,
     jitter: float = DEFAULT_JITTER,
+    seed: int = 0,
+    pool: PoolSampler | None = None,
 ) -> ActivationStats:
-    """Fit :class:`ActivationStats` on activation batches ([B, T, d] or [N, d] each)."""
+    """Fit :class:`ActivationStats` on activation batches ([B, T, d] or [N, d] each); ``pool``
+    also keeps its sample of the rows used (``seed``: of the norm sample, for huge datasets)."""
     acc: StatsAccumulator | None = None
     for acts in batches:
         if acc is None:
-            acc = StatsAccumulator(acts.shape[-1])
+            acc = StatsAccumulator(acts.shape[-1], seed=seed)
         acc.update(acts, exclude_first_position=exclude_first_position)
+        if pool is not None:
+            rows = acts[:, 1:] if acts.ndim == 3 and exclude_first_position else acts
+            pool.take(rows.reshape(-1, acts.shape[-1]))
     if acc is None:
         raise ValueError("fit_stats got no batches: pass at least one activation tensor.")
     return acc.finalize(hook=hook, frame=frame, jitter=jitter)
+
+
+class PoolSampler:
+    """A seeded uniform sample, without replacement, of ``size`` of ``n_rows`` activation rows,
+    taken as the rows stream past in order (the real-activation pool of a run)."""
+
+    def __init__(self, n_rows: int, size: int, generator: torch.Generator) -> None:
+        self.chosen = torch.randperm(n_rows, generator=generator)[: min(size, n_rows)].sort().values
+        self.seen = 0
+        self.parts: list[Tensor] = []
+
+    def take(self, rows: Tensor) -> None:
+        """Keep the chosen ones among the next ``rows`` [m, d] (float32, on CPU)."""
+        lo, hi = self.seen, self.seen + rows.shape[0]
+        idx = self.chosen[(self.chosen >= lo) & (self.chosen < hi)] - lo
+        self.parts.append(rows[idx.to(rows.device)].float().cpu())
+        self.seen = hi
+
+    def sample(self) -> Tensor:
+        """The pool [size, d] (float32), in stream order."""
+        return torch.cat(self.parts)
+
+
+def hook_activations(
+    model: LensModel, tokens: Tensor, hook: str, batch_seqs: int, *, progress: bool = True
+) -> Iterator[Tensor]:
+    """Activations [b, T, d] at ``hook`` of the token rows, ``batch_seqs`` rows at a time."""
+    for s0 in tqdm(
+        range(0, tokens.shape[0], batch_seqs), desc="Activation statistics", disable=not progress
+    ):
+        yield model.run_to_hook(tokens[s0 : s0 + batch_seqs].to(model.device), hook)
 
 
 def sample_gaussian(stats: ActivationStats, n: int, generator: torch.Generator) -> Tensor:

@@ -23,13 +23,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from perturb_lens.config import NONFINITE_POLICIES, SCOPES
 from perturb_lens.engine.softmax import kl_linear, lse_linear, softmax_moment
-from perturb_lens.metrics import at_least_float32, downstream_metrics, get_metric, output_metrics
+from perturb_lens.metrics import (
+    NONFINITE,
+    at_least_float32,
+    downstream_metrics,
+    get_metric,
+    output_metrics,
+)
 from perturb_lens.models.base import CleanRun, LensModel
-
-SCOPES = ("all-positions", "single-position", "last-position")
-NONFINITE = "nonfinite"  # the column flagging rows with a NaN/inf metric (nonfinite=record)
-NONFINITE_POLICIES = ("error", "record")
 
 
 class NonFiniteMetricError(FloatingPointError):
@@ -37,7 +40,7 @@ class NonFiniteMetricError(FloatingPointError):
 
 
 @dataclass
-class SweepSpec:
+class SweepPlan:
     """What to measure: hook, scope, lengths, metrics and chunk sizes."""
 
     hook: str
@@ -93,18 +96,18 @@ def auto_rows_per_pass(model: LensModel, seq_len: int, free_bytes: int | None = 
 
 
 def clean_pass(
-    model: LensModel, tokens: Tensor, spec: SweepSpec, *, seq_offset: int = 0
+    model: LensModel, tokens: Tensor, plan: SweepPlan, *, seq_offset: int = 0
 ) -> CleanRun:
     """The clean pass the sweep continues from (keys/values kept for the single-row scopes).
 
     Non-finite activations raise, naming the sequence (``seq_offset`` + row) and position."""
-    reads = [spec.read or model.default_read] if spec.needs_read else []
-    clean = model.run_clean(tokens, spec.hook, reads=reads, keep_kv=spec.scope != "all-positions")
+    reads = [plan.read or model.default_read] if plan.needs_read else []
+    clean = model.run_clean(tokens, plan.hook, reads=reads, keep_kv=plan.scope != "all-positions")
     bad = ~torch.isfinite(clean.x).all(-1)
     if bad.any():
         seq, pos = (int(v) for v in bad.nonzero()[0])
         raise FloatingPointError(
-            f"Non-finite activation (NaN/inf) at {spec.hook}, sequence {seq_offset + seq}, "
+            f"Non-finite activation (NaN/inf) at {plan.hook}, sequence {seq_offset + seq}, "
             f"position {pos}: check the model weights (dtype overflow? try dtype=float32) and "
             "the input tokens."
         )
@@ -168,49 +171,49 @@ class _Rows:
         return pd.DataFrame({k: np.concatenate(v) for k, v in self.cols.items()})
 
 
-def measure(
+def sweep(
     model: LensModel,
     clean: CleanRun,
     directions: Mapping[str, Tensor],
-    spec: SweepSpec,
+    plan: SweepPlan,
     *,
     seq_offset: int = 0,
 ) -> pd.DataFrame:
     """Rows (seq, pos, direction, length, metrics...) for every direction [B, T, d] and length."""
     b, t, d = clean.x.shape
-    if spec.rows_per_pass is None:
-        spec = replace(spec, rows_per_pass=auto_rows_per_pass(model, t))
-    read = spec.read or model.default_read
-    ref = _CleanOut.build(model, clean, spec.metrics, spec.rows_per_logits)
+    if plan.rows_per_pass is None:
+        plan = replace(plan, rows_per_pass=auto_rows_per_pass(model, t))
+    read = plan.read or model.default_read
+    ref = _CleanOut.build(model, clean, plan.metrics, plan.rows_per_logits)
     nxt = torch.full((b, t), -1, dtype=torch.long, device=clean.tokens.device)
     nxt[:, :-1] = clean.tokens[:, 1:]
     wide = torch.promote_types(clean.x.dtype, torch.float32)  # float64 for a float64 model
-    alphas = torch.tensor(list(spec.lengths), dtype=wide, device=clean.x.device)
+    alphas = torch.tensor(list(plan.lengths), dtype=wide, device=clean.x.device)
     rows = _Rows()
     seqs = torch.arange(b) + seq_offset
-    first = spec.first_position(t)
+    first = plan.first_position(t)
     for name, dirs in directions.items():
         if dirs.shape != clean.x.shape:
             raise ValueError(
                 f"Directions {name!r} have shape {tuple(dirs.shape)}, expected {(b, t, d)}."
             )
         dirs = dirs.to(clean.x.device, wide)
-        if spec.scope == "all-positions":
-            _all_positions(model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name)
+        if plan.scope == "all-positions":
+            _all_positions(model, clean, dirs, alphas, plan, read, ref, nxt, rows, seqs, name)
         else:
             _single_positions(
-                model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name, first
+                model, clean, dirs, alphas, plan, read, ref, nxt, rows, seqs, name, first
             )
     df = rows.frame()
     norms = {k: v.double().norm(dim=-1).cpu().numpy() for k, v in directions.items()}  # [B, T]
     if any(np.abs(n[:, first:] - 1).max() > 1e-4 for n in norms.values()):
         df["size"] = _perturbation_sizes(df, norms, seq_offset)
     df["direction"] = pd.Categorical(df["direction"], categories=list(directions))
-    bad = _nonfinite_rows(df, spec.metrics, t)
-    if spec.nonfinite == "record":
+    bad = _nonfinite_rows(df, plan.metrics, t)
+    if plan.nonfinite == "record":
         df[NONFINITE] = bad
     elif bad.any():
-        raise _nonfinite_error(df, bad, clean.x, spec, seq_offset)
+        raise _nonfinite_error(df, bad, clean.x, plan, seq_offset)
     return df
 
 
@@ -229,13 +232,13 @@ def _nonfinite_rows(df: pd.DataFrame, metrics: Sequence[str], seq_len: int) -> n
 
 
 def _nonfinite_error(
-    df: pd.DataFrame, bad: np.ndarray, x: Tensor, spec: SweepSpec, seq_offset: int
+    df: pd.DataFrame, bad: np.ndarray, x: Tensor, plan: SweepPlan, seq_offset: int
 ) -> NonFiniteMetricError:
     """The error for the first non-finite row: where, the values, the likely cause, the fix."""
     row = df[bad].iloc[0]
     seq, pos, length = int(row["seq"]), int(row["pos"]), float(row["length"])
     values = ", ".join(
-        f"{m}={row[m]}" for m in spec.metrics if m in df.columns and df[m].dtype.kind == "f"
+        f"{m}={row[m]}" for m in plan.metrics if m in df.columns and df[m].dtype.kind == "f"
     )
     norm = float(x[seq - seq_offset, pos].double().norm())
     causes = [
@@ -270,7 +273,7 @@ def _perturbation_sizes(
 
 def _metrics_block(
     model: LensModel,
-    spec: SweepSpec,
+    plan: SweepPlan,
     final: Tensor,
     ref: _CleanOut,
     clean_sel: list[Tensor | None],
@@ -284,28 +287,28 @@ def _metrics_block(
     if ref.lin is not None:
         out["kl"] = kl_linear(lse_c, u_c, f_c, lse_linear(final, *ref.lin), final)
     if pert_read is not None and clean_read is not None:
-        out.update(downstream_metrics(clean_read, pert_read, spec.metrics))
+        out.update(downstream_metrics(clean_read, pert_read, plan.metrics))
     return out
 
 
-def _all_positions(model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name) -> None:
+def _all_positions(model, clean, dirs, alphas, plan, read, ref, nxt, rows, seqs, name) -> None:
     b, t, _ = clean.x.shape
     n_len = len(alphas)
-    k_chunk = max(1, spec.rows_per_pass // (b * t))
-    per_logits = max(1, spec.rows_per_logits // t)
+    k_chunk = max(1, plan.rows_per_pass // (b * t))
+    per_logits = max(1, plan.rows_per_logits // t)
     clean_read = clean.reads.get(read)
     for k0 in range(0, n_len, k_chunk):
         a = alphas[k0 : k0 + k_chunk]  # [k]
         step = a.view(1, -1, 1, 1) * dirs.unsqueeze(1)
         x_new = clean.x.unsqueeze(1) + step.to(clean.x.dtype)
-        final, reads = model.continue_all(clean, x_new, reads=[read] if spec.needs_read else [])
+        final, reads = model.continue_all(clean, x_new, reads=[read] if plan.needs_read else [])
         k = len(a)
         for i in range(b):
             for j0 in range(0, k, per_logits):
                 j1 = min(k, j0 + per_logits)
-                pr = reads[read][i, j0:j1] if spec.needs_read else None
+                pr = reads[read][i, j0:j1] if plan.needs_read else None
                 cr = clean_read[i].unsqueeze(0) if clean_read is not None else None
-                m = _metrics_block(model, spec, final[i, j0:j1], ref, ref.select(i), nxt[i], pr, cr)
+                m = _metrics_block(model, plan, final[i, j0:j1], ref, ref.select(i), nxt[i], pr, cr)
                 kk = j1 - j0
                 rows.add(
                     seq=np.full(kk * t, int(seqs[i]), dtype=np.int32),
@@ -317,13 +320,13 @@ def _all_positions(model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs,
 
 
 def _single_positions(
-    model, clean, dirs, alphas, spec, read, ref, nxt, rows, seqs, name, first
+    model, clean, dirs, alphas, plan, read, ref, nxt, rows, seqs, name, first
 ) -> None:
     b, t, d = clean.x.shape
     n_len = len(alphas)
     positions = torch.arange(first, t, device=clean.x.device)
-    p_chunk = max(1, spec.rows_per_pass // (b * n_len))
-    per_logits = max(1, spec.rows_per_logits // n_len)
+    p_chunk = max(1, plan.rows_per_pass // (b * n_len))
+    per_logits = max(1, plan.rows_per_logits // n_len)
     clean_read = clean.reads.get(read)
     for p0 in range(0, len(positions), p_chunk):
         pos = positions[p0 : p0 + p_chunk]  # [P]
@@ -335,18 +338,18 @@ def _single_positions(
             clean,
             x_new.reshape(b, n_p * n_len, d),
             pos_rows,
-            reads=[read] if spec.needs_read else [],
+            reads=[read] if plan.needs_read else [],
         )
         final = final.view(b, n_p, n_len, d)
         for i in range(b):
             for j0 in range(0, n_p, per_logits):
                 j1 = min(n_p, j0 + per_logits)
                 sel = pos[j0:j1]
-                pr = reads[read].view(b, n_p, n_len, d)[i, j0:j1] if spec.needs_read else None
+                pr = reads[read].view(b, n_p, n_len, d)[i, j0:j1] if plan.needs_read else None
                 cr = clean_read[i, sel].unsqueeze(1) if clean_read is not None else None
                 m = _metrics_block(
                     model,
-                    spec,
+                    plan,
                     final[i, j0:j1],
                     ref,
                     ref.select(i, sel),

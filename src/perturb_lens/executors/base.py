@@ -1,10 +1,11 @@
 """What an executor is: it computes the shards of a run and hands each back to the driver.
 
-The driver (``run_experiment``) is the only writer of the run directory: it writes every shard it
-gets back through :class:`~perturb_lens.results.store.RunStore` (atomically, with its sha256 in the
-manifest). A shard is a pure function of the job and its id (its seed is derived from the run seed
-and the shard id), so an executor may compute a shard again after a worker died, in any order, on
-any machine, and the run directory stays consistent and identical.
+The driver (:func:`perturb_lens.runner.run_experiment`) is the only writer of the run directory:
+it writes every shard it gets back through :class:`~perturb_lens.results.store.RunStore`
+(atomically, with its sha256 in the manifest). A shard is a pure function of the job and its id
+(its seed is derived from the run seed and the shard id), so an executor may compute a shard again
+after a worker died, in any order, on any machine, and the run directory stays consistent and
+identical.
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ ShardFn = Callable[["RunContext", str], pd.DataFrame]
 """Computes the rows of one shard from the run context and the shard id (module-level function,
 so that it pickles by reference to a worker)."""
 
+PrepareFn = Callable[..., "RunContext"]
+"""Builds the run context (:func:`perturb_lens.runner.prepare`; module-level, so it pickles)."""
+
 
 @dataclass
 class ShardJob:
     """Everything a worker needs to compute any shard of one run (picklable, shipped once).
 
-    A worker rebuilds the :class:`~perturb_lens.engine.run.RunContext` from it once per process:
-    the model from ``config.model`` (or ``model``, when the driver was handed one; the same for
-    ``sae``), and the driver's tokens and fitted statistics, so nothing is refitted and no shared
-    filesystem is needed.
+    A worker rebuilds the :class:`~perturb_lens.engine.run.RunContext` from it once per process
+    with ``prepare``: the model from ``config.model`` (or ``model``, when the driver was handed
+    one; the same for ``sae``), and the driver's tokens and fitted statistics, so nothing is
+    refitted and no shared filesystem is needed.
     """
 
     config: ExperimentConfig
@@ -47,6 +51,7 @@ class ShardJob:
     stats: ActivationStats
     pool: Tensor
     shard_fn: ShardFn
+    prepare: PrepareFn
     explicit: Mapping[str, Tensor] = field(default_factory=dict)
     model: LensModel | None = None
     sae: Any = None
@@ -60,6 +65,7 @@ class ShardJob:
         ctx: RunContext,
         run_dir: Path,
         shard_fn: ShardFn,
+        prepare: PrepareFn,
         *,
         model: LensModel | None = None,
         sae: Any = None,
@@ -76,6 +82,7 @@ class ShardJob:
             stats=ctx.stats,
             pool=ctx.pool,
             shard_fn=shard_fn,
+            prepare=prepare,
             explicit=dict(ctx.explicit),
             model=model,
             sae=sae,
@@ -99,9 +106,7 @@ class ShardJob:
 
     def context(self) -> RunContext:
         """Rebuild the run context (loads the model unless the job carries one)."""
-        from perturb_lens.engine.run import prepare
-
-        return prepare(
+        return self.prepare(
             self.config,
             Path(self.run_dir),
             model=self.model,

@@ -9,8 +9,6 @@ the built-in ones. This package itself only exposes the registry, so that the co
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from perturb_lens.experiments.registry import (
     ExperimentInfo,
     find_experiment,
@@ -19,12 +17,6 @@ from perturb_lens.experiments.registry import (
     register_experiment,
 )
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from perturb_lens.config import ExperimentConfig
-    from perturb_lens.executors import ShardFn
-
 __all__ = [
     "ExperimentInfo",
     "find_experiment",
@@ -32,18 +24,3 @@ __all__ = [
     "list_experiments",
     "register_experiment",
 ]
-
-
-def shard_function(experiment: str) -> ShardFn:
-    """The function computing one shard's rows for an ``experiment`` type of the config."""
-    from perturb_lens.experiments import builtin  # noqa: F401
-
-    return get_experiment(experiment).shard
-
-
-def curve_tables(df: pd.DataFrame, cfg: ExperimentConfig) -> dict[str, pd.DataFrame]:
-    """The tables an experiment prints after its run (by title)."""
-    from perturb_lens.experiments import builtin  # noqa: F401
-
-    tables = get_experiment(cfg.experiment).tables
-    return tables(df, cfg) if tables is not None else {}

@@ -16,11 +16,12 @@ import dataclasses
 
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from perturb_lens.config import DirectionSpec, ExperimentConfig, PlateauConfig
+from perturb_lens.config import DirectionConfig, DirectionList, ExperimentConfig
 from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
-from perturb_lens.engine.sweep import SweepSpec, measure
+from perturb_lens.engine.sweep import SweepPlan, sweep
 from perturb_lens.experiments.registry import register_experiment
 from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.results.curve_stats import curve_metric, curve_statistics, statistic_summary
@@ -28,15 +29,29 @@ from perturb_lens.results.curve_stats import curve_metric, curve_statistics, sta
 REAL = "real"
 
 
-def rebase_last(model: LensModel, clean: CleanRun, x_base: Tensor, spec: SweepSpec) -> CleanRun:
+class PlateauOptions(BaseModel):
+    """The ``plateaus`` section: the base points that random perturbations start from."""
+
+    model_config = ConfigDict(extra="forbid")
+    bases: DirectionList = Field(
+        default_factory=lambda: [
+            DirectionConfig(name=REAL),
+            DirectionConfig(name="synthetic", kind="bag"),
+            DirectionConfig(name="cov-random-difference", label="cov-random"),
+        ],
+        description="'real' (the clean activation) or a direction whose raw vector moves x there",
+    )
+
+
+def rebase_last(model: LensModel, clean: CleanRun, x_base: Tensor, plan: SweepPlan) -> CleanRun:
     """``clean`` with the last position's activation replaced by ``x_base`` [B, d] and its output
     (final hidden state, downstream reads) recomputed: a clean run to perturb around ``x_base``.
 
     Valid for single-row continuation (``continue_at``): earlier positions are unaffected.
     """
     b, t, _ = clean.x.shape
-    read = spec.read or model.default_read
-    reads = [read] if spec.needs_read else []
+    read = plan.read or model.default_read
+    reads = [read] if plan.needs_read else []
     last = torch.full((b, 1), t - 1, dtype=torch.long, device=clean.x.device)
     final, got = model.continue_at(clean, x_base.unsqueeze(1).to(clean.x.dtype), last, reads=reads)
 
@@ -57,14 +72,14 @@ def base_points(ctx: RunContext, shard_id: str, x: Tensor) -> dict[str, Tensor]:
     """Base activations [B, d] at the last position, per base label of ``config.plateaus``."""
     x_last = x[:, -1].float()
     out: dict[str, Tensor] = {}
-    for spec in ctx.config.plateaus.bases:
-        if spec.name == REAL:
-            out[spec.label] = x_last
+    for base in ctx.config.plateaus.bases:
+        if base.name == REAL:
+            out[base.label] = x_last
             continue
-        opts = {**spec.options, "scale": "raw", "label": f"base/{spec.label}"}  # own seed
-        raw = DirectionSpec(name=spec.name, **opts)
+        opts = {**base.options, "scale": "raw", "label": f"base/{base.label}"}  # own seed
+        raw = DirectionConfig(name=base.name, **opts)
         moved = shard_directions(ctx, shard_id, x, [raw])[raw.label][:, -1]
-        out[spec.label] = x_last + moved
+        out[base.label] = x_last + moved
     return out
 
 
@@ -75,9 +90,9 @@ def plateau_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
     clean = shard_clean(ctx, shard_id)
     frames = []
     for label, x_base in base_points(ctx, shard_id, clean.x).items():
-        rebased = rebase_last(ctx.model, clean, x_base, ctx.spec)
+        rebased = rebase_last(ctx.model, clean, x_base, ctx.plan)
         dirs = shard_directions(ctx, shard_id, rebased.x)
-        df = measure(ctx.model, rebased, dirs, ctx.spec, seq_offset=sl.start)
+        df = sweep(ctx.model, rebased, dirs, ctx.plan, seq_offset=sl.start)
         df.insert(2, "base", label)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
@@ -98,7 +113,7 @@ register_experiment(
     "plateaus",
     plateau_shard,
     description="random perturbations around real, synthetic and cov-random base points",
-    options=PlateauConfig,
+    options=PlateauOptions,
     section="plateaus",
     scope="last-position",
     shard_by_direction=False,

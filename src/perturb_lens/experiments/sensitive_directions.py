@@ -3,12 +3,23 @@ by a grid of lengths and measure how the output changes (the plain sweep)."""
 
 from __future__ import annotations
 
-from perturb_lens.engine.run import compute_shard
+import pandas as pd
+
+from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
+from perturb_lens.engine.sweep import sweep
 from perturb_lens.experiments.registry import register_experiment
+
+
+def sweep_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
+    """Rows of one shard: clean pass, directions for every token, the sweep."""
+    clean = shard_clean(ctx, shard_id)
+    dirs = shard_directions(ctx, shard_id, clean.x)
+    return sweep(ctx.model, clean, dirs, ctx.plan, seq_offset=ctx.shard_slice(shard_id).start)
+
 
 register_experiment(
     "sensitive-directions",
-    compute_shard,
+    sweep_shard,
     description="the sweep: every direction x length at every position of the scope",
     figures="sensitive-directions",
 )

@@ -8,30 +8,37 @@ at the last position, so perturbing A's last position along ``x_B - x_A`` by ``t
 walks exactly from A's output (t = 0) to B's (t = 1). Sharpness: the largest step-to-step increase
 of the L2 distance (at the last layer's ``resid_post``) over its value at t = 1.
 
-:func:`stable_region_sharpness` runs several models (sizes, checkpoints) and returns one frame
-with a ``model`` column; :func:`sharpness_quantiles` summarises it.
+:func:`perturb_lens.runner.stable_region_sharpness` runs several models (sizes, checkpoints)
+and returns one frame with a ``model`` column; :func:`sharpness_quantiles` summarises it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Literal
 
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from perturb_lens.config import ExperimentConfig, StableRegionsConfig
-from perturb_lens.engine.run import RunContext, run_experiment, shard_clean
-from perturb_lens.engine.sweep import measure
+from perturb_lens.config import ExperimentConfig
+from perturb_lens.engine.run import RunContext, shard_clean
+from perturb_lens.engine.sweep import sweep
 from perturb_lens.experiments.registry import register_experiment
-from perturb_lens.models.base import LensModel
 from perturb_lens.results.curve_stats import curve_metric, curve_statistics, statistic_summary
-from perturb_lens.results.store import load_results
 from perturb_lens.seeds import derive_seed
 
 PAIR = "prompt-pair"
+
+
+class StableRegionsOptions(BaseModel):
+    """The ``stable_regions`` section: how prompt B gets its different last token."""
+
+    model_config = ConfigDict(extra="forbid")
+    replacement: Literal["next-prompt", "random"] = Field(
+        "next-prompt", description="the next prompt's last token (published), or a random token"
+    )
 
 
 def replacement_tokens(ctx: RunContext, shard_id: str) -> Tensor:
@@ -65,42 +72,11 @@ def stable_region_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
     x_b = ctx.model.run_to_hook(tokens_b, ctx.config.hook)[:, -1]
     dirs = torch.zeros(clean.x.shape, dtype=torch.float32, device=clean.x.device)
     dirs[:, -1] = x_b.float() - clean.x[:, -1].float()
-    df = measure(ctx.model, clean, {PAIR: dirs}, ctx.spec, seq_offset=sl.start)
+    df = sweep(ctx.model, clean, {PAIR: dirs}, ctx.plan, seq_offset=sl.start)
     seq = df["seq"].to_numpy() - sl.start
     df["token_a"] = tokens_a[:, -1].cpu().numpy()[seq]
     df["token_b"] = tokens_b[:, -1].cpu().numpy()[seq]
     return df
-
-
-def stable_region_sharpness(
-    models: Sequence[str | LensModel],
-    config: Mapping[str, Any],
-    out: str | Path,
-    *,
-    resume: bool = False,
-    tokens: Tensor | None = None,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Run the stable-regions ``config`` on each model (names, paths or loaded models; e.g.
-    several sizes or training checkpoints) into ``out/<i>-<name>``; one row per curve with a
-    ``model`` column, ``sharpness``, ``max_slope_step`` and ``plateau_length``. ``tokens``: the
-    prompts [N, T] for every model instead of ``config.data`` (only for one shared tokenizer)."""
-    frames = []
-    for i, m in enumerate(models):
-        name = m if isinstance(m, str) else m.source
-        cfg = {**config, "experiment": "stable-regions", "model": name}
-        run_dir = run_experiment(
-            cfg,
-            Path(out) / f"{i:02d}-{Path(str(name)).name}",
-            resume=resume,
-            model=None if isinstance(m, str) else m,
-            tokens=tokens,
-            progress=progress,
-        )
-        stats = curve_statistics(load_results(run_dir), "l2")
-        stats.insert(0, "model", str(name))
-        frames.append(stats)
-    return pd.concat(frames, ignore_index=True)
 
 
 def sharpness_quantiles(stats: pd.DataFrame, by: Sequence[str] = ("model",)) -> pd.DataFrame:
@@ -120,7 +96,7 @@ register_experiment(
     "stable-regions",
     stable_region_shard,
     description="interpolation between two prompts differing in their last token (sharpness)",
-    options=StableRegionsConfig,
+    options=StableRegionsOptions,
     section="stable_regions",
     scope="last-position",
     shard_by_direction=False,

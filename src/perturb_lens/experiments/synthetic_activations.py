@@ -11,8 +11,8 @@ from __future__ import annotations
 import pandas as pd
 
 from perturb_lens.config import ExperimentConfig
-from perturb_lens.engine.run import compute_shard
 from perturb_lens.experiments.registry import register_experiment
+from perturb_lens.experiments.sensitive_directions import sweep_shard
 from perturb_lens.results.curve_stats import (
     curve_metric,
     curve_statistics,
@@ -36,7 +36,7 @@ def synthetic_tables(rows: pd.DataFrame, cfg: ExperimentConfig) -> dict[str, pd.
 
 register_experiment(
     "synthetic-activations",
-    compute_shard,
+    sweep_shard,
     description="interpolation towards real, cov-random and synthetic (SAE-latent) targets",
     tables=synthetic_tables,
     figures="interpolation",

@@ -19,7 +19,6 @@ from typing import Any
 
 import pandas as pd
 
-import perturb_lens
 from perturb_lens.plots.figures import (
     Palette,
     bar_panels,
@@ -37,17 +36,18 @@ from perturb_lens.plots.registry import (
     save_plots,
 )
 from perturb_lens.plots.sets import (
-    THRESHOLDS,
     bar_lengths,
     interpolation_stats,
     length_label,
     metric_label,
+    metric_threshold,
     sae_directions,
     sharpness_plot,
     size_kl_plot,
 )
 from perturb_lens.results.analysis import bars, pick_lengths, summary_table, threshold_summary
 from perturb_lens.results.store import MANIFEST, atomic_write, diff_configs
+from perturb_lens.version import __version__
 
 REPORT = "report.html"
 COMPARE = "compare.html"
@@ -173,7 +173,7 @@ def _page(title: str, subtitle: str, body: str, sections: Sequence[tuple[str, st
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<link rel="icon" href="data:,"><title>{_esc(title)}</title><style>{_CSS}</style>'
         f'</head><body><h1>{_esc(title)}</h1><p class="sub">{_esc(subtitle)}</p><nav>{nav}</nav>'
-        f'{body}<p class="sub">Written by perturb-lens {perturb_lens.__version__} on {stamp}.</p>'
+        f'{body}<p class="sub">Written by perturb-lens {__version__} on {stamp}.</p>'
         f"<script>{_JS}</script></body></html>\n"
     )
 
@@ -230,10 +230,11 @@ def _tables(view: RunView) -> str:
     for metric in view.metrics:
         table = _alpha_columns(summary_table(view.rows, metrics=(metric,)))
         parts.append(f"<h3>Mean {_esc(metric)} by length</h3>{_table(table)}")
-        if metric in THRESHOLDS:
-            thr = threshold_summary(view.rows, metric, threshold=THRESHOLDS[metric])
+        threshold = metric_threshold(metric)
+        if threshold is not None:
+            thr = threshold_summary(view.rows, metric, threshold=threshold)
             parts.append(
-                f"<h3>Length at which {_esc(metric)} first exceeds {THRESHOLDS[metric]:g}</h3>"
+                f"<h3>Length at which {_esc(metric)} first exceeds {threshold:g}</h3>"
                 f"{_table(thr, index=False)}"
             )
     return "".join(parts)
@@ -468,7 +469,7 @@ def compare_plots(views: Sequence[RunView], metric: str = "kl") -> list[Plot]:
     if all("size" in r.columns and "kl" in r.columns and len(r) for r in sae_rows):
         rows = pd.concat([r.assign(run=v.label) for r, v in zip(sae_rows, views, strict=True)])
         plots.append(size_kl_plot(rows, ["run"], f"{len(views)} runs", palette))
-    if all(v.experiment == "stable-regions" for v in views):  # sharpness across models
+    if all("sharpness" in v.curve_stats for v in views):  # stable regions: across models
         stats = pd.concat([interpolation_stats(v)[0].assign(run=v.label) for v in views])
         title = "Sharpness per run (e.g. model size or training checkpoint)"
         plots.append(sharpness_plot(stats, by="run", name="compare_sharpness", title=title))

@@ -50,9 +50,6 @@ FIG2_PANELS = {
 }
 # Figures 7-8 show bars at alpha = 20, 40, 61 on a grid reaching 91: the same fractions of any grid.
 BAR_FRACTIONS = (20 / 91, 40 / 91, 61 / 91)
-# A token "responds" once its metric exceeds this (threshold-crossing histograms): the built-in
-# metrics' registered thresholds (:func:`metric_threshold` also sees metrics registered later).
-THRESHOLDS = {m: get_metric(m).threshold for m in metric_names() if get_metric(m).threshold}
 N_TOKEN_CURVES = 5
 
 

@@ -95,8 +95,8 @@ def run_suite(
     only: list[str] | None = None,
 ) -> Path:
     """Run (or resume) every SAE's sweep into ``out/<label>``; write and return ``out``."""
-    from perturb_lens.engine.run import run_experiment
     from perturb_lens.models.load import load_model
+    from perturb_lens.runner import run_experiment
     from perturb_lens.saes.io import load_sae
 
     out = Path(out) if out is not None else Path("runs") / cfg.name

@@ -469,7 +469,7 @@ def train_saes(
 ) -> dict[str, Path]:
     """Train every SAE of ``cfg`` (or those named in ``only``) into ``out``, resuming whatever is
     there; return their folders. A finished SAE (its ``cfg.json`` exists) is skipped."""
-    from perturb_lens.engine.run import load_tokens_for
+    from perturb_lens.data import dataset_tokens
     from perturb_lens.models.load import load_model
 
     out = Path(out)
@@ -486,10 +486,7 @@ def train_saes(
         if model is None:
             model = load_model(cfg.model, frame=cfg.frame)
         if tokens is None:
-            from perturb_lens.config import ExperimentConfig
-
-            exp = ExperimentConfig(model=cfg.model, hook=cfg.hook, data=cfg.data)
-            tokens = load_tokens_for(exp, model, progress)
+            tokens = dataset_tokens(cfg.data, model, progress=progress)
         timings: dict[str, float] = {}
         hooks = list(dict.fromkeys(s.hook or cfg.hook for s in pending))
         for h in hooks:

@@ -339,7 +339,7 @@ def test_unknown_direction_on_the_command_line(tmp_path: Path, config: dict) -> 
 def test_unexpected_error_is_one_line_and_verbose_shows_the_traceback(
     tmp_path: Path, config: dict, monkeypatch
 ) -> None:
-    import perturb_lens.engine.run as run_module
+    import perturb_lens.runner as run_module
 
     def broken(*args, **kwargs):
         raise KeyError("shards")

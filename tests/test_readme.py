@@ -14,7 +14,6 @@ from naive import forward_with_edit
 from perturb_lens import load_results, run_experiment
 from perturb_lens.experiments import registry as experiments
 from perturb_lens.metrics import _METRICS
-from perturb_lens.models import families
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,7 +28,7 @@ def extending_snippets() -> list[str]:
 @pytest.fixture
 def snippets():
     """Run every snippet (in one namespace, as a reader would); unregister what they added."""
-    before = (dict(_METRICS), dict(experiments._EXPERIMENTS), families.snapshot())
+    before = (dict(_METRICS), dict(experiments._EXPERIMENTS))
     namespace: dict = {"__name__": "readme"}
     for code in extending_snippets():
         exec(compile(code, str(README), "exec"), namespace)
@@ -38,12 +37,11 @@ def snippets():
     _METRICS.update(before[0])
     experiments._EXPERIMENTS.clear()
     experiments._EXPERIMENTS.update(before[1])
-    families.restore(before[2])
 
 
 def test_readme_has_an_example_of_each_extension() -> None:
     code = "\n".join(extending_snippets())
-    for call in ("register_metric(", "register_experiment(", "register_family("):
+    for call in ("register_metric(", "register_experiment("):
         assert call in code
 
 

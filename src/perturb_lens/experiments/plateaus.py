@@ -22,7 +22,7 @@ from torch import Tensor
 from perturb_lens.config import DirectionConfig, DirectionList, ExperimentConfig
 from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
 from perturb_lens.engine.sweep import SweepPlan, sweep
-from perturb_lens.experiments.registry import register_experiment
+from perturb_lens.experiments.registry import LAST_POSITION_CURVES, register_experiment
 from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.results.curve_stats import curve_metric, curve_statistics, statistic_summary
 
@@ -115,9 +115,7 @@ register_experiment(
     description="random perturbations around real, synthetic and cov-random base points",
     options=PlateauOptions,
     section="plateaus",
-    scope="last-position",
-    shard_by_direction=False,
     tables=plateau_tables,
-    figures="interpolation",
+    **LAST_POSITION_CURVES,
     curve_stats=("plateau_length",),
 )

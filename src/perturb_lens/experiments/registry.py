@@ -37,6 +37,15 @@ class ExperimentInfo:
     curve_stats: tuple[str, ...] = ()  # per-curve statistics its figures compare (interpolation)
 
 
+LAST_POSITION_CURVES: dict[str, Any] = {
+    "scope": "last-position",
+    "shard_by_direction": False,
+    "figures": "interpolation",
+}
+"""Registration settings of an experiment that perturbs only the last position, along directions
+its shard function builds for the whole shard (plateau bases, prompt pairs), and compares the
+per-curve statistics of its runs (``register_experiment(..., **LAST_POSITION_CURVES)``)."""
+
 _EXPERIMENTS: dict[str, ExperimentInfo] = {}
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from perturb_lens.config import ExperimentConfig
 from perturb_lens.engine.run import RunContext, shard_clean
 from perturb_lens.engine.sweep import sweep
-from perturb_lens.experiments.registry import register_experiment
+from perturb_lens.experiments.registry import LAST_POSITION_CURVES, register_experiment
 from perturb_lens.results.curve_stats import curve_metric, curve_statistics, statistic_summary
 from perturb_lens.seeds import derive_seed
 
@@ -98,9 +98,7 @@ register_experiment(
     description="interpolation between two prompts differing in their last token (sharpness)",
     options=StableRegionsOptions,
     section="stable_regions",
-    scope="last-position",
-    shard_by_direction=False,
     tables=stable_region_tables,
-    figures="interpolation",
+    **LAST_POSITION_CURVES,
     curve_stats=("sharpness", "max_slope_step"),
 )

@@ -121,8 +121,15 @@ def _hook_position(name: str | None) -> tuple[int, int] | None:
 
 def check_read_after_hook(hook: str, read: str | None) -> None:
     """The downstream read (l2/cos) must sit at or after the perturbed hook."""
+    if read is None:
+        return
     h, r = _hook_position(hook), _hook_position(read)
-    if h is None or r is None:  # a name the model lacks is refused when the model is loaded
+    if r is None:
+        raise ValueError(
+            f"read {read!r} is not a hook name: use blocks.LAYER.KIND with KIND one of "
+            f"{', '.join(HOOK_KINDS)}, or leave read unset (the last layer's hook_resid_post)."
+        )
+    if h is None:  # a name the model lacks is refused when the model is loaded
         return
     if r < h:
         raise ValueError(

@@ -105,3 +105,4 @@ register_family("gpt2", ("GPT2LMHeadModel",), "perturb_lens.models.gpt2:GPT2Lens
 register_family(
     "llama", ("LlamaForCausalLM",), "perturb_lens.models.llama:LlamaLens", gguf=("llama",)
 )
+register_family("neox", ("GPTNeoXForCausalLM",), "perturb_lens.models.neox:GPTNeoXLens")

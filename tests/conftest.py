@@ -97,6 +97,38 @@ def make_llama_folder(folder: Path, *, n_layers: int = 4) -> Path:
     return folder
 
 
+def make_neox_folder(
+    folder: Path, *, n_layers: int = 4, parallel: bool = True, rotary_pct: float = 0.25
+) -> Path:
+    """A random-weight GPT-NeoX (Pythia layout: parallel attention and MLP, partial rotary,
+    untied unembedding), saved as an HF folder (GPT-2 BPE)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(2)
+    cfg = GPTNeoXConfig(
+        vocab_size=50257,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        rotary_pct=rotary_pct,
+        use_parallel_residual=parallel,
+        hidden_act="gelu",
+        tie_word_embeddings=False,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    model = GPTNeoXForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    write_gpt2_tokenizer(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random GPT-2 (4 layers, d_model 64) as an HF folder."""
@@ -107,6 +139,13 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random Llama (4 layers, d_model 64, 8 heads / 2 KV heads) as an HF folder."""
     return make_llama_folder(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def neox_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random GPT-NeoX (4 layers, d_model 64, 4 heads, rotary on 4 of 16 head dims, parallel
+    attention and MLP) as an HF folder."""
+    return make_neox_folder(tmp_path_factory.mktemp("neox"))
 
 
 @pytest.fixture(scope="session")

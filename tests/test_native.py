@@ -1,4 +1,14 @@
-"""Native GPT-2 / Llama forward against transformers itself and against plain hooked HF forwards."""
+"""Native GPT-2 / Llama / GPT-NeoX forward against transformers itself and plain hooked HF forwards.
+
+Tolerances. float32 (unit roundoff u = 2**-24 = 6e-8): the native path and transformers run the
+same operations in a different order and with different kernels, so each value carries a relative
+error of a few u per operation it went through. Residuals here are O(1-10) and logits O(1-3) (the
+random models of conftest); through 4 blocks of about 10 rounded operations each, with
+accumulations of length d_model = 64 (error ~ sqrt(64) u per dot product), that is
+~ 10 * 4 * 10 * 8 u ~ 2e-4 relative in the worst case, ~1e-6 observed. Hence 1e-5 on residuals and
+hidden states (observed <= 2e-6) and 1e-4 on logits (a margin for other CPUs' kernels). float64 (u
+= 1.1e-16): the same count gives ~1e-13; 1e-12 is tight (observed <= 3e-15).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from naive import forward_with_edit, hooked_forward
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from perturb_lens.models.gpt2 import GPT2Lens
-from perturb_lens.models.hooks import UnknownHookError
+from perturb_lens.models.hooks import HOOK_KINDS, UnknownHookError
 from perturb_lens.models.llama import LlamaLens
 from perturb_lens.models.native import NativeLens
+from perturb_lens.models.neox import GPTNeoXLens
 
-FAMILIES = {"gpt2": GPT2Lens, "llama": LlamaLens}
+FAMILIES = {"gpt2": GPT2Lens, "llama": LlamaLens, "neox": GPTNeoXLens}
 
 
 def _hf(folder: Path):
@@ -22,8 +34,8 @@ def _hf(folder: Path):
 
 
 @pytest.fixture(scope="module")
-def hf_models(gpt2_dir: Path, llama_dir: Path):
-    return {"gpt2": _hf(gpt2_dir), "llama": _hf(llama_dir)}
+def hf_models(gpt2_dir: Path, llama_dir: Path, neox_dir: Path):
+    return {"gpt2": _hf(gpt2_dir), "llama": _hf(llama_dir), "neox": _hf(neox_dir)}
 
 
 def _native(hf_models, family: str, frame: str | None = None) -> NativeLens:
@@ -36,30 +48,20 @@ def _tokens(b: int = 3, t: int = 24, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 50257, (b, t), generator=g)
 
 
-def _blocks(hf):
-    return hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
-
-
 def _hf_logits_with_edit(hf, tokens, layer: int, edit) -> torch.Tensor:
     """Plain reference: a forward pre-hook on block `layer` that edits its input residual."""
-
-    def pre_hook(module, args, kwargs):
-        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
-        edit(hidden)
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
-    handle = _blocks(hf)[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            return hf(tokens).logits.float()
-    finally:
-        handle.remove()
+    return forward_with_edit(hf, tokens, layer, edit, layer)[0].float()
 
 
 @pytest.mark.parametrize(
-    ("family", "frame"), [("gpt2", "centered"), ("gpt2", "raw"), ("llama", "raw")]
+    ("family", "frame"),
+    [
+        ("gpt2", "centered"),
+        ("gpt2", "raw"),
+        ("llama", "raw"),
+        ("neox", "centered"),
+        ("neox", "raw"),
+    ],
 )
 def test_logits_match_transformers(hf_models, family: str, frame: str) -> None:
     hf, _ = hf_models[family]
@@ -70,7 +72,7 @@ def test_logits_match_transformers(hf_models, family: str, frame: str) -> None:
     assert (model.logits(tokens) - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_resid_pre_matches_hidden_states(hf_models, family: str) -> None:
     hf, _ = hf_models[family]
     model = _native(hf_models, family, "raw")
@@ -82,7 +84,7 @@ def test_resid_pre_matches_hidden_states(hf_models, family: str) -> None:
         assert (x - hidden[layer]).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_continue_unchanged_reproduces_full_forward(hf_models, family: str) -> None:
     model = _native(hf_models, family)
     tokens = _tokens()
@@ -102,7 +104,7 @@ def test_continue_unchanged_reproduces_full_forward(hf_models, family: str) -> N
             assert (model.unembed(final_at) - at).abs().max().item() <= 1e-5, kind
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("layer", [0, 2])
 def test_perturbed_continuations_match_hooked_transformers(
     hf_models, family: str, layer: int
@@ -135,9 +137,109 @@ def test_perturbed_continuations_match_hooked_transformers(
             assert (final_at[b, i] - ref).abs().max().item() <= 1e-4
 
 
-def test_centered_frame_is_raw_minus_mean(hf_models) -> None:
-    raw = _native(hf_models, "gpt2", "raw")
-    cen = _native(hf_models, "gpt2", "centered")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", HOOK_KINDS)
+def test_every_hook_kind_matches_hooked_transformers(hf_models, family: str, kind: str) -> None:
+    """Perturb each kind of hook (for NeoX's parallel block attn_out and mlp_out both leave the
+    other branch alone): all positions, and single positions, against HF module hooks."""
+    hf, _ = hf_models[family]
+    model = _native(hf_models, family, "raw")
+    tokens = _tokens(b=2, t=12, seed=6)
+    clean = model.run_clean(tokens, f"blocks.1.{kind}", keep_kv=True)
+    delta = torch.randn(clean.x.shape, generator=torch.Generator().manual_seed(7)) * 2.0
+    final, _ = model.continue_all(clean, (clean.x + delta).unsqueeze(1))
+    _, ref, _ = hooked_forward(hf, tokens, 1, kind, lambda h: h + delta)
+    assert (final[:, 0] - ref).abs().max().item() <= 1e-5
+    positions = torch.tensor([[0, 7], [11, 4]])
+    rows = torch.arange(2)[:, None], positions
+    final_at, _ = model.continue_at(clean, clean.x[rows] + delta[rows], positions)
+    for b in range(2):
+        for i, p in enumerate(positions[b].tolist()):
+
+            def add_one(h: torch.Tensor, b: int = b, p: int = p) -> torch.Tensor:
+                h[b, p] += delta[b, p]
+                return h
+
+            _, ref, _ = hooked_forward(hf, tokens, 1, kind, add_one)
+            assert (final_at[b, i] - ref[b, p]).abs().max().item() <= 1e-5
+    assert not torch.allclose(final_at[0, 0], clean.final[0, 0], atol=1e-3)  # it did change
+
+
+@pytest.mark.parametrize(
+    ("family", "frame"), [("gpt2", "raw"), ("llama", "raw"), ("neox", "raw"), ("neox", "centered")]
+)
+def test_float64_matches_transformers_tightly(request, hf_models, family: str, frame: str) -> None:
+    """In float64 the native path and transformers (SDPA attention, float64 throughout) agree to
+    rounding: every resid_pre, and the final normed hidden state (the centered frame too)."""
+    folder = request.getfixturevalue(f"{family}_dir")
+    hf = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float64, attn_implementation="sdpa"
+    ).eval()
+    model = FAMILIES[family].from_hf(hf, None, frame=frame, dtype=torch.float64)
+    tokens = _tokens()
+    with torch.no_grad():
+        hidden = hf(tokens, output_hidden_states=True).hidden_states
+    for layer in range(model.spec.n_layers):
+        x = model.run_to_hook(tokens, f"blocks.{layer}.hook_resid_pre")
+        assert x.dtype == torch.float64
+        ref = hidden[layer]
+        if frame == "centered":  # the residual minus its mean over d_model
+            ref = ref - ref.mean(-1, keepdim=True)
+        assert (x - ref).abs().max().item() <= 1e-12
+    final = model.run_clean(tokens, "blocks.0.hook_resid_pre").final
+    assert (final - hidden[-1]).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("scope", ["all-positions", "single-position", "last-position"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_scopes_match_naive(hf_models, family: str, scope: str) -> None:
+    """Every engine scope on every native family against the naive loop (tests/naive.py)."""
+    from test_engine import compare_to_naive  # the engine-vs-naive comparison, shared
+
+    hf, _ = hf_models[family]
+    tokens = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(1))
+    model = _native(hf_models, family, "raw")
+    assert compare_to_naive(hf, model, tokens, 2, scope, [0.0, 1.0, 4.0, 15.0]) <= 1e-4
+
+
+@pytest.mark.parametrize("frame", ["raw", "centered"])
+def test_sequential_neox_matches_transformers(tmp_path: Path, frame: str) -> None:
+    """use_parallel_residual=False (and full rotary): the GPT-2 block layout, still native."""
+    from conftest import make_neox_folder
+
+    hf, tok = _hf(make_neox_folder(tmp_path, n_layers=2, parallel=False, rotary_pct=1.0))
+    model = GPTNeoXLens.from_hf(hf, tok, frame=frame)
+    assert not model.spec.parallel_attn_mlp and model.spec.rotary_dim == model.spec.d_head
+    tokens = _tokens()
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    assert (model.logits(tokens) - ref).abs().max().item() <= 1e-4
+    clean = model.run_clean(tokens, "blocks.0.hook_attn_out")
+    delta = torch.randn(clean.x.shape, generator=torch.Generator().manual_seed(8))
+    final, _ = model.continue_all(clean, (clean.x + delta).unsqueeze(1))
+    _, ref_final, _ = hooked_forward(hf, tokens, 0, "hook_attn_out", lambda h: h + delta)
+    # centered: the residual is off by a multiple of (1, ..., 1), which no LayerNorm sees
+    assert (final[:, 0] - ref_final).abs().max().item() <= 1e-5
+
+
+def test_layout_flags(hf_models) -> None:
+    """The block layout each family declares in its spec."""
+    spec = {f: _native(hf_models, f).spec for f in FAMILIES}
+    flags = {
+        f: (s.parallel_attn_mlp, s.rotary_dim, s.activation, s.gated_mlp) for f, s in spec.items()
+    }
+    assert flags == {
+        "gpt2": (False, 0, "gelu_new", False),
+        "llama": (False, 8, "silu", True),
+        "neox": (True, 4, "gelu", False),  # rotary_pct 0.25 of d_head 16
+    }
+    assert spec["neox"].family == "neox" and spec["neox"].architecture == "GPTNeoXForCausalLM"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox"])  # the LayerNorm families
+def test_centered_frame_is_raw_minus_mean(hf_models, family: str) -> None:
+    raw = _native(hf_models, family, "raw")
+    cen = _native(hf_models, family, "centered")
     tokens = _tokens()
     for hook in ("blocks.0.hook_resid_pre", "blocks.2.hook_resid_post", "blocks.3.hook_mlp_out"):
         xr, xc = raw.run_to_hook(tokens, hook), cen.run_to_hook(tokens, hook)

@@ -53,6 +53,25 @@ class ModelSpec:
     gated_mlp: bool = False  # act(h W_gate) * (h W_up), then W_down (SwiGLU)
 
 
+def config_shape(cfg: Any) -> dict[str, int]:
+    """The shape fields of a ModelSpec from a Hugging Face config (standard attribute names,
+    which GPT-2's config maps too; fallbacks for the rest)."""
+    d_model, n_heads = cfg.hidden_size, cfg.num_attention_heads
+    return {
+        "n_layers": cfg.num_hidden_layers,
+        "d_model": d_model,
+        "n_heads": n_heads,
+        "n_kv_heads": getattr(cfg, "num_key_value_heads", None) or n_heads,
+        "d_head": getattr(cfg, "head_dim", None) or d_model // n_heads,
+        "d_mlp": getattr(cfg, "intermediate_size", None)
+        or getattr(cfg, "n_inner", None)
+        or getattr(cfg, "ffn_dim", None)
+        or 4 * d_model,
+        "vocab_size": cfg.vocab_size,
+        "n_ctx": getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0),
+    }
+
+
 @dataclass
 class CleanRun:
     """The clean pass over a token batch, with what is needed to continue from ``hook``.

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from perturb_lens.models.base import CleanRun, LensModel, ModelSpec
+from perturb_lens.models.base import CleanRun, LensModel, ModelSpec, config_shape
 from perturb_lens.models.hooks import Hook
 
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -85,29 +85,10 @@ def _with_first(output: Any, new: Tensor) -> Any:
 
 def spec_from_hf(model: nn.Module, layers: nn.ModuleList) -> ModelSpec:
     """Shape facts from a Hugging Face config (names differ by family; fall back sensibly)."""
-    cfg = model.config
-    d_model = cfg.hidden_size
-    n_heads = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    d_head = getattr(cfg, "head_dim", None) or d_model // n_heads
-    d_mlp = (
-        getattr(cfg, "intermediate_size", None)
-        or getattr(cfg, "n_inner", None)
-        or getattr(cfg, "ffn_dim", None)
-        or 4 * d_model
-    )
-    n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0)
     return ModelSpec(
         family="generic",
         architecture=type(model).__name__,
-        n_layers=len(layers),
-        d_model=d_model,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        d_head=d_head,
-        d_mlp=d_mlp,
-        vocab_size=cfg.vocab_size,
-        n_ctx=n_ctx,
+        **{**config_shape(model.config), "n_layers": len(layers)},
         norm=_final_norm_kind(model, layers),
         n_params=model.num_parameters(),
     )

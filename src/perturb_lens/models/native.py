@@ -11,10 +11,8 @@ here. One block, in TransformerLens' hook names (nanoGPT style)::
     else:                  m = mlp(norm2(x + a))      # GPT-2, Llama
     x = x + a + m                          # hook_mlp_out is m; hook_resid_post is x
 
-Per-layer weights (``self.layers[l]``; biases may be None): ``ln1_w ln1_b ln2_w ln2_b``;
-``w_qkv b_qkv`` (rows q, k, v) or ``w_q b_q w_k b_k w_v b_v``; ``w_o b_o``; ``w_in b_in w_out
-b_out`` and, for a gated MLP, ``w_gate b_gate``. Model-wide: ``w_te``, ``w_pe`` (learned positions
-or None), ``lnf_w lnf_b``, ``w_unembed b_unembed`` (float32), ``inv_freq`` (rotary).
+A family is a :class:`~perturb_lens.models.weights.WeightMap` (where each weight is) plus its
+layout flags in the :class:`~perturb_lens.models.base.ModelSpec` it reads from the config.
 """
 
 from __future__ import annotations
@@ -23,23 +21,17 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from perturb_lens.models.base import CleanRun, LensModel
+from perturb_lens.models.base import CleanRun, LensModel, ModelSpec, config_shape
 from perturb_lens.models.hooks import HOOK_KINDS, Hook
-from perturb_lens.models.layers import (
-    ACTIVATIONS,
-    apply_rotary,
-    centered,
-    norm,
-    rotary_cos_sin,
-    split_heads,
-)
+from perturb_lens.models.layers import ACTIVATIONS, apply_rotary, norm, rotary_cos_sin, split_heads
 from perturb_lens.models.options import PRECISIONS
+from perturb_lens.models.weights import WeightMap, Weights
 
 RESID_PRE, ATTN_OUT, MLP_OUT, RESID_POST = range(4)
 
@@ -54,37 +46,6 @@ class NativeCache:
     resid_pre: Tensor | None  # [B, T, d] at the hook's block (for attn_out hooks)
     resid_mid: Tensor | None  # [B, T, d] at the hook's block (for mlp_out hooks)
     kv: dict[int, tuple[Tensor, Tensor]]  # layer -> clean (K, V), each [B, H_kv, T, d_head]
-
-
-class Weights:
-    """A Hugging Face state dict read onto the lens's device: block weights in the lens dtype
-    (transposed for HF ``Conv1D``, centered in the centered frame), the unembedding in float32."""
-
-    def __init__(self, state: dict[str, Tensor], lens: NativeLens, prefix: str = "") -> None:
-        self.state, self.prefix, self.device, self.dtype = state, prefix, lens.device, lens.dtype
-        self.center = lens.frame == "centered"
-        # centering is computed in float64 for float64 lenses, else in float32
-        self.compute = torch.float64 if lens.dtype == torch.float64 else torch.float32
-
-    def has(self, name: str) -> bool:
-        return self.prefix + name in self.state
-
-    def float32(self, name: str) -> Tensor:
-        """``name`` as float32, untouched (the unembedding)."""
-        return self.state[self.prefix + name].to(self.device, torch.float32).contiguous()
-
-    def __call__(self, name: str, *, t: bool = False, writes: int | None = None) -> Tensor:
-        """``name`` in the lens dtype; ``t``: transposed; ``writes``: the d_model axis of a weight
-        that writes to the residual stream (its mean there is removed in the centered frame)."""
-        w = self.state[self.prefix + name].to(self.device, self.compute)
-        w = w.T if t else w
-        if self.center and writes is not None:
-            w = centered(w, writes)
-        return w.to(self.dtype).contiguous()
-
-    def opt(self, name: str, **kwargs: Any) -> Tensor | None:
-        """``name`` if the state has it (optional biases), else None."""
-        return self(name, **kwargs) if self.has(name) else None
 
 
 class NativeLens(LensModel):
@@ -103,14 +64,39 @@ class NativeLens(LensModel):
     b_unembed: Tensor | None = None
 
     # ---- what a family supplies --------------------------------------------------------------
+    weight_map: ClassVar[WeightMap]
+
     @abstractmethod
-    def _map_weights(self, w: Weights, config: Any) -> None:
-        """Set the weights named in the module docstring (and ``eps``) from the HF state."""
+    def _layout(self, config: Any, d_head: int) -> dict[str, Any]:
+        """The family's ModelSpec fields beyond the shapes: ``norm`` and the block layout flags
+        (raise for a config this family's native path does not implement)."""
+
+    def _read_spec(self, hf_model: Any) -> ModelSpec:
+        config, shape = hf_model.config, config_shape(hf_model.config)
+        return ModelSpec(
+            family=self.family,
+            architecture=type(hf_model).__name__,
+            n_params=hf_model.num_parameters(),
+            **shape,
+            **self._layout(config, shape["d_head"]),
+        )
+
+    def _layer_weights(self, w: Weights, i: int) -> dict[str, Tensor | None]:
+        """Block ``i``'s weights (a family may rearrange them, e.g. NeoX's fused q, k, v)."""
+        return w.layer(self.weight_map, i)
 
     def _load(self, hf_model: Any) -> None:
-        """Weights via :meth:`_map_weights`; rotary frequencies from the model's own rotary
-        module, so every rope variant transformers supports is matched."""
-        self._map_weights(Weights(dict(hf_model.state_dict()), self), hf_model.config)
+        """Weights through the family's :class:`WeightMap`; rotary frequencies from the model's
+        own rotary module, so every rope variant transformers supports is matched."""
+        m = self.weight_map
+        w = Weights(dict(hf_model.state_dict()), self.device, self.dtype, self.frame == "centered")
+        self.eps = getattr(hf_model.config, m.eps)
+        self.w_te = w(m.embed[0], writes=-1)
+        self.w_pe = None if m.embed[1] is None else w(m.embed[1], writes=-1)
+        self.layers = [self._layer_weights(w, i) for i in range(self.spec.n_layers)]
+        self.lnf_w, self.lnf_b = w(m.final[0] + ".weight"), w.opt(m.final[0] + ".bias")
+        # raw, float32: logits identical in both frames; tied models reuse the token embedding
+        self.w_unembed = w.float32(m.final[1] if w.has(m.final[1]) else m.embed[0])
         if self.spec.rotary_dim:
             rotary = next(m for name, m in hf_model.named_modules() if name.endswith("rotary_emb"))
             self.inv_freq = rotary.inv_freq.to(self.device, torch.float32)
@@ -150,14 +136,14 @@ class NativeLens(LensModel):
     def qkv(self, layer: int, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """[B, S, d] -> q [B, H, S, dh], k and v [B, H_kv, S, dh] (rotary applied)."""
         p, s = self.layers[layer], self.spec
-        if "w_qkv" in p:
-            q, k, v = F.linear(h, p["w_qkv"], p["b_qkv"]).split(  # type: ignore[arg-type]
+        if "qkv_w" in p:
+            q, k, v = F.linear(h, p["qkv_w"], p["qkv_b"]).split(  # type: ignore[arg-type]
                 (s.n_heads * s.d_head, s.n_kv_heads * s.d_head, s.n_kv_heads * s.d_head), dim=-1
             )
         else:
-            q = F.linear(h, p["w_q"], p["b_q"])  # type: ignore[arg-type]
-            k = F.linear(h, p["w_k"], p["b_k"])  # type: ignore[arg-type]
-            v = F.linear(h, p["w_v"], p["b_v"])  # type: ignore[arg-type]
+            q = F.linear(h, p["q_w"], p["q_b"])  # type: ignore[arg-type]
+            k = F.linear(h, p["k_w"], p["k_b"])  # type: ignore[arg-type]
+            v = F.linear(h, p["v_w"], p["v_b"])  # type: ignore[arg-type]
         q, k, v = (
             split_heads(q, s.n_heads),
             split_heads(k, s.n_kv_heads),
@@ -171,18 +157,14 @@ class NativeLens(LensModel):
     def out_proj(self, layer: int, z: Tensor) -> Tensor:
         """Concatenated heads [B, S, H*dh] -> attn_out [B, S, d]."""
         p = self.layers[layer]
-        return F.linear(z, p["w_o"], p["b_o"])  # type: ignore[arg-type]
+        return F.linear(z, p["o_w"], p["o_b"])  # type: ignore[arg-type]
 
     def mlp(self, layer: int, h: Tensor) -> Tensor:
         """[B, S, d] -> mlp_out [B, S, d]; gated: act(h W_gate) * (h W_in)."""
         p, act = self.layers[layer], ACTIVATIONS[self.spec.activation]
-        if self.spec.gated_mlp:
-            hidden = act(F.linear(h, p["w_gate"], p.get("b_gate"))) * F.linear(
-                h, p["w_in"], p["b_in"]
-            )  # type: ignore[arg-type]
-        else:
-            hidden = act(F.linear(h, p["w_in"], p["b_in"]))  # type: ignore[arg-type]
-        return F.linear(hidden, p["w_out"], p["b_out"])  # type: ignore[arg-type]
+        up = F.linear(h, p["in_w"], p["in_b"])  # type: ignore[arg-type]
+        hidden = act(F.linear(h, p["gate_w"], p["gate_b"])) * up if self.spec.gated_mlp else act(up)  # type: ignore[arg-type]
+        return F.linear(hidden, p["out_w"], p["out_b"])  # type: ignore[arg-type]
 
     # ---- attention ---------------------------------------------------------------------------
     def _attn_causal(

@@ -98,7 +98,13 @@ class NativeLens(LensModel):
         # raw, float32: logits identical in both frames; tied models reuse the token embedding
         self.w_unembed = w.float32(m.final[1] if w.has(m.final[1]) else m.embed[0])
         if self.spec.rotary_dim:
-            rotary = next(m for name, m in hf_model.named_modules() if name.endswith("rotary_emb"))
+            found = (mod for name, mod in hf_model.named_modules() if name.endswith("rotary_emb"))
+            rotary = next(found, None)
+            if rotary is None:
+                raise ValueError(
+                    f"{self.spec.architecture} has no rotary_emb module to take the rotary "
+                    "frequencies from; load it with native=False (generic path)."
+                )
             self.inv_freq = rotary.inv_freq.to(self.device, torch.float32)
             self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
             if 2 * self.inv_freq.numel() != self.spec.rotary_dim:

@@ -24,6 +24,7 @@ from pydantic import (
 from perturb_lens.engine.lengths import resolve_lengths
 from perturb_lens.engine.metrics import check_metrics
 from perturb_lens.models.hooks import HOOK_KINDS
+from perturb_lens.models.options import DTYPE_NAMES, FRAMES, PRECISIONS
 
 BASELINES = (
     "isotropic",
@@ -228,10 +229,10 @@ class ExperimentConfig(_Strict):
     sae: str | None = Field(
         None, description="SAE at the hook: SAELens folder, release:sae_id, or e2e_sae checkpoint"
     )
-    frame: Literal["centered", "raw"] | None = None
-    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    frame: Literal[FRAMES] | None = None
+    dtype: Literal[DTYPE_NAMES] = "float32"
     device: str | None = None
-    precision: Literal["auto", "float32", "tf32", "bf16-matmul"] = Field(
+    precision: Literal[PRECISIONS] = Field(
         "auto", description="block matmuls (native models); auto = tf32 on CUDA, else float32"
     )
     threads: int | None = Field(

@@ -42,6 +42,7 @@ from perturb_lens.engine.sweep import SweepSpec, clean_pass, measure
 from perturb_lens.executors import Executor, ShardFn, ShardJob, get_executor
 from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.paths import cache_root
+from perturb_lens.results.shards import summary_filters
 from perturb_lens.results.store import (
     RunStore,
     atomic_write,
@@ -408,10 +409,4 @@ def summary_rows(run_dir: str | Path) -> pd.DataFrame:
     the run says so."""
     from perturb_lens.results.store import load_manifest
 
-    meta = load_manifest(Path(run_dir))["meta"]
-    df = load_results(run_dir)
-    if meta["scope"] == "all-positions" and meta.get("drop_last_position", True):
-        df = df[df["pos"] < meta["seq_len"] - 1]
-    if not meta.get("include_bos", True):
-        df = df[df["pos"] > 0]
-    return df
+    return load_results(run_dir, filters=summary_filters(load_manifest(Path(run_dir))["meta"]))

@@ -417,7 +417,7 @@ def test_real_tiny_run(tmp_path: Path, gpt2_dir: Path, text_file: Path) -> None:
     assert table["unreliable"].tolist() == [False, True, True]
     # the per-length means are the published means of summary_rows (float64 sums of float32
     # values in another order: relative error <= 8 * 15 * 2^-53 < 1e-13)
-    detail = table.attrs["detail"]
+    detail = claim_intervals(run, n_boot=500)  # the per-length rows behind the table
     rows = summary_rows(run)
     means = (
         rows.assign(kl=rows["kl"].astype(np.float64))
@@ -429,3 +429,38 @@ def test_real_tiny_run(tmp_path: Path, gpt2_dir: Path, text_file: Path) -> None:
         np.testing.assert_allclose(r["mean_b"], means[(r["b"], r["length"])], rtol=1e-13)
     assert (detail.loc[detail["length"] == 0, "outcome"] == "skipped").all()
     assert verdicts(run, metric="l2", n_boot=200)["metric"].eq("l2").all()
+
+
+def test_suite_folder_gives_rows_per_run(tmp_path: Path) -> None:
+    """An SAE suite folder (one run per SAE in <out>/<label>): every run's verdicts, labelled."""
+    sae = [{"name": "sae-error", "scale": "raw", "label": "SAE(x)"}]
+    baselines = [{"name": "isotropic", "scale": "sae-error"}]
+    for label, factor in (("sae-a", 3.0), ("sae-b", 0.5)):
+        rows = _rows({"SAE(x)": factor, "isotropic": 1.0})
+        make_run(tmp_path / "suite" / label, _config(sae + baselines), rows=rows)
+    table = verdicts(tmp_path / "suite")
+    assert table[["run", "claim", "verdict"]].values.tolist() == [
+        ["sae-a", "SAE(x) > isotropic", "holds"],
+        ["sae-b", "SAE(x) > isotropic", "reversed"],
+    ]
+    assert "sae-b" in format_verdicts(table)
+
+
+def test_runs_it_cannot_judge_are_refused(tmp_path: Path) -> None:
+    from perturb_lens.results import RunStore, config_hash
+
+    cfg = _config([{"name": "real-difference"}, {"name": "real-mixture"}])
+    with RunStore(tmp_path / "empty") as store:
+        store.create(cfg, config_hash(cfg), {"scope": "all-positions", "seq_len": 6}, resume=False)
+    with pytest.raises(ValueError, match=r"no result rows of .* yet"):
+        verdicts(tmp_path / "empty")
+    run = make_run(
+        tmp_path / "plateaus",
+        {**cfg, "experiment": "plateaus"},
+        rows=_rows({"real-difference": 1.0, "real-mixture": 1.0}),
+    )
+    with pytest.raises(ValueError, match="is a 'plateaus' run"):
+        verdicts(run)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a perturb-lens run directory"):
+        verdicts(tmp_path / "nothing")

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from perturb_lens.config import DirectionSpec
 from perturb_lens.results.shards import iter_batches, summary_filters
-from perturb_lens.results.store import load_manifest
+from perturb_lens.results.store import MANIFEST, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -310,13 +310,26 @@ def claim_intervals(
     if not 0.0 < band[0] <= 1.0 <= band[1]:
         raise ValueError(f"band must be (low, high) with 0 < low <= 1 <= high, got {band}")
     run_dir = Path(run_dir)
-    directions = run_directions(load_manifest(run_dir))
+    manifest = load_manifest(run_dir)
+    experiment = manifest["config"].get("experiment", "sensitive-directions")
+    if experiment in ("plateaus", "stable-regions"):
+        raise ValueError(
+            f"{run_dir} is a {experiment!r} run: verdicts compare directions swept from the same "
+            "tokens (sensitive-directions or synthetic-activations runs), not its per-base rows"
+        )
+    directions = run_directions(manifest)
     chosen = _claims_for(claims, directions)
     columns = ["claim", "op", "a", "b", "length", "mean_a", "mean_b", "ratio"]
     columns += ["ci_low", "ci_high", "n_seqs", "outcome"]
     if not chosen:
         return pd.DataFrame(columns=columns)
-    sums = sequence_sums(run_dir, metric, {d for c in chosen for d in (c.a, c.b)}, verify=verify)
+    needed = {d for c in chosen for d in (c.a, c.b)}
+    sums = sequence_sums(run_dir, metric, needed, verify=verify)
+    if sums.empty:
+        raise ValueError(
+            f"{run_dir} has no result rows of {sorted(needed)} yet (no shard written): run or "
+            "resume the run first"
+        )
     _check_nonnegative(sums, metric)
     lengths, seqs = np.sort(sums["length"].unique()), np.sort(sums["seq"].unique())
     frames = []
@@ -417,8 +430,20 @@ def verdicts(
     ``note``. The verdict is one word: ``holds`` (holds at some length, reversed at none),
     ``reversed`` (reversed at some length, holds at none; for ``~``: differs), ``mixed`` (holds at
     some lengths, reversed at others) or ``inconclusive`` (neither, at every length).
+
+    ``run_dir`` may also be a suite folder (``saes.suite``: one run per SAE in ``<out>/<label>``):
+    then each run's rows, with its folder name in a first column ``run``.
     """
     run_dir = Path(run_dir)
+    if not (run_dir / MANIFEST).is_file():
+        runs = sorted(p for p in run_dir.glob("*/") if (p / MANIFEST).is_file())
+        if runs:
+            frames = [verdicts(r, claims, metric, **options) for r in runs]
+            out = pd.concat(
+                [f.assign(run=r.name) for f, r in zip(frames, runs, strict=True)],
+                ignore_index=True,
+            )
+            return out[["run", *VERDICT_COLUMNS]].astype({"unreliable": "boolean"})
     manifest = load_manifest(run_dir)
     detail = claim_intervals(run_dir, claims, metric, **options)
     fit = stats_fit(run_dir, manifest)
@@ -451,7 +476,7 @@ def verdicts(
         )
     out = pd.DataFrame(rows, columns=VERDICT_COLUMNS)
     out["unreliable"] = out["unreliable"].astype("boolean")
-    out.attrs.update(detail.attrs, stats_fit=fit, detail=detail)
+    out.attrs.update(detail.attrs, stats_fit=fit)
     return out
 
 
@@ -503,12 +528,14 @@ def verdict_rows(table: pd.DataFrame) -> list[dict[str, str]]:
     """The verdict table as strings, one dict per claim (what the text and rich tables show)."""
     rows = []
     for _, r in table.iterrows():
+        run = {"run": r["run"]} if "run" in table.columns else {}
         grid = sorted(r["holds"] + r["reversed"] + r["inconclusive"])
         lo, hi = f"{r['ratio_min']:.3g}", f"{r['ratio_max']:.3g}"
         ratio = "-" if np.isnan(r["ratio_min"]) else lo if lo == hi else f"{lo}-{hi}"
         flag = "unknown" if pd.isna(r["unreliable"]) else "yes" if r["unreliable"] else ""
         rows.append(
             {
+                **run,
                 "claim": r["claim"],
                 "verdict": r["verdict"],
                 "holds at": _length_ranges(r["holds"], grid),
@@ -522,13 +549,19 @@ def verdict_rows(table: pd.DataFrame) -> list[dict[str, str]]:
     return rows
 
 
+def _notes(table: pd.DataFrame) -> list[str]:
+    """``[run: ]claim: note`` for every claim with a note."""
+    where = table["run"] + ": " + table["claim"] if "run" in table.columns else table["claim"]
+    return [f"{w}: {n}" for w, n in zip(where, table["note"], strict=True) if n]
+
+
 def format_verdicts(table: pd.DataFrame) -> str:
     """The verdict table as plain text (fixed-width columns), notes below it."""
     rows = verdict_rows(table)
     if not rows:
         return "No claim applies to this run's directions."
     text = pd.DataFrame(rows).to_string(index=False)
-    notes = [f"  {c}: {n}" for c, n in zip(table["claim"], table["note"], strict=True) if n]
+    notes = [f"  {n}" for n in _notes(table)]
     return "\n".join([text, *(["Notes:", *notes] if notes else [])])
 
 
@@ -544,7 +577,7 @@ def verdict_table(table: pd.DataFrame, title: str | None = None) -> Any:
         out.add_column(col, justify="right" if right else "left", no_wrap=col != "claim")
     for r in rows:
         out.add_row(*r.values())
-    notes = [f"{c}: {n}" for c, n in zip(table["claim"], table["note"], strict=True) if n]
+    notes = _notes(table)
     if notes:
         out.caption = "\n".join(notes)
     return out

@@ -265,21 +265,31 @@ def test_cov_random_claims_flag_small_fits(tmp_path: Path, stats: dict | None, u
 
 
 @pytest.mark.parametrize(
-    ("scope", "include_bos", "drop_last"),
+    ("scope", "include_bos", "drop_last", "split"),
     [
-        ("all-positions", True, True),
-        ("all-positions", False, False),
-        ("single-position", False, True),
+        ("all-positions", True, True, "seq"),
+        ("all-positions", False, False, "seq"),
+        ("single-position", False, True, "seq"),
+        ("all-positions", True, True, "pos"),  # every sequence's rows in two shards
     ],
 )
 def test_sequence_sums_equal_a_pandas_groupby(
-    tmp_path: Path, scope: str, include_bos: bool, drop_last: bool
+    tmp_path: Path, scope: str, include_bos: bool, drop_last: bool, split: str
 ) -> None:
+    from perturb_lens.results import RunStore, load_manifest
+
     factors = {"real-difference": 2.0, "real-mixture": 1.0, "isotropic": 0.5}
     rows = _rows(factors, n_seq=9)
     rows.loc[rows.index % 17 == 3, "kl"] = np.nan  # NaN rows are counted apart, not summed
     run = make_run(tmp_path / "run", _config([{"name": d} for d in factors]), rows=rows)
     _set_meta(run, scope=scope, include_bos=include_bos, drop_last_position=drop_last)
+    if split == "pos":
+        m = load_manifest(run)
+        with RunStore(tmp_path / "split") as store:
+            store.create(m["config"], m["config_hash"], m["meta"], resume=False)
+            store.write_shard("s0", rows[rows["pos"] < 3])
+            store.write_shard("s1", rows[rows["pos"] >= 3])
+        run = tmp_path / "split"
 
     df = load_results(run)  # the published rule, written out plainly
     if scope == "all-positions" and drop_last:

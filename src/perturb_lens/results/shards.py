@@ -37,11 +37,12 @@ def iter_batches(
     filters: Sequence[tuple[str, str, Any]] | None = None,
     *,
     verify: bool = True,
-) -> Iterator[pa.RecordBatch]:
-    """Record batches of ``columns`` of every shard (shard-id order) whose rows pass ``filters``.
+) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """``(shard id, record batch)`` of ``columns`` for every shard (shard-id order), rows passing
+    ``filters`` (pyarrow's ``[(column, op, value), ...]``, all must hold).
 
-    ``filters`` are pyarrow's ``[(column, op, value), ...]`` (all must hold). With ``verify``
-    each shard's file is first checked against the sha256 in the manifest (read in 1 MiB blocks).
+    With ``verify`` each shard's file is first checked against the sha256 in the manifest (read
+    in 1 MiB blocks).
     """
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
@@ -65,4 +66,5 @@ def iter_batches(
                 f"columns {missing} not in shard {shard_id} of {run_dir} (it has "
                 f"{dataset.schema.names})"
             )
-        yield from dataset.to_batches(columns=list(columns), filter=expr)
+        for batch in dataset.to_batches(columns=list(columns), filter=expr):
+            yield shard_id, batch

@@ -18,6 +18,7 @@ cov-random-mixture, real-mixture at ``scale: sae-error``; the SAE substitution r
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -134,39 +135,47 @@ def sequence_sums(
 ) -> pd.DataFrame:
     """Per (direction, length, seq): ``sum`` and ``n`` of the metric over the summary rows (the
     published mean's rows, :func:`~perturb_lens.results.shards.summary_filters`), and ``n_nan``
-    rows whose metric is NaN (left out of ``sum`` and ``n``).
+    rows whose metric is NaN (left out of ``sum`` and ``n``). ``directions``: labels to read
+    (default: all of the run's); ``direction`` comes back as a Categorical over them.
 
-    Streamed shard by shard, reading only the needed columns (and, given ``directions``, only
-    those labels' rows): memory grows with the number of groups, not of rows.
+    Streamed shard by shard, reading only the needed columns and rows, each shard summed as it is
+    read: memory grows with the number of groups, not of rows.
     """
     run_dir = Path(run_dir)
-    meta = load_manifest(run_dir)["meta"]
-    filters = list(summary_filters(meta) or [])
-    if directions is not None:
-        filters.append(("direction", "in", sorted(set(directions))))
+    manifest = load_manifest(run_dir)
+    labels = sorted(set(directions if directions is not None else run_directions(manifest)))
+    filters = [*(summary_filters(manifest["meta"]) or []), ("direction", "in", labels)]
+    value_set = pa.array(labels, pa.string())
     keys = ["direction", "length", "seq"]
-    parts = []
-    for batch in iter_batches(run_dir, [*keys, metric], filters, verify=verify):
-        values = pc.cast(batch.column(metric), pa.float64())
-        nan = pc.fill_null(pc.is_nan(values), True)
-        direction = batch.column("direction")
-        if pa.types.is_dictionary(direction.type):
-            direction = direction.dictionary_decode()
-        table = pa.table(
-            {
-                "direction": direction,
-                "length": pc.cast(batch.column("length"), pa.float64()),
-                "seq": pc.cast(batch.column("seq"), pa.int64()),
-                "sum": pc.if_else(nan, 0.0, values),
-                "n": pc.cast(pc.invert(nan), pa.int64()),
-                "n_nan": pc.cast(nan, pa.int64()),
-            }
-        )
-        parts.append(_sum_by(table, keys))
-    if not parts:
-        return pd.DataFrame({k: [] for k in [*keys, "sum", "n", "n_nan"]})
-    out = _sum_by(pa.concat_tables(parts), keys).to_pandas()
-    return out.sort_values(keys, ignore_index=True)
+    columns = [*keys, "sum", "n", "n_nan"]
+    shards = []
+    batches = iter_batches(run_dir, [*keys, metric], filters, verify=verify)
+    for _, group in itertools.groupby(batches, key=lambda item: item[0]):
+        parts = [_sum_by(_terms(batch, metric, value_set), keys) for _, batch in group]
+        shards.append(_sum_by(pa.concat_tables(parts), keys).to_pandas())
+    out = pd.concat(shards, ignore_index=True) if shards else pd.DataFrame(columns=columns)
+    out = out.astype({"direction": np.int64, "length": np.float64, "seq": np.int64})
+    out = out.sort_values(keys, ignore_index=True)
+    if out.duplicated(keys).any():  # a group split over shards (not the engine's layout)
+        out = out.groupby(keys, sort=True).sum().reset_index()
+    out["direction"] = pd.Categorical.from_codes(out["direction"].to_numpy(), labels)
+    return out[columns]
+
+
+def _terms(batch: pa.RecordBatch, metric: str, value_set: pa.Array) -> pa.Table:
+    """A batch as the terms of the sums: direction code, length, seq, value (0 for NaN), n, NaN."""
+    values = pc.cast(batch.column(metric), pa.float64())
+    nan = pc.fill_null(pc.is_nan(values), True)
+    return pa.table(
+        {
+            "direction": pc.index_in(batch.column("direction"), value_set=value_set),
+            "length": pc.cast(batch.column("length"), pa.float64()),
+            "seq": pc.cast(batch.column("seq"), pa.int64()),
+            "sum": pc.if_else(nan, 0.0, values),
+            "n": pc.cast(pc.invert(nan), pa.int64()),
+            "n_nan": pc.cast(nan, pa.int64()),
+        }
+    )
 
 
 def _sum_by(table: pa.Table, keys: list[str]) -> pa.Table:
@@ -187,24 +196,26 @@ def ratio_intervals(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Ratio of means a / b per length and its ``ci`` percentile-bootstrap interval.
+    """Ratio of means a / b per column (length) and its ``ci`` percentile-bootstrap interval.
 
-    ``a`` and ``b`` are ``(sums, counts)``, each ``[n_seqs, n_lengths]`` (one row per sequence).
-    At each length the sequences with rows in both are resampled with replacement ``n_boot``
-    times (reproducible from ``seed``); a resample's mean is its sum over its count, so the point
-    estimate is the ratio of the published token means. Resamples where both means are 0 count
-    as ratio 1, b = 0 < a as inf. The interval's ends are order statistics (no interpolation):
-    at least the nominal coverage. Columns ``ratio``, ``ci_low``, ``ci_high``, ``n_seqs``, and
-    the two means ``mean_a``, ``mean_b``; the interval is NaN where fewer than 2 sequences pair.
+    ``a`` and ``b`` are ``(sums, counts)``, each ``[n_seqs, n_columns]`` (one row per sequence,
+    a column per length, or per claim and length). At each column the sequences with rows in
+    both are resampled with replacement ``n_boot`` times (reproducible from ``seed``; columns
+    with the same sequences share the draws); a resample's mean is its sum over its count, so
+    the point estimate is the ratio of the published token means. Resamples where both means are
+    0 count as ratio 1, b = 0 < a as inf. The interval's ends are order statistics (no
+    interpolation): at least the nominal coverage. Columns ``ratio``, ``ci_low``, ``ci_high``,
+    ``n_seqs``, and the two means ``mean_a``, ``mean_b``; the interval is NaN where fewer than 2
+    sequences pair.
     """
     sa, na, sb, nb = (np.asarray(x, np.float64) for x in (*a, *b))
-    n_len = sa.shape[1]
+    n_col = sa.shape[1]
     both = (na > 0) & (nb > 0)
-    out = {k: np.full(n_len, np.nan) for k in ("ratio", "ci_low", "ci_high", "mean_a", "mean_b")}
+    out = {k: np.full(n_col, np.nan) for k in ("ratio", "ci_low", "ci_high", "mean_a", "mean_b")}
     out["n_seqs"] = both.sum(axis=0)
     alpha = (1.0 - ci) / 2.0
     masks: dict[bytes, list[int]] = {}
-    for j in range(n_len):
+    for j in range(n_col):
         masks.setdefault(both[:, j].tobytes(), []).append(j)
     for cols in masks.values():
         rows = np.flatnonzero(both[:, cols[0]])
@@ -231,14 +242,16 @@ def _ratio(mean_a: np.ndarray, mean_b: np.ndarray) -> np.ndarray:
 
 def _bootstrap_ratios(parts: list[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
     """[n_boot, n_lengths] ratios of means over sequences drawn with replacement (the same draws
-    at every length), ``parts`` = sums and counts of a, then of b, each [n_seqs, n_lengths]."""
+    at every length), ``parts`` = sums and counts of a, then of b, each [n_seqs, n_lengths].
+    Each resample is a row of draw counts per sequence, ``w``; its sums are ``w @ sums``."""
     k = parts[0].shape[0]
     rng = np.random.default_rng(seed)
     step = max(1, _BOOT_ELEMENTS // k)
     boot = np.empty((n_boot, parts[0].shape[1]))
     for start in range(0, n_boot, step):
         c = min(step, n_boot - start)
-        w = rng.multinomial(k, np.full(k, 1.0 / k), size=c).astype(np.float64)  # draws per seq
+        draws = rng.integers(0, k, size=(c, k)) + k * np.arange(c)[:, None]
+        w = np.bincount(draws.ravel(), minlength=c * k).reshape(c, k).astype(np.float64)
         s_a, n_a, s_b, n_b = (w @ x for x in parts)
         boot[start : start + c] = _ratio(s_a / n_a, s_b / n_b)
     return boot
@@ -332,10 +345,12 @@ def claim_intervals(
         )
     _check_nonnegative(sums, metric)
     lengths, seqs = np.sort(sums["length"].unique()), np.sort(sums["seq"].unique())
+    # all claims side by side, so that one set of resamples serves them all
+    a, b = (_side(sums, [getattr(c, s) for c in chosen], seqs, lengths) for s in ("a", "b"))
+    joint = ratio_intervals(a, b, ci=ci, n_boot=n_boot, seed=seed)
     frames = []
-    for claim in chosen:
-        a, b = (_matrix(sums, label, seqs, lengths) for label in (claim.a, claim.b))
-        res = ratio_intervals(a, b, ci=ci, n_boot=n_boot, seed=seed)
+    for i, claim in enumerate(chosen):
+        res = joint.iloc[i * lengths.size : (i + 1) * lengths.size].reset_index(drop=True)
         res.insert(0, "length", lengths)
         res["outcome"] = [
             _outcome(claim.op, lo, hi, band)
@@ -344,10 +359,10 @@ def claim_intervals(
         floor = _noise_floor(res)
         res.loc[(res["mean_a"] <= floor) & (res["mean_b"] <= floor), "outcome"] = "skipped"
         res.loc[res["n_seqs"] == 0, "outcome"] = "skipped"
-        for i, (name, value) in enumerate(
+        for j, (name, value) in enumerate(
             zip(("claim", "op", "a", "b"), (claim.text, claim.op, claim.a, claim.b), strict=True)
         ):
-            res.insert(i, name, value)
+            res.insert(j, name, value)
         frames.append(res[columns])
     out = pd.concat(frames, ignore_index=True)
     out.attrs.update(metric=metric, ci=ci, n_boot=n_boot, seed=seed, band=band)
@@ -374,6 +389,15 @@ def _matrix(
     s, n = np.zeros((seqs.size, lengths.size)), np.zeros((seqs.size, lengths.size))
     s[i, j], n[i, j] = part["sum"].to_numpy(), part["n"].to_numpy()
     return s, n
+
+
+def _side(
+    sums: pd.DataFrame, labels: list[str], seqs: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(sums, counts)`` of the directions ``labels`` side by side, [n_seqs, n_labels x
+    n_lengths] (see :func:`_matrix`)."""
+    mats = [_matrix(sums, label, seqs, lengths) for label in labels]
+    return np.hstack([m[0] for m in mats]), np.hstack([m[1] for m in mats])
 
 
 def _noise_floor(res: pd.DataFrame) -> float:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 Op = Literal[">", "~"]
 BAND = (0.8, 1.25)
 MIN_SAMPLES_PER_DIM = 10  # statistics fitted on fewer than 10 x d_model samples are unreliable
-_BOOT_ELEMENTS = 1 << 22  # resampling weights held in memory at once (32 MiB of float64)
+_BOOT_ELEMENTS = 1 << 21  # draws per chunk of resamples (three int64/float64 arrays of 16 MiB)
 _CLAIM = re.compile(r"\s*(?P<a>[^<>~]*?)\s*(?P<op>[>~])\s*(?P<b>[^<>~]*?)\s*")
 VERDICT_COLUMNS = [
     "claim",

@@ -400,20 +400,12 @@ def test_tables_print(tmp_path: Path) -> None:
 # -- a real run ------------------------------------------------------------------------------
 
 
-def test_real_tiny_run(tmp_path: Path, gpt2_dir: Path, text_file: Path) -> None:
+def test_real_tiny_run(tmp_path: Path, shard_config: dict) -> None:
+    """The conftest run (random GPT-2, 8 x 16 WebText tokens) with the four claimed directions."""
     from perturb_lens.engine.run import run_experiment, summary_rows
 
-    cfg = {
-        "name": "verdicts",
-        "model": str(gpt2_dir),
-        "hook": "blocks.1.hook_resid_pre",
-        "data": {"source": str(text_file), "seq_len": 16, "n_seqs": 8},
-        "stats": {"pool_size": 64},
-        "shard_seqs": 4,
-        "lengths": [0, 3, 9],
-        "metrics": ["kl", "l2"],
-        "directions": ["isotropic", "cov-random-mixture", "real-difference", "real-mixture"],
-    }
+    directions = ["isotropic", "cov-random-mixture", "real-difference", "real-mixture"]
+    cfg = {**shard_config, "metrics": ["kl", "l2"], "directions": directions}
     run = run_experiment(cfg, tmp_path / "run", progress=False)
     table = verdicts(run, n_boot=500)
     assert table["claim"].tolist() == [

@@ -222,6 +222,12 @@ def test_bad_claims_are_refused(text: str) -> None:
         parse_claim(text)
 
 
+@pytest.mark.parametrize(("a", "op", "b"), [("a", "<", "b"), ("a", ">", "a"), ("", "~", "b")])
+def test_bad_claim_objects_are_refused(a: str, op: str, b: str) -> None:
+    with pytest.raises(ValueError, match="must compare two different direction labels"):
+        Claim(a, op, b)  # type: ignore[arg-type]
+
+
 def test_parse_claim() -> None:
     assert parse_claim(" SAE(x)>real-mixture ") == Claim("SAE(x)", ">", "real-mixture")
     assert parse_claim("a ~ b").op == "~"

@@ -19,7 +19,6 @@ cov-random-mixture, real-mixture at ``scale: sae-error``; the SAE substitution r
 from __future__ import annotations
 
 import itertools
-import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ import pyarrow.compute as pc
 from perturb_lens.config import DirectionSpec
 from perturb_lens.results.shards import iter_batches, summary_filters
 from perturb_lens.results.store import MANIFEST, load_manifest
-
-log = logging.getLogger(__name__)
 
 Op = Literal[">", "~"]
 BAND = (0.8, 1.25)
@@ -69,6 +66,13 @@ class Claim:
     source: str = "user"
     scale_a: str | None = None
     scale_b: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.op not in (">", "~") or not self.a or not self.b or self.a == self.b:
+            raise ValueError(
+                f"claim {self.text!r} must compare two different direction labels with '>' or "
+                "'~' (e.g. 'real-difference > real-mixture')"
+            )
 
     @property
     def text(self) -> str:

@@ -205,6 +205,7 @@ def test_sae_claims_need_the_epsilon_baselines(tmp_path: Path) -> None:
 def test_user_claims(tmp_path: Path) -> None:
     run = _run(tmp_path, {"isotropic": 1.0, "ablation": 4.0})
     assert verdicts(run, ["ablation > isotropic"])["verdict"].tolist() == ["holds"]
+    assert verdicts(run, "ablation > isotropic")["verdict"].tolist() == ["holds"]
     assert verdicts(run).empty  # no built-in claim on these two
     claim = register_claim("ablation > isotropic")
     try:

@@ -272,12 +272,13 @@ def run_directions(manifest: dict[str, Any]) -> dict[str, DirectionSpec]:
 
 
 def _claims_for(
-    claims: Iterable[str | Claim] | None, directions: dict[str, DirectionSpec]
+    claims: Iterable[str | Claim] | str | Claim | None, directions: dict[str, DirectionSpec]
 ) -> list[Claim]:
     """The claims to test: the applicable registered ones, or all given (each must apply)."""
     scales = {label: spec.scale for label, spec in directions.items()}
     if claims is None:
         return [c for c in registered_claims() if c.applies(scales)]
+    claims = [claims] if isinstance(claims, str | Claim) else claims  # one claim, not a list
     out = [parse_claim(c) if isinstance(c, str) else c for c in claims]
     for c in out:
         if not c.applies(scales):
@@ -303,7 +304,7 @@ def _outcome(op: Op, lo: float, hi: float, band: tuple[float, float]) -> str:
 
 def claim_intervals(
     run_dir: str | Path,
-    claims: Iterable[str | Claim] | None = None,
+    claims: Iterable[str | Claim] | str | Claim | None = None,
     metric: str = "kl",
     *,
     ci: float = 0.95,
@@ -440,7 +441,7 @@ def stats_fit(
 
 def verdicts(
     run_dir: str | Path,
-    claims: Iterable[str | Claim] | None = None,
+    claims: Iterable[str | Claim] | str | Claim | None = None,
     metric: str = "kl",
     **options: Any,
 ) -> pd.DataFrame:

@@ -96,6 +96,16 @@ def test_clear_win_holds_at_every_length(tmp_path: Path) -> None:
     assert row["unreliable"] is False or not row["unreliable"]  # no cov-random direction
 
 
+def test_nan_rows_are_left_out_and_said(tmp_path: Path) -> None:
+    rows = _rows({"real-difference": 2.0, "real-mixture": 1.0})
+    rows.loc[(rows["direction"] == "real-mixture") & (rows["seq"] == 3), "kl"] = np.nan
+    directions = [{"name": "real-difference"}, {"name": "real-mixture"}]
+    run = make_run(tmp_path / "run", _config(directions), rows=rows)
+    row = _one(verdicts(run), "real-difference > real-mixture")
+    assert row["verdict"] == "holds" and row["n_seqs"] == 39  # sequence 3 no longer pairs
+    assert row["note"] == "NaN rows left out: {'real-mixture': 25}"  # 5 lengths x 5 positions
+
+
 def test_clear_reversal_is_reversed(tmp_path: Path) -> None:
     run = _run(tmp_path, {"cov-random-mixture": 0.5, "isotropic": 1.0})
     row = _one(verdicts(run), "cov-random-mixture > isotropic")

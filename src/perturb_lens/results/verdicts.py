@@ -447,8 +447,8 @@ def verdicts(
 ) -> pd.DataFrame:
     """One row per claim that applies to the run (both directions present): where it holds.
 
-    ``claims``: claims (text ``"a > b"`` / ``"a ~ b"`` or :class:`Claim`) to test, each of which
-    must apply; None tests the registered claims that apply. ``options`` go to
+    ``claims``: a claim or claims (text ``"a > b"`` / ``"a ~ b"`` or :class:`Claim`) to test,
+    each of which must apply; None tests the registered claims that apply. ``options`` go to
     :func:`claim_intervals` (``ci``, ``n_boot``, ``seed``, ``band``, ``verify``).
 
     Columns: ``claim``, ``metric``, ``verdict``; ``holds``, ``reversed``, ``inconclusive`` and
@@ -477,32 +477,10 @@ def verdicts(
     detail = claim_intervals(run_dir, claims, metric, **options)
     fit = stats_fit(run_dir, manifest)
     directions = run_directions(manifest)
-    rows = []
-    for text, g in detail.groupby("claim", sort=False):
-        where = {k: g.loc[g["outcome"] == k, "length"].tolist() for k in _OUTCOMES}
-        kept = g[g["outcome"] != "skipped"]
-        cov = any(
-            directions[label].name.startswith("cov-random") for label in g.iloc[0][["a", "b"]]
-        )
-        unreliable, note = _reliability(cov, fit)
-        nan = {
-            d: detail.attrs["n_nan"][d] for d in g.iloc[0][["a", "b"]] if d in detail.attrs["n_nan"]
-        }
-        if nan:
-            note = "; ".join(filter(None, [note, f"NaN rows left out: {nan}"]))
-        rows.append(
-            {
-                "claim": text,
-                "metric": metric,
-                "verdict": _verdict(where),
-                **where,
-                "ratio_min": float(kept["ratio"].min()) if len(kept) else np.nan,
-                "ratio_max": float(kept["ratio"].max()) if len(kept) else np.nan,
-                "n_seqs": int(kept["n_seqs"].min()) if len(kept) else 0,
-                "unreliable": unreliable,
-                "note": note,
-            }
-        )
+    rows = [
+        _claim_row(g, metric, directions, fit, detail.attrs["n_nan"])
+        for _, g in detail.groupby("claim", sort=False)
+    ]
     out = pd.DataFrame(rows, columns=VERDICT_COLUMNS)
     out["unreliable"] = out["unreliable"].astype("boolean")
     out.attrs.update(detail.attrs, stats_fit=fit)
@@ -510,6 +488,36 @@ def verdicts(
 
 
 _OUTCOMES = ("holds", "reversed", "inconclusive", "skipped")
+
+
+def _claim_row(
+    g: pd.DataFrame,
+    metric: str,
+    directions: dict[str, DirectionSpec],
+    fit: tuple[int, int] | None,
+    n_nan: dict[str, int],
+) -> dict[str, Any]:
+    """The verdict row of one claim from its per-length rows ``g`` (:func:`claim_intervals`)."""
+    where = {k: g.loc[g["outcome"] == k, "length"].tolist() for k in _OUTCOMES}
+    kept = g[g["outcome"] != "skipped"]
+    labels = g.iloc[0][["a", "b"]].tolist()
+    unreliable, note = _reliability(
+        any(directions[x].name.startswith("cov-random") for x in labels), fit
+    )
+    nan = {x: n_nan[x] for x in labels if x in n_nan}
+    if nan:
+        note = "; ".join(filter(None, [note, f"NaN rows left out: {nan}"]))
+    return {
+        "claim": g.iloc[0]["claim"],
+        "metric": metric,
+        "verdict": _verdict(where),
+        **where,
+        "ratio_min": float(kept["ratio"].min()) if len(kept) else np.nan,
+        "ratio_max": float(kept["ratio"].max()) if len(kept) else np.nan,
+        "n_seqs": int(kept["n_seqs"].min()) if len(kept) else 0,
+        "unreliable": unreliable,
+        "note": note,
+    }
 
 
 def _verdict(where: dict[str, list[float]]) -> str:

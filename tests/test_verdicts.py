@@ -93,7 +93,7 @@ def test_clear_win_holds_at_every_length(tmp_path: Path) -> None:
     assert row["holds"] == LENGTHS[1:] and row["reversed"] == row["inconclusive"] == []
     assert row["skipped"] == [0.0]  # both means are exactly 0 at length 0: the noise floor
     assert 1.8 < row["ratio_min"] <= row["ratio_max"] < 2.2
-    assert row["unreliable"] is False or not row["unreliable"]  # no cov-random direction
+    assert row["unreliable"] is not pd.NA and not row["unreliable"]  # no cov-random direction
 
 
 def test_nan_rows_are_left_out_and_said(tmp_path: Path) -> None:

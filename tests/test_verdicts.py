@@ -106,6 +106,17 @@ def test_nan_rows_are_left_out_and_said(tmp_path: Path) -> None:
     assert row["note"] == "NaN rows left out: {'real-mixture': 25}"  # 5 lengths x 5 positions
 
 
+def test_too_few_sequences_decide_nothing(tmp_path: Path) -> None:
+    """A clear win on 5 sequences: the intervals lie above 1, but 5 < min_seqs sequences."""
+    run = _run(tmp_path, {"real-difference": 2.0, "real-mixture": 1.0}, n_seq=5)
+    row = _one(verdicts(run), "real-difference > real-mixture")
+    assert row["verdict"] == "inconclusive" and row["inconclusive"] == LENGTHS[1:]
+    assert row["note"] == "fewer than 10 sequences pair: left inconclusive there"
+    assert _one(verdicts(run, min_seqs=5), "real-difference > real-mixture")["verdict"] == "holds"
+    with pytest.raises(ValueError, match="min_seqs must be at least 2"):
+        verdicts(run, min_seqs=1)
+
+
 def test_clear_reversal_is_reversed(tmp_path: Path) -> None:
     run = _run(tmp_path, {"cov-random-mixture": 0.5, "isotropic": 1.0})
     row = _one(verdicts(run), "cov-random-mixture > isotropic")
@@ -114,7 +125,7 @@ def test_clear_reversal_is_reversed(tmp_path: Path) -> None:
 
 def test_no_difference_is_inconclusive(tmp_path: Path) -> None:
     """Same distribution, large per-token noise and few sequences: the interval straddles 1."""
-    run = _run(tmp_path, {"real-difference": 1.0, "real-mixture": 1.0}, n_seq=8, noise=1.0)
+    run = _run(tmp_path, {"real-difference": 1.0, "real-mixture": 1.0}, n_seq=12, noise=1.0)
     detail = claim_intervals(run, ["real-difference > real-mixture"])
     kept = detail[detail["outcome"] != "skipped"]
     assert (kept["ci_low"] < 1.0).all() and (kept["ci_high"] > 1.0).all()
@@ -153,7 +164,7 @@ def test_opposite_signs_at_different_lengths_is_mixed(tmp_path: Path) -> None:
     [
         (1.05, 0.05, 40, "holds"),  # ratio 1.05, interval well inside [0.8, 1.25]
         (3.0, 0.05, 40, "reversed"),  # they differ: ratio 3, interval well above 1.25
-        (1.2, 1.0, 8, "inconclusive"),  # noisy, the interval crosses 1.25
+        (1.2, 1.0, 12, "inconclusive"),  # noisy, the interval crosses 1.25
     ],
 )
 def test_close_claims(
@@ -377,7 +388,7 @@ def test_bootstrap_interval_matches_the_delta_method() -> None:
 
 
 def test_bootstrap_is_seeded(tmp_path: Path) -> None:
-    run = _run(tmp_path, {"real-difference": 1.0, "real-mixture": 1.0}, n_seq=8, noise=1.0)
+    run = _run(tmp_path, {"real-difference": 1.0, "real-mixture": 1.0}, n_seq=12, noise=1.0)
     a = claim_intervals(run, seed=5)
     assert a.equals(claim_intervals(run, seed=5))
     assert not a["ci_low"].equals(claim_intervals(run, seed=6)["ci_low"])

@@ -36,6 +36,7 @@ from perturb_lens.results.store import MANIFEST, load_manifest
 
 Op = Literal[">", "~"]
 BAND = (0.8, 1.25)
+MIN_SEQS = 10  # fewer paired sequences than this decide nothing (see claim_intervals)
 MIN_SAMPLES_PER_DIM = 10  # statistics fitted on fewer than 10 x d_model samples are unreliable
 _BOOT_ELEMENTS = 1 << 21  # draws per chunk of resamples (three int64/float64 arrays of 16 MiB)
 _CLAIM = re.compile(r"\s*(?P<a>[^<>~]*?)\s*(?P<op>[>~])\s*(?P<b>[^<>~]*?)\s*")
@@ -311,6 +312,7 @@ def claim_intervals(
     n_boot: int = 2000,
     seed: int = 0,
     band: tuple[float, float] = BAND,
+    min_seqs: int = MIN_SEQS,
     verify: bool = True,
 ) -> pd.DataFrame:
     """One row per claim and length: ``mean_a``, ``mean_b``, ``ratio`` (a / b), its interval
@@ -318,13 +320,17 @@ def claim_intervals(
 
     ``outcome``: for ``>``, ``holds`` where the interval lies above 1, ``reversed`` below 1; for
     ``~``, ``holds`` where it lies within ``band``, ``reversed`` (they differ) where it lies
-    entirely outside; ``inconclusive`` otherwise; ``skipped`` at the noise floor: where both
-    means are at most the larger of the two means at length 0 (alpha = 0; 0 without it).
+    entirely outside; ``inconclusive`` otherwise, and wherever fewer than ``min_seqs``
+    sequences pair (the percentile bootstrap under-covers on a handful of sequences: 4 have only
+    35 distinct resamples); ``skipped`` at the noise floor: where both means are at most the
+    larger of the two means at length 0 (alpha = 0; 0 without it).
     """
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    if min_seqs < 2:
+        raise ValueError(f"min_seqs must be at least 2 (an interval needs two), got {min_seqs}")
     if not 0.0 < band[0] <= 1.0 <= band[1]:
         raise ValueError(f"band must be (low, high) with 0 < low <= 1 <= high, got {band}")
     run_dir = Path(run_dir)
@@ -361,6 +367,7 @@ def claim_intervals(
             _outcome(claim.op, lo, hi, band)
             for lo, hi in zip(res["ci_low"], res["ci_high"], strict=True)
         ]
+        res.loc[res["n_seqs"] < min_seqs, "outcome"] = "inconclusive"
         floor = _noise_floor(res)
         res.loc[(res["mean_a"] <= floor) & (res["mean_b"] <= floor), "outcome"] = "skipped"
         res.loc[res["n_seqs"] == 0, "outcome"] = "skipped"
@@ -370,7 +377,7 @@ def claim_intervals(
             res.insert(j, name, value)
         frames.append(res[columns])
     out = pd.concat(frames, ignore_index=True)
-    out.attrs.update(metric=metric, ci=ci, n_boot=n_boot, seed=seed, band=band)
+    out.attrs.update(metric=metric, ci=ci, n_boot=n_boot, seed=seed, band=band, min_seqs=min_seqs)
     out.attrs["n_nan"] = _nan_counts(sums)
     return out
 
@@ -449,7 +456,7 @@ def verdicts(
 
     ``claims``: a claim or claims (text ``"a > b"`` / ``"a ~ b"`` or :class:`Claim`) to test,
     each of which must apply; None tests the registered claims that apply. ``options`` go to
-    :func:`claim_intervals` (``ci``, ``n_boot``, ``seed``, ``band``, ``verify``).
+    :func:`claim_intervals` (``ci``, ``n_boot``, ``seed``, ``band``, ``min_seqs``, ``verify``).
 
     Columns: ``claim``, ``metric``, ``verdict``; ``holds``, ``reversed``, ``inconclusive`` and
     ``skipped`` (lists of lengths, see :func:`claim_intervals`); ``ratio_min``/``ratio_max`` (the
@@ -478,7 +485,7 @@ def verdicts(
     fit = stats_fit(run_dir, manifest)
     directions = run_directions(manifest)
     rows = [
-        _claim_row(g, metric, directions, fit, detail.attrs["n_nan"])
+        _claim_row(g, metric, directions, fit, detail.attrs)
         for _, g in detail.groupby("claim", sort=False)
     ]
     out = pd.DataFrame(rows, columns=VERDICT_COLUMNS)
@@ -495,18 +502,22 @@ def _claim_row(
     metric: str,
     directions: dict[str, DirectionSpec],
     fit: tuple[int, int] | None,
-    n_nan: dict[str, int],
+    attrs: dict[str, Any],
 ) -> dict[str, Any]:
-    """The verdict row of one claim from its per-length rows ``g`` (:func:`claim_intervals`)."""
+    """The verdict row of one claim from its per-length rows ``g`` and the ``attrs`` of
+    :func:`claim_intervals`."""
     where = {k: g.loc[g["outcome"] == k, "length"].tolist() for k in _OUTCOMES}
     kept = g[g["outcome"] != "skipped"]
     labels = g.iloc[0][["a", "b"]].tolist()
     unreliable, note = _reliability(
         any(directions[x].name.startswith("cov-random") for x in labels), fit
     )
-    nan = {x: n_nan[x] for x in labels if x in n_nan}
+    notes = [note]
+    if len(kept) and kept["n_seqs"].min() < attrs["min_seqs"]:
+        notes.append(f"fewer than {attrs['min_seqs']} sequences pair: left inconclusive there")
+    nan = {x: attrs["n_nan"][x] for x in labels if x in attrs["n_nan"]}
     if nan:
-        note = "; ".join(filter(None, [note, f"NaN rows left out: {nan}"]))
+        notes.append(f"NaN rows left out: {nan}")
     return {
         "claim": g.iloc[0]["claim"],
         "metric": metric,
@@ -516,7 +527,7 @@ def _claim_row(
         "ratio_max": float(kept["ratio"].max()) if len(kept) else np.nan,
         "n_seqs": int(kept["n_seqs"].min()) if len(kept) else 0,
         "unreliable": unreliable,
-        "note": note,
+        "note": "; ".join(filter(None, notes)),
     }
 
 
@@ -558,7 +569,7 @@ def _length_ranges(chosen: Sequence[float], grid: Sequence[float]) -> str:
             else:
                 runs.append([x])
         prev_in = x in picked
-    return ", ".join(f"{r[0]:g}" if len(r) == 1 else f"{r[0]:g}-{r[-1]:g}" for r in runs)
+    return ", ".join(f"{r[0]:.3g}" if len(r) == 1 else f"{r[0]:.3g}-{r[-1]:.3g}" for r in runs)
 
 
 def verdict_rows(table: pd.DataFrame) -> list[dict[str, str]]:

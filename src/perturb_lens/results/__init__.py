@@ -13,6 +13,7 @@ from perturb_lens.results.analysis import (
     threshold_summary,
     token_curves,
 )
+from perturb_lens.results.shards import sequence_sums
 from perturb_lens.results.store import (
     ChecksumError,
     ConfigMismatchError,
@@ -33,7 +34,6 @@ from perturb_lens.results.verdicts import (
     parse_claim,
     register_claim,
     registered_claims,
-    sequence_sums,
     verdict_table,
     verdicts,
 )

@@ -10,7 +10,7 @@ from perturb_lens import (
 from perturb_lens.config import load_config
 from perturb_lens.engine.run import run_experiment
 from perturb_lens.models.load import load_model
-from perturb_lens.results import curves, load_results, summary_table, threshold_lengths
+from perturb_lens.results import curves, load_results, summary_table, threshold_lengths, verdicts
 
 __version__ = "0.1.0"
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "run_experiment",
     "summary_table",
     "threshold_lengths",
+    "verdicts",
 ]

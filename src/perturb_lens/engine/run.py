@@ -50,6 +50,7 @@ from perturb_lens.executors.compute import (
 from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.models.fingerprint import model_fingerprint
 from perturb_lens.paths import cache_root
+from perturb_lens.results.shards import summary_filters
 from perturb_lens.results.store import (
     MANIFEST,
     RunStore,
@@ -524,13 +525,9 @@ def summary_rows(run_dir: str | Path) -> pd.DataFrame:
     """The rows that enter the published mean: drop the last position (all-positions) / BOS if
     the run says so, and rows recorded as non-finite (``nonfinite=record``)."""
     meta = load_manifest(Path(run_dir))["meta"]
-    df = load_results(run_dir)
-    if meta["scope"] == "all-positions" and meta.get("drop_last_position", True):
-        df = df[df["pos"] < meta["seq_len"] - 1]
-    if not meta.get("include_bos", True):
-        df = df[df["pos"] > 0]
+    df = load_results(run_dir, filters=summary_filters(meta))
     if NONFINITE in df.columns:
-        df = df[~df[NONFINITE].astype(bool)]
+        df = df[~df[NONFINITE].astype(bool)].reset_index(drop=True)
     return df
 
 

@@ -183,16 +183,14 @@ def test_every_hook_kind_matches_hooked_transformers(hf_models, family: str, kin
     assert not torch.allclose(final_at[0, 0], clean.final[0, 0], atol=1e-3)  # it did change
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize(
     ("family", "frame"), [("gpt2", "raw"), ("llama", "raw"), ("neox", "raw"), ("neox", "centered")]
 )
-def test_float64_matches_transformers_tightly(request, hf_models, family: str, frame: str) -> None:
+def test_float64_matches_transformers_tightly(request, family: str, frame: str) -> None:
     """In float64 the native path and transformers (SDPA attention, float64 throughout) agree to
     rounding: every resid_pre, and the final normed hidden state (the centered frame too)."""
-    folder = request.getfixturevalue(f"{family}_dir")
-    hf = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float64, attn_implementation="sdpa"
-    ).eval()
+    hf, _ = _hf(request.getfixturevalue(f"{family}_dir"), torch.float64)
     model = FAMILIES[family].from_hf(hf, None, frame=frame, dtype=torch.float64)
     tokens = _tokens()
     with torch.no_grad():

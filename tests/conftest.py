@@ -56,6 +56,28 @@ def write_gpt2_tokenizer(folder: Path) -> None:
     )
 
 
+# Shared by the random Llama and GPT-NeoX: GPT-2's vocabulary and <|endoftext|>, untied head.
+SMALL_CONFIG = {
+    "vocab_size": 50257,
+    "hidden_size": 64,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+}
+
+
+def save_random_model(model: torch.nn.Module, folder: Path) -> Path:
+    """Add noise to the freshly initialized weights (larger than init, so layers matter and
+    numbers are not tiny) and save the model as an HF folder with the real GPT-2 tokenizer."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    write_gpt2_tokenizer(folder)
+    return folder
+
+
 def make_gpt2_folder(folder: Path, *, n_layer: int = 4, n_embd: int = 64, n_head: int = 4) -> Path:
     """A random-weight GPT-2 saved as a Hugging Face folder with the real tokenizer files."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -63,13 +85,7 @@ def make_gpt2_folder(folder: Path, *, n_layer: int = 4, n_embd: int = 64, n_head
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=256)
-    model = GPT2LMHeadModel(cfg)
-    with torch.no_grad():  # larger-than-init weights so layers matter and numbers are not tiny
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(folder)
-    write_gpt2_tokenizer(folder)
-    return folder
+    return save_random_model(GPT2LMHeadModel(cfg), folder)
 
 
 def make_llama_folder(folder: Path, *, n_layers: int = 4) -> Path:
@@ -79,26 +95,36 @@ def make_llama_folder(folder: Path, *, n_layers: int = 4) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(1)
     cfg = LlamaConfig(
-        vocab_size=50257,
-        hidden_size=64,
+        **SMALL_CONFIG,
         intermediate_size=160,
         num_hidden_layers=n_layers,
         num_attention_heads=8,
         num_key_value_heads=2,
-        max_position_embeddings=256,
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=50256,
-        eos_token_id=50256,
     )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(folder)
-    write_gpt2_tokenizer(folder)
-    return folder
+    return save_random_model(LlamaForCausalLM(cfg), folder)
+
+
+def make_neox_folder(
+    folder: Path, *, n_layers: int = 4, parallel: bool = True, rotary_pct: float = 0.25
+) -> Path:
+    """A random-weight GPT-NeoX (Pythia layout: parallel attention and MLP, partial rotary,
+    untied unembedding), saved as an HF folder (GPT-2 BPE)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(2)
+    cfg = GPTNeoXConfig(
+        **SMALL_CONFIG,
+        intermediate_size=256,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        rotary_pct=rotary_pct,
+        use_parallel_residual=parallel,
+        hidden_act="gelu",
+    )
+    return save_random_model(GPTNeoXForCausalLM(cfg), folder)
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +137,13 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random Llama (4 layers, d_model 64, 8 heads / 2 KV heads) as an HF folder."""
     return make_llama_folder(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def neox_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random GPT-NeoX (4 layers, d_model 64, 4 heads, rotary on 4 of 16 head dims, parallel
+    attention and MLP) as an HF folder."""
+    return make_neox_folder(tmp_path_factory.mktemp("neox"))
 
 
 @pytest.fixture(scope="session")

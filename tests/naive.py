@@ -6,13 +6,66 @@ length); tests and benchmarks compare the engine against it. Only transformers a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 
 def blocks(hf) -> torch.nn.ModuleList:
-    """The decoder blocks of a GPT-2 or Llama HF model."""
-    return hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
+    """The decoder blocks of a GPT-2, Llama or GPT-NeoX HF model."""
+    if hasattr(hf, "transformer"):
+        return hf.transformer.h
+    return hf.gpt_neox.layers if hasattr(hf, "gpt_neox") else hf.model.layers
+
+
+def submodule(hf, layer: int, kind: str) -> torch.nn.Module:
+    """The module whose output (attn_out, mlp_out) or block whose input/output is ``kind``."""
+    block = blocks(hf)[layer]
+    if kind == "hook_attn_out":
+        return next(
+            getattr(block, n) for n in ("attn", "self_attn", "attention") if hasattr(block, n)
+        )
+    if kind == "hook_mlp_out":
+        return block.mlp
+    return block
+
+
+def hooked_forward(
+    hf, tokens: Tensor, layer: int, kind: str, edit: Callable[[Tensor], Tensor] | None
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """One HF forward with ``edit`` applied at (layer, kind). Returns the activation there (after
+    the edit), the last hidden state (final-normed) and all hidden states."""
+    seen: dict[str, Tensor] = {}
+
+    def change(h: Tensor) -> Tensor:
+        new = h if edit is None else edit(h.clone())
+        seen["x"] = new
+        return new
+
+    module = submodule(hf, layer, kind)
+    if kind == "hook_resid_pre":
+
+        def pre(mod, args, kwargs):
+            if args:
+                return (change(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": change(kwargs["hidden_states"])}
+
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+    else:
+
+        def post(mod, args, output):
+            if isinstance(output, tuple):
+                return (change(output[0]), *output[1:])
+            return change(output)
+
+        handle = module.register_forward_hook(post)
+    try:
+        with torch.no_grad():
+            out = hf(tokens, output_hidden_states=True)
+    finally:
+        handle.remove()
+    return seen["x"], out.hidden_states[-1], out.hidden_states
 
 
 def forward_with_edit(

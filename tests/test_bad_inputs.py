@@ -4,7 +4,12 @@ no corrupt output (no run directory at all, or one whose manifest matches every 
 Entries: malformed YAML/TOML, unknown config key, unknown model, unknown hook, unknown direction,
 SAE width or hook mismatch, empty or too-short dataset, sequence longer than the context, empty or
 negative length grid, NaN/inf activations, unwritable output directory, disk full during a write,
-resume with another config, two runs writing to one directory.
+resume with another config, two runs writing to one directory; and (issue 16 items 4-6, at the
+end) unknown direction on the command line, unexpected errors, full disk while saving statistics,
+damaged SAE files, an unavailable device, report/compare on runs without shards or with other
+length grids, run names outside runs/, an empty --out, failed starts in existing folders, a read
+hook before the perturbed hook, the umask, non-UTF-8/binary/non-parquet text, bad seeds, length
+syntax, duplicates and cap, too little data, unwritable report/resume folders.
 """
 
 from __future__ import annotations

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_close32
+from naive import hooked_forward
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from perturb_lens.models.generic import CHUNK_ROWS, GenericLens
 from perturb_lens.models.hooks import HOOK_KINDS
 
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "neox")
 
 
 def load_hf(folder: Path) -> nn.Module:
@@ -24,10 +24,12 @@ def load_hf(folder: Path) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def models(gpt2_dir: Path, llama_dir: Path) -> dict[str, tuple[GenericLens, nn.Module]]:
+def models(
+    gpt2_dir: Path, llama_dir: Path, neox_dir: Path
+) -> dict[str, tuple[GenericLens, nn.Module]]:
     """family -> (GenericLens, an independent HF copy of the same weights as the reference)."""
     out = {}
-    for family, folder in (("gpt2", gpt2_dir), ("llama", llama_dir)):
+    for family, folder in (("gpt2", gpt2_dir), ("llama", llama_dir), ("neox", neox_dir)):
         lens = GenericLens.from_hf(
             load_hf(folder), AutoTokenizer.from_pretrained(folder), source=f"folder {folder}"
         )
@@ -38,56 +40,6 @@ def models(gpt2_dir: Path, llama_dir: Path) -> dict[str, tuple[GenericLens, nn.M
 def tokens_for(batch: int = 2, seq: int = 12, seed: int = 0) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 50257, (batch, seq), generator=g)
-
-
-def blocks(hf: nn.Module) -> nn.ModuleList:
-    return hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
-
-
-def submodule(hf: nn.Module, layer: int, kind: str) -> nn.Module:
-    block = blocks(hf)[layer]
-    if kind == "hook_attn_out":
-        return block.attn if hasattr(block, "attn") else block.self_attn
-    if kind == "hook_mlp_out":
-        return block.mlp
-    return block
-
-
-def hooked_forward(
-    hf: nn.Module, tokens: Tensor, layer: int, kind: str, edit: Callable[[Tensor], Tensor] | None
-) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-    """Plain reference: one HF forward with ``edit`` applied at (layer, kind). Returns the
-    activation there (after the edit), the last hidden state (final-normed), all hidden states."""
-    seen: dict[str, Tensor] = {}
-
-    def change(h: Tensor) -> Tensor:
-        new = h if edit is None else edit(h.clone())
-        seen["x"] = new
-        return new
-
-    module = submodule(hf, layer, kind)
-    if kind == "hook_resid_pre":
-
-        def pre(mod, args, kwargs):
-            if args:
-                return (change(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": change(kwargs["hidden_states"])}
-
-        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
-    else:
-
-        def post(mod, args, output):
-            if isinstance(output, tuple):
-                return (change(output[0]), *output[1:])
-            return change(output)
-
-        handle = module.register_forward_hook(post)
-    try:
-        with torch.no_grad():
-            out = hf(tokens, output_hidden_states=True)
-    finally:
-        handle.remove()
-    return seen["x"], out.hidden_states[-1], out.hidden_states
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -111,7 +63,7 @@ def test_run_to_hook_matches_hidden_states(models, family: str) -> None:
         assert_close32(acts["hook_resid_pre"], hidden[layer])
         if layer < n - 1:  # HF's last entry is after the final norm
             assert_close32(acts["hook_resid_post"], hidden[layer + 1])
-        # sequential block: resid_post = resid_pre + attn_out + mlp_out
+        # sequential and parallel blocks: resid_post = resid_pre + attn_out + mlp_out
         assert_close32(
             acts["hook_resid_pre"] + acts["hook_attn_out"] + acts["hook_mlp_out"],
             acts["hook_resid_post"],
@@ -222,6 +174,8 @@ def test_frames_and_errors(models) -> None:
         lens.continue_all(clean, clean.x)
     with pytest.raises(ValueError, match="positions must be"):
         lens.continue_at(clean, clean.x[:, :2], torch.tensor([[0, 12], [1, 2]]))
+    with pytest.raises(NotImplementedError, match=r"native model \(families: gpt2, llama, neox\)"):
+        lens.continue_all_grad(clean, clean.x.unsqueeze(1))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -236,22 +190,13 @@ def test_spec(models, family: str) -> None:
         256,
     )
     assert spec.n_params == sum(p.numel() for p in hf.parameters())
-    if family == "gpt2":
-        assert (spec.architecture, spec.norm, spec.n_heads, spec.n_kv_heads) == (
-            "GPT2LMHeadModel",
-            "layernorm",
-            4,
-            4,
-        )
-        assert (spec.d_head, spec.d_mlp) == (16, 256)
-    else:
-        assert (spec.architecture, spec.norm, spec.n_heads, spec.n_kv_heads) == (
-            "LlamaForCausalLM",
-            "rmsnorm",
-            8,
-            2,
-        )
-        assert (spec.d_head, spec.d_mlp) == (8, 160)
+    expected = {  # architecture, norm, heads, kv heads, d_head, d_mlp
+        "gpt2": ("GPT2LMHeadModel", "layernorm", 4, 4, 16, 256),
+        "llama": ("LlamaForCausalLM", "rmsnorm", 8, 2, 8, 160),
+        "neox": ("GPTNeoXForCausalLM", "layernorm", 4, 4, 16, 256),
+    }[family]
+    got = (spec.architecture, spec.norm, spec.n_heads, spec.n_kv_heads, spec.d_head, spec.d_mlp)
+    assert got == expected
 
 
 def test_parallel_attention_model() -> None:

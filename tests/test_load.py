@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from perturb_lens import load_model
 from perturb_lens.cli import app
+from perturb_lens.models import registry
 from perturb_lens.models.generic import GenericLens
 from perturb_lens.models.load import EMBEDDED_INSTALL, ModelLoadError, embedded_gguf
 
@@ -90,7 +91,11 @@ def test_local_folder_generic(gpt2_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     ("fixture", "native_cls", "frame"),
-    [("gpt2_dir", "GPT2Lens", "centered"), ("llama_dir", "LlamaLens", "raw")],
+    [
+        ("gpt2_dir", "GPT2Lens", "centered"),
+        ("llama_dir", "LlamaLens", "raw"),
+        ("neox_dir", "GPTNeoXLens", "centered"),
+    ],
 )
 def test_dispatch_native_and_generic_agree(
     request, fixture: str, native_cls: str, frame: str
@@ -262,6 +267,56 @@ def test_cli_info(gpt2_dir: Path) -> None:
     assert facts["family"] == "generic" and facts["frame"] == "raw"
     assert facts["n_layers"] == 4 and facts["hooks"]["count"] == 16
     assert facts["source"] == f"folder {gpt2_dir.resolve()}"
+
+
+def test_cli_info_neox_native(neox_dir: Path) -> None:
+    """A family registered in models/registry.py shows as native; --generic as hooks."""
+    runner = CliRunner()
+    result = runner.invoke(app, ["info", str(neox_dir)])
+    assert result.exit_code == 0, result.output
+    for text in ("GPTNeoXForCausalLM", "neox / native", "layernorm", "centered"):
+        assert text in result.output
+    result = runner.invoke(app, ["info", str(neox_dir), "--json"])
+    facts = json.loads(result.stdout)
+    assert (facts["family"], facts["path"]) == ("neox", "native")
+    assert (facts["parallel_attn_mlp"], facts["rotary_dim"]) == (True, 4)
+    result = runner.invoke(app, ["info", str(neox_dir), "--generic", "--json"])
+    facts = json.loads(result.stdout)
+    assert (facts["family"], facts["path"]) == ("generic", "generic (hooks)")
+
+
+# ---- the family registry --------------------------------------------------------------------
+def test_registry_families_are_consistent() -> None:
+    names = [f.name for f in registry.families()]
+    assert names[:4] == ["generic", "gpt2", "llama", "neox"]
+    archs = [a for f in registry.families() for a in f.architectures]
+    assert len(archs) == len(set(archs))  # one family per architecture
+    for family in registry.families():
+        assert family.lens_class().family == family.name
+    assert registry.family_for("GPTNeoXForCausalLM").name == "neox"
+    assert registry.family_for("GPTNeoXForCausalLM", native=False).name == "generic"
+    assert registry.family_for("MistralForCausalLM").name == "generic"  # unknown: hooks
+    assert set(registry.native_gguf_archs()) == {"gpt2", "llama"}
+    with pytest.raises(ValueError, match="already handled by family 'llama'"):
+        registry.register_family("other", ["LlamaForCausalLM"], "x:Y")
+    with pytest.raises(ValueError, match="registered: generic, gpt2"):
+        registry.get_family("nope")
+
+
+def test_register_family_routes_loading(gpt2_dir: Path, monkeypatch) -> None:
+    """A new registration is all load_model needs: GPT-2 weights through a subclass."""
+    from perturb_lens.models.gpt2 import GPT2Lens
+
+    class MyGPT2(GPT2Lens):
+        family = "my-gpt2"
+
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    del registry._FAMILIES["gpt2"]
+    registry.register_family("my-gpt2", ["GPT2LMHeadModel"], MyGPT2)
+    lens = load_model(gpt2_dir, device="cpu")
+    assert type(lens) is MyGPT2 and lens.spec.family == "my-gpt2"
+    assert "my-gpt2" in registry.native_families()
+    torch.testing.assert_close(lens.logits(TOKENS), hf_logits(gpt2_dir), atol=1e-4, rtol=1e-4)
 
 
 def test_cli_help_and_errors(tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ sha256 and the expected number of rows.
 
 Which inputs are valid is decided here, independently of the code (the rules of the README and
 SPEC written out plainly), so a validator that lets a bad value through, or refuses a good one,
-fails the test. The default profile is derandomized (the same examples on every machine and CI
-run) and small enough for well under a minute; ``PERTURB_LENS_PROPERTY_EXAMPLES=300`` runs more.
+fails the test. Examples are derandomized (the same on every machine and CI run); the default
+test is small enough for well under a minute on a quiet machine, the slow one runs 300 examples
+(``PERTURB_LENS_PROPERTY_EXAMPLES`` sets the default test's count).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ DIRECTIONS = (
     "ablation",
 )
 METRICS = ("kl", "js", "dce", "top1", "l2", "cos")
-EXAMPLES = int(os.environ.get("PERTURB_LENS_PROPERTY_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("PERTURB_LENS_PROPERTY_EXAMPLES", "25"))
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,10 @@ choices = st.one_of(
     hooks.map(lambda h: ok("hook", h)),
     st.sampled_from(
         ["blocks.9.hook_resid_pre", "resid", "blocks.1.hook_z", "blocks.-1.hook_resid_pre"]
-    ).map(lambda v: bad("hook", v, "hook")),
-    hooks.map(lambda h: ok("read", h)),  # validity depends on the hook: see expected()
-    st.just(bad("read", "blocks.x.hook_resid_post", "read")),
+    ).map(lambda v: bad("hook", v, f"'{v}'")),
+    hooks.map(lambda h: ok("read", h)),  # validity depends on the hook: see effective()
+    st.just(bad("read", "blocks.x.hook_resid_post", "read 'blocks.x.hook_resid_post'")),
+    st.just(bad("read", "blocks.4.hook_resid_post", "'blocks.4.hook_resid_post'")),
     lengths,
     st.lists(st.sampled_from(DIRECTIONS), min_size=1, max_size=3, unique=True).map(
         lambda v: ok("directions", flow(v))
@@ -221,21 +223,14 @@ def check_valid_run(run_dir: Path, picked: dict[str, Choice], output: str) -> No
     assert not [p for p in run_dir.rglob("*.tmp")]
 
 
-@settings(
-    max_examples=EXAMPLES,
-    derandomize=True,  # the same examples on every machine: CI failures reproduce
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(picked=st.lists(choices, min_size=1, max_size=4))
-def test_overrides_either_run_cleanly_or_fail_naming_the_key(
-    picked: list[Choice], base_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def check_overrides(picked: list[Choice], base_file: Path, folder: Path) -> None:
+    """Run ``perturb-lens run BASE OVERRIDES --out folder/r`` and check the three properties."""
     by_key = effective({c.key: c for c in picked})  # the last override of a key wins
     args = [c.arg for c in by_key.values()]
     invalid = [c for c in by_key.values() if c.needle is not None]
-    out = tmp_path_factory.mktemp("run") / "r"
-    print("ARGS", args, flush=True)  # DEBUG
+    out = folder / "r"
+    if os.environ.get("PERTURB_LENS_PROPERTY_TRACE"):
+        print("overrides:", args, flush=True)
     result = CliRunner().invoke(app, ["run", str(base_file), *args, "-q", "--out", str(out)])
     text = result.output
     assert "Traceback" not in text and "unexpected" not in text, (args, text)
@@ -248,3 +243,28 @@ def test_overrides_either_run_cleanly_or_fail_naming_the_key(
     else:
         assert result.exit_code == 0, (args, text)
         check_valid_run(out, by_key, text)
+
+
+_SETTINGS = {
+    "derandomize": True,  # the same examples on every machine: CI failures reproduce
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+}
+
+
+@settings(max_examples=EXAMPLES, **_SETTINGS)
+@given(picked=st.lists(choices, min_size=1, max_size=4))
+def test_overrides_either_run_cleanly_or_fail_naming_the_key(
+    picked: list[Choice], base_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    check_overrides(picked, base_file, tmp_path_factory.mktemp("run"))
+
+
+@pytest.mark.slow
+@settings(max_examples=300, **_SETTINGS)
+@given(picked=st.lists(choices, min_size=1, max_size=6))
+def test_overrides_property_long(
+    picked: list[Choice], base_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The same property over 300 examples of up to 6 overrides (``-m slow``; minutes)."""
+    check_overrides(picked, base_file, tmp_path_factory.mktemp("run"))

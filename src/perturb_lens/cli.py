@@ -37,11 +37,12 @@ def main(
 def model_info(lens: Any) -> dict[str, Any]:
     """What ``info`` shows: the model's spec, frame, hook points and origin."""
     from perturb_lens.models.hooks import HOOK_KINDS
+    from perturb_lens.models.registry import get_family
 
     spec = lens.spec
     return {
         **asdict(spec),
-        "path": "generic (hooks)" if spec.family == "generic" else "native",
+        "path": get_family(spec.family).path,
         "frame": lens.frame,
         "hooks": {
             "kinds": list(HOOK_KINDS),

@@ -27,6 +27,7 @@ from perturb_lens.experiments.registry import get_experiment, list_experiments
 from perturb_lens.lengths import resolve_lengths
 from perturb_lens.metrics import check_metrics
 from perturb_lens.models.hooks import HOOK_KINDS
+from perturb_lens.models.options import DTYPE_NAMES, FRAMES, PRECISIONS
 
 Scope = Literal["all-positions", "single-position", "last-position"]
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -129,8 +130,15 @@ def _hook_position(name: str | None) -> tuple[int, int] | None:
 
 def check_read_after_hook(hook: str, read: str | None) -> None:
     """The downstream read (l2/cos) must sit at or after the perturbed hook."""
+    if read is None:
+        return
     h, r = _hook_position(hook), _hook_position(read)
-    if h is None or r is None:  # a name the model lacks is refused when the model is loaded
+    if r is None:
+        raise ValueError(
+            f"read {read!r} is not a hook name: use blocks.LAYER.KIND with KIND one of "
+            f"{', '.join(HOOK_KINDS)}, or leave read unset (the last layer's hook_resid_post)."
+        )
+    if h is None:  # a name the model lacks is refused when the model is loaded
         return
     if r < h:
         raise ValueError(
@@ -215,10 +223,10 @@ class ExperimentConfig(BaseModel):
     sae: str | None = Field(
         None, description="SAE at the hook: SAELens folder, release:sae_id, or e2e_sae checkpoint"
     )
-    frame: Literal["centered", "raw"] | None = None
-    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    frame: Literal[FRAMES] | None = None
+    dtype: Literal[DTYPE_NAMES] = "float32"
     device: str | None = None
-    precision: Literal["auto", "float32", "tf32", "bf16-matmul"] = Field(
+    precision: Literal[PRECISIONS] = Field(
         "auto", description="block matmuls (native models); auto = tf32 on CUDA, else float32"
     )
     threads: int | None = Field(

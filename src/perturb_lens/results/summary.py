@@ -1,8 +1,10 @@
-"""The rows of a run that enter its published averages, and its count of non-finite rows."""
+"""The rows of a run that enter its published averages (one rule, also for the streamed readers of
+:mod:`perturb_lens.results.shards`), and its count of non-finite rows."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -10,17 +12,28 @@ from perturb_lens.metrics import NONFINITE
 from perturb_lens.results.store import load_manifest, load_results
 
 
-def summary_rows(run_dir: str | Path) -> pd.DataFrame:
-    """The rows that enter the published mean: drop the last position (all-positions) / BOS if
-    the run says so, and rows recorded as non-finite (``nonfinite=record``)."""
-    meta = load_manifest(Path(run_dir))["meta"]
-    df = load_results(run_dir)
+def summary_filters(meta: dict[str, Any]) -> list[tuple[str, str, Any]] | None:
+    """The rows that enter the published mean, as pyarrow filters on ``pos`` (None: all rows).
+
+    Under the all-positions scope the last position is dropped unless the run says
+    ``drop_last_position: false`` (its next-token prediction has no target in the published
+    setup); BOS (``pos`` 0) is dropped when the run says ``include_bos: false``.
+    """
+    filters: list[tuple[str, str, Any]] = []
     if meta["scope"] == "all-positions" and meta.get("drop_last_position", True):
-        df = df[df["pos"] < meta["seq_len"] - 1]
+        filters.append(("pos", "<", int(meta["seq_len"]) - 1))
     if not meta.get("include_bos", True):
-        df = df[df["pos"] > 0]
+        filters.append(("pos", ">", 0))
+    return filters or None
+
+
+def summary_rows(run_dir: str | Path) -> pd.DataFrame:
+    """The rows that enter the published mean (:func:`summary_filters`), without rows recorded
+    as non-finite (``nonfinite=record``)."""
+    meta = load_manifest(Path(run_dir))["meta"]
+    df = load_results(run_dir, filters=summary_filters(meta))
     if NONFINITE in df.columns:
-        df = df[~df[NONFINITE].astype(bool)]
+        df = df[~df[NONFINITE].astype(bool)].reset_index(drop=True)
     return df
 
 

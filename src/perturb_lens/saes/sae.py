@@ -27,6 +27,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from perturb_lens.models.options import FRAMES
+
 Activation = Literal["relu", "topk", "jumprelu"]
 Normalization = Literal["none", "expected_average_only_in", "constant_norm_rescale", "layer_norm"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
@@ -49,7 +51,7 @@ class SAEConfig:
     apply_b_dec_to_input: bool = True
     normalize_activations: Normalization = "none"
     hook: str = ""  # TransformerLens hook name, e.g. blocks.6.hook_resid_pre
-    frame: Literal["centered", "raw"] = "raw"
+    frame: Literal[FRAMES] = "raw"
     model: str = ""  # the model it was trained on
     skip_bos: bool = False  # trained without BOS: SAE directions leave the BOS position alone
     metadata: dict[str, Any] = field(default_factory=dict)  # anything else (training info...)
@@ -66,7 +68,7 @@ class SAEConfig:
             )
         if self.activation == "topk" and (self.k is None or not 0 < self.k <= self.d_sae):
             raise ValueError(f"A topk SAE needs 0 < k <= d_sae={self.d_sae}; got k={self.k}")
-        if self.frame not in ("centered", "raw"):
+        if self.frame not in FRAMES:
             raise ValueError(f"Unknown frame {self.frame!r}; use 'centered' or 'raw'")
 
     def to_dict(self) -> dict[str, Any]:

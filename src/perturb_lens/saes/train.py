@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from perturb_lens.config import ConfigError, DataConfig, read_config_file
 from perturb_lens.models.base import CleanRun, LensModel
+from perturb_lens.models.options import FRAMES
 from perturb_lens.results.store import atomic_write
 from perturb_lens.saes.sae import SAE, SAEConfig
 from perturb_lens.saes.stats import token_kl
@@ -82,7 +83,7 @@ class SAETrainConfig(_Strict):
 
     name: str = "saes"
     model: str = "smollm2-135m"
-    frame: Literal["centered", "raw"] | None = None
+    frame: Literal[FRAMES] | None = None
     hook: str = "blocks.15.hook_resid_pre"
     data: DataConfig = Field(default_factory=lambda: DataConfig(n_seqs=512, seq_len=64))
     d_sae: int = Field(1152, ge=1)

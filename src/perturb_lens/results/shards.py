@@ -1,0 +1,127 @@
+"""Reading a run shard by shard: checked column-pruned record batches and per-sequence sums of a
+metric over the summary rows (:func:`~perturb_lens.results.summary.summary_filters`).
+
+Memory stays flat in the run size: one record batch of the columns asked for is held at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from perturb_lens.config import DirectionConfig
+from perturb_lens.results.store import ChecksumError, file_sha256, load_manifest
+from perturb_lens.results.summary import summary_filters
+
+
+def iter_batches(
+    run_dir: str | Path,
+    columns: Sequence[str],
+    filters: Sequence[tuple[str, str, Any]] | None = None,
+    *,
+    verify: bool = True,
+) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """``(shard id, record batch)`` of ``columns`` for every shard (shard-id order), rows passing
+    ``filters`` (pyarrow's ``[(column, op, value), ...]``, all must hold).
+
+    With ``verify`` each shard's file is first checked against the sha256 in the manifest (read
+    in 1 MiB blocks).
+    """
+    run_dir = Path(run_dir)
+    manifest = load_manifest(run_dir)
+    expr = pq.filters_to_expression(list(filters)) if filters else None
+    for shard_id in sorted(manifest["shards"]):
+        entry = manifest["shards"][shard_id]
+        path = run_dir / entry["file"]
+        if not path.is_file():
+            raise ChecksumError(
+                f"shard {shard_id} ({path}) is missing: rerun the run with --resume to recompute it"
+            )
+        if verify and file_sha256(path) != entry["sha256"]:
+            raise ChecksumError(
+                f"shard {shard_id} ({path}) does not match its recorded sha256 (damaged or "
+                "changed after the run): rerun the run with --resume to recompute it"
+            )
+        dataset = ds.dataset(path, format="parquet")
+        missing = [c for c in columns if c not in dataset.schema.names]
+        if missing:
+            raise KeyError(
+                f"columns {missing} not in shard {shard_id} of {run_dir} (it has "
+                f"{dataset.schema.names})"
+            )
+        for batch in dataset.to_batches(columns=list(columns), filter=expr):
+            yield shard_id, batch
+
+
+def run_directions(manifest: dict[str, Any]) -> dict[str, DirectionConfig]:
+    """The run's directions by label (from the config in its manifest)."""
+    specs = [DirectionConfig.model_validate(d) for d in manifest["config"]["directions"]]
+    return {s.label: s for s in specs}
+
+
+def sequence_sums(
+    run_dir: str | Path,
+    metric: str = "kl",
+    directions: Iterable[str] | None = None,
+    *,
+    verify: bool = True,
+) -> pd.DataFrame:
+    """Per (direction, length, seq): ``sum`` and ``n`` of the metric over the summary rows (the
+    published mean's rows, :func:`summary_filters`), and ``n_nan``
+    rows whose metric is NaN (left out of ``sum`` and ``n``). ``directions``: labels to read
+    (default: all of the run's); ``direction`` comes back as a Categorical over them.
+
+    Streamed shard by shard, reading only the needed columns and rows, each shard summed as it is
+    read: memory grows with the number of groups, not of rows.
+    """
+    run_dir = Path(run_dir)
+    manifest = load_manifest(run_dir)
+    labels = sorted(set(directions if directions is not None else run_directions(manifest)))
+    filters = [*(summary_filters(manifest["meta"]) or []), ("direction", "in", labels)]
+    value_set = pa.array(labels, pa.string())
+    keys = ["direction", "length", "seq"]
+    columns = [*keys, "sum", "n", "n_nan"]
+    shards = []
+    batches = iter_batches(run_dir, [*keys, metric], filters, verify=verify)
+    for _, group in itertools.groupby(batches, key=lambda item: item[0]):
+        parts = [_sum_by(_terms(batch, metric, value_set), keys) for _, batch in group]
+        shards.append(_sum_by(pa.concat_tables(parts), keys).to_pandas())
+    out = pd.concat(shards, ignore_index=True) if shards else pd.DataFrame(columns=columns)
+    out = out.astype({"direction": np.int64, "length": np.float64, "seq": np.int64})
+    out = out.sort_values(keys, ignore_index=True)
+    if out.duplicated(keys).any():  # a group split over shards (not the engine's layout)
+        out = out.groupby(keys, sort=True).sum().reset_index()
+    out["direction"] = pd.Categorical.from_codes(out["direction"].to_numpy(), labels)
+    return out[columns]
+
+
+def _terms(batch: pa.RecordBatch, metric: str, value_set: pa.Array) -> pa.Table:
+    """A batch as the terms of the sums: direction code, length, seq, value (0 for NaN or inf,
+    rows a ``nonfinite: record`` run keeps), n, and the count of such non-finite values."""
+    values = pc.cast(batch.column(metric), pa.float64())
+    nan = pc.invert(pc.fill_null(pc.is_finite(values), False))
+    return pa.table(
+        {
+            "direction": pc.index_in(batch.column("direction"), value_set=value_set),
+            "length": pc.cast(batch.column("length"), pa.float64()),
+            "seq": pc.cast(batch.column("seq"), pa.int64()),
+            "sum": pc.if_else(nan, 0.0, values),
+            "n": pc.cast(pc.invert(nan), pa.int64()),
+            "n_nan": pc.cast(nan, pa.int64()),
+        }
+    )
+
+
+def _sum_by(table: pa.Table, keys: list[str]) -> pa.Table:
+    """``sum``, ``n`` and ``n_nan`` summed per ``keys`` (the columns keep their names)."""
+    agg = table.group_by(keys).aggregate([(c, "sum") for c in ("sum", "n", "n_nan")])
+    return agg.rename_columns([*keys, "sum", "n", "n_nan"]).select([*keys, "sum", "n", "n_nan"])

@@ -14,6 +14,7 @@ from naive import forward_with_edit
 from perturb_lens import load_results, run_experiment
 from perturb_lens.experiments import registry as experiments
 from perturb_lens.metrics import _METRICS
+from perturb_lens.models import registry as families
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -28,7 +29,7 @@ def extending_snippets() -> list[str]:
 @pytest.fixture
 def snippets():
     """Run every snippet (in one namespace, as a reader would); unregister what they added."""
-    before = (dict(_METRICS), dict(experiments._EXPERIMENTS))
+    before = (dict(_METRICS), dict(experiments._EXPERIMENTS), dict(families._FAMILIES))
     namespace: dict = {"__name__": "readme"}
     for code in extending_snippets():
         exec(compile(code, str(README), "exec"), namespace)
@@ -37,11 +38,13 @@ def snippets():
     _METRICS.update(before[0])
     experiments._EXPERIMENTS.clear()
     experiments._EXPERIMENTS.update(before[1])
+    families._FAMILIES.clear()
+    families._FAMILIES.update(before[2])
 
 
 def test_readme_has_an_example_of_each_extension() -> None:
     code = "\n".join(extending_snippets())
-    for call in ("register_metric(", "register_experiment("):
+    for call in ("register_metric(", "register_experiment(", "register_family("):
         assert call in code
 
 
@@ -84,3 +87,32 @@ def test_readme_metric_and_experiment_work_in_a_run(snippets, gpt2_dir: Path, tm
         np.testing.assert_allclose(got, tv.flatten().numpy(), atol=1e-4)
     zero = rows[rows["length"] == 0.0]
     np.testing.assert_array_equal(zero["tv"].to_numpy(), 0.0)
+
+
+def test_readme_family_runs_mistral_natively(snippets, tmp_path: Path) -> None:
+    """The registered family loads a random-weight Mistral on the native path, and its logits are
+    transformers' own."""
+    from conftest import SMALL_CONFIG, float32_tol, save_random_model
+    from transformers import GPT2TokenizerFast, MistralConfig, MistralForCausalLM
+
+    from perturb_lens import load_model
+
+    torch.manual_seed(3)
+    cfg = MistralConfig(
+        **SMALL_CONFIG,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        sliding_window=4096,
+    )
+    folder = save_random_model(MistralForCausalLM(cfg), tmp_path / "mistral")
+    # a tokenizer.json, so that transformers need not convert a slow Mistral tokenizer
+    GPT2TokenizerFast.from_pretrained(folder).save_pretrained(folder)
+    model = load_model(str(folder), device="cpu")
+    assert model.spec.family == "mistral" and type(model).__name__ == "MistralLens"
+    hf = MistralForCausalLM.from_pretrained(folder).eval()
+    tokens = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    assert (model.logits(tokens) - ref).abs().max().item() <= float32_tol(ref, 2, 64)

@@ -788,10 +788,10 @@ def test_resume_refuses_retrained_weights_and_stats_follow_them(
 
 
 def test_resume_refuses_another_package_version(tmp_path: Path, config: dict, monkeypatch) -> None:
-    import perturb_lens
+    from perturb_lens import version
 
     run_dir = interrupted(config, tmp_path / "run")
-    monkeypatch.setattr(perturb_lens, "__version__", "99.0")
+    monkeypatch.setattr(version, "__version__", "99.0")
     code, out = cli_run(config, run_dir, "--resume")
     assert code == 1
     assert_refused(run_dir, out, "perturb_lens_version", "'99.0'", "numbers may differ")

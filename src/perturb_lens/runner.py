@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from perturb_lens import version
 from perturb_lens.config import ExperimentConfig, validate_config
 from perturb_lens.data import dataset_tokens, token_source_hash
 from perturb_lens.directions import check_scale, get_direction
@@ -62,7 +63,6 @@ from perturb_lens.stats import (
     fit_stats,
     hook_activations,
 )
-from perturb_lens.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def _meta(ctx: RunContext, threads: int, cpu: str) -> dict[str, Any]:
     return {
         "threads": threads,  # the torch threads every shard was computed with
         "cpu": cpu,
-        "perturb_lens_version": __version__,
+        "perturb_lens_version": version.__version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "model": cfg.model,

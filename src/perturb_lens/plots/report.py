@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from perturb_lens import version
 from perturb_lens.plots.figures import (
     Palette,
     bar_panels,
@@ -47,7 +48,6 @@ from perturb_lens.plots.sets import (
 )
 from perturb_lens.results.analysis import bars, pick_lengths, summary_table, threshold_summary
 from perturb_lens.results.store import MANIFEST, atomic_write, diff_configs
-from perturb_lens.version import __version__
 
 REPORT = "report.html"
 COMPARE = "compare.html"
@@ -173,7 +173,7 @@ def _page(title: str, subtitle: str, body: str, sections: Sequence[tuple[str, st
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<link rel="icon" href="data:,"><title>{_esc(title)}</title><style>{_CSS}</style>'
         f'</head><body><h1>{_esc(title)}</h1><p class="sub">{_esc(subtitle)}</p><nav>{nav}</nav>'
-        f'{body}<p class="sub">Written by perturb-lens {__version__} on {stamp}.</p>'
+        f'{body}<p class="sub">Written by perturb-lens {version.__version__} on {stamp}.</p>'
         f"<script>{_JS}</script></body></html>\n"
     )
 

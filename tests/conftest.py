@@ -182,14 +182,15 @@ def assert_close32(got: torch.Tensor, ref: torch.Tensor, n_layers: int = 4, d: i
     )
 
 
-def gpt2_logit_bound(hf) -> float:
-    """An upper bound on |logit| of transformers' GPT-2 ``hf`` for any input: the final
-    LayerNorm's output has norm <= sqrt(d) max|gamma| + |beta| (its normalised input has norm
-    sqrt(d)) and a logit is its dot product with an unembedding row (Cauchy-Schwarz)."""
-    ln, w = hf.transformer.ln_f, hf.lm_head.weight
-    d = ln.weight.numel()
-    out_norm = d**0.5 * ln.weight.abs().max().item() + ln.bias.norm().item()
-    return w.norm(dim=-1).max().item() * out_norm
+def logit_bound(hf) -> float:
+    """An upper bound on |logit| of transformers' GPT-2 or Llama ``hf`` for any input: the final
+    LayerNorm / RMSNorm output has norm <= sqrt(d) max|gamma| + |beta| (its normalised input has
+    norm <= sqrt(d)) and a logit is its dot product with an unembedding row (Cauchy-Schwarz)."""
+    norm = hf.transformer.ln_f if hasattr(hf, "transformer") else hf.model.norm
+    bias = getattr(norm, "bias", None)
+    out_norm = norm.weight.numel() ** 0.5 * norm.weight.abs().max().item()
+    out_norm += 0.0 if bias is None else bias.norm().item()
+    return hf.lm_head.weight.norm(dim=-1).max().item() * out_norm
 
 
 def kl_floor32(max_logit: float) -> float:

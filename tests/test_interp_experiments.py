@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import EPS32, float32_tol, gpt2_logit_bound, kl_floor32
+from conftest import EPS32, float32_tol, kl_floor32, logit_bound
 from random_sae import random_sae
 
 from perturb_lens import load_model, run_experiment
@@ -79,7 +79,7 @@ def assert_floor_at_zero(df: pd.DataFrame, gpt2_dir: Path, *reads: torch.Tensor)
     from transformers import GPT2LMHeadModel
 
     zero = df[df.length == 0]
-    max_logit = gpt2_logit_bound(GPT2LMHeadModel.from_pretrained(gpt2_dir))
+    max_logit = logit_bound(GPT2LMHeadModel.from_pretrained(gpt2_dir))
     assert zero["l2"].abs().max() <= float32_tol(torch.cat([r.norm(dim=-1) for r in reads]), 3, 64)
     assert zero["kl"].abs().max() <= kl_floor32(max_logit)
 
@@ -161,7 +161,7 @@ def test_plateaus_real_base_is_the_plain_sweep(tmp_path, gpt2_dir, model, tokens
 
     largest = hf_last_read(gpt2_dir, tokens).norm(dim=-1).max() + plain["l2"].max()
     l2_atol = 2 * float32_tol(largest, 3, 64)
-    max_logit = gpt2_logit_bound(GPT2LMHeadModel.from_pretrained(gpt2_dir))
+    max_logit = logit_bound(GPT2LMHeadModel.from_pretrained(gpt2_dir))
     np.testing.assert_allclose(real["l2"], plain["l2"], rtol=0, atol=l2_atol)
     np.testing.assert_allclose(
         real["kl"], plain["kl"], rtol=0, atol=4 * 192**0.5 * EPS32 * max_logit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import float32_tol
+from conftest import EPS32, float32_tol
 
 from perturb_lens import run_experiment
 from perturb_lens.directions import (
@@ -25,8 +25,9 @@ def _ctx(n: int = 5, d: int = 8) -> DirectionContext:
 def test_raw_scale_keeps_the_vector_and_unit_normalises() -> None:
     ctx = _ctx()
     ablation = scaled_directions("ablation", ctx, "raw")
-    torch.testing.assert_close(ablation, -ctx.x)
+    torch.testing.assert_close(ablation, -ctx.x)  # exact: negation does not round
     unit = scaled_directions("ablation", ctx, "unit")
+    # float32 normalisation of 8 terms and a float32 norm: 2 (8 / 2 + 4) eps = 1.9e-6 < 1e-5
     torch.testing.assert_close(unit.norm(dim=-1), torch.ones(5))
 
 
@@ -36,7 +37,11 @@ def test_registered_scale_multiplies_unit_rows() -> None:
         return torch.arange(1, ctx.x.shape[0] + 1, dtype=torch.float64)
 
     out = scaled_directions("isotropic", _ctx(), "test-row-index")
-    torch.testing.assert_close(out.norm(dim=-1).double(), torch.arange(1, 6).double())
+    # float32 unit rows of 8 terms times k, normed in float64: (8 / 2 + 4) eps relative
+    # (float64's default 1e-7 would be under a float32 rounding)
+    torch.testing.assert_close(
+        out.double().norm(dim=-1), torch.arange(1, 6).double(), rtol=8 * EPS32, atol=0
+    )
     assert "test-row-index" in list_scales()
 
 
@@ -124,4 +129,5 @@ def test_unit_directions_under_last_position_have_no_size_column(gpt2_dir) -> No
     dirs[:, -1, 0] = 1.0
     assert "size" not in measure(model, clean, {"e0": dirs}, spec).columns
     dirs[:, -1, 0] = 3.0
-    np.testing.assert_allclose(measure(model, clean, {"e0": dirs}, spec)["size"], [0, 6] * 2)
+    sizes = measure(model, clean, {"e0": dirs}, spec)["size"]
+    np.testing.assert_allclose(sizes, [0, 6] * 2)  # exact: 2 * |3 e0| rounds nowhere

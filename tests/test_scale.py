@@ -129,5 +129,5 @@ def test_unit_directions_under_last_position_have_no_size_column(gpt2_dir) -> No
     dirs[:, -1, 0] = 1.0
     assert "size" not in measure(model, clean, {"e0": dirs}, spec).columns
     dirs[:, -1, 0] = 3.0
-    sizes = measure(model, clean, {"e0": dirs}, spec)["size"]
-    np.testing.assert_allclose(sizes, [0, 6] * 2)  # exact: 2 * |3 e0| rounds nowhere
+    # exact: 2 * |3 e0| rounds nowhere
+    np.testing.assert_allclose(measure(model, clean, {"e0": dirs}, spec)["size"], [0, 6] * 2)

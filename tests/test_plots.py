@@ -162,6 +162,7 @@ def test_plotted_curves_equal_the_analysis(run_dir: Path, plots: dict[str, Plot]
         ]
         assert bands  # the 95 % bootstrap intervals are drawn
         ys = np.concatenate([b.get_paths()[0].vertices[:, 1] for b in bands])
+        # the drawn vertices are these float64 numbers (exact); 1e-9 is slack only
         assert ys.min() >= cv["ci_low"].min() - 1e-9 and ys.max() <= cv["ci_high"].max() + 1e-9
     fig1 = {label for label in _lines(plots["fig1_kl"])}
     assert fig1 == {d for names in FIG1_PANELS.values() for d in names}

@@ -182,6 +182,24 @@ def assert_close32(got: torch.Tensor, ref: torch.Tensor, n_layers: int = 4, d: i
     )
 
 
+def logit_bound(hf) -> float:
+    """An upper bound on |logit| of transformers' GPT-2 or Llama ``hf`` for any input: the final
+    LayerNorm / RMSNorm output has norm <= sqrt(d) max|gamma| + |beta| (its normalised input has
+    norm <= sqrt(d)) and a logit is its dot product with an unembedding row (Cauchy-Schwarz)."""
+    norm = hf.transformer.ln_f if hasattr(hf, "transformer") else hf.model.norm
+    bias = getattr(norm, "bias", None)
+    out_norm = norm.weight.numel() ** 0.5 * norm.weight.abs().max().item()
+    out_norm += 0.0 if bias is None else bias.norm().item()
+    return hf.lm_head.weight.norm(dim=-1).max().item() * out_norm
+
+
+def kl_floor32(max_logit: float) -> float:
+    """KL noise floor at alpha = 0 in float32 (see test_engine.alpha_zero_tolerances): the clean
+    and the recomputed logits round alike to first order, leaving the float32 rounding of the
+    logits in the two log-sum-exps, 2 eps max|logit|, doubled for slack."""
+    return 4 * EPS32 * max_logit
+
+
 def llama_in_float64(hf):
     """transformers' Llama ``hf`` (float64 weights) computing wholly in float64: its RMSNorms
     without their float32 cast, SDPA attention (the eager one rounds its softmax to float32)."""

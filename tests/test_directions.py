@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import EPS32
 
 from perturb_lens import directions as D
 from perturb_lens.directions import (
@@ -75,8 +76,13 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_unit_norm_float32(data, name):
     d = make_directions(name, ctx_for(data))
     assert d.shape == (N, DIM) and d.dtype == torch.float32
+    # normalised in float32 at worst: a sum of DIM squares errs by <= (DIM + 1) eps, halved by
+    # the root, plus root, division and rounding: (DIM / 2 + 4) eps = 2.4e-6 (measured 3.0e-8)
     torch.testing.assert_close(
-        d.double().norm(dim=1), torch.ones(N, dtype=torch.float64), atol=1e-5, rtol=0
+        d.double().norm(dim=1),
+        torch.ones(N, dtype=torch.float64),
+        atol=(DIM / 2 + 4) * EPS32,
+        rtol=0,
     )
 
 
@@ -106,11 +112,14 @@ def test_differences_contain_minus_x(data, name):
 def test_ablation_is_minus_x(data):
     x = data[0]
     d = make_directions("ablation", ctx_for(data))
-    torch.testing.assert_close(cos(d, -x), torch.ones(N, dtype=torch.float64), atol=1e-6, rtol=0)
+    # d is -x / |x| rounded per coordinate (relative eps): its cosine with -x moves by <= eps^2
+    # (measured 7.8e-16)
+    torch.testing.assert_close(cos(d, -x), torch.ones(N, dtype=torch.float64), atol=EPS32, rtol=0)
     x0 = x[:5].clone()
     x0[2] = 0
     d0 = make_directions("ablation", DirectionContext(x0, None, None, torch.Generator()))
     assert torch.equal(d0[2], torch.zeros(DIM))  # nothing to ablate: no perturbation
+    # float32 normalisation, then a float32 norm: 2 (DIM / 2 + 4) eps = 4.8e-6 < allclose's 1e-5
     assert torch.allclose(d0[[0, 1, 3, 4]].norm(dim=1), torch.ones(4))
 
 
@@ -178,9 +187,12 @@ def test_same_cosine_target():
         y = same_cosine_target(x, c, ratio, gen).numpy()
         xn = x.numpy()
         got_cos = (xn * y).sum(1) / np.linalg.norm(xn, axis=1) / np.linalg.norm(y, axis=1)
-        np.testing.assert_allclose(got_cos, np.broadcast_to(np.asarray(c), (64,)), atol=1e-5)
+        # float64 throughout: 16-term sums round by ~16 * 2^-53 = 2e-15 (measured 2.2e-16)
+        np.testing.assert_allclose(got_cos, np.broadcast_to(np.asarray(c), (64,)), atol=1e-12)
         got_ratio = np.linalg.norm(y, axis=1) / np.linalg.norm(xn, axis=1)
-        np.testing.assert_allclose(got_ratio, np.broadcast_to(np.asarray(ratio), (64,)), atol=1e-5)
+        np.testing.assert_allclose(
+            got_ratio, np.broadcast_to(np.asarray(ratio), (64,)), rtol=1e-12, atol=0
+        )
     y1 = same_cosine_target(x[0].float(), 0.5, 2.0, gen)  # a single [d] vector, float32 kept
     assert y1.shape == (16,) and y1.dtype == torch.float32
     a = same_cosine_target(x, 0.2, 1.0, torch.Generator().manual_seed(1))
@@ -209,6 +221,7 @@ def test_register_custom_direction(data, monkeypatch):
 
     x, _, stats = data
     d = make_directions("mean-ablation", ctx_for(data))
+    # d: mu - x normalised and rounded to float32 per coordinate: cosine 1 - O(eps^2)
     torch.testing.assert_close(cos(d, stats.mean - x.double()), torch.ones(N, dtype=torch.float64))
     assert "mean-ablation" in [i.name for i in list_directions()]
     with pytest.raises(ValueError, match="overwrite=True"):
@@ -222,6 +235,8 @@ def test_register_custom_direction(data, monkeypatch):
 def test_explicit_directions(data):
     v = torch.arange(DIM, dtype=torch.float32) + 1
     d = make_directions(explicit_directions(v), ctx_for(data))
+    # the same float32 formula; another summation order moves it by <= (DIM / 2 + 2) eps = 2e-6,
+    # inside torch's float32 defaults (atol 1e-5) for entries <= 1
     torch.testing.assert_close(d, (v / v.norm()).expand(N, DIM))
     per_token = torch.randn(N, DIM) * 7
     d = make_directions(explicit_directions(per_token), ctx_for(data))

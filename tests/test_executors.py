@@ -95,4 +95,6 @@ def test_shard_by_direction_gives_the_same_rows(
         df = load_results(run).astype({"direction": str})
         return df.sort_values(["seq", "pos", "direction", "length"]).reset_index(drop=True)
 
-    pd.testing.assert_frame_equal(rows(run_dir), rows(shard_reference))  # same seeds, same bits
+    # same seeds, same bits: measure() runs each direction in its own passes, so a shard of one
+    # direction computes exactly what the full shard computed for it
+    pd.testing.assert_frame_equal(rows(run_dir), rows(shard_reference), check_exact=True)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import EPS32, float32_tol, kl_floor32, logit_bound
 from random_sae import random_sae
 
 from perturb_lens import load_model, run_experiment
@@ -66,6 +67,24 @@ def hf_last_read(gpt2_dir: Path, tokens: torch.Tensor, x_last: torch.Tensor | No
     return seen[0].double()
 
 
+def l2_tol(*reads: torch.Tensor) -> float:
+    """L2 distance of two float32 reads of this GPT-2 (3 blocks of width 64 after HOOK) against
+    the same from HF: each read errs by float32_tol in norm (8 sqrt(3 * 64) eps = 1.3e-5 of the
+    largest read norm), the distance by twice that."""
+    return 2 * float32_tol(torch.cat([r.norm(dim=-1) for r in reads]), 3, 64)
+
+
+def assert_floor_at_zero(df: pd.DataFrame, gpt2_dir: Path, *reads: torch.Tensor) -> None:
+    """Length 0 is the float32 noise floor: L2 of two float32 computations of one read
+    (float32_tol of the read norms, 1.3e-5 |read|), KL 4 eps max|logit| (kl_floor32)."""
+    from transformers import GPT2LMHeadModel
+
+    zero = df[df.length == 0]
+    max_logit = logit_bound(GPT2LMHeadModel.from_pretrained(gpt2_dir))
+    assert zero["l2"].abs().max() <= float32_tol(torch.cat([r.norm(dim=-1) for r in reads]), 3, 64)
+    assert zero["kl"].abs().max() <= kl_floor32(max_logit)
+
+
 def base_config(gpt2_dir: Path, **over) -> dict:
     cfg = {
         "model": str(gpt2_dir),
@@ -96,7 +115,8 @@ def test_synthetic_activation_targets(tmp_path, gpt2_dir, model, tokens, sae_dir
     )
     df = load_results(run_experiment(cfg, tmp_path / "r", model=model, tokens=tokens))
     assert set(df["pos"]) == {9} and len(df) == 6 * 6 * 11
-    assert np.abs(df.loc[df.length == 0, ["l2", "kl"]].to_numpy()).max() < 1e-4
+    # at length 0 every row reads the clean x (measured: L2 1.5e-6 vs 6e-5, KL 3e-8 vs 2.7e-6)
+    assert_floor_at_zero(df, gpt2_dir, hf_last_read(gpt2_dir, tokens))
     stats = curve_statistics(df, "l2")
     assert len(stats) == 36 and stats["max_slope_step"].between(1, 10).all()
     table = ks_vs_reference(stats, reference="real")
@@ -109,14 +129,18 @@ def test_synthetic_activation_targets(tmp_path, gpt2_dir, model, tokens, sae_dir
     d = shard_directions(ctx, "s00000", clean.x)["structured"][:, -1].double()
     y = clean.x[:, -1].double() + d
     pool_norms = ctx.pool.double().norm(dim=-1).numpy()
-    for n in y.norm(dim=-1).numpy():
-        assert np.isclose(pool_norms, n, rtol=1e-5).any()
-    naive = (hf_last_read(gpt2_dir, tokens[:4], y) - hf_last_read(gpt2_dir, tokens[:4])).norm(
-        dim=-1
-    )
+    x_norms = clean.x[:, -1].double().norm(dim=-1).numpy()
+    for n, xn in zip(y.norm(dim=-1).numpy(), x_norms, strict=True):
+        # the target is rescaled in float64 and rounded to float32 (eps / 2 of |y|), d = y - x
+        # rounded once more (eps / 2 of |y| + |x|): ~3 eps relative (measured 1.5e-8)
+        assert np.isclose(pool_norms, n, rtol=EPS32 * (2 + xn / n), atol=0).any()
+    read_y, read_x = hf_last_read(gpt2_dir, tokens[:4], y), hf_last_read(gpt2_dir, tokens[:4])
+    naive = (read_y - read_x).norm(dim=-1)
     got = df[(df.direction == "structured") & (df.length == 1.0) & (df.seq < 4)].sort_values("seq")
-    np.testing.assert_allclose(got["l2"], naive.numpy(), rtol=1e-3)
-    np.testing.assert_allclose(got["size"], d.norm(dim=-1).numpy(), rtol=1e-4)
+    # l2_tol: 1.1e-4 here (measured 4.8e-7)
+    np.testing.assert_allclose(got["l2"], naive.numpy(), rtol=0, atol=l2_tol(read_y, read_x))
+    # the same float32 vector's norm, in float32 vs float64: <= 64 eps = 7.6e-6 (measured 2.9e-8)
+    np.testing.assert_allclose(got["size"], d.norm(dim=-1).numpy(), rtol=64 * EPS32)
 
 
 def test_plateaus_real_base_is_the_plain_sweep(tmp_path, gpt2_dir, model, tokens, sae_dir):
@@ -129,19 +153,39 @@ def test_plateaus_real_base_is_the_plain_sweep(tmp_path, gpt2_dir, model, tokens
     df = load_results(out)
     assert set(df["base"]) == {"real", "synthetic", "cov-random"}
     real = df[df.base == "real"].drop(columns="base").reset_index(drop=True)
-    cols = ["seq", "pos", "length", "l2", "kl"]
-    pd.testing.assert_frame_equal(real[cols], plain[cols], check_dtype=False, atol=1e-5)
-    assert np.abs(df.loc[df.length == 0, ["l2", "kl"]].to_numpy()).max() < 1e-4
-    # around the synthetic base: the distance between HF outputs at base + 8 u and at the base
+    cols = ["seq", "pos", "length"]
+    pd.testing.assert_frame_equal(real[cols], plain[cols], check_dtype=False)
+    # two runs computing the same rows in other batches (kernels may sum in another order). L2:
+    # l2_tol with |perturbed read| <= |clean read| + l2 (triangle inequality). KL: a logit errs
+    # by sqrt(3 * 64) eps max|logit|, KL by 2 such per distribution (test_engine's
+    # float32_tolerances): 4 sqrt(192) eps 5.7 = 3.8e-5 (measured L2 9.5e-7, KL 7.5e-8)
+    from transformers import GPT2LMHeadModel
+
+    largest = hf_last_read(gpt2_dir, tokens).norm(dim=-1).max() + plain["l2"].max()
+    l2_atol = 2 * float32_tol(largest, 3, 64)
+    max_logit = logit_bound(GPT2LMHeadModel.from_pretrained(gpt2_dir))
+    np.testing.assert_allclose(real["l2"], plain["l2"], rtol=0, atol=l2_atol)
+    np.testing.assert_allclose(
+        real["kl"], plain["kl"], rtol=0, atol=4 * 192**0.5 * EPS32 * max_logit
+    )
     ctx = prepare(validate_config(cfg), out, model=model)
     clean = model.run_clean(tokens[:4], HOOK)
+    bases = [  # every base of both shards (4 + 2 sequences), for the norms of their reads
+        hf_last_read(gpt2_dir, tokens[s], b)
+        for sid, s in (("s00000", slice(0, 4)), ("s00001", slice(4, 6)))
+        for b in base_points(ctx, sid, model.run_clean(tokens[s], HOOK).x).values()
+    ]
+    # measured: L2 1.5e-6 vs 1.2e-4, KL 3.2e-8 vs 2.7e-6
+    assert_floor_at_zero(df, gpt2_dir, *bases)
+    # around the synthetic base: the distance between HF outputs at base + 8 u and at the base
     base = base_points(ctx, "s00000", clean.x)["synthetic"].double()
     u = shard_directions(ctx, "s00000", clean.x)["isotropic"][:, -1].double()
-    naive = hf_last_read(gpt2_dir, tokens[:4], base + 8 * u) - hf_last_read(
-        gpt2_dir, tokens[:4], base
-    )
+    read_u = hf_last_read(gpt2_dir, tokens[:4], base + 8 * u)
+    read_b = hf_last_read(gpt2_dir, tokens[:4], base)
     got = df[(df.base == "synthetic") & (df.length == 8) & (df.seq < 4)].sort_values("seq")
-    np.testing.assert_allclose(got["l2"], naive.norm(dim=-1).numpy(), rtol=1e-3)
+    # l2_tol: 2.4e-4 here (measured 5.5e-7)
+    atol = l2_tol(read_u, read_b)
+    np.testing.assert_allclose(got["l2"], (read_u - read_b).norm(dim=-1).numpy(), rtol=0, atol=atol)
     stats = curve_statistics(df)
     assert len(stats) == 6 * 3 and {"plateau_length", "base"} <= set(stats.columns)
 
@@ -156,8 +200,10 @@ def test_stable_regions_end_point_is_prompt_b(tmp_path, gpt2_dir, llama_dir, mod
     np.testing.assert_array_equal(end["token_b"], np.roll(tokens[:, -1].numpy(), -1))
     tokens_b = tokens.clone()
     tokens_b[:, -1] = torch.as_tensor(end["token_b"].to_numpy().copy())
-    naive = (hf_last_read(gpt2_dir, tokens_b) - hf_last_read(gpt2_dir, tokens)).norm(dim=-1)
-    np.testing.assert_allclose(end["l2"], naive.numpy(), rtol=1e-3)
+    read_b, read_a = hf_last_read(gpt2_dir, tokens_b), hf_last_read(gpt2_dir, tokens)
+    naive = (read_b - read_a).norm(dim=-1)
+    # l2_tol: 1.2e-4 here (measured 5.6e-7)
+    np.testing.assert_allclose(end["l2"], naive.numpy(), rtol=0, atol=l2_tol(read_b, read_a))
     assert len(stats) == 12 and stats["sharpness"].between(0, 1).all()
     q = sharpness_quantiles(stats)
     assert list(q.columns) == ["model", "n", "q25", "median", "q75", "mean"]

@@ -48,7 +48,10 @@ def test_chan_merge_equals_one_shot_float64_with_large_mean():
     ref = data.astype(np.float64)
     ref_mean, ref_cov = ref.mean(0), np.cov(ref, rowvar=False)  # ddof=1, like torch.cov
     assert stats.n_tokens == 5000
+    # float64 throughout: 5,000 values near 1000 sum to <= 5000 * 2^-53 = 5.6e-13 relative
     np.testing.assert_allclose(stats.mean.numpy(), ref_mean, rtol=1e-12)
+    # the covariance cancels the mean: rounding ~ 2^-53 mean^2 = 1.1e-10 per product, against a
+    # covariance scale ~2; 1e-9 of it leaves a factor ~20
     scale = np.abs(ref_cov).max()
     assert np.abs(stats.cov.numpy() - ref_cov).max() < 1e-9 * scale
     torch.testing.assert_close(stats.cov, torch.cov(torch.from_numpy(ref).T), rtol=1e-9, atol=0)
@@ -74,6 +77,7 @@ def test_fit_reproduces_closed_form_gaussian_and_samples_match():
     # chol is the factor of cov + jitter * I (the published 0.01)
     assert stats.jitter == 0.01
     target = stats.cov + 0.01 * torch.eye(d, dtype=torch.float64)
+    # float64 Cholesky of an 8 x 8 matrix of order 1: backward error ~ 8 * 2^-53 = 9e-16
     torch.testing.assert_close(stats.chol @ stats.chol.T, target, rtol=1e-12, atol=1e-12)
     assert torch.equal(stats.chol, torch.tril(stats.chol))
 
@@ -94,6 +98,7 @@ def test_exclude_first_position():
     kept = fit_stats([t], exclude_first_position=True)
     everything = fit_stats([t], exclude_first_position=False)
     assert kept.n_tokens == 24 and everything.n_tokens == 30
+    # float64 (as test_chan_merge_equals_one_shot_float64_with_large_mean; mean 100: cov to 1e-10)
     np.testing.assert_allclose(kept.mean.numpy(), acts[:, 1:].reshape(-1, 4).mean(0), rtol=1e-12)
     np.testing.assert_allclose(everything.mean.numpy(), acts.reshape(-1, 4).mean(0), rtol=1e-12)
     np.testing.assert_allclose(

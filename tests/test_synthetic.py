@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import EPS32, float32_tol
 from random_sae import random_sae
 from scipy.stats import ks_2samp
 
@@ -13,6 +14,10 @@ from perturb_lens.saes.sae import SAE
 from perturb_lens.saes.synthetic import LatentStats, synthesize
 
 D_IN, D_SAE = 32, 128
+# A float32 vector rescaled to a norm, that norm taken in float64: the float32 sum of D_IN squares
+# errs by <= (D_IN + 1) eps (any summation order), halved by the square root, plus the root, the
+# division and the product: (D_IN / 2 + 4) eps = 20 eps = 2.4e-6 relative.
+NORM_RTOL = (D_IN / 2 + 4) * EPS32
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,12 @@ def test_fixed_l0_distinct_latents_and_real_magnitudes(sae, lstats, kind) -> Non
         for j, mj in zip(idx, m, strict=True):
             assert mj in acts[:, j].data  # drawn from the latent's own real activations
         expected = sae.b_dec.double() + torch.from_numpy(m) @ sae.W_dec.double()[idx]
-        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+        # float32 sum of b_dec and 6 rounded products: <= 8 eps of the sum of their magnitudes
+        # (measured 4.6e-7, bound ~1e-5)
+        mags = (
+            sae.b_dec.double().abs() + torch.from_numpy(np.abs(m)) @ sae.W_dec.double()[idx].abs()
+        )
+        assert ((y.double() - expected).abs() <= 8 * EPS32 * mags).all()
 
 
 def test_real_l0_distribution(sae, lstats) -> None:
@@ -85,10 +95,13 @@ def test_cosine_bounds(sae, lstats) -> None:
 
 def test_norm_controls(sae, lstats) -> None:
     syn = synthesize(sae, lstats, 60, norm="real", rng=np.random.default_rng(4))
-    np.testing.assert_allclose(syn.y.double().norm(dim=-1).numpy(), syn.target_norms, rtol=1e-5)
+    # measured 2.7e-8
+    np.testing.assert_allclose(
+        syn.y.double().norm(dim=-1).numpy(), syn.target_norms, rtol=NORM_RTOL
+    )
     assert np.isin(syn.target_norms, lstats.norms).all()
     syn = synthesize(sae, lstats, 20, kind="structured", norm=7.5, rng=np.random.default_rng(5))
-    np.testing.assert_allclose(syn.y.norm(dim=-1).numpy(), 7.5, rtol=1e-5)
+    np.testing.assert_allclose(syn.y.double().norm(dim=-1).numpy(), 7.5, rtol=NORM_RTOL)
 
 
 def test_structured_latents_co_occur(sae, lstats) -> None:
@@ -105,17 +118,28 @@ def test_direction_generators(sae, pool) -> None:
         return DirectionContext(x=x, stats=None, pool=pool, generator=gen, options=options, sae=sae)
 
     d = scaled_directions("synthetic", ctx(kind="structured", norm=5.0), "raw")
-    np.testing.assert_allclose((x + d).norm(dim=-1).numpy(), 5.0, rtol=1e-5)
+    # y rescaled to 5 (NORM_RTOL), d = y - x and x + d rounded in float32: 2 eps (|x| + |y|) more
+    # (measured 0)
+    rtol = NORM_RTOL + 2 * EPS32 * (x.norm(dim=-1).max().item() + 5.0) / 5.0
+    np.testing.assert_allclose((x.double() + d.double()).norm(dim=-1).numpy(), 5.0, rtol=rtol)
     unit = scaled_directions("synthetic", ctx(kind="bag"), "unit")
-    np.testing.assert_allclose(unit.norm(dim=-1).numpy(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(unit.double().norm(dim=-1).numpy(), 1.0, rtol=NORM_RTOL)
     y = x + scaled_directions("sae-latent", ctx(norm=3.0), "raw")  # b_dec + m W_dec[j]
     rel = (y.double() - sae.b_dec.double()) @ sae.decoder_directions().double().T
     rel = rel / (y.double() - sae.b_dec.double()).norm(dim=-1, keepdim=True)
-    assert torch.allclose(rel.abs().max(-1).values, torch.ones(16, dtype=torch.float64))
+    # cosine with the latent's decoder row: d = y - x and x + d rounded in float32 move y - b_dec
+    # by <= 2 eps (|x| + |y|) in norm, a cosine by <= 2 |shift| / |y - b_dec| (measured 1.1e-8)
+    off = 2 * EPS32 * (x.norm(dim=-1) + y.norm(dim=-1)).double()
+    off = off / (y.double() - sae.b_dec.double()).norm(dim=-1)
+    assert ((rel.abs().max(-1).values - 1).abs() <= 2 * off).all()
     y = x + scaled_directions("sae-reconstruction", ctx(), "raw")
     recon = sae(pool)
     dist = torch.cdist(y, recon, compute_mode="donot_use_mm_for_euclid_dist").min(-1).values
-    assert dist.max() < 1e-4
+    # y = x + (SAE(p) - x) rounded in float32: 2 eps (|x| + |SAE(p)|) in norm, plus SAE(p)
+    # computed in another batch (float32_tol: encoder and decoder over D_SAE terms); 1.5e-4 here
+    # (measured 1.5e-6)
+    round_off = 2 * EPS32 * (x.norm(dim=-1).max() + recon.norm(dim=-1).max()).item()
+    assert dist.max() <= round_off + float32_tol(recon.detach().norm(dim=-1), 2, D_SAE)
     with pytest.raises(ValueError, match="needs an SAE"):
         scaled_directions(
             "synthetic", DirectionContext(x=x, stats=None, pool=pool, generator=gen), "raw"

@@ -231,9 +231,8 @@ def test_e2e_checkpoint_with_several_saes_needs_a_hook(tmp_path: Path) -> None:
 def test_training_recovers_a_known_dictionary(tmp_path: Path, spec: dict) -> None:
     """Activations made from 48 unit features (about 3 active per token, magnitudes 1-2):
     >= 90% of the true features have a decoder row at cosine >= 0.9."""
-    from perturb_lens.saes.train import SAETrainConfig, train_sae
-
     from perturb_lens.executors.compute import torch_threads
+    from perturb_lens.saes.train import SAETrainConfig, train_sae
 
     g = torch.Generator().manual_seed(0)
     d, n_feat, n = 32, 48, 8192

@@ -495,3 +495,30 @@ def test_runs_it_cannot_judge_are_refused(tmp_path: Path) -> None:
     (tmp_path / "nothing").mkdir()
     with pytest.raises(FileNotFoundError, match="not a perturb-lens run directory"):
         verdicts(tmp_path / "nothing")
+
+
+def test_cli_prints_verdicts(tmp_path: Path, shard_config: dict) -> None:
+    """``perturb-lens run`` ends with the verdicts that apply (here none of the published ones);
+    ``perturb-lens verdicts`` tests a claim given on the command line; a folder without a run is
+    refused with exit 1 and no traceback."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from perturb_lens.cli import app
+
+    cli, wide = CliRunner(), {"COLUMNS": "200"}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({**shard_config, "directions": ["isotropic", "real-mixture"]}))
+    run = tmp_path / "run"
+    res = cli.invoke(app, ["run", str(path), "--out", str(run), "-q"], env=wide)
+    assert res.exit_code == 0, res.output
+    assert "Verdicts (kl): no published claim applies to these directions" in res.output
+    res = cli.invoke(app, ["verdicts", str(run), "-c", "real-mixture > isotropic"], env=wide)
+    assert res.exit_code == 0, res.output
+    assert "Verdicts (kl, 95% CI, sequences resampled)" in res.output
+    assert "real-mixture > isotropic" in res.output
+    assert "fewer than 10 sequences pair" in res.output  # 8 sequences: left inconclusive
+    (tmp_path / "empty").mkdir()
+    res = cli.invoke(app, ["verdicts", str(tmp_path / "empty")], env=wide)
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "Error:" in res.output

@@ -165,12 +165,30 @@ def run(
     tables = get_experiment(cfg.experiment).tables
     for title, t in (tables(rows, cfg) if tables is not None else {}).items():
         _print_frame(t.set_index([c for c in ("base", "direction") if c in t.columns]), title)
+    if cfg.experiment not in NO_VERDICTS:
+        _print_verdicts(run_dir, [m for m in ("kl", "l2") if m in cfg.metrics][:1] or ["kl"])
     if n_bad := nonfinite_rows(run_dir):
         Console().print(
             f"Non-finite rows (NaN/inf): {n_bad}, flagged in column 'nonfinite' and left out of "
             "the means above"
         )
     Console().print(f"Results: [bold]{run_dir}[/bold]  (load with perturb_lens.load_results)")
+
+
+NO_VERDICTS = ("plateaus", "stable-regions")  # per-base curves: no directions to compare
+
+
+def _print_verdicts(run_dir: Any, metrics: list[str], claims: list[str] | None = None) -> None:
+    """The verdict table of each metric (nothing when no claim applies to the run's directions)."""
+    from perturb_lens.results.verdicts import verdict_table, verdicts
+
+    for metric in metrics:
+        with user_errors():
+            table = verdicts(run_dir, claims or None, metric=metric)
+        if len(table):
+            Console().print(verdict_table(table))
+        elif claims is None:
+            Console().print(f"Verdicts ({metric}): no published claim applies to these directions")
 
 
 def _print_frame(df: Any, title: str) -> None:
@@ -224,6 +242,24 @@ def compare(
     with user_errors():
         path = write_comparison(run_dirs, out, metric=metric, formats=_formats(fmt))
     Console().print(f"Comparison: [bold]{path}[/bold]")
+
+
+@app.command(name="verdicts")
+def verdicts_command(
+    run_dir: Annotated[str, typer.Argument(help="Run directory, or a suite folder of runs.")],
+    metric: Annotated[
+        list[str] | None, typer.Option("--metric", "-m", help="Metric(s) to test (default kl).")
+    ] = None,
+    claim: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--claim", "-c", help='A claim to test instead, e.g. "real-mixture > isotropic".'
+        ),
+    ] = None,
+) -> None:
+    """Test the published claims that apply to a run (paired 95% CIs, sequences resampled):
+    per claim the lengths where it holds, is reversed or cannot be told, and one verdict word."""
+    _print_verdicts(run_dir, metric or ["kl"], claim)
 
 
 if __name__ == "__main__":

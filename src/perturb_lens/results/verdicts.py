@@ -549,9 +549,11 @@ def verdict_table(table: pd.DataFrame, title: str | None = None) -> Any:
     metric = table["metric"].iloc[0] if len(table) else ""
     out = Table(title=title or f"Verdicts ({metric}, 95% CI, sequences resampled)")
     rows = verdict_rows(table)
+    # narrow terminals: every column wraps, but the claim and the verdict word stay readable
+    min_width = {"claim": 20, "verdict": len("inconclusive")}
     for col in rows[0] if rows else ["claim", "verdict"]:
         right = col in ("ratio a/b", "seqs")
-        out.add_column(col, justify="right" if right else "left", no_wrap=col != "claim")
+        out.add_column(col, justify="right" if right else "left", min_width=min_width.get(col))
     for r in rows:
         out.add_row(*r.values())
     notes = _notes(table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -170,7 +171,21 @@ def run(
             f"Non-finite rows (NaN/inf): {n_bad}, flagged in column 'nonfinite' and left out of "
             "the means above"
         )
+    _print_fit(run_dir)
     Console().print(f"Results: [bold]{run_dir}[/bold]  (load with perturb_lens.load_results)")
+
+
+def _print_fit(run_dir: Path) -> None:
+    """The statistics' fit size; below 10 x d_model samples, a loud warning saying the fix."""
+    from perturb_lens.results.verdicts import stats_fit
+    from perturb_lens.stats import fit_size_warning
+
+    if (fit := stats_fit(run_dir)) is None:
+        return
+    n, d = fit
+    Console().print(f"Statistics fitted on {n:,} samples ({n / d:.3g} x d_model = {d})")
+    if warning := fit_size_warning(n, d):
+        Console(stderr=True).print(f"[bold red]WARNING[/bold red]: {warning}")
 
 
 def _print_frame(df: Any, title: str) -> None:

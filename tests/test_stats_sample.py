@@ -161,3 +161,18 @@ def test_cli_and_report_warn_on_a_small_fit(
     page = write_report(run_dir).read_text()
     assert f"{n} samples" in page
     assert ('class="warning"' in page and "stats.n_tokens=1280" in page) == small
+
+
+def test_fit_runs_the_prefix_only(
+    gpt2_dir: Path, text_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fitting calls run_to_hook only: no suffix, no logits (each raises here)."""
+    from perturb_lens.runner import fit_run_stats
+
+    model = load_model(str(gpt2_dir), device="cpu")
+    for name in ("run_clean", "continue_all", "continue_at", "unembed", "logits"):
+        monkeypatch.setattr(model, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} called"))
+    cfg = validate_config(_config(gpt2_dir, text_file, n_seqs=6))
+    fit = stats_tokens(cfg, model, dataset_tokens(cfg.data, model, progress=False))
+    stats, _ = fit_run_stats(cfg, model, fit, progress=False)
+    assert stats.n_tokens == 6 * 15

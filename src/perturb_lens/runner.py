@@ -247,7 +247,6 @@ def prepare(
     given = tokens is not None
     if tokens is None:
         tokens = dataset_tokens(cfg.data, model, progress=progress)
-    fit_tokens = None
     stats_files = None
     if stats is None:
         fit_tokens = stats_tokens(cfg, model, tokens, given=given, progress=progress)
@@ -269,9 +268,9 @@ def prepare(
     if sae is not None and any(d.name == "sae-feature" for d in cfg.directions):
         from perturb_lens.saes.directions import cached_alive
 
-        if fit_tokens is None:
-            fit_tokens = stats_tokens(cfg, model, tokens, given=given, progress=progress)
-        sae.alive = cached_alive(sae, model, fit_tokens, run_dir, progress=progress)
+        # over the measured tokens, which workers are shipped too (the fit sample is the driver's)
+        n_stats = min(cfg.stats.n_seqs or tokens.shape[0], tokens.shape[0])
+        sae.alive = cached_alive(sae, model, tokens[:n_stats], run_dir, progress=progress)
     return RunContext(cfg, model, tokens, stats, pool, plan, dict(explicit or {}), sae, stats_files)
 
 

@@ -10,6 +10,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -236,13 +237,26 @@ def _stats_cache(root: Path) -> Path:
     return folder
 
 
-def _token_cache(root: Path) -> Path:
-    (path,) = (root / "tokens").glob("*.safetensors")
-    return path
+def _token_caches(root: Path) -> list[Path]:
+    """Both token cache entries: the measured rows and the statistics' fit sample."""
+    paths = sorted((root / "tokens").glob("*.safetensors"))
+    assert len(paths) == 2, paths
+    return paths
 
 
-CACHE_CASES: dict[str, tuple[Callable[[Path], Path], Damage]] = {
-    **{f"tokens-{how.__name__}": (_token_cache, how) for how in (truncate, garbage, delete)},
+def _each(how: Damage) -> Callable[[list[Path]], None]:
+    def damage(paths: list[Path]) -> None:
+        for path in paths:
+            how(path)
+
+    damage.__name__ = how.__name__
+    return damage
+
+
+CACHE_CASES: dict[str, tuple[Callable[[Path], Any], Callable[[Any], Any]]] = {
+    **{
+        f"tokens-{how.__name__}": (_token_caches, _each(how)) for how in (truncate, garbage, delete)
+    },
     **{
         f"stats-cache-{name.split('.')[0]}-{how.__name__}": (
             lambda root, name=name: _stats_cache(root) / name,

@@ -435,6 +435,7 @@ def test_real_tiny_run(tmp_path: Path, shard_config: dict) -> None:
 
     directions = ["isotropic", "cov-random-mixture", "real-difference", "real-mixture"]
     cfg = {**shard_config, "metrics": ["kl", "l2"], "directions": directions}
+    cfg["stats"] = {**cfg["stats"], "n_seqs": 8}  # fitted on the 8 measured rows only: too few
     run = run_experiment(cfg, tmp_path / "run", progress=False)
     table = verdicts(run, n_boot=500)
     assert table["claim"].tolist() == [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -165,6 +166,7 @@ def run(
     tables = get_experiment(cfg.experiment).tables
     for title, t in (tables(rows, cfg) if tables is not None else {}).items():
         _print_frame(t.set_index([c for c in ("base", "direction") if c in t.columns]), title)
+    _print_fit(run_dir)
     if cfg.experiment not in NO_VERDICTS:
         _print_verdicts(run_dir, [m for m in ("kl", "l2") if m in cfg.metrics][:1] or ["kl"])
     if n_bad := nonfinite_rows(run_dir):
@@ -189,6 +191,19 @@ def _print_verdicts(run_dir: Any, metrics: list[str], claims: list[str] | None =
             Console().print(verdict_table(table))
         elif claims is None:
             Console().print(f"Verdicts ({metric}): no published claim applies to these directions")
+
+
+def _print_fit(run_dir: Path) -> None:
+    """The statistics' fit size; below 10 x d_model samples, a loud warning saying the fix."""
+    from perturb_lens.results.verdicts import stats_fit
+    from perturb_lens.stats import fit_size_warning
+
+    if (fit := stats_fit(run_dir)) is None:
+        return
+    n, d = fit
+    Console().print(f"Statistics fitted on {n:,} samples ({n / d:.3g} x d_model = {d})")
+    if warning := fit_size_warning(n, d):
+        Console(stderr=True).print(f"[bold red]WARNING[/bold red]: {warning}")
 
 
 def _print_frame(df: Any, title: str) -> None:

@@ -166,12 +166,34 @@ class DataConfig(_Strict):
 
 
 class StatsConfig(_Strict):
-    """Activation statistics for the cov-random and real directions."""
+    """Activation statistics for the cov-random and real directions: fitted on their own sample,
+    rows of ``data.seq_len`` tokens (BOS excluded from the fit) from ``source``. From the run's
+    own source, the measured rows are the sample's first rows and the rest is read beyond them."""
 
-    n_seqs: int | None = Field(None, ge=1, description="sequences used for mean/cov; None = all")
+    source: str | None = Field(
+        None, description="text the statistics are fitted on (as data.source); None = data.source"
+    )
+    n_tokens: int | None = Field(
+        None,
+        ge=2,
+        description="non-BOS samples to fit on, rounded up to whole rows; None = at least "
+        "20 x d_model, and at least the measured tokens",
+    )
+    n_seqs: int | None = Field(
+        None, ge=1, description="the fit's size in rows instead of n_tokens (not both)"
+    )
     jitter: float = Field(0.01, ge=0, description="added to the covariance diagonal (published)")
     pool_size: int = Field(65536, ge=2, description="real activations kept for real-* directions")
     batch_seqs: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> StatsConfig:
+        if self.n_tokens is not None and self.n_seqs is not None:
+            raise ValueError(
+                f"stats.n_tokens={self.n_tokens} and stats.n_seqs={self.n_seqs} both size the "
+                "statistics sample: set only one (n_tokens counts non-BOS samples)"
+            )
+        return self
 
 
 class DirectionConfig(BaseModel):

@@ -386,20 +386,34 @@ def dataset_tokens(
 ) -> torch.Tensor:
     """Token rows [n_seqs, seq_len] of a config's ``data`` section for ``model``'s tokenizer (BOS
     first, the tokenizer's EOS between documents; cached by content hash)."""
-    source = default_text_source() if data.source == "default" else data.source
-    tokens = tokenize_dataset(
-        source,
-        model.tokenizer,
-        seq_len=data.seq_len,
-        n_seqs=data.n_seqs,
-        bos_id=model.bos_token_id,
-        sep_id=getattr(model.tokenizer, "eos_token_id", None),
-        text_field=data.text_field,
-        split=data.split,
-        show_progress=progress,
-    )
-    require_sequences(tokens, data.n_seqs, source)
+    tokens = read_rows(data, model, data.source, data.n_seqs, progress=progress)
+    require_sequences(tokens, data.n_seqs, _source_name(data.source))
     return tokens
+
+
+def read_rows(
+    data: DataConfig, model: _HasTokenizer, source: str, n_seqs: int, *, progress: bool = True
+) -> torch.Tensor:
+    """Up to ``n_seqs`` token rows of ``source``, chunked as ``data`` says (seq_len, split, text
+    field). Rows come in stream order, so a shorter read is a prefix of a longer one; a source
+    with fewer rows gives what it has, silently (the caller judges what is enough)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # chunk_tokens' "only N of M sequences"
+        return tokenize_dataset(
+            _source_name(source),
+            model.tokenizer,
+            seq_len=data.seq_len,
+            n_seqs=n_seqs,
+            bos_id=model.bos_token_id,
+            sep_id=getattr(model.tokenizer, "eos_token_id", None),
+            text_field=data.text_field,
+            split=data.split,
+            show_progress=progress,
+        )
+
+
+def _source_name(source: str) -> str:
+    return default_text_source() if source == "default" else source
 
 
 def default_cache_dir() -> Path:

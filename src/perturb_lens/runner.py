@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from perturb_lens import version
 from perturb_lens.config import ExperimentConfig, validate_config
-from perturb_lens.data import dataset_tokens, token_source_hash
+from perturb_lens.data import dataset_tokens, read_rows, token_source_hash
 from perturb_lens.directions import check_scale, get_direction
 from perturb_lens.engine.run import RunContext, shard_ids
 from perturb_lens.engine.sweep import SweepPlan
@@ -57,9 +58,11 @@ from perturb_lens.results.store import (
 )
 from perturb_lens.seeds import derive_seed
 from perturb_lens.stats import (
+    DEFAULT_FIT_PER_DIM,
     ActivationStats,
     PoolSampler,
     StatsFileError,
+    fit_size_warning,
     fit_stats,
     hook_activations,
 )
@@ -87,6 +90,45 @@ def fit_run_stats(
     return stats, pool.sample()
 
 
+def stats_tokens(
+    cfg: ExperimentConfig,
+    model: LensModel,
+    tokens: Tensor,
+    *,
+    given: bool = False,
+    progress: bool = True,
+) -> Tensor:
+    """The token rows the statistics are fitted on (``stats`` section): ``stats.n_seqs`` rows, or
+    enough for ``stats.n_tokens`` non-BOS samples, or by default for max(20 x d_model, the
+    measured) samples. From the run's own source the measured ``tokens`` are the first rows and
+    the rest is read beyond them; from ``stats.source``, rows of that source. ``given`` (tokens
+    handed in, not read from ``data``) with no ``stats.source``: a prefix of ``tokens``."""
+    n, t = tokens.shape
+    if t < 2:
+        raise ValueError("Sequences need at least 2 tokens (BOS + text) to fit statistics.")
+    sc = cfg.stats
+    if sc.n_seqs is not None:
+        rows = sc.n_seqs
+    elif sc.n_tokens is not None:
+        rows = math.ceil(sc.n_tokens / (t - 1))
+    else:
+        rows = max(n, math.ceil(DEFAULT_FIT_PER_DIM * model.spec.d_model / (t - 1)))
+    if sc.source is None and (given or rows <= n):
+        return tokens[:rows]
+    source = cfg.data.source if sc.source is None else sc.source
+    out = read_rows(cfg.data, model, source, rows, progress=progress)
+    if out.shape[0] < rows:
+        log.warning(
+            "The statistics source %s has %d rows of %d tokens, fewer than the %d asked for: "
+            "fitting on those",
+            source,
+            out.shape[0],
+            t,
+            rows,
+        )
+    return out
+
+
 def _cached_stats(
     cfg: ExperimentConfig,
     model: LensModel,
@@ -95,15 +137,15 @@ def _cached_stats(
     progress: bool,
 ) -> tuple[ActivationStats, Tensor, Path]:
     """Statistics, pool and the folder of their files: the run dir's if they match the sha256 its
-    manifest recorded, else the shared cache (keyed by the model's weights, the tokens and the
-    settings), else fitted into it. Damaged cache files are refitted."""
-    n_stats = min(cfg.stats.n_seqs or tokens.shape[0], tokens.shape[0])
+    manifest recorded, else the shared cache (keyed by the model's weights, the fit sample's
+    tokens and the settings), else fitted on ``tokens`` (the fit sample) into it. Damaged cache
+    files are refitted."""
     key = derive_seed(
         model_fingerprint(model),
         model.frame,
         cfg.dtype,
         cfg.hook,
-        token_source_hash(tokens[:n_stats]),
+        token_source_hash(tokens),
         cfg.stats.jitter,
         cfg.stats.pool_size,
         cfg.seed,
@@ -116,7 +158,7 @@ def _cached_stats(
             return *load_stats(cache), cache
         except (StatsFileError, FileNotFoundError) as e:
             log.warning("Ignoring unreadable statistics cache %s (%s); fitting again", cache, e)
-    stats, pool = fit_run_stats(cfg, model, tokens[:n_stats], progress)
+    stats, pool = fit_run_stats(cfg, model, tokens, progress)
     cache.mkdir(parents=True, exist_ok=True)
     save_stats(cache, stats, pool)
     return stats, pool, cache
@@ -202,11 +244,15 @@ def prepare(
         check_scale(d.scale)
     _check_context(tokens.shape[1] if tokens is not None else cfg.data.seq_len, model)
     sae = _run_sae(cfg, model, sae)  # a mismatched SAE fails here, before any work
+    given = tokens is not None
     if tokens is None:
         tokens = dataset_tokens(cfg.data, model, progress=progress)
     stats_files = None
     if stats is None:
-        *stats, stats_files = _cached_stats(cfg, model, tokens, run_dir, progress)
+        fit_tokens = stats_tokens(cfg, model, tokens, given=given, progress=progress)
+        *stats, stats_files = _cached_stats(cfg, model, fit_tokens, run_dir, progress)
+        if warning := fit_size_warning(stats[0].n_tokens, stats[0].d_model):
+            log.warning(warning)
     stats, pool = stats
     scale = stats.median_norm if cfg.relative_lengths else 1.0
     plan = SweepPlan(
@@ -222,6 +268,7 @@ def prepare(
     if sae is not None and any(d.name == "sae-feature" for d in cfg.directions):
         from perturb_lens.saes.directions import cached_alive
 
+        # over the measured tokens, which workers are shipped too (the fit sample is the driver's)
         n_stats = min(cfg.stats.n_seqs or tokens.shape[0], tokens.shape[0])
         sae.alive = cached_alive(sae, model, tokens[:n_stats], run_dir, progress=progress)
     return RunContext(cfg, model, tokens, stats, pool, plan, dict(explicit or {}), sae, stats_files)
@@ -269,6 +316,11 @@ def _meta(ctx: RunContext, threads: int, cpu: str) -> dict[str, Any]:
         "seq_len": int(ctx.tokens.shape[1]),
         "seed": cfg.seed,
         "median_norm": ctx.stats.median_norm,
+        "stats": {
+            "n_samples": ctx.stats.n_tokens,  # non-BOS activations the statistics were fitted on
+            "d_model": ctx.stats.d_model,
+            "source": cfg.stats.source or cfg.data.source,
+        },
         "include_bos": cfg.include_bos,
         "drop_last_position": cfg.drop_last_position,
         "explicit_directions": sorted(ctx.explicit),

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 NORM_QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 DEFAULT_JITTER = 0.01  # the published choice: 0.01 added to the covariance diagonal
+DEFAULT_FIT_PER_DIM = 20  # default fit size: 20 x d_model non-BOS samples (see README, issue 13)
+MIN_FIT_PER_DIM = 10  # below 10 x d_model samples the covariance is unreliable: a loud warning
 _FORMAT = "perturb-lens/activation-stats"
 _FORMAT_VERSION = 1
 
@@ -383,3 +385,18 @@ def fit_size(path: str | os.PathLike[str]) -> tuple[int, int]:
         if raw is None:
             raise ValueError(f"{path} is not an activation-stats file (no '{_FORMAT}' metadata)")
         return int(json.loads(raw)["n_tokens"]), int(f.get_slice("mean").get_shape()[0])
+
+
+def fit_size_warning(n_samples: int, d_model: int) -> str | None:
+    """The warning for statistics fitted on fewer than ``MIN_FIT_PER_DIM x d_model`` samples
+    (the covariance of the cov-random directions is then mostly noise), saying how to fix it;
+    None when the fit is large enough."""
+    need = MIN_FIT_PER_DIM * d_model
+    if n_samples >= need:
+        return None
+    return (
+        f"Activation statistics fitted on only {n_samples:,} samples, fewer than "
+        f"{MIN_FIT_PER_DIM} x d_model = {need:,}: the covariance (cov-random directions) is "
+        f"unreliable. Fit on more: stats.n_tokens={DEFAULT_FIT_PER_DIM * d_model} (the default "
+        "when unset), or a bigger source (stats.source=... or more text in data.source)."
+    )

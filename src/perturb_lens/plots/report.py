@@ -48,6 +48,8 @@ from perturb_lens.plots.sets import (
 )
 from perturb_lens.results.analysis import bars, pick_lengths, summary_table, threshold_summary
 from perturb_lens.results.store import MANIFEST, atomic_write, diff_configs
+from perturb_lens.results.verdicts import stats_fit
+from perturb_lens.stats import fit_size_warning
 
 REPORT = "report.html"
 COMPARE = "compare.html"
@@ -64,6 +66,7 @@ a { color: var(--accent); } table { border-collapse: collapse; font-size: .88em;
 th, td { padding: 3px 10px; border-bottom: 1px solid var(--line); text-align: right; }
 th:first-child, td:first-child { text-align: left; } thead th { border-bottom: 2px solid #999; }
 table.facts td:first-child { color: var(--muted); } table.facts td { text-align: left; }
+p.warning { background: #fff3cd; border: 1px solid #d39e00; padding: 8px 12px; border-radius: 6px; }
 figure.plot { margin: 26px 0; padding: 12px 14px; border: 1px solid var(--line);
   border-radius: 8px; } figure.plot svg { max-width: 100%; height: auto; display: block;
   margin: 0 auto; }
@@ -197,6 +200,7 @@ def _run_facts(view: RunView) -> list[tuple[str, Any]]:
         ),
         ("median activation norm", f"{m.get('median_norm', float('nan')):.4g}"),
         ("data", f"{data.get('source')}: {m.get('n_seqs')} × {m.get('seq_len')} tokens"),
+        ("statistics fit", _fit_text(view)),
         (
             "averaging",
             f"BOS {'in' if m.get('include_bos', True) else 'out'}, last position "
@@ -211,6 +215,18 @@ def _run_facts(view: RunView) -> list[tuple[str, Any]]:
             f"perturb-lens {m.get('perturb_lens_version')}, torch {m.get('torch_version')}",
         ),
     ]
+
+
+def _fit_text(view: RunView) -> str:
+    fit = stats_fit(view.run_dir, view.manifest)
+    return "unknown" if fit is None else f"{fit[0]:,} samples ({fit[0] / fit[1]:.3g} × d_model)"
+
+
+def _fit_banner(view: RunView) -> str:
+    """A warning box when the statistics were fitted on fewer than 10 x d_model samples."""
+    fit = stats_fit(view.run_dir, view.manifest)
+    warning = fit_size_warning(*fit) if fit is not None else None
+    return "" if warning is None else f'<p class="warning"><b>Warning:</b> {_esc(warning)}</p>'
 
 
 def _direction_names(config: dict) -> list[str]:
@@ -300,7 +316,7 @@ def write_report(
     config = json.dumps(view.config, indent=2)
     body = (
         f"{_toggles((_direction_names(view.config), None), *((p.series, None) for p in plots))}"
-        f'<h2 id="run">Run</h2>{_facts(_run_facts(view))}'
+        f'<h2 id="run">Run</h2>{_fit_banner(view)}{_facts(_run_facts(view))}'
         f'<h2 id="figures">Figures</h2>{_figures_html(plots, out_dir, formats)}'
         f'<h2 id="tables">Summary tables</h2>{_tables(view)}'
         f'<h2 id="config">Config</h2><details><summary>config (validated, hash '

@@ -81,6 +81,7 @@ _META_MEANING = {
     "stats_sha256": "the activation statistics (stats.safetensors)",
     "pool_sha256": "the pool of real activations (pool.pt)",
     "median_norm": "the activation statistics",
+    "stats": "the activation statistics' fit sample (stats section)",
     "lengths": "the resolved length grid (relative lengths follow the statistics)",
     "perturb_lens_version": "the perturb-lens version (numbers may differ)",
     "torch_version": "the torch version (numbers may differ)",

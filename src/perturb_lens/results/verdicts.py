@@ -30,11 +30,12 @@ import pandas as pd
 from perturb_lens.config import DirectionConfig
 from perturb_lens.results.shards import run_directions, sequence_sums
 from perturb_lens.results.store import MANIFEST, load_manifest
+from perturb_lens.stats import MIN_FIT_PER_DIM
 
 Op = Literal[">", "~"]
 BAND = (0.8, 1.25)
 MIN_SEQS = 10  # fewer paired sequences than this decide nothing (see claim_intervals)
-MIN_SAMPLES_PER_DIM = 10  # statistics fitted on fewer than 10 x d_model samples are unreliable
+MIN_SAMPLES_PER_DIM = MIN_FIT_PER_DIM  # fewer than 10 x d_model fit samples: unreliable
 _BOOT_ELEMENTS = 1 << 21  # draws per chunk of resamples (three int64/float64 arrays of 16 MiB)
 _CLAIM = re.compile(r"\s*(?P<a>[^<>~]*?)\s*(?P<op>[>~])\s*(?P<b>[^<>~]*?)\s*")
 VERDICT_COLUMNS = [

@@ -37,9 +37,7 @@ def naive_all_positions(
 def main() -> int:
     p = c.base_parser(__doc__)
     c.model_args(p)
-    p.add_argument("--n-seqs", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--n-lengths", type=int, default=23, help="first N of the published lengths")
+    c.sweep_args(p, n_seqs=2, seq_len=128, n_lengths=23)
     args = p.parse_args()
     c.configure(args)
     hf, model, layer = c.load(args)
@@ -82,17 +80,14 @@ def main() -> int:
     per_tok_clean = block + c.unembed_flops(spec_m)
     per_row = block * (spec_m.n_layers - layer) / spec_m.n_layers + c.unembed_flops(spec_m)
     needed = b * t * per_tok_clean + n_rows * per_row
-    rate, frac = c.fmt_rate(needed, t_ours, peak)
     rate_n, frac_n = c.fmt_rate(needed, t_naive, peak)
     rows = [
         ("config", f"{args.model}, {spec.hook}, B={b}, T={t}, {n_len} lengths, KL + L2"),
         ("rows (seq x pos x length)", f"{n_rows}"),
         ("needed GFLOP", f"{needed / 1e9:.1f}"),
-        ("matmul peak (float32)", f"{peak:.1f} GFLOP/s"),
-        ("engine time", f"{t_ours:.2f} s ({n_rows / t_ours:.0f} rows/s)"),
+        *c.engine_rows(needed, t_ours, peak, n_rows),
         ("naive time (1 forward/length)", f"{t_naive:.2f} s ({n_rows / t_naive:.0f} rows/s)"),
         ("speed-up (throughput ratio)", f"{t_naive / t_ours:.2f}x"),
-        ("engine GFLOP/s, % of peak", f"{rate}, {frac}"),
         ("naive GFLOP/s (same needed FLOPs)", f"{rate_n}, {frac_n}"),
         (
             "FLOP-bound speed-up",

@@ -92,14 +92,11 @@ def main() -> int:
     row_f = (ms.n_layers - args.layer) * c.block_flops(ms, t)
     needed = clean_f + n_rows * row_f
     naive_f = (n_s + 1) * clean_f
-    rate, frac = c.fmt_rate(needed, t_ours, peak)
     rows = [
         ("config", f"{args.model}, {spec.hook}, B={b} prompts, T={t}, {n_s} steps, L2 only"),
         ("rows (prompt x step)", f"{n_rows}"),
         ("needed GFLOP", f"{needed / 1e9:.2f}"),
-        ("matmul peak (float32)", f"{peak:.1f} GFLOP/s"),
-        ("engine time", f"{t_ours:.3f} s ({n_rows / t_ours:.0f} rows/s)"),
-        ("engine GFLOP/s, % of peak", f"{rate}, {frac}"),
+        *c.engine_rows(needed, t_ours, peak, n_rows, digits=3),
         ("naive time (1 forward/step)", f"{t_naive:.2f} s ({n_rows / t_naive:.0f} rows/s)"),
         ("speed-up (throughput ratio)", f"{t_naive / t_ours:.1f}x"),
         ("FLOP-bound speed-up", f"{naive_f / needed:.1f}x (naive FLOPs / needed FLOPs)"),

@@ -47,9 +47,7 @@ def naive_copies(
 def main() -> int:
     p = c.base_parser(__doc__)
     c.model_args(p)
-    p.add_argument("--n-seqs", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--n-lengths", type=int, default=8, help="first N of the published lengths")
+    c.sweep_args(p, n_seqs=4, seq_len=128, n_lengths=8)
     p.add_argument("--naive-copies", type=int, default=16, help="copies the naive loop runs")
     p.add_argument("--naive-batch", type=int, default=8, help="copies per naive forward")
     p.add_argument("--rows-per-pass", type=int, default=None)
@@ -102,14 +100,11 @@ def main() -> int:
     clean_f = b * t * (ms.n_layers * c.block_flops(ms, c.causal_keys(t)) + c.unembed_flops(ms))
     row_f = (ms.n_layers - layer) * c.block_flops(ms, c.causal_keys(t)) + c.unembed_flops(ms)
     needed = clean_f + n_rows * row_f
-    rate, frac = c.fmt_rate(needed, t_ours, peak)
     rows = [
         ("config", f"{args.model}, {spec.hook}, B={b}, T={t}, {n_len} lengths, KL + L2"),
         ("rows (seq x pos x length)", f"{n_rows}"),
         ("needed GFLOP", f"{needed / 1e9:.1f} ({row_f / 1e6:.1f} MFLOP per row)"),
-        ("matmul peak (float32)", f"{peak:.1f} GFLOP/s"),
-        ("engine time", f"{t_ours:.2f} s ({n_rows / t_ours:.0f} rows/s)"),
-        ("engine GFLOP/s, % of peak", f"{rate}, {frac}"),
+        *c.engine_rows(needed, t_ours, peak, n_rows),
         (
             "naive time per copy",
             f"{per_copy:.3f} s ({n_copies} copies, {args.naive_batch} per forward)",

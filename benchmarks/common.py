@@ -65,6 +65,15 @@ def model_args(p: argparse.ArgumentParser, layer: int | None = None) -> None:
     p.add_argument("--layer", type=int, default=layer, help=help_)
 
 
+def sweep_args(p: argparse.ArgumentParser, n_seqs: int, seq_len: int, n_lengths: int) -> None:
+    """--n-seqs, --seq-len and --n-lengths (the first N of the published lengths)."""
+    p.add_argument("--n-seqs", type=int, default=n_seqs)
+    p.add_argument("--seq-len", type=int, default=seq_len)
+    p.add_argument(
+        "--n-lengths", type=int, default=n_lengths, help="first N of the published lengths"
+    )
+
+
 def load(args: argparse.Namespace) -> tuple[Any, LensModel, int]:
     """The HF model, the lens and the hook layer chosen by :func:`model_args`."""
     hf, model = gpt2_small(args.seed) if args.model == "gpt2" else smollm2()
@@ -324,6 +333,18 @@ def fmt_rate(flops: float, seconds: float, peak: float) -> tuple[str, str]:
     """('123.4 GFLOP/s', '85.1 %') for ``flops`` done in ``seconds`` against ``peak`` GFLOP/s."""
     g = flops / seconds / 1e9
     return f"{g:.1f} GFLOP/s", f"{100 * g / peak:.1f} %"
+
+
+def engine_rows(
+    needed: float, seconds: float, peak: float, n_rows: int, digits: int = 2
+) -> list[tuple[str, str]]:
+    """The report rows on the engine: the matmul peak, its time (``digits`` decimals) and rate."""
+    rate, frac = fmt_rate(needed, seconds, peak)
+    return [
+        ("matmul peak (float32)", f"{peak:.1f} GFLOP/s"),
+        ("engine time", f"{seconds:.{digits}f} s ({n_rows / seconds:.0f} rows/s)"),
+        ("engine GFLOP/s, % of peak", f"{rate}, {frac}"),
+    ]
 
 
 def engine_values(df: Any, seq: Tensor, pos: Tensor, length: Tensor, col: str) -> Tensor:

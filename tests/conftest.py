@@ -253,20 +253,36 @@ def text_file(tmp_path_factory: pytest.TempPathFactory, webtext_path: Path) -> P
     return path
 
 
+def run_config(
+    model: Path, source: Path, *, layer: int, seq_len: int, n_seqs: int, pool_size: int, **rest
+) -> dict:
+    """A run of the model in ``model`` on ``source`` at ``blocks.{layer}.hook_resid_pre``, with
+    the given data and pool sizes; ``rest`` holds the other keys (name, lengths, directions...)."""
+    return {
+        "model": str(model),
+        "hook": f"blocks.{layer}.hook_resid_pre",
+        "data": {"source": str(source), "seq_len": seq_len, "n_seqs": n_seqs},
+        "stats": {"pool_size": pool_size},
+        **rest,
+    }
+
+
 @pytest.fixture(scope="session")
 def shard_config(gpt2_dir: Path, text_file: Path) -> dict:
     """A small run: 8 sequences of 16 tokens in 4 shards, three kinds of seeded random
     directions (isotropic, from the fitted Gaussian, from the pool of real activations)."""
-    return {
-        "name": "shards",
-        "model": str(gpt2_dir),
-        "hook": "blocks.1.hook_resid_pre",
-        "data": {"source": str(text_file), "seq_len": 16, "n_seqs": 8},
-        "stats": {"pool_size": 64},
-        "shard_seqs": 2,
-        "lengths": [0, 3, 9],
-        "directions": ["isotropic", "cov-random-mixture", "real-difference"],
-    }
+    return run_config(
+        gpt2_dir,
+        text_file,
+        layer=1,
+        seq_len=16,
+        n_seqs=8,
+        pool_size=64,
+        name="shards",
+        shard_seqs=2,
+        lengths=[0, 3, 9],
+        directions=["isotropic", "cov-random-mixture", "real-difference"],
+    )
 
 
 @pytest.fixture(scope="session")

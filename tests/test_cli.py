@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_config
 from typer.testing import CliRunner
 
 from perturb_lens.cli import app
@@ -32,15 +33,17 @@ def test_presets_validate(path: Path) -> None:
 
 
 def test_run_prints_summary_and_writes(tmp_path: Path, gpt2_dir: Path, webtext_path: Path) -> None:
-    cfg = {
-        "name": "cli",
-        "model": str(gpt2_dir),
-        "hook": "blocks.1.hook_resid_pre",
-        "data": {"source": str(webtext_path), "seq_len": 16, "n_seqs": 4},
-        "stats": {"pool_size": 64},
-        "lengths": [0, 4, 16],
-        "directions": ["isotropic", "cov-random-mixture"],
-    }
+    cfg = run_config(
+        gpt2_dir,
+        webtext_path,
+        layer=1,
+        seq_len=16,
+        n_seqs=4,
+        pool_size=64,
+        name="cli",
+        lengths=[0, 4, 16],
+        directions=["isotropic", "cov-random-mixture"],
+    )
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"

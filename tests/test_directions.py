@@ -10,6 +10,7 @@ import torch
 from conftest import EPS32
 
 from perturb_lens import directions as D
+from perturb_lens.config import BASELINES
 from perturb_lens.directions import (
     DirectionContext,
     explicit_directions,
@@ -21,15 +22,7 @@ from perturb_lens.directions import (
 )
 from perturb_lens.stats import fit_stats
 
-BUILTINS = [
-    "isotropic",
-    "isotropic-difference",
-    "cov-random-difference",
-    "cov-random-mixture",
-    "real-difference",
-    "real-mixture",
-    "ablation",
-]
+BUILTINS = [*BASELINES, "ablation"]  # the config's default baselines, and -x
 MIXTURES = ["isotropic", "cov-random-mixture", "real-mixture"]
 DIFFERENCES = ["isotropic-difference", "cov-random-difference", "real-difference", "ablation"]
 Z = 5.5  # z-score bound of statistical checks

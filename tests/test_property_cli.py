@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -176,17 +177,19 @@ def base_file(tmp_path_factory: pytest.TempPathFactory, gpt2_dir: Path, text_fil
     """A tiny valid run (2 sequences of 6 tokens, one direction, two lengths) as a YAML file."""
     folder = tmp_path_factory.mktemp("property")
     path = folder / "base.yaml"
-    base = {
-        "name": "prop",
-        "model": str(gpt2_dir),
-        "hook": "blocks.1.hook_resid_pre",
-        "data": {"source": str(text_file), "seq_len": 6, "n_seqs": 2},
-        "stats": {"pool_size": 16},
-        "shard_seqs": 1,
-        "lengths": [0, 2],
-        "directions": ["isotropic"],
-        "metrics": ["kl"],
-    }
+    base = run_config(
+        gpt2_dir,
+        text_file,
+        layer=1,
+        seq_len=6,
+        n_seqs=2,
+        pool_size=16,
+        name="prop",
+        shard_seqs=1,
+        lengths=[0, 2],
+        directions=["isotropic"],
+        metrics=["kl"],
+    )
     path.write_text(yaml.safe_dump(base))
     return path
 

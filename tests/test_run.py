@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import kl_floor32, logit_bound, run_in_subprocess
+from conftest import kl_floor32, logit_bound, run_config, run_in_subprocess
 
 from perturb_lens.config import ConfigError, load_config
 from perturb_lens.directions import register_direction
@@ -17,16 +17,13 @@ from perturb_lens.runner import run_experiment
 
 
 def _config(gpt2_dir: Path, text_file: Path, **over) -> dict:
-    cfg = {
+    rest = {
         "name": "test",
-        "model": str(gpt2_dir),
-        "hook": "blocks.2.hook_resid_pre",
-        "data": {"source": str(text_file), "seq_len": 24, "n_seqs": 12},
-        "stats": {"pool_size": 256},
         "shard_seqs": 2,
         "lengths": [0, 2, 8],
         "directions": ["isotropic", "real-mixture", "ablation"],
     }
+    cfg = run_config(gpt2_dir, text_file, layer=2, seq_len=24, n_seqs=12, pool_size=256, **rest)
     cfg.update(over)
     return cfg
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from perturb_lens.cli_errors import checked_out, set_verbose, user_errors
+from perturb_lens.cli_options import Quiet
 from perturb_lens.cli_sae import sae_app
 
 app = typer.Typer(
@@ -122,7 +123,7 @@ def run(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted run in --out.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Quiet = False,
     executor: Annotated[
         str, typer.Option(help="Where shards are computed: local | ray (pip install '.[ray]').")
     ] = "local",

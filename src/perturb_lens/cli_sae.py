@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from perturb_lens.cli_errors import checked_out, user_errors
+from perturb_lens.cli_options import OnlySAE, OutFolder, Quiet
 
 sae_app = typer.Typer(
     name="sae",
@@ -25,16 +26,12 @@ def train(
     overrides: Annotated[
         list[str] | None, typer.Argument(help="key=value overrides, e.g. data.n_seqs=100.")
     ] = None,
-    out: Annotated[
-        str | None, typer.Option("--out", "-o", help="Output folder (default runs/NAME).")
-    ] = None,
+    out: OutFolder = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted training in --out.")
     ] = False,
-    only: Annotated[
-        list[str] | None, typer.Option("--only", help="Train only this SAE (repeatable).")
-    ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    only: OnlySAE = None,
+    quiet: Quiet = False,
 ) -> None:
     """Train the SAEs of CONFIG: one SAELens folder per SAE, checkpoints, resumable."""
     from perturb_lens.saes.train import load_train_config, train_saes
@@ -66,7 +63,7 @@ def stats(
     frame: Annotated[str | None, typer.Option(help="centered | raw.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     csv: Annotated[str | None, typer.Option(help="Also write the table to this CSV.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """L0, alive/dead latents, MSE, explained variance, CE increase and KL of SAE(x)."""
     import pandas as pd
@@ -108,13 +105,9 @@ def run_suite_cmd(
     overrides: Annotated[
         list[str] | None, typer.Argument(help="key=value overrides, e.g. base.data.n_seqs=8.")
     ] = None,
-    out: Annotated[
-        str | None, typer.Option("--out", "-o", help="Suite folder (default runs/NAME).")
-    ] = None,
-    only: Annotated[
-        list[str] | None, typer.Option("--only", help="Run only this SAE label (repeatable).")
-    ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    out: OutFolder = None,
+    only: OnlySAE = None,
+    quiet: Quiet = False,
 ) -> None:
     """Run (or resume) one sweep per SAE; print the mean KL per SAE and direction + ratios."""
     from perturb_lens.saes.suite import load_suite_config, run_suite, suite_summary

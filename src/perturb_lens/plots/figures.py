@@ -11,11 +11,13 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
 from matplotlib.artist import Artist
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from perturb_lens.plots.style import LINESTYLES, SERIES_COLORS, color_for, marker_for, style
@@ -60,6 +62,28 @@ def _grid(n: int, ncols: int | None, size: tuple[float, float], title: str | Non
 def _values(frame: pd.DataFrame, column: str) -> list:
     """Distinct values of a column in order of appearance (categoricals: categories present)."""
     return list(dict.fromkeys(frame[column].tolist()))
+
+
+@contextmanager
+def _series_grid(
+    frame: pd.DataFrame,
+    series: str,
+    ncols: int | None,
+    size: tuple[float, float],
+    title: str | None,
+) -> Iterator[tuple[Figure, list[tuple[Axes, object]]]]:
+    """Within :func:`style`: a :func:`_grid` with one panel per value of ``frame[series]``."""
+    names = _values(frame, series)
+    with style():
+        fig, axes = _grid(len(names), ncols, size, title)
+        yield fig, list(zip(axes, names, strict=True))
+
+
+def _label(ax: Axes, title: object, xlabel: str, ylabel: str) -> None:
+    """Set a panel's title and axis labels."""
+    ax.set_title(str(title))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
 
 
 def line_panels(
@@ -114,9 +138,7 @@ def line_panels(
                         label=label if j == 0 else f"{label} ({col})",
                     )
                     _tag(line, s)
-            ax.set_title(name)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
+            _label(ax, name, xlabel, ylabel)
             ax.legend(loc="upper left")
         if sharey and axes:
             top = max(ax.get_ylim()[1] for ax in axes)
@@ -141,19 +163,15 @@ def token_panels(
 ) -> Figure:
     """Individual token curves (``tokens``, from :func:`~perturb_lens.results.token_curves`)
     per series, thin, with the series mean (``means``, from ``curves``) drawn bold in black."""
-    names = _values(tokens, series)
-    with style():
-        fig, axes = _grid(len(names), ncols, (3.8, 2.9), title)
-        for ax, s in zip(axes, names, strict=True):
+    with _series_grid(tokens, series, ncols, (3.8, 2.9), title) as (fig, panels):
+        for ax, s in panels:
             c = series_color(s, palette)
             for tok, d in tokens[tokens[series] == s].groupby(list(token), sort=True):
                 label = "token " + ", ".join(f"{k}={v}" for k, v in zip(token, tok, strict=True))
                 _tag(ax.plot(d[x], d[metric], color=c, lw=1.0, alpha=0.75, label=label), s)
             m = means[means[series] == s].sort_values(x)
             _tag(ax.plot(m[x], m["mean"], color="black", lw=2.0, label="mean"), s)
-            ax.set_title(str(s))
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
+            _label(ax, s, xlabel, ylabel)
             ax.legend(loc="upper left", fontsize=7)
     return fig
 
@@ -172,21 +190,17 @@ def histogram_panels(
 ) -> Figure:
     """Small multiples of a histogram (from :func:`~perturb_lens.results.histograms`) per
     series, one bar per bin; ``notes`` adds a line of text to a series' panel."""
-    names = _values(hist, series)
-    with style():
-        fig, axes = _grid(len(names), ncols, (3.8, 2.7), title)
-        for ax, s in zip(axes, names, strict=True):
+    with _series_grid(hist, series, ncols, (3.8, 2.7), title) as (fig, panels):
+        for ax, s in panels:
             d = hist[hist[series] == s]
             width = d["bin_right"] - d["bin_left"]
             bars = ax.bar(
                 d["bin_left"], d[y], width=width, align="edge", color=series_color(s, palette)
             )
             _tag(list(bars), s)
-            ax.set_title(str(s))
+            _label(ax, s, xlabel, ylabel)
             if notes and str(s) in notes:
                 ax.text(0.98, 0.95, notes[str(s)], transform=ax.transAxes, ha="right", va="top")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
     return fig
 
 

@@ -21,18 +21,7 @@ from perturb_lens.plots.figures import (
     token_panels,
 )
 from perturb_lens.plots.registry import Plot, RunView, register_figures
-from perturb_lens.results.analysis import (
-    bars,
-    curves,
-    histograms,
-    kde_curves,
-    ks_distances,
-    pick_lengths,
-    scatter_points,
-    threshold_lengths,
-    threshold_summary,
-    token_curves,
-)
+from perturb_lens.results import analysis as an
 
 # Lee & Heimersheim figure 1: difference vs mixture, per target family.
 FIG1_PANELS = {
@@ -155,7 +144,7 @@ def curve_plots(view: RunView, metric: str) -> list[Plot]:
         ncols=3,
         panel_size=(3.8, 2.9),
     )
-    tc = token_curves(view.rows, N_TOKEN_CURVES, 0, metric)
+    tc = an.token_curves(view.rows, N_TOKEN_CURVES, 0, metric)
     tokens = token_panels(
         tc,
         cv,
@@ -202,13 +191,13 @@ def bar_lengths(view: RunView) -> list[float]:
     absolute and reaches 61; else the same fractions (of 91) of the run's largest length."""
     grid = np.asarray(view.meta.get("lengths") or view.rows["length"].unique(), dtype=float)
     if not view.config.get("relative_lengths") and grid.max() >= 61:
-        return pick_lengths(view.rows, [20, 40, 61])
-    return pick_lengths(view.rows, [f * grid.max() for f in BAR_FRACTIONS])
+        return an.pick_lengths(view.rows, [20, 40, 61])
+    return an.pick_lengths(view.rows, [f * grid.max() for f in BAR_FRACTIONS])
 
 
 def bar_plot(view: RunView, metric: str) -> Plot:
     """Figures 7-8 style: mean per direction at three lengths, with 95 % bootstrap whiskers."""
-    data = bars(view.rows, metric, bar_lengths(view))
+    data = an.bars(view.rows, metric, bar_lengths(view))
     figure = bar_panels(
         data,
         ylabel=metric_label(metric, view),
@@ -225,11 +214,11 @@ def bar_plot(view: RunView, metric: str) -> Plot:
 def threshold_plot(view: RunView, metric: str, threshold: float) -> Plot:
     """Histogram per direction of the length at which a token's metric first exceeds
     ``threshold``; the fraction that never does is noted in each panel."""
-    tl = threshold_lengths(view.rows, metric, threshold=threshold)
+    tl = an.threshold_lengths(view.rows, metric, threshold=threshold)
     grid = np.sort(view.rows["length"].unique().astype(float))
     first = grid[0] - (grid[1] - grid[0] if grid.size > 1 else 1.0)
-    hist = histograms(tl, "threshold_length", bins=np.r_[first, grid], right=True)
-    summary = threshold_summary(view.rows, metric, threshold=threshold)
+    hist = an.histograms(tl, "threshold_length", bins=np.r_[first, grid], right=True)
+    summary = an.threshold_summary(view.rows, metric, threshold=threshold)
     notes = {
         str(r.direction): f"never: {r.frac_never:.0%}\nmedian α: {r.median:.3g}"
         for r in summary.itertuples()
@@ -290,7 +279,7 @@ def sae_substitution_figures(view: RunView) -> list[Plot]:
     group = ["sae"] if "sae" in rows.columns else []
     out = []
     for metric in view.metrics:
-        data = curves(rows, metric, by=[*group, "direction"], stat=("mean", "median"))
+        data = an.curves(rows, metric, by=[*group, "direction"], stat=("mean", "median"))
         figure = bar_panels(
             data,
             x=group[0] if group else "direction",
@@ -327,7 +316,7 @@ def size_kl_plot(
 ) -> Plot:
     """Supplementary figure 3: mean reconstruction error (``size``) against mean KL of SAE(x),
     one point per ``by`` group (an SAE, a run)."""
-    points = scatter_points(rows, "size", "kl", by=by)
+    points = an.scatter_points(rows, "size", "kl", by=by)
     figure = scatter_figure(
         points,
         x="size_mean",
@@ -361,9 +350,9 @@ def distribution_plot(
     values = stats[column].dropna().to_numpy(float)
     if values.size and np.all(values == np.round(values)) and np.ptp(values) <= 100:
         bins = np.arange(values.min() - 0.5, values.max() + 1.5)  # steps: one bin per integer
-    hist = histograms(stats, column, by=[by], bins=bins)
-    kde = kde_curves(stats, column, by=[by])
-    ks = ks_distances(stats, column, by=by)
+    hist = an.histograms(stats, column, by=[by], bins=bins)
+    kde = an.kde_curves(stats, column, by=[by])
+    ks = an.ks_distances(stats, column, by=by)
     figure = distribution_figure(hist, kde, ks, series=by, xlabel=column, title=title)
     caption = (
         f"Distribution of {column} per {by}: density histograms, Gaussian KDE (lines), and the "
@@ -388,7 +377,7 @@ def sharpness_plot(
     the transition sharpness, per ``by`` group (model size, checkpoint), one colour per
     ``series``."""
     keys = [by] + ([series] if series else [])
-    data = curves(stats, column, by=keys, stat=("median", "q05", "q25", "q75", "q95"), ci=None)
+    data = an.curves(stats, column, by=keys, stat=("median", "q05", "q25", "q75", "q95"), ci=None)
     figure = interval_figure(data, x=by, series=series, xlabel=by, ylabel=column, title=title)
     caption = (
         f"{column} per {by}: median (dot), interquartile range (thick) and 5-95 % range (thin)."

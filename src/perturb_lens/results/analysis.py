@@ -49,6 +49,13 @@ def _group_stats(g: pd.core.groupby.SeriesGroupBy, stat: Sequence[str]) -> pd.Da
     return pd.DataFrame(cols)
 
 
+def _indexed_out(out: pd.DataFrame | pd.Series, **attrs: object) -> pd.DataFrame:
+    """``out`` with its group index as columns and ``attrs`` (the parameters that made it)."""
+    out = out.reset_index()
+    out.attrs.update(attrs)
+    return out
+
+
 def _batches(items: np.ndarray, sizes: np.ndarray, limit: int) -> Iterator[np.ndarray]:
     """Consecutive runs of ``items`` whose ``sizes`` add up to at most ``limit`` (or one item)."""
     start, total = 0, 0
@@ -142,9 +149,7 @@ def curves(
             data[metric].to_numpy(), g.ngroup().to_numpy(), ci, n_boot, seed, boot_max_n
         )
         out["ci_low"], out["ci_high"], out["ci_method"] = lo, hi, method
-    out = out.reset_index()
-    out.attrs.update(metric=metric, ci=ci, n_boot=n_boot, seed=seed, boot_max_n=boot_max_n)
-    return out
+    return _indexed_out(out, metric=metric, ci=ci, n_boot=n_boot, seed=seed, boot_max_n=boot_max_n)
 
 
 def threshold_lengths(
@@ -163,9 +168,7 @@ def threshold_lengths(
     _require(df, [*unit, "length", metric])
     crossed = df["length"].astype(np.float64).where(df[metric] > threshold)
     out = crossed.groupby([df[c] for c in unit], observed=True, sort=True).min()
-    out = out.rename("threshold_length").reset_index()
-    out.attrs.update(metric=metric, threshold=threshold)
-    return out
+    return _indexed_out(out.rename("threshold_length"), metric=metric, threshold=threshold)
 
 
 def threshold_summary(
@@ -184,9 +187,7 @@ def threshold_summary(
     out = _group_stats(g, stat).rename(columns={"n": "n_crossed"})
     out.insert(0, "n", g.size())
     out.insert(1, "frac_never", 1.0 - out["n_crossed"] / out["n"])
-    out = out.reset_index()
-    out.attrs.update(metric=metric, threshold=threshold)
-    return out
+    return _indexed_out(out, metric=metric, threshold=threshold)
 
 
 def pick_lengths(df: pd.DataFrame, lengths: Sequence[float] | None = None) -> list[float]:

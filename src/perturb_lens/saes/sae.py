@@ -80,6 +80,11 @@ class SAEConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _cfg_field(name: str) -> property:
+    """A read-only property that forwards to ``self.cfg.<name>``."""
+    return property(lambda self: getattr(self.cfg, name), doc=f"``cfg.{name}``.")
+
+
 class SAE(nn.Module):
     """A sparse autoencoder over activations [..., d_in] (see the module docstring)."""
 
@@ -97,21 +102,10 @@ class SAE(nn.Module):
             self.threshold = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
 
     # ---- shape and identity ------------------------------------------------------------------
-    @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def d_sae(self) -> int:
-        return self.cfg.d_sae
-
-    @property
-    def hook(self) -> str:
-        return self.cfg.hook
-
-    @property
-    def frame(self) -> str:
-        return self.cfg.frame
+    d_in = _cfg_field("d_in")
+    d_sae = _cfg_field("d_sae")
+    hook = _cfg_field("hook")
+    frame = _cfg_field("frame")
 
     def __repr__(self) -> str:
         c = self.cfg

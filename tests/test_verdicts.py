@@ -25,7 +25,13 @@ from perturb_lens.results import (
     verdict_table,
     verdicts,
 )
-from perturb_lens.results.verdicts import _REGISTRY, _length_ranges, ratio_intervals, stats_fit
+from perturb_lens.results.verdicts import (
+    _REGISTRY,
+    _length_ranges,
+    ratio_intervals,
+    stats_fit,
+    verdict_rows,
+)
 
 LENGTHS = [0.0, 1.0, 2.0, 4.0, 8.0]
 SEQ_LEN = 6
@@ -461,6 +467,16 @@ def test_real_tiny_run(tmp_path: Path, shard_config: dict) -> None:
         np.testing.assert_allclose(r["mean_b"], means[(r["b"], r["length"])], rtol=1e-13)
     assert (detail.loc[detail["length"] == 0, "outcome"] == "skipped").all()
     assert verdicts(run, metric="l2", n_boot=200)["metric"].eq("l2").all()
+    # the report's Verdicts section shows the same table (default settings), per metric
+    from perturb_lens.plots import write_report
+
+    html = write_report(run, tmp_path / "report.html", formats=["svg"]).read_text()
+    section = html.split('<h2 id="verdicts">Verdicts</h2>')[1].split("<h2 ")[0]
+    for metric in ("kl", "l2"):
+        for row in verdict_rows(verdicts(run, metric=metric)):
+            assert f"<td>{row['claim'].replace('>', '&gt;')}</td>" in section
+            assert f"<td>{row['verdict']}</td>" in section
+    assert "<h3>kl</h3>" in section and "<h3>l2</h3>" in section
 
 
 def test_suite_folder_gives_rows_per_run(tmp_path: Path) -> None:

@@ -145,6 +145,7 @@ def run(
     from perturb_lens.experiments import get_experiment
     from perturb_lens.results import summary_table
     from perturb_lens.results.summary import nonfinite_rows, summary_rows
+    from perturb_lens.results.verdicts import NOT_JUDGED
     from perturb_lens.runner import run_experiment
 
     out = checked_out(out)
@@ -168,7 +169,7 @@ def run(
     for title, t in (tables(rows, cfg) if tables is not None else {}).items():
         _print_frame(t.set_index([c for c in ("base", "direction") if c in t.columns]), title)
     _print_fit(run_dir)
-    if cfg.experiment not in NO_VERDICTS:
+    if cfg.experiment not in NOT_JUDGED:
         _print_verdicts(run_dir, [m for m in ("kl", "l2") if m in cfg.metrics][:1] or ["kl"])
     if n_bad := nonfinite_rows(run_dir):
         Console().print(
@@ -176,9 +177,6 @@ def run(
             "the means above"
         )
     Console().print(f"Results: [bold]{run_dir}[/bold]  (load with perturb_lens.load_results)")
-
-
-NO_VERDICTS = ("plateaus", "stable-regions")  # per-base curves: no directions to compare
 
 
 def _print_verdicts(run_dir: Any, metrics: list[str], claims: list[str] | None = None) -> None:

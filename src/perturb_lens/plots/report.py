@@ -48,7 +48,13 @@ from perturb_lens.plots.sets import (
 )
 from perturb_lens.results.analysis import bars, pick_lengths, summary_table, threshold_summary
 from perturb_lens.results.store import MANIFEST, atomic_write, diff_configs
-from perturb_lens.results.verdicts import stats_fit
+from perturb_lens.results.verdicts import (
+    NOT_JUDGED,
+    stats_fit,
+    verdict_notes,
+    verdict_rows,
+    verdicts,
+)
 from perturb_lens.stats import fit_size_warning
 
 REPORT = "report.html"
@@ -256,6 +262,21 @@ def _tables(view: RunView) -> str:
     return "".join(parts)
 
 
+def _verdicts(view: RunView) -> str:
+    """The published claims that apply to the run, per metric (paired 95% CIs, sequences
+    resampled), with their notes; or a line saying why there are none."""
+    if view.experiment in NOT_JUDGED:
+        return f"<p>Not applicable: a {_esc(view.experiment)} run has no directions to compare.</p>"
+    parts = []
+    for metric in [m for m in ("kl", "l2") if m in view.metrics]:
+        table = verdicts(view.run_dir, metric=metric)
+        if len(table):
+            notes = "".join(f"<li>{_esc(n)}</li>" for n in verdict_notes(table))
+            rows = pd.DataFrame(verdict_rows(table))
+            parts.append(f"<h3>{_esc(metric)}</h3>{_table(rows, index=False)}<ul>{notes}</ul>")
+    return "".join(parts) or "<p>No published claim applies to this run's directions.</p>"
+
+
 def _data_links(view: RunView, out_dir: Path) -> str:
     items = [
         f'<li><a href="{_esc(_rel(view.run_dir / MANIFEST, out_dir))}">{MANIFEST}</a>'
@@ -319,6 +340,7 @@ def write_report(
         f'<h2 id="run">Run</h2>{_fit_banner(view)}{_facts(_run_facts(view))}'
         f'<h2 id="figures">Figures</h2>{_figures_html(plots, out_dir, formats)}'
         f'<h2 id="tables">Summary tables</h2>{_tables(view)}'
+        f'<h2 id="verdicts">Verdicts</h2>{_verdicts(view)}'
         f'<h2 id="config">Config</h2><details><summary>config (validated, hash '
         f"{_esc(view.manifest.get('config_hash'))})</summary><pre>{_esc(config)}</pre></details>"
         f'<h2 id="data">Data</h2>{_data_links(view, out_dir)}'
@@ -327,6 +349,7 @@ def write_report(
         ("run", "Run"),
         ("figures", "Figures"),
         ("tables", "Tables"),
+        ("verdicts", "Verdicts"),
         ("config", "Config"),
         ("data", "Data"),
     ]

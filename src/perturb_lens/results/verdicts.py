@@ -54,6 +54,10 @@ VERDICT_COLUMNS = [
 ]
 
 
+NOT_JUDGED = ("plateaus", "stable-regions")
+"""Experiments whose rows are per-base curves, not directions swept from the same tokens."""
+
+
 @dataclass(frozen=True)
 class Claim:
     """``a op b`` on direction labels; ``scale_a``/``scale_b``: the claim applies only where the
@@ -266,7 +270,7 @@ def claim_intervals(
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
     experiment = manifest["config"].get("experiment", "sensitive-directions")
-    if experiment in ("plateaus", "stable-regions"):
+    if experiment in NOT_JUDGED:
         raise ValueError(
             f"{run_dir} is a {experiment!r} run: verdicts compare directions swept from the same "
             "tokens (sensitive-directions or synthetic-activations runs), not its per-base rows"
@@ -527,7 +531,7 @@ def verdict_rows(table: pd.DataFrame) -> list[dict[str, str]]:
     return rows
 
 
-def _notes(table: pd.DataFrame) -> list[str]:
+def verdict_notes(table: pd.DataFrame) -> list[str]:
     """``[run: ]claim: note`` for every claim with a note."""
     where = table["run"] + ": " + table["claim"] if "run" in table.columns else table["claim"]
     return [f"{w}: {n}" for w, n in zip(where, table["note"], strict=True) if n]
@@ -539,7 +543,7 @@ def format_verdicts(table: pd.DataFrame) -> str:
     if not rows:
         return "No claim applies to this run's directions."
     text = pd.DataFrame(rows).to_string(index=False)
-    notes = [f"  {n}" for n in _notes(table)]
+    notes = [f"  {n}" for n in verdict_notes(table)]
     return "\n".join([text, *(["Notes:", *notes] if notes else [])])
 
 
@@ -557,7 +561,7 @@ def verdict_table(table: pd.DataFrame, title: str | None = None) -> Any:
         out.add_column(col, justify="right" if right else "left", min_width=min_width.get(col))
     for r in rows:
         out.add_row(*r.values())
-    notes = _notes(table)
+    notes = verdict_notes(table)
     if notes:
         out.caption = "\n".join(notes)
     return out

@@ -15,11 +15,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from perturb_lens.config import DirectionConfig
-from perturb_lens.results.store import ChecksumError, file_sha256, load_manifest
+from perturb_lens.results.store import load_manifest, verified_shard_bytes
 from perturb_lens.results.summary import summary_filters
 
 
@@ -33,32 +32,31 @@ def iter_batches(
     """``(shard id, record batch)`` of ``columns`` for every shard (shard-id order), rows passing
     ``filters`` (pyarrow's ``[(column, op, value), ...]``, all must hold).
 
-    With ``verify`` each shard's file is first checked against the sha256 in the manifest (read
-    in 1 MiB blocks).
+    With ``verify`` each shard's file is read once and checked against its manifest entry
+    (:func:`~perturb_lens.results.store.verified_shard_bytes`); only the needed columns of one
+    shard are held at a time.
     """
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
-    expr = pq.filters_to_expression(list(filters)) if filters else None
     for shard_id in sorted(manifest["shards"]):
         entry = manifest["shards"][shard_id]
-        path = run_dir / entry["file"]
-        if not path.is_file():
-            raise ChecksumError(
-                f"shard {shard_id} ({path}) is missing: rerun the run with --resume to recompute it"
-            )
-        if verify and file_sha256(path) != entry["sha256"]:
-            raise ChecksumError(
-                f"shard {shard_id} ({path}) does not match its recorded sha256 (damaged or "
-                "changed after the run): rerun the run with --resume to recompute it"
-            )
-        dataset = ds.dataset(path, format="parquet")
-        missing = [c for c in columns if c not in dataset.schema.names]
+        source = (
+            pa.BufferReader(verified_shard_bytes(run_dir, shard_id, entry))
+            if verify
+            else run_dir / entry["file"]
+        )
+        names = pq.read_schema(source).names
+        missing = [c for c in columns if c not in names]
         if missing:
             raise KeyError(
-                f"columns {missing} not in shard {shard_id} of {run_dir} (it has "
-                f"{dataset.schema.names})"
+                f"columns {missing} not in shard {shard_id} of {run_dir} (it has {names})"
             )
-        for batch in dataset.to_batches(columns=list(columns), filter=expr):
+        if isinstance(source, pa.BufferReader):
+            source.seek(0)
+        table = pq.read_table(
+            source, columns=list(columns), filters=list(filters) if filters else None
+        )
+        for batch in table.to_batches():
             yield shard_id, batch
 
 

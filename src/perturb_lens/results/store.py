@@ -586,6 +586,29 @@ class RunStore:
             self._manifest = manifest
 
 
+def verified_shard_bytes(run_dir: Path, shard_id: str, entry: dict) -> bytes:
+    """A shard's file, read once and checked against its manifest entry; a malformed entry, a
+    missing file or another sha256 raises :class:`ChecksumError` saying to resume."""
+    problem = _entry_problem(entry)
+    if problem is not None:
+        raise ChecksumError(
+            f"shard {shard_id} of {run_dir}: {problem}: rerun the run with --resume to recompute it"
+        )
+    path = run_dir / entry["file"]
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise ChecksumError(
+            f"shard {shard_id} ({path}) is missing: rerun the run with --resume to recompute it"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ChecksumError(
+            f"shard {shard_id} ({path}) does not match its recorded sha256 (damaged or "
+            "changed after the run): rerun the run with --resume to recompute it"
+        )
+    return data
+
+
 def load_results(
     run_dir: Path,
     *,
@@ -603,25 +626,7 @@ def load_results(
     columns = list(columns) if columns is not None else None
     tables = []
     for shard_id in sorted(manifest["shards"]):
-        entry = manifest["shards"][shard_id]
-        problem = _entry_problem(entry)
-        if problem is not None:
-            raise ChecksumError(
-                f"shard {shard_id} of {run_dir}: {problem}: rerun the run with --resume to "
-                "recompute it"
-            )
-        path = run_dir / entry["file"]
-        try:
-            data = path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            raise ChecksumError(
-                f"shard {shard_id} ({path}) is missing: rerun the run with --resume to recompute it"
-            ) from None
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise ChecksumError(
-                f"shard {shard_id} ({path}) does not match its recorded sha256 (damaged or "
-                "changed after the run): rerun the run with --resume to recompute it"
-            )
+        data = verified_shard_bytes(run_dir, shard_id, manifest["shards"][shard_id])
         tables.append(pq.read_table(pa.BufferReader(data), columns=columns, filters=filters))
     if not tables:
         logger.warning("%s has no shards yet", run_dir)

@@ -28,6 +28,7 @@ from perturb_lens.results import (
 from perturb_lens.results.verdicts import (
     _REGISTRY,
     _length_ranges,
+    expanded_tail,
     ratio_intervals,
     stats_fit,
     verdict_rows,
@@ -391,6 +392,36 @@ def test_bootstrap_interval_matches_the_delta_method() -> None:
     assert abs(out["ci_low"][0] - ref_lo) < 0.15 * width / 2
     assert abs(out["ci_high"][0] - ref_hi) < 0.15 * width / 2
     assert out["ratio"][0] == pytest.approx(a.mean() / b.mean(), rel=1e-14)
+
+
+def test_interval_covers_at_twelve_sequences() -> None:
+    """Few sequences: the expanded percentile interval keeps its 95 % coverage. a_i and b_i are
+    lognormal (sigma 0.6) with means e^0.2 and 1, so the true ratio of means is e^0.2. Over 400
+    seeded datasets of 12 sequences the expanded interval covers it 379 times (0.9475); the plain
+    percentile interval covered it 365 times (0.9125), below the 0.925 asked here (the binomial
+    standard error of a coverage near 0.95 from 400 datasets is 0.011, so 0.925 is 2.2 of them
+    under the nominal level)."""
+    rng = np.random.default_rng(0)
+    n, trials, true = 12, 400, np.exp(0.2)
+    ones = np.ones((n, 1))
+    hits = 0
+    for r in range(trials):
+        a, b = rng.lognormal(0.02, 0.6, n), rng.lognormal(-0.18, 0.6, n)
+        out = ratio_intervals((a[:, None], ones), (b[:, None], ones), n_boot=1000, seed=r)
+        hits += bool(out["ci_low"][0] <= true <= out["ci_high"][0])
+    assert hits / trials >= 0.925
+
+
+def test_expanded_tail_widens_for_few_sequences() -> None:
+    """The tail shrinks for few units (wider interval) and tends to alpha for many; values from
+    Phi(-sqrt(n / (n - 1)) t_{0.975, n - 1}) with tabulated t: t_11 = 2.2010, t_199 = 1.9720."""
+    assert expanded_tail(0.025, 12) == pytest.approx(
+        NormalDist().cdf(-((12 / 11) ** 0.5) * 2.2010), rel=1e-3
+    )
+    assert expanded_tail(0.025, 200) == pytest.approx(
+        NormalDist().cdf(-((200 / 199) ** 0.5) * 1.9720), rel=1e-3
+    )
+    assert expanded_tail(0.025, 1) == 0.025
 
 
 def test_bootstrap_is_seeded(tmp_path: Path) -> None:

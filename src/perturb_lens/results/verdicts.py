@@ -6,8 +6,8 @@ means lies within a band, default [0.8, 1.25]). The comparison is paired (same t
 lengths) and its 95 % interval comes from resampling *sequences* (tokens of one sequence are not
 independent): per (direction, length, sequence) sums and counts are streamed from the shards
 (:func:`~perturb_lens.results.shards.sequence_sums`), then a seeded bootstrap of the sequences
-gives a percentile interval of the ratio of means a / b per length (:func:`claim_intervals`);
-:func:`verdicts` sums that up, one row per claim.
+gives an (expanded) percentile interval of the ratio of means a / b per length
+(:func:`claim_intervals`); :func:`verdicts` sums that up, one row per claim.
 
 Built-in claims (Lee & Heimersheim; Gurnee): real-difference > real-mixture,
 cov-random-difference > cov-random-mixture, cov-random-mixture > isotropic,
@@ -148,8 +148,9 @@ def ratio_intervals(
     both are resampled with replacement ``n_boot`` times (reproducible from ``seed``; columns
     with the same sequences share the draws); a resample's mean is its sum over its count, so
     the point estimate is the ratio of the published token means. Resamples where both means are
-    0 count as ratio 1, b = 0 < a as inf. The interval's ends are order statistics (no
-    interpolation): at least the nominal coverage. Columns ``ratio``, ``ci_low``, ``ci_high``,
+    0 count as ratio 1, b = 0 < a as inf. The interval is Hesterberg's expanded percentile interval
+    (:func:`expanded_tail`: wider for few sequences, where the plain percentile one undercovers);
+    its ends are order statistics (no interpolation). Columns ``ratio``, ``ci_low``, ``ci_high``,
     ``n_seqs``, and the two means ``mean_a``, ``mean_b``; the interval is NaN where fewer than 2
     sequences pair.
     """
@@ -173,9 +174,26 @@ def ratio_intervals(
         if rows.size < 2:
             continue
         boot = _bootstrap_ratios(parts, n_boot, seed)
-        out["ci_low"][cols] = np.quantile(boot, alpha, axis=0, method="lower")
-        out["ci_high"][cols] = np.quantile(boot, 1.0 - alpha, axis=0, method="higher")
+        tail = expanded_tail(alpha, rows.size)
+        out["ci_low"][cols] = np.quantile(boot, tail, axis=0, method="lower")
+        out["ci_high"][cols] = np.quantile(boot, 1.0 - tail, axis=0, method="higher")
     return pd.DataFrame(out)
+
+
+def expanded_tail(alpha: float, n: int) -> float:
+    """The tail probability of Hesterberg's expanded percentile interval for ``n`` resampled units.
+
+    A percentile bootstrap is too narrow for few units: it uses z where Student's t applies and the
+    plug-in variance (divides by n, not n - 1). The expanded interval takes the percentiles at
+    ``Phi(-sqrt(n / (n - 1)) * t_{1 - alpha, n - 1})`` instead of ``alpha`` (Hesterberg 2015, "What
+    teachers should know about the bootstrap", sec. 5): for 12 sequences and alpha = 0.025 that is
+    0.011, for 200 sequences 0.024.
+    """
+    if n < 2:
+        return alpha
+    from scipy.stats import norm, t  # scipy is a dependency; imported here (slow to import)
+
+    return float(norm.cdf(-np.sqrt(n / (n - 1)) * t.ppf(1.0 - alpha, n - 1)))
 
 
 def _ratio(mean_a: np.ndarray, mean_b: np.ndarray) -> np.ndarray:

@@ -561,7 +561,10 @@ def test_cli_prints_verdicts(tmp_path: Path, shard_config: dict) -> None:
     res = cli.invoke(app, ["run", str(path), "--out", str(run), "-q"], env=wide)
     assert res.exit_code == 0, res.output
     assert "Verdicts (kl): no published claim applies to these directions" in res.output
-    res = cli.invoke(app, ["verdicts", str(run), "-c", "real-mixture > isotropic"], env=wide)
+    # no COLUMNS: output to a pipe is PIPE_WIDTH columns wide, so the table is not cut at 80
+    res = cli.invoke(
+        app, ["verdicts", str(run), "-c", "real-mixture > isotropic"], env={"COLUMNS": None}
+    )
     assert res.exit_code == 0, res.output
     assert "Verdicts (kl, 95% CI, sequences resampled)" in res.output
     assert "real-mixture > isotropic" in res.output

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from perturb_lens.cli_errors import checked_out, set_verbose, user_errors
-from perturb_lens.cli_options import Quiet
+from perturb_lens.cli_options import Quiet, console
 from perturb_lens.cli_sae import sae_app
 
 app = typer.Typer(
@@ -107,7 +106,7 @@ def info(
     table.add_column(overflow="fold")
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
+    console().print(table)
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -172,11 +171,11 @@ def run(
     if cfg.experiment not in NOT_JUDGED:
         _print_verdicts(run_dir, [m for m in ("kl", "l2") if m in cfg.metrics][:1] or ["kl"])
     if n_bad := nonfinite_rows(run_dir):
-        Console().print(
+        console().print(
             f"Non-finite rows (NaN/inf): {n_bad}, flagged in column 'nonfinite' and left out of "
             "the means above"
         )
-    Console().print(f"Results: [bold]{run_dir}[/bold]  (load with perturb_lens.load_results)")
+    console().print(f"Results: [bold]{run_dir}[/bold]  (load with perturb_lens.load_results)")
 
 
 def _print_verdicts(run_dir: Any, metrics: list[str], claims: list[str] | None = None) -> None:
@@ -187,9 +186,9 @@ def _print_verdicts(run_dir: Any, metrics: list[str], claims: list[str] | None =
         with user_errors():
             table = verdicts(run_dir, claims or None, metric=metric)
         if len(table):
-            Console().print(verdict_table(table))
+            console().print(verdict_table(table))
         elif claims is None:
-            Console().print(f"Verdicts ({metric}): no published claim applies to these directions")
+            console().print(f"Verdicts ({metric}): no published claim applies to these directions")
 
 
 def _print_fit(run_dir: Path) -> None:
@@ -200,9 +199,9 @@ def _print_fit(run_dir: Path) -> None:
     if (fit := stats_fit(run_dir)) is None:
         return
     n, d = fit
-    Console().print(f"Statistics fitted on {n:,} samples ({n / d:.3g} x d_model = {d})")
+    console().print(f"Statistics fitted on {n:,} samples ({n / d:.3g} x d_model = {d})")
     if warning := fit_size_warning(n, d):
-        Console(stderr=True).print(f"[bold red]WARNING[/bold red]: {warning}")
+        console(stderr=True).print(f"[bold red]WARNING[/bold red]: {warning}")
 
 
 def _print_frame(df: Any, title: str) -> None:
@@ -213,7 +212,7 @@ def _print_frame(df: Any, title: str) -> None:
         table.add_column(str(col), justify="right")
     for idx, row in df.iterrows():
         table.add_row(str(idx), *(f"{v:.4g}" for v in row.to_numpy()))
-    Console().print(table)
+    console().print(table)
 
 
 def _formats(value: str) -> list[str]:
@@ -237,7 +236,7 @@ def report(
     out = checked_out(out)
     with user_errors():
         path = write_report(run_dir, out, formats=_formats(fmt))
-    Console().print(f"Report: [bold]{path}[/bold]  (figures in {path.parent / 'figures'})")
+    console().print(f"Report: [bold]{path}[/bold]  (figures in {path.parent / 'figures'})")
 
 
 @app.command()
@@ -255,7 +254,7 @@ def compare(
     checked_out(out)
     with user_errors():
         path = write_comparison(run_dirs, out, metric=metric, formats=_formats(fmt))
-    Console().print(f"Comparison: [bold]{path}[/bold]")
+    console().print(f"Comparison: [bold]{path}[/bold]")
 
 
 @app.command(name="verdicts")

@@ -273,20 +273,28 @@ def test_new_presets_exist() -> None:
     assert "same_cosine_smollm2" in names
 
 
+@pytest.fixture(scope="module")
+def gpt2_12_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random GPT-2 with GPT-2 small's 12 layers (the presets read blocks.11)."""
+    from conftest import make_gpt2_folder
+
+    return make_gpt2_folder(tmp_path_factory.mktemp("gpt2-12"), n_layer=12, n_embd=32)
+
+
 @pytest.mark.parametrize("preset", NEW_PRESETS, ids=lambda p: p.stem)
 @pytest.mark.parametrize("layer", [0, 1])
 def test_new_presets_run_on_a_slice(
     request: pytest.FixtureRequest, preset: Path, layer: int, tmp_path: Path, webtext_path: Path
 ) -> None:
     """Each preset validates and runs on 2 sequences of 8 tokens at layer 0 and layer 1 of its
-    hook kind (GPT-2 presets: the tiny random GPT-2 stands in for the hub's; an SAE preset: a
-    random SAE at its hook)."""
+    hook kind (GPT-2 presets: a tiny random 12-layer GPT-2 stands in for the hub's; an SAE preset:
+    a random SAE at its hook)."""
     cfg = load_config(preset)
     assert cfg.name == preset.stem
     kind = cfg.hook.split(".")[-1]
     if cfg.model == "gpt2":
         model, source = None, str(webtext_path)
-        overrides = {"model": str(request.getfixturevalue("gpt2_dir"))}
+        overrides = {"model": str(request.getfixturevalue("gpt2_12_dir"))}
     else:
         model, source, overrides = request.getfixturevalue("smollm2"), cfg.data.source, {}
     hook = f"blocks.{layer}.{kind}" if kind != "hook_resid_pre" else cfg.hook
@@ -310,3 +318,121 @@ def test_new_presets_run_on_a_slice(
     assert rows["direction"].nunique() == n_dirs
     assert np.isfinite(rows["kl"].to_numpy()).all() and (rows["kl"] >= -1e-4).all()
     assert isinstance(rows, pd.DataFrame)
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+
+def _synthetic_same_cosine_run(folder: Path) -> Path:
+    """A same-cosine run directory with made-up rows: two generators on a cosine grid and SAE
+    points at their own cosines (binned to the nearest grid cosine, as the experiment does)."""
+    from synthetic_runs import make_run
+
+    grid = [0.5, 0.7, 0.9, 1.0]
+    idx = pd.MultiIndex.from_product(
+        [range(4), range(6), ["isotropic", "real"], grid],
+        names=["seq", "pos", "direction", "length"],
+    ).to_frame(index=False)
+    rng = np.random.default_rng(1)
+    idx["cosine"] = idx["length"]
+    sae = pd.MultiIndex.from_product([range(4), range(6)], names=["seq", "pos"]).to_frame(
+        index=False
+    )
+    sae["direction"] = SAE_LABEL
+    sae["cosine"] = rng.uniform(0.45, 1.0, len(sae))
+    sae["length"] = nearest(grid, sae["cosine"].to_numpy())
+    rows = pd.concat([idx, sae], ignore_index=True)
+    rows["kl"] = (rng.exponential(size=len(rows)) * (1 - rows["cosine"]) ** 2).astype(np.float32)
+    rows["norm_ratio"] = np.float32(0.9)
+    cfg = load_config().model_dump(mode="json")
+    cfg.update(
+        experiment="same-cosine",
+        metrics=["kl"],
+        directions=[{"name": "isotropic"}, {"name": "real-difference", "label": "real"}],
+    )
+    return make_run(folder, cfg, rows=rows)
+
+
+def test_figures_show_the_analysis_numbers(tmp_path: Path) -> None:
+    """Each generator's drawn mean is ``curves`` of its rows; the dots are the SAE rows (own
+    cosine, KL); the diamonds are the SAE rows' mean KL per grid bin, at the bin's mean cosine
+    (aggregated here with plain pandas)."""
+    from matplotlib.collections import PathCollection
+
+    from perturb_lens.plots import figures_for
+    from perturb_lens.results.analysis import curves
+    from perturb_lens.results.summary import summary_rows
+
+    run = _synthetic_same_cosine_run(tmp_path / "run")
+    (plot,) = figures_for(run)
+    assert plot.name == "same_cosine_kl"
+    rows = summary_rows(run)
+    sae = rows[rows["direction"] == SAE_LABEL]
+    grid = rows[rows["direction"] != SAE_LABEL]
+    cv = curves(grid, "kl").set_index(["direction", "length"])
+    bins = sae.groupby("length").agg(kl=("kl", "mean"), cosine=("cosine", "mean"))
+    axes = plot.figure.axes
+    assert [ax.get_title() for ax in axes] == ["isotropic", "real"]
+    for ax in axes:
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        mean = lines[ax.get_title()]
+        expect = cv.loc[ax.get_title()]
+        # the drawn numbers are these float64 numbers: exact
+        np.testing.assert_array_equal(mean.get_xdata(), expect.index.to_numpy())
+        np.testing.assert_allclose(mean.get_ydata(), expect["mean"].to_numpy(), rtol=1e-12)
+        binned = lines[f"{SAE_LABEL} (binned mean)"]
+        np.testing.assert_allclose(binned.get_xdata(), bins["cosine"].to_numpy(), rtol=1e-12)
+        np.testing.assert_allclose(binned.get_ydata(), bins["kl"].to_numpy(), rtol=1e-6)
+        (dots,) = [c for c in ax.collections if isinstance(c, PathCollection)]
+        got = pd.DataFrame(dots.get_offsets(), columns=["cosine", "kl"]).sort_values("cosine")
+        want = sae[["cosine", "kl"]].astype(float).sort_values("cosine")
+        np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-6)
+        bands = [c for c in ax.collections if not isinstance(c, PathCollection)]
+        ys = np.concatenate([b.get_paths()[0].vertices[:, 1] for b in bands])
+        assert ys.min() >= expect["q05"].min() - 1e-12 and ys.max() <= expect["q95"].max() + 1e-12
+    assert set(plot.data["kind"]) == {"curve", "sae-bin", "sae-point"}
+
+
+def test_suite_figures_5_6_show_each_sae_by_type_and_l0(tmp_path: Path) -> None:
+    """One panel per SAE type; in it each SAE's sae-error mean (``curves`` of its run) coloured
+    by its L0 on a log scale, and the baselines of the panel's first run, dashed."""
+    import json
+
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm, to_rgba
+    from synthetic_runs import make_run, synthetic_rows
+
+    from perturb_lens.plots.suite import suite_figures
+    from perturb_lens.results.analysis import curves
+    from perturb_lens.results.summary import summary_rows
+
+    saes = {"local-l1-2": ("local", 40.0), "local-l1-5": ("local", 12.0), "e2e-l1-2": ("e2e", 25.0)}
+    names = ["sae-error", "cov-random-mixture", "isotropic"]
+    cfg = load_config().model_dump(mode="json")
+    cfg["directions"] = [{"name": n} for n in names]
+    for i, label in enumerate(saes):
+        make_run(tmp_path / label, cfg, rows=synthetic_rows(names, seed=i))
+    records = [{"label": k, "type": t, "l0": l0} for k, (t, l0) in saes.items()]
+    (tmp_path / "saes.json").write_text(json.dumps(records))
+    (plot,) = suite_figures(tmp_path, metrics=("kl",))
+    panels = [ax for ax in plot.figure.axes if ax.get_label() != "<colorbar>"]
+    assert [ax.get_title() for ax in panels] == ["local", "e2e"]
+    norm = LogNorm(12.0, 40.0)
+    for ax in panels:
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for label, (kind, l0) in saes.items():
+            if kind != ax.get_title():
+                continue
+            cv = curves(summary_rows(tmp_path / label), "kl").set_index(["direction", "length"])
+            line = lines[f"{label} (L0 {l0:.3g})"]
+            np.testing.assert_array_equal(line.get_xdata(), cv.loc["sae-error"].index.to_numpy())
+            np.testing.assert_allclose(line.get_ydata(), cv.loc["sae-error", "mean"], rtol=1e-12)
+            assert to_rgba(line.get_color()) == to_rgba(colormaps["viridis"](norm(l0)))
+        first = next(k for k, (t, _) in saes.items() if t == ax.get_title())
+        cv = curves(summary_rows(tmp_path / first), "kl").set_index(["direction", "length"])
+        for baseline in ("cov-random-mixture", "isotropic"):
+            np.testing.assert_allclose(
+                lines[baseline].get_ydata(), cv.loc[baseline, "mean"], rtol=1e-12
+            )
+            assert lines[baseline].get_linestyle() == "--"
+    assert set(plot.data["sae"]) == set(saes)

@@ -83,49 +83,26 @@ def nearest(grid: list[float], values: np.ndarray) -> np.ndarray:
     return g[np.abs(values[:, None] - g[None, :]).argmin(axis=1)]
 
 
-def _replace_rows(
-    ctx: RunContext, clean: CleanRun, label: str, y: Tensor, seq_offset: int
-) -> pd.DataFrame:
-    """The sweep rows of replacing ``x`` by ``y`` [B, T, d] (float64; positions before the
-    scope's first keep ``x``), with ``size`` = ||y - x|| per row."""
-    step = y - clean.x.double()
-    df = sweep(
-        ctx.model, clean, {label: step}, replace(ctx.plan, lengths=[1.0]), seq_offset=seq_offset
-    )
-    size = step.norm(dim=-1).cpu().numpy()
-    df["size"] = size[df["seq"].to_numpy() - seq_offset, df["pos"].to_numpy().astype(np.int64)]
-    return df
-
-
-def _per_row(values: Tensor, df: pd.DataFrame, seq_offset: int) -> np.ndarray:
+def _at_rows(values: Tensor, df: pd.DataFrame, seq_offset: int) -> np.ndarray:
     """A per-token value [B, T] at each row's (seq, pos)."""
     v = values.cpu().numpy()
     return v[df["seq"].to_numpy() - seq_offset, df["pos"].to_numpy().astype(np.int64)]
 
 
-def same_cosine_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
-    """Rows of one shard: every direction x grid cosine, then the SAE points."""
+def _targets(
+    ctx: RunContext, shard_id: str, clean: CleanRun, x_sae: Tensor | None
+) -> list[tuple[str, float | None, Tensor, Tensor]]:
+    """``(label, grid cosine or None for SAE(x), y [B, T, d] float64, ratio [B, T])`` of every
+    replacement; positions before the scope's first keep ``x``."""
     opts: SameCosineOptions = ctx.config.same_cosine
-    if opts.norm_ratio == SAE_RATIO and ctx.sae is None:
-        raise ValueError(
-            "same_cosine.norm_ratio: sae needs an SAE at the hook: set sae=... (a trained SAE "
-            "folder or release:sae_id), or give the ratio as a number (e.g. 0.9)."
-        )
-    offset = ctx.shard_slice(shard_id).start
-    clean = shard_clean(ctx, shard_id)
     x = clean.x.double()
     b, t, d = x.shape
     first = ctx.plan.first_position(t)
-    x_sae = None
-    if ctx.sae is not None:
-        with torch.no_grad():
-            x_sae = ctx.sae(clean.x.to(ctx.sae.W_enc.dtype)).double()
-    ratio = (
-        norm_ratio(x, x_sae)
-        if opts.norm_ratio == SAE_RATIO
-        else torch.full((b, t), opts.norm_ratio, dtype=torch.float64)
-    )
-    frames = []
+    if opts.norm_ratio == SAE_RATIO:
+        ratio = norm_ratio(x, x_sae)
+    else:
+        ratio = torch.full((b, t), float(opts.norm_ratio), dtype=torch.float64, device=x.device)
+    out = []
     for label, noise in shard_directions(ctx, shard_id, clean.x).items():
         for c in opts.cosines:
             y = x.clone()
@@ -135,25 +112,45 @@ def same_cosine_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
                 ratio[:, first:].reshape(-1),
                 noise=noise[:, first:].reshape(-1, d),
             ).reshape(b, t - first, d)
-            df = _replace_rows(ctx, clean, label, y, offset)
-            df["length"] = c
-            df["cosine"] = c
-            df["norm_ratio"] = _per_row(ratio, df, offset)
-            frames.append(df)
+            out.append((label, c, y, ratio))
     if x_sae is not None and opts.sae_points:
         y = x.clone()
         y[:, first:] = x_sae[:, first:]
-        df = _replace_rows(ctx, clean, SAE_LABEL, y, offset)
-        own = _per_row(cosine(x, x_sae), df, offset)
-        df["length"] = nearest(opts.cosines, own)
+        out.append((SAE_LABEL, None, y, norm_ratio(x, x_sae)))
+    return out
+
+
+def same_cosine_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
+    """Rows of one shard: every direction x grid cosine, then the SAE points (one sweep at
+    length 1 along ``y - x`` per replacement, sharing the clean pass)."""
+    opts: SameCosineOptions = ctx.config.same_cosine
+    if opts.norm_ratio == SAE_RATIO and ctx.sae is None:
+        raise ValueError(
+            "same_cosine.norm_ratio: sae needs an SAE at the hook: set sae=... (a trained SAE "
+            "folder or release:sae_id), or give the ratio as a number (e.g. 0.9)."
+        )
+    offset = ctx.shard_slice(shard_id).start
+    clean = shard_clean(ctx, shard_id)
+    x = clean.x.double()
+    x_sae = None
+    if ctx.sae is not None:
+        with torch.no_grad():
+            x_sae = ctx.sae(clean.x.to(ctx.sae.W_enc.dtype)).double()
+    targets = _targets(ctx, shard_id, clean, x_sae)
+    steps = {str(i): y - x for i, (_, _, y, _) in enumerate(targets)}
+    rows = sweep(ctx.model, clean, steps, replace(ctx.plan, lengths=[1.0]), seq_offset=offset)
+    frames = []
+    for key, df in rows.groupby("direction", observed=True, sort=False):
+        label, c, _, ratio = targets[int(key)]
+        df = df.assign(direction=label, size=_at_rows(steps[key].norm(dim=-1), df, offset))
+        own = _at_rows(cosine(x, x_sae), df, offset) if c is None else np.full(len(df), c)
+        df["length"] = nearest(opts.cosines, own) if c is None else c
         df["cosine"] = own
-        df["norm_ratio"] = _per_row(norm_ratio(x, x_sae), df, offset)
+        df["norm_ratio"] = _at_rows(ratio, df, offset)
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)
-    labels = [dc.label for dc in ctx.directions_of(shard_id)]
-    if x_sae is not None and opts.sae_points:
-        labels.append(SAE_LABEL)
-    out["direction"] = pd.Categorical(out["direction"].astype(str), categories=labels)
+    labels = list(dict.fromkeys(label for label, *_ in targets))
+    out["direction"] = pd.Categorical(out["direction"], categories=labels)
     return out.astype({"cosine": np.float64, "norm_ratio": np.float32, "size": np.float32})
 
 

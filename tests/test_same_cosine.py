@@ -436,3 +436,55 @@ def test_suite_figures_5_6_show_each_sae_by_type_and_l0(tmp_path: Path) -> None:
             )
             assert lines[baseline].get_linestyle() == "--"
     assert set(plot.data["sae"]) == set(saes)
+
+
+def test_run_suite_records_l0_and_writes_figures_5_6(llama_dir: Path, tmp_path: Path) -> None:
+    """``run_suite`` on two random SAEs: ``saes.json`` holds each one's L0, here recomputed from
+    transformers' activations (latents > 0, positions 1 .. T-2: no BOS, no last position), and
+    figures 5-6 are written."""
+    import json
+
+    from perturb_lens.saes.suite import SAESuiteConfig, run_suite
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
+    d = hf.config.hidden_size
+    hook = "blocks.1.hook_resid_pre"
+    saes = {
+        "local-l1-1": random_sae(d, 96, hook=hook, bias=-0.2),
+        "e2e-l1-1": random_sae(d, 96, hook=hook, bias=-1.0, seed=1),
+    }
+    for label, sae in saes.items():
+        sae.save(tmp_path / "saes" / label)
+    src = tmp_path / "text.txt"
+    src.write_text("The cat sat on the mat and looked at the dog for a while.\n" * 20)
+    cfg = SAESuiteConfig(
+        name="s",
+        base={
+            "model": str(llama_dir),
+            "frame": "raw",
+            "lengths": [0.0, 2.0],
+            "metrics": ["kl"],
+            "data": {"source": str(src), "seq_len": T, "n_seqs": 2},
+            "stats": {"pool_size": 8},
+            "include_bos": False,
+            "directions": ["sae-error", "isotropic"],
+        },
+        saes=[{"label": k, "sae": str(tmp_path / "saes" / k)} for k in saes],
+    )
+    out = run_suite(cfg, tmp_path / "suite", progress=False)
+    records = {r["label"]: r for r in json.loads((out / "saes.json").read_text())}
+    assert {k: r["type"] for k, r in records.items()} == {"local-l1-1": "local", "e2e-l1-1": "e2e"}
+    from perturb_lens import load_model
+    from perturb_lens.data import dataset_tokens
+
+    tokens = dataset_tokens(
+        validate_config(cfg.run_config(cfg.saes[0], hook)).data, load_model(str(llama_dir))
+    )
+    x, _, _ = hooked_forward(hf, tokens, 1, "hook_resid_pre", None)
+    for label, sae in saes.items():
+        with torch.no_grad():
+            f = sae.encode(x[:, 1:-1].float())
+        # one latent within float32 rounding of 0 may flip between the two float32 forwards
+        ref = float((f > 0).sum(-1).double().mean())
+        assert abs(records[label]["l0"] - ref) <= 1.0 / f.shape[0] / f.shape[1] + 1e-9
+    assert (out / "figures" / "fig5_6_kl.png").is_file()

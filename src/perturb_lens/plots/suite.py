@@ -114,11 +114,14 @@ def extrapolation_panels(data: pd.DataFrame, *, xlabel: str, ylabel: str, title:
 
 
 def suite_figures(folder: str | Path, metrics: tuple[str, ...] = ("kl", "l2")) -> list[Plot]:
-    """Figures 5-6 of a suite folder, one per metric its runs have."""
+    """Figures 5-6 of a suite folder, one per metric its runs have (none for a suite of
+    one-length runs: SAE substitution)."""
     views = suite_views(folder)
     if not views:
         raise ValueError(f"No finished runs under {folder}.")
     first = views[0][0]
+    if first.rows["length"].nunique() < 2:  # a substitution suite: figures 3-4, not 5-6
+        return []
     out = []
     for metric in [m for m in metrics if m in first.rows.columns]:
         data = extrapolation_curves(folder, metric)

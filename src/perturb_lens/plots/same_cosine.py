@@ -38,7 +38,11 @@ def sae_bins(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
 def sae_points(rows: pd.DataFrame, metric: str, limit: int = MAX_POINTS) -> pd.DataFrame:
     """The SAE points (``seq``, ``pos``, own ``cosine``, ``metric``): all, or a seeded sample of
     ``limit`` of them."""
-    sae = rows.loc[rows["direction"].astype(str) == SAE_LABEL, ["seq", "pos", "cosine", metric]]
+    columns = ["seq", "pos", "cosine", metric]
+    sae = rows[rows["direction"].astype(str) == SAE_LABEL]
+    if sae.empty:  # a run without an SAE
+        return pd.DataFrame(columns=columns)
+    sae = sae[columns]
     if len(sae) > limit:
         sae = sae.sample(limit, random_state=0).sort_index()
     return sae.reset_index(drop=True)

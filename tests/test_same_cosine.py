@@ -503,3 +503,32 @@ def test_run_suite_records_l0_and_writes_figures_5_6(llama_dir: Path, tmp_path: 
         ref = float((f > 0).sum(-1).double().mean())
         assert abs(records[label]["l0"] - ref) <= 1.0 / f.shape[0] / f.shape[1] + 1e-9
     assert (out / "figures" / "fig5_6_kl.png").is_file()
+
+
+def test_cli_prints_the_cosine_tables(gpt2_dir: Path, webtext_path: Path, tmp_path: Path) -> None:
+    """``perturb-lens run`` of a same-cosine config with an SAE folder: the means by cosine and
+    the SAE bins are printed; no verdicts (directions are not swept by length here)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from perturb_lens.cli import app
+
+    random_sae(64, 128, hook="blocks.1.hook_resid_pre", bias=-0.5).save(tmp_path / "sae")
+    cfg = _config(
+        gpt2_dir,
+        "blocks.1.hook_resid_pre",
+        sae=str(tmp_path / "sae"),
+        metrics=["kl"],
+        directions=["isotropic"],
+        data={"source": str(webtext_path), "seq_len": 8, "n_seqs": 2},
+        same_cosine={"cosines": [0.5, 1.0], "norm_ratio": "sae"},
+    )
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (
+        "mean kl by cosine to x" in result.output
+        and "SAE(x) points per cosine bin" in result.output
+    )
+    assert "verdict" not in result.output.lower()

@@ -72,9 +72,10 @@ def norm_ratio(x: Tensor, x_sae: Tensor) -> Tensor:
 
 
 def cosine(x: Tensor, y: Tensor) -> Tensor:
-    """``cos(x, y)`` per row, float64."""
+    """``cos(x, y)`` per row, float64; 0 where ``y`` is zero (an SAE output of zero is no
+    direction: the ablation, which every cosine reaches at ratio 0)."""
     x, y = x.double(), y.double()
-    return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+    return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def nearest(grid: list[float], values: np.ndarray) -> np.ndarray:

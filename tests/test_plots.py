@@ -127,6 +127,8 @@ def test_each_preset_yields_its_figure_set(preset: Path, tmp_path: Path) -> None
         metric = "l2" if "l2" in metrics else metrics[0]
         expected = {f"dist_{c}" for c in info.curve_stats}
         expected |= {f"all_{metric}", f"quantiles_{metric}", f"tokens_{metric}"}
+    elif info.figures == "same-cosine":
+        expected = {f"same_cosine_{m}" for m in metrics}
     elif view.rows["length"].nunique() == 1:  # SAE substitution
         expected = {f"substitution_{m}" for m in metrics} | {"scatter_size_kl"}
     else:

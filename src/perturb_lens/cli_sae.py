@@ -127,3 +127,4 @@ def run_suite_cmd(
         )
     Console().print(table)
     Console().print(f"Summary: [bold]{folder / 'summary.csv'}[/bold]")
+    Console().print(f"Figures 5-6: [bold]{folder / 'figures'}[/bold]")

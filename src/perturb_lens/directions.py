@@ -37,6 +37,7 @@ from torch import Tensor
 from perturb_lens.stats import ActivationStats, sample_gaussian
 
 ZERO_NORM_EPS = 1e-12  # rows shorter than this (in float64) count as zero
+PARALLEL_TOL = 1e-9  # a vector whose part orthogonal to x is this small (relative) is parallel
 
 
 @dataclass
@@ -257,10 +258,17 @@ def explicit_directions(t: Tensor) -> DirectionFn:
 
 
 def same_cosine_target(
-    x: Tensor, cos: float | Tensor, norm_ratio: float | Tensor, generator: torch.Generator
+    x: Tensor,
+    cos: float | Tensor,
+    norm_ratio: float | Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """A target ``y`` per row of ``x`` ([N, d] or [d]) with ``cos(x, y) = cos`` and
-    ``||y|| = norm_ratio * ||x||``; its part orthogonal to ``x`` points in a random direction.
+    ``||y|| = norm_ratio * ||x||``; its part orthogonal to ``x`` points along ``noise``'s part
+    orthogonal to ``x`` (``noise``: any vectors shaped like ``x``, e.g. a direction generator's;
+    None: an isotropic draw from ``generator``).
 
     ``cos`` and ``norm_ratio`` are scalars or per-row tensors [N]. Computed in float64, returned in
     ``x``'s dtype.
@@ -276,11 +284,23 @@ def same_cosine_target(
     if bool((x_norm == 0).any()):
         raise ValueError("same_cosine_target: x has a zero row, whose cosine is undefined.")
     n_hat = x64 / x_norm
-    u = _randn(x64.shape, generator, x.device, torch.float64)
+    if noise is None:
+        if generator is None:
+            raise ValueError("same_cosine_target needs a generator or the noise vectors.")
+        u = _randn(x64.shape, generator, x.device, torch.float64)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; x has {tuple(x.shape)}")
+    else:
+        u = noise.to(x.device, torch.float64)
+    raw_norm = u.norm(dim=-1, keepdim=True)
     u = u - (u * n_hat).sum(-1, keepdim=True) * n_hat  # orthogonal complement of x
     u_norm = u.norm(dim=-1, keepdim=True)
-    if bool((u_norm == 0).any()):
-        raise ValueError("same_cosine_target needs d_model >= 2 (an orthogonal complement).")
+    # parallel to x up to float64 rounding of the projection (~d * 2^-53 of the raw norm)
+    if bool((u_norm <= PARALLEL_TOL * raw_norm).any() or (raw_norm == 0).any()):
+        raise ValueError(
+            "same_cosine_target: the random part is parallel to x in some row (d_model < 2, or "
+            "a generator whose vector is a multiple of x, such as ablation): use another one."
+        )
     u = u / u_norm
     y = (c * n_hat + (1 - c**2).clamp_min(0).sqrt() * u) * (ratio * x_norm)
     return y.to(x.dtype)

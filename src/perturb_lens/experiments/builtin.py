@@ -2,6 +2,7 @@
 
 from perturb_lens.experiments import (  # noqa: F401  (each module registers its experiment)
     plateaus,
+    same_cosine,
     sensitive_directions,
     stable_regions,
     synthetic_activations,

@@ -54,7 +54,7 @@ VERDICT_COLUMNS = [
 ]
 
 
-NOT_JUDGED = ("plateaus", "stable-regions")
+NOT_JUDGED = ("plateaus", "stable-regions", "same-cosine")
 """Experiments whose rows are per-base curves, not directions swept from the same tokens."""
 
 

@@ -18,19 +18,28 @@ of the ``reference`` direction's mean (default label ``SAE(x)``) to every other 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from perturb_lens.config import ConfigError, apply_overrides, read_config_file, validate_config
+from perturb_lens.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    read_config_file,
+    validate_config,
+)
 from perturb_lens.metrics import metric_names
 from perturb_lens.models.base import LensModel
 from perturb_lens.results.store import load_manifest
 from perturb_lens.results.summary import summary_rows
+from perturb_lens.saes.sae import SAE
 
 SUMMARY_FILE = "summary.csv"
+_TAIL = re.compile(r"[-_](?:l1[-_]?|L|l|k)[\d.]+$")
 
 
 class _Strict(BaseModel):
@@ -43,6 +52,11 @@ class SuiteSAE(_Strict):
     label: str
     sae: str = Field(description="SAELens folder, release:sae_id, or e2e_sae checkpoint")
     hook: str | None = Field(None, description="default: the hook the SAE records")
+    type: str | None = Field(
+        None,
+        description="its panel in figures 5-6; default: the objective it was trained with "
+        "(perturb-lens sae train), else the label without a trailing -l1-N / -LN",
+    )
 
 
 class SAESuiteConfig(_Strict):
@@ -93,9 +107,13 @@ def run_suite(
     model: LensModel | None = None,
     progress: bool = True,
     only: list[str] | None = None,
+    figures: bool = True,
 ) -> Path:
-    """Run (or resume) every SAE's sweep into ``out/<label>``; write and return ``out``."""
+    """Run (or resume) every SAE's sweep into ``out/<label>``; write and return ``out``: also
+    ``saes.json`` (each SAE's type and L0 on the run's tokens), ``summary.csv`` and, with
+    ``figures``, figures 5-6 (``plots.suite``) in ``out/figures``."""
     from perturb_lens.models.load import load_model
+    from perturb_lens.plots.suite import SAES_FILE
     from perturb_lens.runner import run_experiment
     from perturb_lens.saes.io import load_sae
 
@@ -107,6 +125,7 @@ def run_suite(
     )
     if model is None:
         model = load_model(base.model, frame=base.frame, dtype=base.dtype, device=base.device)
+    records = _read_records(out / SAES_FILE)
     for entry in cfg.saes:
         if only is not None and entry.label not in only:
             continue
@@ -116,9 +135,41 @@ def run_suite(
         run_experiment(
             run_cfg, run_dir, resume=run_dir.exists(), model=model, sae=sae, progress=progress
         )
+        records[entry.label] = sae_record(entry, sae, model, run_cfg)
+    (out / SAES_FILE).write_text(json.dumps(list(records.values()), indent=1))
     summary = suite_summary(out, reference=cfg.reference)
     summary.to_csv(out / SUMMARY_FILE, index=False)
+    if figures:
+        from perturb_lens.plots.registry import save_plots
+        from perturb_lens.plots.suite import suite_figures
+
+        save_plots(suite_figures(out), out / "figures")
     return out
+
+
+def sae_type(entry: SuiteSAE, sae: SAE) -> str:
+    """The SAE's type (a panel of figures 5-6): the entry's ``type``, else the objective it was
+    trained with, else its label without a trailing ``-l1-N`` / ``-LN`` / ``-kN``."""
+    if entry.type:
+        return entry.type
+    objective = sae.cfg.metadata.get("objective") if sae.cfg.metadata else None
+    return str(objective) if objective else _TAIL.sub("", entry.label) or entry.label
+
+
+def sae_record(entry: SuiteSAE, sae: SAE, model: LensModel, run_cfg: ExperimentConfig) -> dict:
+    """``label``, ``hook``, ``type`` and ``l0`` (mean over the run's tokens and averaged positions)
+    of one SAE of the suite."""
+    from perturb_lens.data import dataset_tokens
+    from perturb_lens.saes.stats import sae_stats
+
+    tokens = dataset_tokens(run_cfg.data, model, progress=False)
+    stats = sae_stats(sae, model, tokens, include_bos=run_cfg.include_bos, progress=False)[0]
+    return {"label": entry.label, "hook": sae.hook, "type": sae_type(entry, sae), "l0": stats.l0}
+
+
+def _read_records(path: Path) -> dict[str, dict]:
+    """The SAE records of an earlier (partial) run of the suite, by label."""
+    return {r["label"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
 
 
 def suite_summary(out: str | Path, *, reference: str = "SAE(x)") -> pd.DataFrame:

@@ -1,0 +1,182 @@
+"""Same-cosine perturbations (the LessWrong replication thread): replace each activation ``x`` by a
+target ``y`` with a chosen cosine to ``x`` and a chosen norm ratio ``||y|| / ||x||``, and measure
+the output against the cosine grid. SAE(x) is a point of the same plane: with an SAE at the hook,
+each token's own ``(cos(SAE(x), x), metric of SAE(x))`` is recorded too, so the figures show
+whether SAE(x) is worse than random perturbations of the same cosine.
+
+The run's ``directions`` give the random part of ``y`` (their vector's part orthogonal to ``x``):
+isotropic, cov-random, real, any registered generator. Rows: one per token x direction x cosine,
+``length`` = the grid cosine (so the summaries and figures group by it as by a length), ``cosine``
+= the cosine of the row's target, ``norm_ratio`` and ``size`` = ``||y - x||``. SAE rows (direction
+``SAE(x)``) carry the token's own cosine and ratio, and as ``length`` the nearest grid cosine: their
+means per ``length`` are the binned means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor
+
+from perturb_lens.config import ExperimentConfig
+from perturb_lens.directions import same_cosine_target
+from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
+from perturb_lens.engine.sweep import sweep
+from perturb_lens.experiments.registry import register_experiment
+from perturb_lens.models.base import CleanRun
+
+SAE_LABEL = "SAE(x)"
+SAE_RATIO = "sae"
+
+
+class SameCosineOptions(BaseModel):
+    """The ``same_cosine`` section: the cosine grid and the norm ratio of the targets."""
+
+    model_config = ConfigDict(extra="forbid")
+    cosines: list[float] = Field(
+        default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
+        min_length=1,
+        description="cos(y, x) of the targets, each in [-1, 1]",
+    )
+    norm_ratio: float | Literal["sae"] = Field(
+        0.9, description="||y|| / ||x|| (>= 0), or 'sae': the SAE's own ratio per token"
+    )
+    sae_points: bool = Field(True, description="with an SAE at the hook, record SAE(x) per token")
+
+    @field_validator("cosines")
+    @classmethod
+    def _check_cosines(cls, v: list[float]) -> list[float]:
+        bad = [c for c in v if not -1.0 <= c <= 1.0]
+        if bad:
+            raise ValueError(f"cosines must lie in [-1, 1]; got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"cosines must be distinct; got {v}")
+        return sorted(v)
+
+    @field_validator("norm_ratio")
+    @classmethod
+    def _check_ratio(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not (v >= 0 and np.isfinite(v)):
+            raise ValueError(f"norm_ratio must be a finite number >= 0 or 'sae'; got {v}")
+        return v
+
+
+def norm_ratio(x: Tensor, x_sae: Tensor) -> Tensor:
+    """``||SAE(x)|| / ||x||`` per row, float64."""
+    return x_sae.double().norm(dim=-1) / x.double().norm(dim=-1)
+
+
+def cosine(x: Tensor, y: Tensor) -> Tensor:
+    """``cos(x, y)`` per row, float64; 0 where ``y`` is zero (an SAE output of zero is no
+    direction: the ablation, which every cosine reaches at ratio 0)."""
+    x, y = x.double(), y.double()
+    return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def nearest(grid: list[float], values: np.ndarray) -> np.ndarray:
+    """The grid value nearest to each value (the bin of an SAE point)."""
+    g = np.asarray(grid, dtype=np.float64)
+    return g[np.abs(values[:, None] - g[None, :]).argmin(axis=1)]
+
+
+def _at_rows(values: Tensor, df: pd.DataFrame, seq_offset: int) -> np.ndarray:
+    """A per-token value [B, T] at each row's (seq, pos)."""
+    v = values.cpu().numpy()
+    return v[df["seq"].to_numpy() - seq_offset, df["pos"].to_numpy().astype(np.int64)]
+
+
+def _targets(
+    ctx: RunContext, shard_id: str, clean: CleanRun, x_sae: Tensor | None
+) -> list[tuple[str, float | None, Tensor, Tensor]]:
+    """``(label, grid cosine or None for SAE(x), y [B, T, d] float64, ratio [B, T])`` of every
+    replacement; positions before the scope's first keep ``x``."""
+    opts: SameCosineOptions = ctx.config.same_cosine
+    x = clean.x.double()
+    b, t, d = x.shape
+    first = ctx.plan.first_position(t)
+    if opts.norm_ratio == SAE_RATIO:
+        ratio = norm_ratio(x, x_sae)
+    else:
+        ratio = torch.full((b, t), float(opts.norm_ratio), dtype=torch.float64, device=x.device)
+    out = []
+    for label, noise in shard_directions(ctx, shard_id, clean.x).items():
+        for c in opts.cosines:
+            y = x.clone()
+            y[:, first:] = same_cosine_target(
+                x[:, first:].reshape(-1, d),
+                c,
+                ratio[:, first:].reshape(-1),
+                noise=noise[:, first:].reshape(-1, d),
+            ).reshape(b, t - first, d)
+            out.append((label, c, y, ratio))
+    if x_sae is not None and opts.sae_points:
+        y = x.clone()
+        y[:, first:] = x_sae[:, first:]
+        out.append((SAE_LABEL, None, y, norm_ratio(x, x_sae)))
+    return out
+
+
+def same_cosine_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
+    """Rows of one shard: every direction x grid cosine, then the SAE points (one sweep at
+    length 1 along ``y - x`` per replacement, sharing the clean pass)."""
+    opts: SameCosineOptions = ctx.config.same_cosine
+    if opts.norm_ratio == SAE_RATIO and ctx.sae is None:
+        raise ValueError(
+            "same_cosine.norm_ratio: sae needs an SAE at the hook: set sae=... (a trained SAE "
+            "folder or release:sae_id), or give the ratio as a number (e.g. 0.9)."
+        )
+    offset = ctx.shard_slice(shard_id).start
+    clean = shard_clean(ctx, shard_id)
+    x = clean.x.double()
+    x_sae = None
+    if ctx.sae is not None:
+        with torch.no_grad():
+            x_sae = ctx.sae(clean.x.to(ctx.sae.W_enc.dtype)).double()
+    targets = _targets(ctx, shard_id, clean, x_sae)
+    steps = {str(i): y - x for i, (_, _, y, _) in enumerate(targets)}
+    rows = sweep(ctx.model, clean, steps, replace(ctx.plan, lengths=[1.0]), seq_offset=offset)
+    frames = []
+    for key, df in rows.groupby("direction", observed=True, sort=False):
+        label, c, _, ratio = targets[int(key)]
+        df = df.assign(direction=label, size=_at_rows(steps[key].norm(dim=-1), df, offset))
+        own = _at_rows(cosine(x, x_sae), df, offset) if c is None else np.full(len(df), c)
+        df["length"] = nearest(opts.cosines, own) if c is None else c
+        df["cosine"] = own
+        df["norm_ratio"] = _at_rows(ratio, df, offset)
+        frames.append(df)
+    out = pd.concat(frames, ignore_index=True)
+    labels = list(dict.fromkeys(label for label, *_ in targets))
+    out["direction"] = pd.Categorical(out["direction"], categories=labels)
+    return out.astype({"cosine": np.float64, "norm_ratio": np.float32, "size": np.float32})
+
+
+def same_cosine_tables(rows: pd.DataFrame, cfg: ExperimentConfig) -> dict[str, pd.DataFrame]:
+    """Mean of the first metric per direction at every grid cosine (SAE(x): per nearest grid
+    cosine, with the number of tokens in each bin)."""
+    metric = cfg.metrics[0]
+    means = rows.groupby(["direction", "length"], observed=True)[metric].mean().unstack("length")
+    means.columns = [f"cos={c:g}" for c in means.columns]
+    out = {f"mean {metric} by cosine to x (SAE(x): binned by its own cosine)": means.reset_index()}
+    sae = rows[rows["direction"] == SAE_LABEL]
+    if len(sae):
+        bins = sae.groupby("length")["cosine"].agg(["count", "mean"]).T
+        bins.columns = [f"cos={c:g}" for c in bins.columns]
+        bins.index = ["SAE(x) tokens", "SAE(x) mean cos"]
+        out["SAE(x) points per cosine bin"] = bins.rename_axis("direction").reset_index()
+    return out
+
+
+register_experiment(
+    "same-cosine",
+    same_cosine_shard,
+    description="replace x by targets at a grid of cosines to x and a fixed norm ratio",
+    options=SameCosineOptions,
+    section="same_cosine",
+    tables=same_cosine_tables,
+    figures="same-cosine",
+)

@@ -245,6 +245,11 @@ def prepare(
     _check_context(tokens.shape[1] if tokens is not None else cfg.data.seq_len, model)
     sae = _run_sae(cfg, model, sae)  # a mismatched SAE fails here, before any work
     given = tokens is not None
+    if tokens is None and model.tokenizer is None:
+        raise ValueError(
+            "The model has no tokenizer to read config.data with: pass tokens= (a [N, T] tensor "
+            "of token ids), or load the model with load_model(obj, tokenizer=...)."
+        )
     if tokens is None:
         tokens = dataset_tokens(cfg.data, model, progress=progress)
     stats_files = None
@@ -352,7 +357,7 @@ def run_experiment(
     out: str | Path | None = None,
     *,
     resume: bool = False,
-    model: LensModel | None = None,
+    model: Any = None,
     tokens: Tensor | None = None,
     explicit: Mapping[str, Tensor] | None = None,
     progress: bool = True,
@@ -365,7 +370,8 @@ def run_experiment(
 ) -> Path:
     """Run (or resume) a sweep; write Parquet shards and a manifest to ``out``; return it.
 
-    ``model`` / ``tokens`` skip loading (notebooks, tests); ``explicit`` maps a direction name used
+    ``model`` / ``tokens`` skip loading (notebooks, tests): a LensModel, or a transformers
+    ``PreTrainedModel`` / TransformerLens ``HookedTransformer`` object (see ``load_model``); ``explicit`` maps a direction name used
     in ``config.directions`` to fixed directions [N_seqs, T, d] or [d]. ``executor`` computes the
     shards: ``"local"`` (this process), ``"ray"`` (a Ray cluster at ``address``; None: a local
     one) or an :class:`~perturb_lens.executors.Executor`. ``shard_fn(ctx, shard_id)`` computes one
@@ -375,6 +381,12 @@ def run_experiment(
     count or CPU kind is refused (``allow_cpu_change``: accept another CPU kind).
     """
     cfg = config if isinstance(config, ExperimentConfig) else validate_config(dict(config))
+    if model is not None and not isinstance(model, LensModel):  # a HookedTransformer, HF model
+        from perturb_lens.models.load import load_model
+
+        model = load_model(
+            model, frame=cfg.frame, dtype=cfg.dtype, device=cfg.device, precision=cfg.precision
+        )
     cfg_dict = cfg.model_dump(mode="json")
     run_hash = config_hash(cfg_dict)
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{run_hash[:8]}"

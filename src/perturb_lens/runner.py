@@ -371,8 +371,9 @@ def run_experiment(
     """Run (or resume) a sweep; write Parquet shards and a manifest to ``out``; return it.
 
     ``model`` / ``tokens`` skip loading (notebooks, tests): a LensModel, or a transformers
-    ``PreTrainedModel`` / TransformerLens ``HookedTransformer`` object (see ``load_model``); ``explicit`` maps a direction name used
-    in ``config.directions`` to fixed directions [N_seqs, T, d] or [d]. ``executor`` computes the
+    ``PreTrainedModel`` / TransformerLens ``HookedTransformer`` object (see ``load_model``);
+    ``explicit`` maps a direction name used in ``config.directions`` to fixed directions
+    [N_seqs, T, d] or [d]. ``executor`` computes the
     shards: ``"local"`` (this process), ``"ray"`` (a Ray cluster at ``address``; None: a local
     one) or an :class:`~perturb_lens.executors.Executor`. ``shard_fn(ctx, shard_id)`` computes one
     shard's rows (default: the registered one of ``config.experiment``). ``sae``: an SAE object

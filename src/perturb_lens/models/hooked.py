@@ -88,11 +88,13 @@ def _writers(ht: Any) -> list[Tensor]:
 
 def _zero_mean(ws: list[Tensor], dim: int = -1) -> bool:
     """Whether every tensor has zero mean along ``dim`` up to rounding: the mean of a centered
-    weight is a sum of d roundings of at most eps * max|w| each, divided by d, so <= eps * max|w|;
-    64 eps leaves room for the centering's own subtraction (a raw weight's mean is ~|w|/sqrt(d))."""
+    weight is a sum of d roundings of at most eps * max|w| each, divided by d, so <= eps * max|w|
+    (eps of float32 at least: TransformerLens processes float64 weights to float32 accuracy, as
+    measured); 64 eps leaves room for the centering's own subtraction. A raw weight's mean is
+    ~max|w| / sqrt(d), far above."""
     for w in ws:
         w = w.detach()
-        eps = torch.finfo(w.dtype).eps
+        eps = max(torch.finfo(w.dtype).eps, torch.finfo(torch.float32).eps)
         if w.mean(dim).abs().max() > 64 * eps * w.abs().max().clamp_min(1e-30):
             return False
     return True

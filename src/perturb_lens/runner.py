@@ -56,6 +56,7 @@ from perturb_lens.results.store import (
     load_manifest,
     load_results,
 )
+from perturb_lens.run_handle import Run
 from perturb_lens.seeds import derive_seed
 from perturb_lens.stats import (
     DEFAULT_FIT_PER_DIM,
@@ -367,8 +368,9 @@ def run_experiment(
     shard_fn: ShardFn | None = None,
     sae: Any = None,
     allow_cpu_change: bool = False,
-) -> Path:
-    """Run (or resume) a sweep; write Parquet shards and a manifest to ``out``; return it.
+) -> Run:
+    """Run (or resume) a sweep; write Parquet shards and a manifest to ``out``; return it as a
+    :class:`~perturb_lens.run_handle.Run` (a ``Path``, with the results one call away).
 
     ``model`` / ``tokens`` skip loading (notebooks, tests): a LensModel, or a transformers
     ``PreTrainedModel`` / TransformerLens ``HookedTransformer`` object (see ``load_model``);
@@ -381,8 +383,13 @@ def run_experiment(
     (None: torch's default here, or on resume the recorded count); a resume with another thread
     count or CPU kind is refused (``allow_cpu_change``: accept another CPU kind).
     """
+    obj = model is not None and not isinstance(model, LensModel)  # HookedTransformer, HF model
+    if obj and not isinstance(config, ExperimentConfig) and "model" not in config:
+        from perturb_lens.models.from_objects import object_label
+
+        config = {**config, "model": object_label(model)}  # not the default model's name
     cfg = config if isinstance(config, ExperimentConfig) else validate_config(dict(config))
-    if model is not None and not isinstance(model, LensModel):  # a HookedTransformer, HF model
+    if obj:
         from perturb_lens.models.load import load_model
 
         model = load_model(
@@ -432,7 +439,7 @@ def run_experiment(
             if on_shard is not None:
                 on_shard(sid)
         store.finish({"seconds": round(time.perf_counter() - t0, 3), "shards": len(ids)})
-    return run_dir
+    return Run(run_dir)
 
 
 def _recorded_meta(run_dir: Path) -> dict[str, Any]:

@@ -77,6 +77,13 @@ def object_dtype_device(obj: Any) -> tuple[torch.dtype, torch.device]:
     return p.dtype, p.device
 
 
+def object_label(obj: Any) -> str:
+    """A short name of a model object for a run's config (``model``)."""
+    if is_hooked_transformer(obj):
+        return f"HookedTransformer:{obj.cfg.model_name}"
+    return str(getattr(obj, "name_or_path", "") or type(obj).__name__)
+
+
 def lens_from_object(
     obj: Any,
     *,

@@ -302,3 +302,41 @@ def test_saelens_object_equals_its_saved_folder(kind: str, tmp_path: Path) -> No
                 progress=False,
             )  # fmt: skip
     pd.testing.assert_frame_equal(load_results(runs["obj"]), load_results(runs["path"]))
+
+
+# ---- the run handle ------------------------------------------------------------------------
+
+
+@needs_tl
+def test_run_handle(tmp_path: Path) -> None:
+    """run_experiment returns a Run: still the Path it wrote to, with the results one call away
+    and an inline view (summary table, verdicts, main figure)."""
+    from matplotlib.figure import Figure
+
+    from perturb_lens import Run, open_run, plot
+    from perturb_lens.results import curves
+    from perturb_lens.results.summary import summary_rows
+
+    tokens = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
+    cfg = {"hook": "blocks.1.hook_resid_pre", "lengths": [0, 1, 4],
+           "directions": ["isotropic", "real-difference", "real-mixture"],
+           "stats": {"n_seqs": 4, "pool_size": 16}}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_experiment(
+            cfg, tmp_path / "run", model=make_ht("neox", torch.float32), tokens=tokens,
+            progress=False,
+        )  # fmt: skip
+    assert isinstance(run, Run) and isinstance(run, Path) and run == tmp_path / "run"
+    assert (run / "manifest.json").is_file() and str(run) == str(tmp_path / "run")
+    assert run.meta["model"] == "HookedTransformer:custom"  # not the default model's name
+    pd.testing.assert_frame_equal(run.rows(), load_results(tmp_path / "run"))
+    pd.testing.assert_frame_equal(run.curves("l2"), curves(summary_rows(run), "l2"))
+    assert set(run.verdicts().claim) >= {"real-difference > real-mixture"}
+    html = open_run(tmp_path / "run")._repr_html_()
+    assert "Verdicts" in html and "<svg" in html and "real-mixture" in html
+    assert isinstance(plot(run, "fig1"), Figure) and isinstance(plot(run, "all_l2"), Figure)
+    with pytest.raises(ValueError, match="its figures are: fig1_kl"):
+        plot(run, "fig9")
+    with pytest.raises(Exception, match="manifest"):
+        open_run(tmp_path)

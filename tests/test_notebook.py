@@ -38,7 +38,8 @@ def test_committed_notebook_has_no_outputs() -> None:
 
 def test_quickstart_notebook_runs(tmp_path: Path, smollm2) -> None:
     """Executed in a fresh kernel (working directory: a temporary folder, so its runs land
-    there); the run's inline view, the verdicts and two figures per part come out."""
+    there); the run's inline view, the verdicts and the figures come out. ``smollm2``: skips
+    without the embedded model, and has converted it into the cache the kernel inherits."""
     _require(*NOTEBOOK_NEEDS)
     import nbformat
     from nbclient import NotebookClient

@@ -253,6 +253,10 @@ def test_hf_object_equals_its_saved_folder(arch: str, tmp_path: Path) -> None:
         by_obj = run_experiment(cfg, tmp_path / "obj", model=obj, tokens=tokens, progress=False)
     assert type(load_model(obj)) is type(load_model(folder))
     assert load_model(obj).tokenizer is None  # built in memory: no folder to read one from
+    from transformers import AutoModelForCausalLM
+
+    reloaded = load_model(AutoModelForCausalLM.from_pretrained(folder))
+    assert reloaded.tokenizer is not None and str(folder) in reloaded.source  # its folder's
     pd.testing.assert_frame_equal(load_results(by_obj), load_results(by_path))
 
 

@@ -56,6 +56,7 @@ from perturb_lens.results.store import (
     load_manifest,
     load_results,
 )
+from perturb_lens.run_handle import Run
 from perturb_lens.seeds import derive_seed
 from perturb_lens.stats import (
     DEFAULT_FIT_PER_DIM,
@@ -245,6 +246,11 @@ def prepare(
     _check_context(tokens.shape[1] if tokens is not None else cfg.data.seq_len, model)
     sae = _run_sae(cfg, model, sae)  # a mismatched SAE fails here, before any work
     given = tokens is not None
+    if tokens is None and model.tokenizer is None:
+        raise ValueError(
+            "The model has no tokenizer to read config.data with: pass tokens= (a [N, T] tensor "
+            "of token ids), or load the model with load_model(obj, tokenizer=...)."
+        )
     if tokens is None:
         tokens = dataset_tokens(cfg.data, model, progress=progress)
     stats_files = None
@@ -352,7 +358,7 @@ def run_experiment(
     out: str | Path | None = None,
     *,
     resume: bool = False,
-    model: LensModel | None = None,
+    model: Any = None,
     tokens: Tensor | None = None,
     explicit: Mapping[str, Tensor] | None = None,
     progress: bool = True,
@@ -362,11 +368,14 @@ def run_experiment(
     shard_fn: ShardFn | None = None,
     sae: Any = None,
     allow_cpu_change: bool = False,
-) -> Path:
-    """Run (or resume) a sweep; write Parquet shards and a manifest to ``out``; return it.
+) -> Run:
+    """Run (or resume) a sweep; write Parquet shards and a manifest to ``out``; return it as a
+    :class:`~perturb_lens.run_handle.Run` (a ``Path``, with the results one call away).
 
-    ``model`` / ``tokens`` skip loading (notebooks, tests); ``explicit`` maps a direction name used
-    in ``config.directions`` to fixed directions [N_seqs, T, d] or [d]. ``executor`` computes the
+    ``model`` / ``tokens`` skip loading (notebooks, tests): a LensModel, or a transformers
+    ``PreTrainedModel`` / TransformerLens ``HookedTransformer`` object (see ``load_model``);
+    ``explicit`` maps a direction name used in ``config.directions`` to fixed directions
+    [N_seqs, T, d] or [d]. ``executor`` computes the
     shards: ``"local"`` (this process), ``"ray"`` (a Ray cluster at ``address``; None: a local
     one) or an :class:`~perturb_lens.executors.Executor`. ``shard_fn(ctx, shard_id)`` computes one
     shard's rows (default: the registered one of ``config.experiment``). ``sae``: an SAE object
@@ -374,7 +383,18 @@ def run_experiment(
     (None: torch's default here, or on resume the recorded count); a resume with another thread
     count or CPU kind is refused (``allow_cpu_change``: accept another CPU kind).
     """
+    obj = model is not None and not isinstance(model, LensModel)  # HookedTransformer, HF model
+    if obj and not isinstance(config, ExperimentConfig) and "model" not in config:
+        from perturb_lens.models.from_objects import object_label
+
+        config = {**config, "model": object_label(model)}  # not the default model's name
     cfg = config if isinstance(config, ExperimentConfig) else validate_config(dict(config))
+    if obj:
+        from perturb_lens.models.load import load_model
+
+        model = load_model(
+            model, frame=cfg.frame, dtype=cfg.dtype, device=cfg.device, precision=cfg.precision
+        )
     cfg_dict = cfg.model_dump(mode="json")
     run_hash = config_hash(cfg_dict)
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{run_hash[:8]}"
@@ -419,7 +439,7 @@ def run_experiment(
             if on_shard is not None:
                 on_shard(sid)
         store.finish({"seconds": round(time.perf_counter() - t0, 3), "shards": len(ids)})
-    return run_dir
+    return Run(run_dir)
 
 
 def _recorded_meta(run_dir: Path) -> dict[str, Any]:

@@ -98,6 +98,8 @@ class GenericLens(LensModel):
     """A Hugging Face causal LM wrapped with forward hooks (frame ``raw`` only)."""
 
     family = "generic"
+    # kinds read at a module's input (forward pre-hook); the others at its output
+    pre_hook_kinds: tuple[str, ...] = ("hook_resid_pre",)
 
     def _read_spec(self, hf_model: nn.Module) -> ModelSpec:
         self.layers = find_layers(hf_model)
@@ -182,7 +184,7 @@ class GenericLens(LensModel):
         try:
             for hook in points:
                 module = self._module_for(hook)
-                if hook.kind == "hook_resid_pre":
+                if hook.kind in self.pre_hook_kinds:
                     handles.append(
                         module.register_forward_pre_hook(pre_hook(hook), with_kwargs=True)
                     )
@@ -204,8 +206,12 @@ class GenericLens(LensModel):
         store: dict[str, Tensor] = {}
         hooked = self._hooked(points, store, stop_at=stop_at)
         with torch.inference_mode(), hooked, suppress(_StopForward):
-            self.model(input_ids=tokens, use_cache=False)
+            self._call(tokens)
         return store
+
+    def _call(self, tokens: Tensor) -> None:
+        """The wrapped model's forward over ``tokens`` (hooks capture what is wanted)."""
+        self.model(input_ids=tokens, use_cache=False)
 
     # ---- the LensModel interface -------------------------------------------------------------
     def _run_to_hook(self, tokens: Tensor, hook: Hook) -> Tensor:

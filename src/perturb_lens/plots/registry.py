@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from perturb_lens.experiments.registry import ExperimentInfo, find_experiment
@@ -39,7 +38,7 @@ from perturb_lens.results.aggregate import (
     threshold_summary,
 )
 from perturb_lens.results.analysis import pick_lengths
-from perturb_lens.results.shards import results_mode
+from perturb_lens.results.shards import results_mode, shard_columns
 from perturb_lens.results.store import load_manifest
 from perturb_lens.results.summary import summary_rows
 
@@ -142,9 +141,7 @@ class RunView:
         """The result columns: a rows run's shard schema, an aggregate run's metrics."""
         if results_mode(self.manifest) == "aggregate":
             return list(self.config.get("metrics", []))
-        shards = self.manifest["shards"]
-        first = shards[min(shards)]["file"] if shards else None
-        return pq.read_schema(self.run_dir / first).names if first else []
+        return shard_columns(self.run_dir, self.manifest)
 
     @property
     def metrics(self) -> list[str]:

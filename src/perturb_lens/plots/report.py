@@ -569,12 +569,7 @@ def write_comparison(
         else "<p>The configs are identical.</p>"
     )
     table = (
-        pd.concat(
-            [
-                _alpha_columns(v.summary_table(metric)).assign(run=v.label)
-                for v in views
-            ]
-        )
+        pd.concat([_alpha_columns(v.summary_table(metric)).assign(run=v.label) for v in views])
         .reset_index()
         .set_index(["run", "direction"])
     )

@@ -49,6 +49,7 @@ from perturb_lens.results.shards import (
     iter_batches,
     results_mode,
     run_directions,
+    shard_columns,
 )
 from perturb_lens.results.sketch import (
     DEFAULT_ALPHA,
@@ -292,8 +293,8 @@ def _shard_tables(run_dir: Path, manifest: dict, metric: str) -> Iterator[pa.Tab
             yield pa.Table.from_batches([b for _, b in group])
         return
     columns = ["seq", "pos", "direction", "length", metric]
-    if manifest["config"].get("nonfinite") == "record":
-        columns.append(NONFINITE)
+    if NONFINITE in shard_columns(run_dir, manifest):
+        columns.append(NONFINITE)  # flagged rows are left out, as by summary_rows
     batches = iter_batches(run_dir, columns, summary_filters(manifest["meta"]))
     for _, group in itertools.groupby(batches, key=lambda item: item[0]):
         table = pa.Table.from_batches([b for _, b in group])

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from perturb_lens.config import DirectionConfig
+from perturb_lens.metrics import NONFINITE
 from perturb_lens.results.store import load_manifest, verified_shard_bytes
 from perturb_lens.results.summary import summary_filters
 
@@ -58,6 +59,12 @@ def iter_batches(
         )
         for batch in table.to_batches():
             yield shard_id, batch
+
+
+def shard_columns(run_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """The columns of a run's first shard (all shards of a run have the same)."""
+    shards = manifest["shards"]
+    return pq.read_schema(run_dir / shards[min(shards)]["file"]).names if shards else []
 
 
 def results_mode(manifest: dict[str, Any]) -> str:
@@ -108,7 +115,8 @@ def sequence_sums(
             shards.append(table.select(columns).to_pandas())
     else:
         filters = [*(summary_filters(manifest["meta"]) or []), ("direction", "in", labels)]
-        batches = iter_batches(run_dir, [*keys, metric], filters, verify=verify)
+        flag = [NONFINITE] if NONFINITE in shard_columns(run_dir, manifest) else []
+        batches = iter_batches(run_dir, [*keys, metric, *flag], filters, verify=verify)
         for _, group in itertools.groupby(batches, key=lambda item: item[0]):
             parts = [_sum_by(_terms(batch, metric, value_set), keys) for _, batch in group]
             shards.append(_sum_by(pa.concat_tables(parts), keys).to_pandas())
@@ -123,9 +131,12 @@ def sequence_sums(
 
 def _terms(batch: pa.RecordBatch | pa.Table, metric: str, value_set: pa.Array) -> pa.Table:
     """A batch as the terms of the sums: direction code, length, seq, value (0 for NaN or inf,
-    rows a ``nonfinite: record`` run keeps), n, and the count of such non-finite values."""
+    rows a ``nonfinite: record`` run keeps, and for rows it flagged: ``summary_rows`` leaves
+    them out), n, and the count of such left-out rows."""
     values = pc.cast(batch.column(metric), pa.float64())
     nan = pc.invert(pc.fill_null(pc.is_finite(values), False))
+    if NONFINITE in batch.schema.names:  # a row flagged non-finite in any metric: left out
+        nan = pc.or_(nan, pc.fill_null(pc.cast(batch.column(NONFINITE), pa.bool_()), False))
     return pa.table(
         {
             "direction": pc.index_in(batch.column("direction"), value_set=value_set),

@@ -50,8 +50,7 @@ def _bound(sorted_values: np.ndarray, q: float, alpha: float) -> float:
 
 
 def _check_sketch(values: np.ndarray, groups: np.ndarray, alpha: float = DEFAULT_ALPHA) -> None:
-    frame = pd.DataFrame({"g": groups})
-    sk = sketch(frame, values, alpha)
+    sk = sketch(groups, values, alpha).rename(columns={"code": "g"})
     bounds = pd.DataFrame({"g": groups, "x": values}).groupby("g")["x"].agg(["min", "max"])
     got = sketch_quantiles(sk, ["g"], QS, alpha, bounds=bounds).set_index("g")
     for g in np.unique(groups):

@@ -334,6 +334,11 @@ class ExperimentConfig(BaseModel):
                 f"experiment {self.experiment!r} compares per-curve statistics, which need every "
                 "token's curve: use results: rows"
             )
+        if self.results == "aggregate" and len(resolve_lengths(self.lengths)) == 1:
+            raise ValueError(
+                "a one-length run (SAE substitution) plots every row's perturbation size against "
+                "its KL: use results: rows"
+            )
         if info.scope is not None and self.scope != info.scope:
             raise ValueError(f"experiment {self.experiment!r} needs scope: {info.scope}")
         if self.shard_by_direction and not info.shard_by_direction:

@@ -31,7 +31,7 @@ from perturb_lens.plots.style import style
 from perturb_lens.results.aggregate import (
     Aggregates,
     aggregate_curves,
-    run_aggregates,
+    run_metric_aggregates,
     sample_rows,
     summary_means,
     threshold_histogram,
@@ -152,8 +152,11 @@ class RunView:
 
     def aggregates(self, metric: str) -> Aggregates:
         """The run's merged aggregates of ``metric`` (streamed once per metric)."""
-        if metric not in self._aggregates:
-            self._aggregates[metric] = run_aggregates(self.run_dir, metric)
+        if metric not in self._aggregates:  # all metrics in one pass over the shards
+            wanted = [metric, *(m for m in self.metrics if m not in self._aggregates)]
+            self._aggregates.update(
+                run_metric_aggregates(self.run_dir, list(dict.fromkeys(wanted)))
+            )
         return self._aggregates[metric]
 
     def curves(self, metric: str) -> pd.DataFrame:

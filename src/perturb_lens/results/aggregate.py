@@ -114,16 +114,18 @@ def aggregate_rows(
         else np.zeros(table.num_rows, bool)
     )
     keys = table.select(["seq", "pos", "direction", "length"]).to_pandas()
-    keys["direction"] = keys["direction"].astype(str)
+    keys["direction"] = keys["direction"].astype("category")  # grouped by its codes
     keys["length"] = keys["length"].astype(np.float64)
     parts = []
     for metric in metrics:
         values = table.column(metric).to_numpy(zero_copy_only=False).astype(np.float64)
         kept = ~flag
         valid = kept & np.isfinite(values)
+        codes, groups = _codes(keys[GROUP])
+        sk = sketch(codes[valid], values[valid], alpha)
         frames = {
-            "moments": _moments(keys[GROUP], values, valid),
-            "sketch": sketch(keys.loc[valid, GROUP], values[valid], alpha),
+            "moments": _moments(codes, groups, values, valid),
+            "sketch": pd.concat([groups.iloc[sk.pop("code")].reset_index(drop=True), sk], axis=1),
             "seq": _seq_sums(table, metric),
             "threshold": _first_crossings(keys[kept], values[kept], metric_threshold(metric)),
             "sample": _sample(keys[kept], values[kept]),
@@ -136,6 +138,8 @@ def aggregate_rows(
 def _typed(frame: pd.DataFrame) -> pa.Table:
     """``frame`` as a table of :data:`SCHEMA` (its absent columns null)."""
     n = len(frame)
+    if isinstance(frame["direction"].dtype, pd.CategoricalDtype):
+        frame = frame.astype({"direction": str})
     cols = {
         f.name: pa.array(frame[f.name], f.type, from_pandas=True)
         if f.name in frame.columns
@@ -151,9 +155,12 @@ def _codes(frame: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
     return g.ngroup().to_numpy(), g.size().index.to_frame(index=False)
 
 
-def _moments(groups: pd.DataFrame, values: np.ndarray, valid: np.ndarray) -> pd.DataFrame:
-    """count, n_nan, sum, m2, min, max of the ``valid`` values per group (two passes)."""
-    codes, out = _codes(groups)
+def _moments(
+    codes: np.ndarray, groups: pd.DataFrame, values: np.ndarray, valid: np.ndarray
+) -> pd.DataFrame:
+    """count, n_nan, sum, m2, min, max of the ``valid`` values per group (rows: ``codes`` into
+    ``groups``; two passes)."""
+    out = groups.copy()
     size = len(out)
     count = np.bincount(codes, weights=valid, minlength=size).astype(np.int64)
     x = np.where(valid, values, 0.0)
@@ -175,7 +182,7 @@ def _moments(groups: pd.DataFrame, values: np.ndarray, valid: np.ndarray) -> pd.
 
 def _seq_sums(table: pa.Table, metric: str) -> pd.DataFrame:
     """Per (direction, length, seq) sums as :func:`~perturb_lens.results.shards.sequence_sums`."""
-    labels = pa.array(sorted(set(table.column("direction").to_pylist())), pa.string())
+    labels = pc.unique(pc.cast(table.column("direction"), pa.string())).sort()
     keys = ["direction", "length", "seq"]
     out = _sum_by(_terms(table, metric, labels), keys).to_pandas()
     out["direction"] = labels.to_numpy(zero_copy_only=False)[out["direction"].to_numpy()]
@@ -284,41 +291,51 @@ def merge(parts: Sequence[Mapping[str, pd.DataFrame]]) -> dict[str, pd.DataFrame
     return out
 
 
-def _shard_tables(run_dir: Path, manifest: dict, metric: str) -> Iterator[pa.Table]:
-    """Each shard's aggregate table of ``metric``: read (aggregate runs) or made from its rows."""
+def _shard_tables(run_dir: Path, manifest: dict, metrics: Sequence[str]) -> Iterator[pa.Table]:
+    """Each shard's aggregate table of ``metrics``: read (aggregate runs) or made from its rows
+    (one read per shard, whatever the number of metrics)."""
     if results_mode(manifest) == "aggregate":
         columns = [f.name for f in SCHEMA]
-        batches = iter_batches(run_dir, columns, [("metric", "=", metric)])
+        batches = iter_batches(run_dir, columns, [("metric", "in", list(metrics))])
         for _, group in itertools.groupby(batches, key=lambda item: item[0]):
             yield pa.Table.from_batches([b for _, b in group])
         return
-    columns = ["seq", "pos", "direction", "length", metric]
+    columns = ["seq", "pos", "direction", "length", *metrics]
     if NONFINITE in shard_columns(run_dir, manifest):
         columns.append(NONFINITE)  # flagged rows are left out, as by summary_rows
     batches = iter_batches(run_dir, columns, summary_filters(manifest["meta"]))
     for _, group in itertools.groupby(batches, key=lambda item: item[0]):
         table = pa.Table.from_batches([b for _, b in group])
-        yield aggregate_rows(table, [metric], manifest["meta"])
+        yield aggregate_rows(table, metrics, manifest["meta"])
 
 
-def run_aggregates(run_dir: str | Path, metric: str = "kl") -> Aggregates:
-    """The merged aggregates of ``metric`` over a run, shard by shard in either result mode
-    (a rows run's shards are read column-pruned and aggregated one at a time: memory grows with
-    the groups and sequences, not with the rows)."""
+def run_metric_aggregates(run_dir: str | Path, metrics: Sequence[str]) -> dict[str, Aggregates]:
+    """The merged aggregates of each of ``metrics`` over a run, in one pass over its shards in
+    either result mode (a rows run's shards are read column-pruned and aggregated one at a time:
+    memory grows with the groups and sequences, not with the rows)."""
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
     labels = list(run_directions(manifest))
-    parts: list[dict[str, pd.DataFrame]] = []
-    for table in _shard_tables(run_dir, manifest, metric):
-        parts.append(split(table, metric))
-        if len(parts) >= _MERGE_EVERY:
-            parts = [merge(parts)]
-    if not parts:
-        raise ValueError(f"{run_dir} has no finished shard yet: run or resume it first")
-    merged = merge(parts)
-    for frame in merged.values():
-        frame["direction"] = pd.Categorical(frame["direction"], categories=labels)
-    return Aggregates(metric, **merged, labels=labels)
+    parts: dict[str, list[dict[str, pd.DataFrame]]] = {m: [] for m in metrics}
+    for table in _shard_tables(run_dir, manifest, metrics):
+        for metric, held in parts.items():
+            held.append(split(table, metric))
+            if len(held) >= _MERGE_EVERY:
+                parts[metric] = [merge(held)]
+    out = {}
+    for metric, held in parts.items():
+        if not held:
+            raise ValueError(f"{run_dir} has no finished shard yet: run or resume it first")
+        merged = merge(held)
+        for frame in merged.values():
+            frame["direction"] = pd.Categorical(frame["direction"], categories=labels)
+        out[metric] = Aggregates(metric, **merged, labels=labels)
+    return out
+
+
+def run_aggregates(run_dir: str | Path, metric: str = "kl") -> Aggregates:
+    """The merged aggregates of one metric over a run (:func:`run_metric_aggregates`)."""
+    return run_metric_aggregates(run_dir, [metric])[metric]
 
 
 # ---------------------------------------------------------------------------------------------

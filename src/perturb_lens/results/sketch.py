@@ -64,14 +64,21 @@ def ordinals(sign: np.ndarray, bucket: np.ndarray) -> np.ndarray:
     return s * (_SIDE + np.asarray(bucket, np.int64))
 
 
-def sketch(groups: pd.DataFrame, values: np.ndarray, alpha: float = DEFAULT_ALPHA) -> pd.DataFrame:
-    """The sketch of finite ``values`` per group: ``groups`` (one row per value, the group's key
-    columns) -> key columns, ``sign``, ``bucket``, ``count``, sorted by key and value."""
+def sketch(codes: np.ndarray, values: np.ndarray, alpha: float = DEFAULT_ALPHA) -> pd.DataFrame:
+    """The sketch of finite ``values`` per group ``codes`` (ints >= 0, one per value): columns
+    ``code``, ``sign``, ``bucket``, ``count``, sorted by code and value (one sort of the values'
+    packed (code, bucket ordinal) keys)."""
     sign, bucket = buckets(values, alpha)
-    frame = groups.reset_index(drop=True).assign(sign=sign, bucket=bucket)
-    keys = [*groups.columns, "sign", "bucket"]
-    out = frame.groupby(keys, sort=False, observed=True).size().rename("count").reset_index()
-    return sort_sketch(out, list(groups.columns))
+    if sign.size == 0:
+        return pd.DataFrame({"code": codes[:0], "sign": sign, "bucket": bucket, "count": codes[:0]})
+    order = ordinals(sign, bucket)
+    low = order.min()
+    span = order.max() - low + 1
+    keys, count = np.unique(np.asarray(codes, np.int64) * span + (order - low), return_counts=True)
+    order = keys % span + low
+    sign = np.sign(order).astype(np.int8)
+    bucket = np.where(sign != 0, np.abs(order) - _SIDE, 0).astype(np.int32)
+    return pd.DataFrame({"code": keys // span, "sign": sign, "bucket": bucket, "count": count})
 
 
 def sort_sketch(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:

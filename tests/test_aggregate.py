@@ -141,6 +141,8 @@ def test_merged_shards_equal_the_aggregate_of_all_rows(shard_of_seq: list[int], 
         np.testing.assert_array_equal(m[col], w[col])
     # float64 sums in another order: 1e-12 relative (a few ulp per term over <= 50 terms)
     np.testing.assert_allclose(m["sum"], w["sum"], rtol=1e-12, atol=1e-300)
+    # m2 merged by Chan's formula: the between-shard term n_i (mean_i - mean)^2 rounds relative
+    # to the means (not to m2), so 1e-10 leaves room for spreads 100x below the mean
     np.testing.assert_allclose(m["m2"], w["m2"], rtol=1e-10, atol=1e-300)
     pd.testing.assert_frame_equal(merged["sketch"], one["sketch"])
     pd.testing.assert_frame_equal(merged["threshold"], one["threshold"])
@@ -269,9 +271,13 @@ def test_aggregate_run_reports_like_the_rows_run(synthetic_pair: tuple[Path, Pat
         summary_rows(agg_run)
 
 
-def test_aggregate_refused_for_per_curve_experiments() -> None:
+def test_aggregate_refused_where_figures_need_every_row() -> None:
     with pytest.raises((ConfigError, ValueError), match="results: rows"):
         validate_config({"experiment": "stable-regions", "results": "aggregate"})
+    with pytest.raises((ConfigError, ValueError), match="one-length run.*results: rows"):
+        validate_config({"lengths": [5.0], "results": "aggregate"})
+    assert validate_config({"results": "aggregate"}).results == "aggregate"
+    assert validate_config({}).results == "rows"
 
 
 def test_aggregate_shards_are_much_smaller() -> None:

@@ -274,7 +274,7 @@ def test_aggregate_run_reports_like_the_rows_run(synthetic_pair: tuple[Path, Pat
 def test_aggregate_refused_where_figures_need_every_row() -> None:
     with pytest.raises((ConfigError, ValueError), match="results: rows"):
         validate_config({"experiment": "stable-regions", "results": "aggregate"})
-    with pytest.raises((ConfigError, ValueError), match="one-length run.*results: rows"):
+    with pytest.raises((ConfigError, ValueError), match=r"one-length run.*results: rows"):
         validate_config({"lengths": [5.0], "results": "aggregate"})
     assert validate_config({"results": "aggregate"}).results == "aggregate"
     assert validate_config({}).results == "rows"

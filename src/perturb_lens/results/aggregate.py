@@ -103,7 +103,8 @@ def aggregate_rows(
     alpha: float = DEFAULT_ALPHA,
 ) -> pa.Table:
     """A shard's rows as its aggregate table (:data:`SCHEMA`, the kinds of the module docstring)
-    for each of ``metrics``, over the summary rows of a run with this ``meta``."""
+    for each of ``metrics``, over the summary rows of a run with this ``meta``. Runs store
+    sketches of the default ``alpha`` (the readers assume it)."""
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pandas(rows, preserve_index=False)
     filters = summary_filters(dict(meta))
     if filters:
@@ -116,12 +117,12 @@ def aggregate_rows(
     keys = table.select(["seq", "pos", "direction", "length"]).to_pandas()
     keys["direction"] = keys["direction"].astype("category")  # grouped by its codes
     keys["length"] = keys["length"].astype(np.float64)
+    codes, groups = _codes(keys[GROUP])
+    kept = ~flag
     parts = []
     for metric in metrics:
         values = table.column(metric).to_numpy(zero_copy_only=False).astype(np.float64)
-        kept = ~flag
         valid = kept & np.isfinite(values)
-        codes, groups = _codes(keys[GROUP])
         sk = sketch(codes[valid], values[valid], alpha)
         frames = {
             "moments": _moments(codes, groups, values, valid),

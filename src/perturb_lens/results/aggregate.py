@@ -232,8 +232,8 @@ class Aggregates:
 
     @property
     def grid(self) -> np.ndarray:
-        """The lengths with rows, sorted."""
-        return np.sort(self.moments["length"].unique())
+        """The lengths with kept rows (of finite value), sorted."""
+        return np.sort(self.moments.loc[self.moments["count"] > 0, "length"].unique())
 
 
 def _kind(table: pd.DataFrame, kind: str, columns: list[str]) -> pd.DataFrame:

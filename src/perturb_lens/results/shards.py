@@ -62,9 +62,15 @@ def iter_batches(
 
 
 def shard_columns(run_dir: Path, manifest: dict[str, Any]) -> list[str]:
-    """The columns of a run's first shard (all shards of a run have the same)."""
+    """The columns of a run's first shard (all shards of a run have the same), checked against
+    its manifest entry."""
     shards = manifest["shards"]
-    return pq.read_schema(run_dir / shards[min(shards)]["file"]).names if shards else []
+    if not shards:
+        return []
+    first = min(shards)
+    return pq.read_schema(
+        pa.BufferReader(verified_shard_bytes(run_dir, first, shards[first]))
+    ).names
 
 
 def results_mode(manifest: dict[str, Any]) -> str:

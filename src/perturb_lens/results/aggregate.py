@@ -328,6 +328,8 @@ def run_metric_aggregates(run_dir: str | Path, metrics: Sequence[str]) -> dict[s
         if not held:
             raise ValueError(f"{run_dir} has no finished shard yet: run or resume it first")
         merged = merge(held)
+        seen = {str(d) for frame in merged.values() for d in frame["direction"].unique()}
+        labels = [*labels, *sorted(seen - set(labels))]  # rows an experiment labels itself
         for frame in merged.values():
             frame["direction"] = pd.Categorical(frame["direction"], categories=labels)
         out[metric] = Aggregates(metric, **merged, labels=labels)

@@ -15,7 +15,14 @@ from perturb_lens import saes  # noqa: F401  (registers the SAE directions and t
 from perturb_lens.config import load_config
 from perturb_lens.experiments import builtin  # noqa: F401  (registers the built-in experiments)
 from perturb_lens.models.load import load_model
-from perturb_lens.results import curves, load_results, summary_table, threshold_lengths, verdicts
+from perturb_lens.results import (
+    curves,
+    load_results,
+    run_aggregates,
+    summary_table,
+    threshold_lengths,
+    verdicts,
+)
 from perturb_lens.run_handle import Run, open_run, plot
 from perturb_lens.runner import run_experiment
 from perturb_lens.version import __version__
@@ -29,6 +36,7 @@ __all__ = [
     "load_results",
     "open_run",
     "plot",
+    "run_aggregates",
     "run_experiment",
     "summary_table",
     "threshold_lengths",

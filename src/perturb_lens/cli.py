@@ -142,7 +142,7 @@ def run(
     """Run (or resume) an experiment; write Parquet shards + manifest; print a summary table."""
     from perturb_lens.config import load_config
     from perturb_lens.experiments import get_experiment
-    from perturb_lens.results import summary_table
+    from perturb_lens.results.aggregate import run_summary_table
     from perturb_lens.results.summary import nonfinite_rows, summary_rows
     from perturb_lens.results.verdicts import NOT_JUDGED
     from perturb_lens.runner import run_experiment
@@ -159,12 +159,12 @@ def run(
             address=address,
             allow_cpu_change=allow_cpu_change,
         )
-        rows = summary_rows(run_dir)
-    for metric in [m for m in cfg.metrics if m in rows.columns][:2]:
-        table = summary_table(rows, metrics=(metric,))
+        tables = get_experiment(cfg.experiment).tables
+        rows = summary_rows(run_dir) if tables is not None else None
+    for metric in cfg.metrics[:2]:
+        table = run_summary_table(run_dir, metric)  # streamed: rows or aggregate runs
         table.columns = [f"{float(c.split('@')[1]):.3g}" for c in table.columns]
         _print_frame(table, f"mean {metric} by length ({cfg.scope}, {cfg.hook})")
-    tables = get_experiment(cfg.experiment).tables
     for title, t in (tables(rows, cfg) if tables is not None else {}).items():
         _print_frame(t.set_index([c for c in ("base", "direction") if c in t.columns]), title)
     _print_fit(run_dir)

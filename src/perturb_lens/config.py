@@ -282,6 +282,11 @@ class ExperimentConfig(BaseModel):
     )
     include_bos: bool = Field(True, description="BOS position in summary means (published: yes)")
     drop_last_position: bool = Field(True, description="all-positions summary drops the last pos")
+    results: Literal["rows", "aggregate"] = Field(
+        "rows",
+        description="rows: one row per token x direction x length; aggregate: per-shard "
+        "mergeable statistics (results.aggregate), megabytes instead of gigabytes at scale",
+    )
 
     @field_validator("experiment")
     @classmethod
@@ -324,6 +329,16 @@ class ExperimentConfig(BaseModel):
     def _check_scope(self) -> ExperimentConfig:
         check_read_after_hook(self.hook, self.read)
         info = get_experiment(self.experiment)
+        if self.results == "aggregate" and info.curve_stats:
+            raise ValueError(
+                f"experiment {self.experiment!r} compares per-curve statistics, which need every "
+                "token's curve: use results: rows"
+            )
+        if self.results == "aggregate" and len(resolve_lengths(self.lengths)) == 1:
+            raise ValueError(
+                "a one-length run (SAE substitution) plots every row's perturbation size against "
+                "its KL: use results: rows"
+            )
         if info.scope is not None and self.scope != info.scope:
             raise ValueError(f"experiment {self.experiment!r} needs scope: {info.scope}")
         if self.shard_by_direction and not info.shard_by_direction:

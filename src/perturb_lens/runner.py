@@ -45,6 +45,7 @@ from perturb_lens.metrics import NONFINITE
 from perturb_lens.models.base import LensModel
 from perturb_lens.models.fingerprint import model_fingerprint
 from perturb_lens.paths import cache_root
+from perturb_lens.results.aggregate import aggregate_rows
 from perturb_lens.results.curve_stats import curve_statistics
 from perturb_lens.results.store import (
     MANIFEST,
@@ -430,11 +431,14 @@ def run_experiment(
         t0 = time.perf_counter()
         results = runner.map(job, todo, ctx)
         bar = f"Shards ({len(done)} done before, {runner.name})"
+        meta = store.manifest["meta"]
         for sid, rows in tqdm(results, desc=bar, total=len(todo), disable=not progress):
             sl = ctx.shard_slice(sid)
             info: dict[str, Any] = {"seqs": [sl.start, sl.stop]}
             if NONFINITE in rows.columns:
                 info[NONFINITE] = int(rows[NONFINITE].sum())
+            if cfg.results == "aggregate":  # in the driver: a pure function of the rows
+                rows = aggregate_rows(rows, cfg.metrics, meta)
             store.write_shard(sid, rows, info=info)
             if on_shard is not None:
                 on_shard(sid)

@@ -46,7 +46,7 @@ from perturb_lens.plots.sets import (
     sharpness_plot,
     size_kl_plot,
 )
-from perturb_lens.results.analysis import bars, pick_lengths, summary_table, threshold_summary
+from perturb_lens.results.analysis import pick_lengths
 from perturb_lens.results.store import MANIFEST, atomic_write, diff_configs
 from perturb_lens.results.verdicts import (
     NOT_JUDGED,
@@ -250,11 +250,11 @@ def _alpha_columns(table: pd.DataFrame) -> pd.DataFrame:
 def _tables(view: RunView) -> str:
     parts = []
     for metric in view.metrics:
-        table = _alpha_columns(summary_table(view.rows, metrics=(metric,)))
+        table = _alpha_columns(view.summary_table(metric))
         parts.append(f"<h3>Mean {_esc(metric)} by length</h3>{_table(table)}")
         threshold = metric_threshold(metric)
         if threshold is not None:
-            thr = threshold_summary(view.rows, metric, threshold=threshold)
+            thr = view.threshold_summary(metric, threshold)
             parts.append(
                 f"<h3>Length at which {_esc(metric)} first exceeds {threshold:g}</h3>"
                 f"{_table(thr, index=False)}"
@@ -456,10 +456,10 @@ def compare_plots(views: Sequence[RunView], metric: str = "kl") -> list[Plot]:
     wanted = bar_lengths(first)
     parts = []
     for v in views:
-        b = bars(v.rows, metric, wanted)
+        b = v.bars(metric, wanted)
         nearest: dict[float, float] = {}  # this run's grid length -> the first length it stands for
         for w in wanted:
-            nearest.setdefault(pick_lengths(v.rows, [w])[0], w)
+            nearest.setdefault(pick_lengths(v.lengths_frame, [w])[0], w)
         parts.append(b.assign(run=v.label, requested=b["length"].map(nearest)))
     bar_data = pd.concat(parts, ignore_index=True)
     bar_fig = bar_panels(
@@ -502,10 +502,11 @@ def compare_plots(views: Sequence[RunView], metric: str = "kl") -> list[Plot]:
             dirs,
         ),
     ]
-    if all(v.rows["length"].nunique() == 1 for v in views):  # substitution runs: no curves
+    if all(len(v.grid) == 1 for v in views):  # substitution runs: no curves
         plots = plots[2:]
-    sae_rows = [v.rows[v.rows["direction"].isin(sae_directions(v))] for v in views]
-    if all("size" in r.columns and "kl" in r.columns and len(r) for r in sae_rows):
+    has_size = all("size" in v.columns for v in views)  # else no need to read every row
+    sae_rows = [v.rows[v.rows["direction"].isin(sae_directions(v))] for v in views if has_size]
+    if has_size and all("kl" in r.columns and len(r) for r in sae_rows):
         rows = pd.concat([r.assign(run=v.label) for r, v in zip(sae_rows, views, strict=True)])
         plots.append(size_kl_plot(rows, ["run"], f"{len(views)} runs", palette))
     if all("sharpness" in v.curve_stats for v in views):  # stable regions: across models
@@ -533,7 +534,7 @@ def write_comparison(
     views = [run_view(r) for r in run_dirs]
     for view, label in zip(views, run_labels(views), strict=True):
         view.label = label
-    missing = [str(v.run_dir) for v in views if metric not in v.rows.columns]
+    missing = [str(v.run_dir) for v in views if metric not in v.columns]
     if missing:
         raise ValueError(f"metric {metric!r} is not in the results of {', '.join(missing)}")
     out_file = _out_file(out, Path("."), COMPARE)
@@ -568,12 +569,7 @@ def write_comparison(
         else "<p>The configs are identical.</p>"
     )
     table = (
-        pd.concat(
-            [
-                _alpha_columns(summary_table(v.rows, metrics=(metric,))).assign(run=v.label)
-                for v in views
-            ]
-        )
+        pd.concat([_alpha_columns(v.summary_table(metric)).assign(run=v.label) for v in views])
         .reset_index()
         .set_index(["run", "direction"])
     )

@@ -144,7 +144,7 @@ def curve_plots(view: RunView, metric: str) -> list[Plot]:
         ncols=3,
         panel_size=(3.8, 2.9),
     )
-    tc = an.token_curves(view.rows, N_TOKEN_CURVES, 0, metric)
+    tc = an.token_curves(view.token_sample(metric), N_TOKEN_CURVES, 0, metric)
     tokens = token_panels(
         tc,
         cv,
@@ -189,15 +189,15 @@ def curve_plots(view: RunView, metric: str) -> list[Plot]:
 def bar_lengths(view: RunView) -> list[float]:
     """The lengths of figures 7-8: alpha = 20, 40, 61 (nearest on the grid) when the grid is
     absolute and reaches 61; else the same fractions (of 91) of the run's largest length."""
-    grid = np.asarray(view.meta.get("lengths") or view.rows["length"].unique(), dtype=float)
+    grid = np.asarray(view.meta.get("lengths") or view.grid, dtype=float)
     if not view.config.get("relative_lengths") and grid.max() >= 61:
-        return an.pick_lengths(view.rows, [20, 40, 61])
-    return an.pick_lengths(view.rows, [f * grid.max() for f in BAR_FRACTIONS])
+        return an.pick_lengths(view.lengths_frame, [20, 40, 61])
+    return an.pick_lengths(view.lengths_frame, [f * grid.max() for f in BAR_FRACTIONS])
 
 
 def bar_plot(view: RunView, metric: str) -> Plot:
     """Figures 7-8 style: mean per direction at three lengths, with 95 % bootstrap whiskers."""
-    data = an.bars(view.rows, metric, bar_lengths(view))
+    data = view.bars(metric, bar_lengths(view))
     figure = bar_panels(
         data,
         ylabel=metric_label(metric, view),
@@ -214,11 +214,10 @@ def bar_plot(view: RunView, metric: str) -> Plot:
 def threshold_plot(view: RunView, metric: str, threshold: float) -> Plot:
     """Histogram per direction of the length at which a token's metric first exceeds
     ``threshold``; the fraction that never does is noted in each panel."""
-    tl = an.threshold_lengths(view.rows, metric, threshold=threshold)
-    grid = np.sort(view.rows["length"].unique().astype(float))
+    grid = view.grid
     first = grid[0] - (grid[1] - grid[0] if grid.size > 1 else 1.0)
-    hist = an.histograms(tl, "threshold_length", bins=np.r_[first, grid], right=True)
-    summary = an.threshold_summary(view.rows, metric, threshold=threshold)
+    hist = view.threshold_histogram(metric, threshold, np.r_[first, grid])
+    summary = view.threshold_summary(metric, threshold)
     notes = {
         str(r.direction): f"never: {r.frac_never:.0%}\nmedian α: {r.median:.3g}"
         for r in summary.itertuples()
@@ -263,7 +262,7 @@ def sensitive_direction_figures(view: RunView) -> list[Plot]:
     the generic curve figures (SAE error / feature runs: figures 5-8 per SAE); a one-length run
     (SAE substitution) gets :func:`sae_substitution_figures`. Per-layer and per-SAE figures:
     ``perturb-lens compare`` of the runs (e.g. an SAE suite's ``OUT/*``)."""
-    if view.rows["length"].nunique() == 1:  # SAE substitution: one length, SAE(x) vs baselines
+    if len(view.grid) == 1:  # SAE substitution: one length, SAE(x) vs baselines
         return sae_substitution_figures(view)
     out: list[Plot] = []
     for metric in view.metrics:

@@ -1,5 +1,6 @@
 """Results: the run directory (Parquet shards + manifest, resumable) and pandas analysis helpers."""
 
+from perturb_lens.results.aggregate import Aggregates, aggregate_curves, run_aggregates
 from perturb_lens.results.analysis import (
     bars,
     curves,
@@ -41,6 +42,7 @@ from perturb_lens.results.verdicts import (
 )
 
 __all__ = [
+    "Aggregates",
     "ChecksumError",
     "Claim",
     "ConfigMismatchError",
@@ -48,6 +50,7 @@ __all__ = [
     "ManifestError",
     "RunLockedError",
     "RunStore",
+    "aggregate_curves",
     "atomic_write",
     "atomic_write_json",
     "bars",
@@ -66,6 +69,7 @@ __all__ = [
     "pick_lengths",
     "register_claim",
     "registered_claims",
+    "run_aggregates",
     "scatter_points",
     "sequence_sums",
     "summary_table",

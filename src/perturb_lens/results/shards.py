@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from perturb_lens.config import DirectionConfig
+from perturb_lens.metrics import NONFINITE
 from perturb_lens.results.store import load_manifest, verified_shard_bytes
 from perturb_lens.results.summary import summary_filters
 
@@ -60,6 +61,23 @@ def iter_batches(
             yield shard_id, batch
 
 
+def shard_columns(run_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """The columns of a run's first shard (all shards of a run have the same), checked against
+    its manifest entry."""
+    shards = manifest["shards"]
+    if not shards:
+        return []
+    first = min(shards)
+    return pq.read_schema(
+        pa.BufferReader(verified_shard_bytes(run_dir, first, shards[first]))
+    ).names
+
+
+def results_mode(manifest: dict[str, Any]) -> str:
+    """``rows`` (one row per token x direction x length) or ``aggregate`` (config ``results``)."""
+    return str(manifest["config"].get("results", "rows"))
+
+
 def run_directions(manifest: dict[str, Any]) -> dict[str, DirectionConfig]:
     """The run's directions by label (from the config in its manifest)."""
     specs = [DirectionConfig.model_validate(d) for d in manifest["config"]["directions"]]
@@ -79,20 +97,35 @@ def sequence_sums(
     (default: all of the run's); ``direction`` comes back as a Categorical over them.
 
     Streamed shard by shard, reading only the needed columns and rows, each shard summed as it is
-    read: memory grows with the number of groups, not of rows.
+    read: memory grows with the number of groups, not of rows. An aggregate run (config
+    ``results: aggregate``) stored these sums per shard; they are read as they are.
     """
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
     labels = sorted(set(directions if directions is not None else run_directions(manifest)))
-    filters = [*(summary_filters(manifest["meta"]) or []), ("direction", "in", labels)]
     value_set = pa.array(labels, pa.string())
     keys = ["direction", "length", "seq"]
     columns = [*keys, "sum", "n", "n_nan"]
     shards = []
-    batches = iter_batches(run_dir, [*keys, metric], filters, verify=verify)
-    for _, group in itertools.groupby(batches, key=lambda item: item[0]):
-        parts = [_sum_by(_terms(batch, metric, value_set), keys) for _, batch in group]
-        shards.append(_sum_by(pa.concat_tables(parts), keys).to_pandas())
+    if results_mode(manifest) == "aggregate":
+        wanted = [("kind", "=", "seq"), ("metric", "=", metric), ("direction", "in", labels)]
+        batches = iter_batches(run_dir, [*keys, "sum", "count", "n_nan"], wanted, verify=verify)
+        for _, batch in batches:
+            table = pa.table(
+                {
+                    "direction": pc.index_in(batch.column("direction"), value_set=value_set),
+                    **{k: batch.column(k) for k in ("length", "seq", "sum", "n_nan")},
+                    "n": batch.column("count"),
+                }
+            )
+            shards.append(table.select(columns).to_pandas())
+    else:
+        filters = [*(summary_filters(manifest["meta"]) or []), ("direction", "in", labels)]
+        flag = [NONFINITE] if NONFINITE in shard_columns(run_dir, manifest) else []
+        batches = iter_batches(run_dir, [*keys, metric, *flag], filters, verify=verify)
+        for _, group in itertools.groupby(batches, key=lambda item: item[0]):
+            parts = [_sum_by(_terms(batch, metric, value_set), keys) for _, batch in group]
+            shards.append(_sum_by(pa.concat_tables(parts), keys).to_pandas())
     out = pd.concat(shards, ignore_index=True) if shards else pd.DataFrame(columns=columns)
     out = out.astype({"direction": np.int64, "length": np.float64, "seq": np.int64})
     out = out.sort_values(keys, ignore_index=True)
@@ -102,11 +135,14 @@ def sequence_sums(
     return out[columns]
 
 
-def _terms(batch: pa.RecordBatch, metric: str, value_set: pa.Array) -> pa.Table:
+def _terms(batch: pa.RecordBatch | pa.Table, metric: str, value_set: pa.Array) -> pa.Table:
     """A batch as the terms of the sums: direction code, length, seq, value (0 for NaN or inf,
-    rows a ``nonfinite: record`` run keeps), n, and the count of such non-finite values."""
+    rows a ``nonfinite: record`` run keeps, and for rows it flagged: ``summary_rows`` leaves
+    them out), n, and the count of such left-out rows."""
     values = pc.cast(batch.column(metric), pa.float64())
     nan = pc.invert(pc.fill_null(pc.is_finite(values), False))
+    if NONFINITE in batch.schema.names:  # a row flagged non-finite in any metric: left out
+        nan = pc.or_(nan, pc.fill_null(pc.cast(batch.column(NONFINITE), pa.bool_()), False))
     return pa.table(
         {
             "direction": pc.index_in(batch.column("direction"), value_set=value_set),
@@ -120,6 +156,9 @@ def _terms(batch: pa.RecordBatch, metric: str, value_set: pa.Array) -> pa.Table:
 
 
 def _sum_by(table: pa.Table, keys: list[str]) -> pa.Table:
-    """``sum``, ``n`` and ``n_nan`` summed per ``keys`` (the columns keep their names)."""
-    agg = table.group_by(keys).aggregate([(c, "sum") for c in ("sum", "n", "n_nan")])
+    """``sum``, ``n`` and ``n_nan`` summed per ``keys`` (the columns keep their names), in one
+    thread so that the float sums are the same on every call (aggregate shards are hashed)."""
+    agg = table.group_by(keys, use_threads=False).aggregate(
+        [(c, "sum") for c in ("sum", "n", "n_nan")]
+    )
     return agg.rename_columns([*keys, "sum", "n", "n_nan"]).select([*keys, "sum", "n", "n_nan"])

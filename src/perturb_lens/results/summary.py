@@ -30,7 +30,14 @@ def summary_filters(meta: dict[str, Any]) -> list[tuple[str, str, Any]] | None:
 def summary_rows(run_dir: str | Path) -> pd.DataFrame:
     """The rows that enter the published mean (:func:`summary_filters`), without rows recorded
     as non-finite (``nonfinite=record``)."""
-    meta = load_manifest(Path(run_dir))["meta"]
+    manifest = load_manifest(Path(run_dir))
+    if manifest["config"].get("results", "rows") == "aggregate":
+        raise ValueError(
+            f"{run_dir} is an aggregate run (results: aggregate): it stores no rows; read its "
+            "statistics with perturb_lens.results.aggregate.run_aggregates, or rerun with "
+            "results: rows"
+        )
+    meta = manifest["meta"]
     df = load_results(run_dir, filters=summary_filters(meta))
     if NONFINITE in df.columns:
         df = df[~df[NONFINITE].astype(bool)].reset_index(drop=True)

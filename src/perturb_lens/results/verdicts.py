@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from perturb_lens.config import DirectionConfig
+from perturb_lens.results.bootstrap import resample_weights
 from perturb_lens.results.shards import run_directions, sequence_sums
 from perturb_lens.results.store import MANIFEST, load_manifest
 from perturb_lens.stats import MIN_FIT_PER_DIM
@@ -36,7 +37,6 @@ Op = Literal[">", "~"]
 BAND = (0.8, 1.25)
 MIN_SEQS = 10  # fewer paired sequences than this decide nothing (see claim_intervals)
 MIN_SAMPLES_PER_DIM = MIN_FIT_PER_DIM  # fewer than 10 x d_model fit samples: unreliable
-_BOOT_ELEMENTS = 1 << 21  # draws per chunk of resamples (three int64/float64 arrays of 16 MiB)
 _CLAIM = re.compile(r"\s*(?P<a>[^<>~]*?)\s*(?P<op>[>~])\s*(?P<b>[^<>~]*?)\s*")
 VERDICT_COLUMNS = [
     "claim",
@@ -207,16 +207,10 @@ def _bootstrap_ratios(parts: list[np.ndarray], n_boot: int, seed: int) -> np.nda
     """[n_boot, n_lengths] ratios of means over sequences drawn with replacement (the same draws
     at every length), ``parts`` = sums and counts of a, then of b, each [n_seqs, n_lengths].
     Each resample is a row of draw counts per sequence, ``w``; its sums are ``w @ sums``."""
-    k = parts[0].shape[0]
-    rng = np.random.default_rng(seed)
-    step = max(1, _BOOT_ELEMENTS // k)
     boot = np.empty((n_boot, parts[0].shape[1]))
-    for start in range(0, n_boot, step):
-        c = min(step, n_boot - start)
-        draws = rng.integers(0, k, size=(c, k)) + k * np.arange(c)[:, None]
-        w = np.bincount(draws.ravel(), minlength=c * k).reshape(c, k).astype(np.float64)
+    for start, w in resample_weights(parts[0].shape[0], n_boot, seed):
         s_a, n_a, s_b, n_b = (w @ x for x in parts)
-        boot[start : start + c] = _ratio(s_a / n_a, s_b / n_b)
+        boot[start : start + w.shape[0]] = _ratio(s_a / n_a, s_b / n_b)
     return boot
 
 

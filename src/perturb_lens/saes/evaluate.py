@@ -3,7 +3,8 @@
 Groups: ``tokens`` (the tokens an SAE trains on: no BOS, no outlier-norm tokens), ``bos`` and
 ``outlier`` (see :mod:`perturb_lens.saes.cache`), each reported apart, none hidden. Per group:
 ``n``, ``l0`` (mean count of ``f > 0``), ``mse`` (``||SAE(x) - x||^2`` summed over d, mean over
-tokens) and ``explained_variance`` (``1 - SSE / sum ||x - mean_group(x)||^2``). ``dead_fraction``
+tokens) and ``explained_variance`` (``1 - SSE / sum ||x - mean_group(x)||^2``; None for a group
+without spread, such as BOS, whose activation is the same in every row). ``dead_fraction``
 counts latents with ``f > ALIVE_EPS`` on no held-out training-group token. The CE increase comes
 from :func:`perturb_lens.saes.stats.sae_stats` on held-out sequences (BOS excluded; SAE(x)
 substituted at every other position, outlier-norm tokens included).
@@ -46,7 +47,8 @@ class GroupMetrics:
         if self.n == 0:
             return {"n": 0, "l0": None, "mse": None, "explained_variance": None}
         total = self.sum_xx - float(self.sum_x.pow(2).sum()) / self.n
-        ev = 1.0 - self.sse / total if total > 0 else None
+        # no spread (e.g. BOS, one token at one position): EV undefined, not a rounding artefact
+        ev = 1.0 - self.sse / total if total > 1e-9 * self.sum_xx else None
         return {
             "n": self.n,
             "l0": self.l0 / self.n,

@@ -143,7 +143,7 @@ def test_resample_dead_resets_rows_and_adam_moments() -> None:
         assert float(cos.max()) > 1 - 8 * EPS32  # it is one of the centred inputs, normalised
         enc = sae.W_enc[:, i].detach()
         torch.testing.assert_close(enc, row * 0.2 * alive_norm)
-        assert float(sae.b_enc[i]) == 0.0
+        assert float(sae.b_enc.detach()[i]) == 0.0
         for p, idx in ((sae.W_dec, (i,)), (sae.W_enc, (slice(None), i)), (sae.b_enc, (i,))):
             for key in ("exp_avg", "exp_avg_sq"):
                 assert bool((opt.state[p][key][idx] == 0).all())
@@ -156,26 +156,54 @@ def test_resample_dead_resets_rows_and_adam_moments() -> None:
 
 
 def test_aux_k_loss_against_a_plain_loop() -> None:
-    """AuxK = min(1, n_dead/k_aux) * mean_b ||e_b - sum_{top k_aux dead j} relu(h_bj) W_dec[j]||^2,
-    written here token by token in float64."""
+    """AuxK = min(1, n_dead/k_aux) * mean_b ||e_b - sum_{top k_aux dead j} relu(h_bj) W_dec[j]||^2
+    with h = (x - b_dec) W_enc + b_enc, written here token by token in float64."""
     from perturb_lens.saes.recipes import aux_k_loss
 
     g = torch.Generator().manual_seed(0)
     sae = SAE(SAEConfig(d_in=5, d_sae=9, hook="h"), dtype=torch.float64)
     with torch.no_grad():
-        sae.W_dec.copy_(torch.randn(9, 5, generator=g, dtype=torch.float64))
-    h = torch.randn(4, 9, generator=g, dtype=torch.float64)
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
     e = torch.randn(4, 5, generator=g, dtype=torch.float64)
     dead = torch.tensor([True, False, True, True, False, False, True, False, False])
+    w_enc, w_dec = sae.W_enc.detach(), sae.W_dec.detach()
+    b_enc, b_dec = sae.b_enc.detach(), sae.b_dec.detach()
     for k_aux in (2, 8):
         total = 0.0
         for b in range(4):
-            cand = sorted((float(h[b, j]), j) for j in range(9) if dead[j])[::-1][:k_aux]
-            e_hat = sum(max(v, 0.0) * sae.W_dec[j].detach() for v, j in cand)
+            h = [float((x[b] - b_dec) @ w_enc[:, j] + b_enc[j]) for j in range(9)]
+            cand = sorted((h[j], j) for j in range(9) if dead[j])[::-1][:k_aux]
+            e_hat = sum(max(v, 0.0) * w_dec[j] for v, j in cand)
             total += float((e[b] - e_hat).pow(2).sum())
         want = min(1.0, 4 / k_aux) * total / 4
-        assert math.isclose(float(aux_k_loss(sae, h, e, dead, k_aux)), want, rel_tol=1e-12)
-    assert float(aux_k_loss(sae, h, e, torch.zeros(9, dtype=torch.bool), 2)) == 0.0
+        got = float(aux_k_loss(sae, x, e, dead, k_aux).detach())
+        assert math.isclose(got, want, rel_tol=1e-12)
+    assert float(aux_k_loss(sae, x, e, torch.zeros(9, dtype=torch.bool), 2)) == 0.0
+
+
+def test_sparse_topk_matches_the_dense_sae_and_its_gradients() -> None:
+    """topk_encode + sparse_decode give SAE(x) and, for a loss on it, the same gradients as
+    autograd through the dense encode/decode (float64: to 1e-12)."""
+    from perturb_lens.saes.recipes import sparse_decode, topk_encode
+
+    g = torch.Generator().manual_seed(0)
+    dense = SAE(SAEConfig(d_in=6, d_sae=20, activation="topk", k=4, hook="h"), dtype=torch.float64)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    sparse = SAE(dense.cfg, dtype=torch.float64)
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(11, 6, generator=g, dtype=torch.float64)
+    target = torch.randn(11, 6, generator=g, dtype=torch.float64)
+    (dense(x) - target).pow(2).sum().backward()
+    vals, idx = topk_encode(sparse, x)
+    x_hat = sparse_decode(sparse.W_dec, idx, vals) + sparse.b_dec
+    torch.testing.assert_close(x_hat, dense(x), rtol=0, atol=1e-12)
+    (x_hat - target).pow(2).sum().backward()
+    for (name, p), q in zip(dense.named_parameters(), sparse.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
 # ---- decoder norm, schedules, init ---------------------------------------------------------

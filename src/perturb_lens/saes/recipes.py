@@ -1,6 +1,8 @@
 """The SAE training recipes of SAELens / OpenAI (Gao et al. 2024) / Anthropic (April 2023 update),
 as plain functions on an :class:`SAE` in its training space:
 
+- :func:`topk_encode` / :func:`sparse_decode`: a TopK SAE's forward and backward touching only the
+  k selected latents per token (the encoder matmul of the forward is the one dense product);
 - :func:`aux_k_loss`: TopK's auxiliary loss; the ``k_aux`` largest pre-activations of the *dead*
   latents reconstruct the main reconstruction's residual (detached), scaled by
   ``min(1, n_dead / k_aux)``; it gives dead latents a gradient that TopK alone never does;
@@ -77,17 +79,79 @@ def normalize_decoder(sae: SAE) -> None:
         sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 
 
-def aux_k_loss(sae: SAE, h: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
-    """``min(1, n_dead/k_aux) * mean ||e - W_dec^T topk_aux(relu h[dead])||^2`` (summed over d)
-    for pre-activations ``h`` [B, d_sae] and the detached residual ``e`` [B, d]; 0 if none dead."""
-    n_dead = int(dead.sum())
+def aux_k_loss(sae: SAE, xs: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+    """``min(1, n_dead/k_aux) * mean ||e - sum_j relu(h_j) W_dec[j]||^2`` (summed over d), ``j``
+    over the ``k_aux`` largest pre-activations ``h`` of the ``dead`` latents, for inputs ``xs``
+    [B, d] and the detached residual ``e`` [B, d]; 0 if none is dead. Only the dead latents'
+    pre-activations are computed (few once training has settled)."""
+    idx_dead = dead.nonzero().squeeze(-1)
+    n_dead = int(idx_dead.numel())
     if n_dead == 0 or k_aux <= 0:
-        return h.new_zeros(())
-    k = min(k_aux, n_dead)
-    top = torch.topk(h.masked_fill(~dead, -torch.inf), k, dim=-1)
-    acts = torch.zeros_like(h).scatter(-1, top.indices, torch.relu(top.values))
-    e_hat = acts @ sae.W_dec
+        return xs.new_zeros(())
+    x_in = xs - sae.b_dec if sae.cfg.apply_b_dec_to_input else xs
+    h = x_in @ sae.W_enc[:, idx_dead] + sae.b_enc[idx_dead]
+    top = torch.topk(h, min(k_aux, n_dead), dim=-1)
+    e_hat = sparse_decode(sae.W_dec, idx_dead[top.indices], torch.relu(top.values))
     return min(1.0, n_dead / k_aux) * (e_hat - residual).pow(2).sum(-1).mean()
+
+
+def _scatter_matrix(idx: Tensor, vals: Tensor, d_sae: int, *, transpose: bool) -> Tensor:
+    """The sparse [B, d_sae] matrix with ``vals[b, j]`` at ``(b, idx[b, j])`` (or its transpose)."""
+    rows = torch.arange(idx.shape[0]).repeat_interleave(idx.shape[1])
+    at = torch.stack([idx.reshape(-1), rows] if transpose else [rows, idx.reshape(-1)])
+    shape = (d_sae, idx.shape[0]) if transpose else (idx.shape[0], d_sae)
+    return torch.sparse_coo_tensor(at, vals.reshape(-1), shape, check_invariants=False)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``out[b] = sum_j vals[b, j] * w_dec[idx[b, j]]`` through sparse products."""
+
+    @staticmethod
+    def forward(ctx, vals, idx, w_dec):  # type: ignore[override]
+        ctx.save_for_backward(vals, idx, w_dec)
+        return torch.sparse.mm(_scatter_matrix(idx, vals, w_dec.shape[0], transpose=False), w_dec)
+
+    @staticmethod
+    def backward(ctx, g_out):  # type: ignore[override]
+        vals, idx, w_dec = ctx.saved_tensors
+        g_vals = (g_out @ w_dec.T).gather(1, idx)  # one dense product beats k gathers on CPU
+        g_w = torch.sparse.mm(_scatter_matrix(idx, vals, w_dec.shape[0], transpose=True), g_out)
+        return g_vals, None, g_w
+
+
+def sparse_decode(w_dec: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """``sum_j values[b, j] * w_dec[indices[b, j]]`` [B, d] without a dense [B, d_sae] latent
+    matrix in the forward and the weight gradient (B k d instead of B d_sae d)."""
+    return _SparseDecode.apply(values, indices, w_dec)
+
+
+class _TopKEncode(torch.autograd.Function):
+    """``relu(topk((x - b_dec) @ W_enc + b_enc))`` as (values, indices) [B, k], with a backward
+    that touches only the k selected latents per token (a sparse product, not a dense matmul)."""
+
+    @staticmethod
+    def forward(ctx, x, w_enc, b_enc, b_dec, k):  # type: ignore[override]
+        xc = x - b_dec
+        top = torch.topk(xc @ w_enc + b_enc, k, dim=-1)
+        ctx.save_for_backward(xc, w_enc, top.indices, top.values > 0)
+        ctx.mark_non_differentiable(top.indices)
+        return torch.relu(top.values), top.indices
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx):  # type: ignore[override]
+        xc, w_enc, idx, pos = ctx.saved_tensors
+        g = g_vals * pos
+        m = w_enc.shape[1]
+        grad_b_enc = torch.zeros(m, dtype=g.dtype).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        grad_w = torch.sparse.mm(_scatter_matrix(idx, g, m, transpose=True), xc)  # [d_sae, d]
+        return None, grad_w.T, grad_b_enc, -(w_enc @ grad_b_enc), None
+
+
+def topk_encode(sae: SAE, xs: Tensor) -> tuple[Tensor, Tensor]:
+    """The TopK SAE's latents as (values, indices) [B, k] (equal to the nonzeros of
+    ``sae.encode``), differentiable in the SAE's weights only."""
+    b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input else torch.zeros_like(sae.b_dec)
+    return _TopKEncode.apply(xs, sae.W_enc, sae.b_enc, b_dec, int(sae.cfg.k or 0))
 
 
 @torch.no_grad()

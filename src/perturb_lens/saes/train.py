@@ -68,6 +68,8 @@ from perturb_lens.saes.recipes import (
     normalize_decoder,
     project_decoder_grad,
     resample_dead,
+    sparse_decode,
+    topk_encode,
     warmup_factor,
 )
 from perturb_lens.saes.sae import SAE, SAEConfig
@@ -381,20 +383,26 @@ class _Step:
     def _local(self, sae: SAE, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         """MSE (+ L1 for local, + AuxK for topk) on activations ``x`` [B, d]."""
         xs = x * self.scale
-        h = sae.pre_activation(xs)
-        f = sae.activation(h)
-        x_hat = sae.decode(f)
-        self.fired = (f > 0).any(0)
+        if self.spec.kind == "topk":  # sparse forward/backward: only the k selected latents
+            vals, idx = topk_encode(sae, xs)
+            x_hat = sparse_decode(sae.W_dec, idx, vals) + sae.b_dec
+            on = vals > 0
+            self.fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+            self.fired[idx[on]] = True
+            l0, l1 = on.float().sum(-1).mean(), vals.sum(-1).mean()
+        else:
+            f = sae.activation(sae.pre_activation(xs))
+            x_hat = sae.decode(f)
+            self.fired = (f > 0).any(0)
+            l0, l1 = (f > 0).float().sum(-1).mean(), f.abs().sum(-1).mean()
         mse = (x_hat - xs).pow(2).sum(-1).mean()
-        l1 = f.abs().sum(-1).mean()
-        info = {"l0": float((f > 0).float().sum(-1).mean()), "l1": float(l1.detach())}
-        info["mse"] = float(mse.detach())
+        info = {"l0": float(l0), "l1": float(l1.detach()), "mse": float(mse.detach())}
         if self.spec.kind == "local":
             return mse + self.l1 * l1, info
         loss = mse
         if self.dead is not None and self.spec.aux_coef > 0:
             k_aux = self.spec.aux_k or sae.d_in // 2
-            aux = aux_k_loss(sae, h, (xs - x_hat).detach(), self.dead, k_aux)
+            aux = aux_k_loss(sae, xs, (xs - x_hat).detach(), self.dead, k_aux)
             info["aux"] = float(aux.detach())
             loss = loss + self.spec.aux_coef * aux
         return loss, info

@@ -295,16 +295,20 @@ def test_cache_matches_transformers_and_streams_every_token_once(
     model = load_model(str(llama_dir))
     tokens = torch.randint(3, 1000, (10, 7), generator=torch.Generator().manual_seed(0))
     tokens[:, 0] = model.bos_token_id
-    cache = ActivationCache.build(
-        model,
-        tokens,
-        "blocks.1.hook_resid_pre",
-        tmp_path / "c",
-        batch_seqs=3,
-        outlier_factor=None,
-        progress=False,
-        buffer_chunks=2,
-    )
+
+    def build(rows: torch.Tensor) -> ActivationCache:
+        return ActivationCache.build(
+            model,
+            rows,
+            "blocks.1.hook_resid_pre",
+            tmp_path / "c",
+            batch_seqs=3,
+            outlier_factor=None,
+            progress=False,
+            buffer_chunks=2,
+        )
+
+    cache = build(tokens)
     hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(tokens, output_hidden_states=True).hidden_states[1]
@@ -327,26 +331,10 @@ def test_cache_matches_transformers_and_streams_every_token_once(
     assert torch.equal(tail, seen[21:])
     assert not torch.equal(torch.cat(list(cache.batches(7, seed=6))), seen)
     # a second build reads the finished cache; other tokens are refused
-    again = ActivationCache.build(
-        model,
-        tokens,
-        "blocks.1.hook_resid_pre",
-        tmp_path / "c",
-        batch_seqs=3,
-        outlier_factor=None,
-        progress=False,
-    )
+    again = build(tokens)
     assert again.counts == cache.counts
     with pytest.raises(ValueError, match="caches other activations"):
-        ActivationCache.build(
-            model,
-            tokens[:4],
-            "blocks.1.hook_resid_pre",
-            tmp_path / "c",
-            batch_seqs=3,
-            outlier_factor=None,
-            progress=False,
-        )
+        build(tokens[:4])
 
 
 def test_train_saes_streams_from_disk_and_evaluates_held_out(

@@ -38,6 +38,12 @@ CacheDtype = Literal["float32", "bfloat16"]
 FLAGGED = ("bos", "outlier")  # token groups kept out of training, evaluated apart
 
 
+def atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
+    """Write ``tensors`` as one safetensors file, all or nothing."""
+    data = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
+    atomic_write(path, lambda f: f.write(data))
+
+
 class ActivationSource(Protocol):
     """Training tokens an SAE streams: a count and seeded shuffled passes over them."""
 
@@ -154,8 +160,7 @@ class ActivationCache:
                     x.float().cpu(), skip_bos=skip_bos, outlier_factor=outlier_factor
                 )
                 parts["x"] = parts["x"].to(store)
-                data = save_safetensors({k: v.contiguous() for k, v in parts.items()})
-                atomic_write(path, lambda f, data=data: f.write(data))
+                atomic_save(parts, path)
             parts = load_file(str(path))
             counts.append(parts["x"].shape[0])
             for g in FLAGGED:

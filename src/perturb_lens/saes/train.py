@@ -45,13 +45,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import load_file
-from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from perturb_lens.config import ConfigError, DataConfig, read_config_file
-from perturb_lens.models.base import CleanRun, LensModel
+from perturb_lens.models.base import LensModel
 from perturb_lens.models.options import FRAMES
 from perturb_lens.results.store import atomic_write, atomic_write_json
 from perturb_lens.saes.cache import (
@@ -59,6 +57,12 @@ from perturb_lens.saes.cache import (
     ActivationSource,
     CacheDtype,
     MemoryActivations,
+)
+from perturb_lens.saes.e2e_cache import (
+    cache_activations,
+    cache_clean_outputs,
+    clean_from_x,
+    default_ds_hooks,
 )
 from perturb_lens.saes.recipes import (
     Decay,
@@ -186,103 +190,6 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> S
         raise ConfigError(f"Invalid SAE training config {path}:\n{err}") from None
 
 
-# ---- activation cache ----------------------------------------------------------------------
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
-    data = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
-    atomic_write(path, lambda f: f.write(data))
-
-
-def cache_activations(
-    model: LensModel,
-    tokens: Tensor,
-    hooks: dict[str, Path],
-    *,
-    batch_seqs: int,
-    progress: bool = True,
-) -> dict[str, Tensor]:
-    """Activations [N, T, d] (float32) at each hook, cached in chunks under ``hooks[hook]``; all
-    hooks come from one pass per chunk (to the last hook)."""
-    from perturb_lens.data import token_source_hash
-
-    for hook, folder in hooks.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {"hook": hook, "tokens": token_source_hash(tokens), "source": model.source}
-        meta_file = folder / "meta.json"
-        if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
-            raise ValueError(f"{folder} caches other activations ({meta_file}); use another --out.")
-        meta_file.write_text(json.dumps(meta))
-    order = sorted(hooks, key=model.parse_hook)
-    parts: dict[str, list[Tensor]] = {h: [] for h in order}
-    starts = range(0, tokens.shape[0], batch_seqs)
-    for i, s0 in enumerate(tqdm(starts, desc="Caching activations", disable=not progress)):
-        paths = {h: hooks[h] / f"x_{i:05d}.safetensors" for h in order}
-        missing = [h for h in order if not paths[h].is_file()]
-        if missing:
-            tok = tokens[s0 : s0 + batch_seqs]
-            if len(missing) == 1:
-                got = {missing[0]: model.run_to_hook(tok, missing[0])}
-            else:
-                clean = model.run_clean(tok, missing[0], reads=missing[1:])
-                got = {missing[0]: clean.x, **clean.reads}
-            for h in missing:
-                _atomic_save({"x": got[h].float().cpu()}, paths[h])
-        for h in order:
-            parts[h].append(load_file(str(paths[h]))["x"])
-    return {h: torch.cat(v) for h, v in parts.items()}
-
-
-def cache_clean_outputs(
-    model: LensModel,
-    tokens: Tensor,
-    x: Tensor,
-    hook: str,
-    reads: list[str],
-    folder: Path,
-    *,
-    batch_seqs: int,
-    progress: bool = True,
-) -> dict[str, Tensor]:
-    """Clean final hidden states and downstream ``reads`` [n, T, d], computed from the cached
-    ``x`` (cached under ``folder``, keyed by the number of sequences and the reads)."""
-    tag = f"clean{x.shape[0]}" + "".join("_" + r.replace(".", "-") for r in reads)
-    out: dict[str, list[Tensor]] = {}
-    starts = range(0, x.shape[0], batch_seqs)
-    for i, s0 in enumerate(tqdm(starts, desc="Clean outputs", disable=not progress)):
-        path = folder / f"{tag}_{i:05d}.safetensors"
-        if not path.is_file():
-            clean = _clean_from_x(
-                model, tokens[s0 : s0 + batch_seqs], x[s0 : s0 + batch_seqs], hook
-            )
-            final, got = model.continue_all(clean, clean.x.unsqueeze(1), reads=reads)
-            part = {"final": final[:, 0].float().cpu()}
-            part.update({r: got[r][:, 0].float().cpu() for r in reads})
-            _atomic_save(part, path)
-        for k, v in load_file(str(path)).items():
-            out.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def _clean_from_x(model: LensModel, tokens: Tensor, x: Tensor, hook: str) -> CleanRun:
-    """A CleanRun to continue from cached ``x`` (resid hooks need no other state)."""
-    h = model.parse_hook(hook)
-    if h.kind not in ("hook_resid_pre", "hook_resid_post"):
-        return model.run_clean(tokens.to(model.device), h)
-    x = x.to(model.device, model.dtype)
-    return CleanRun(tokens=tokens.to(model.device), hook=h, x=x, final=x)
-
-
-# ---- losses --------------------------------------------------------------------------------
-
-
-def default_ds_hooks(hook: str, n_layers: int, every: int = 4) -> list[str]:
-    """resid_post of every ``every``-th layer from the hook's layer on, and the last layer."""
-    layer = int(hook.split(".")[1])
-    layers = sorted({*range(layer + every - 1, n_layers, every), n_layers - 1})
-    return [f"blocks.{lay}.hook_resid_post" for lay in layers if lay >= layer]
-
-
 # ---- training ------------------------------------------------------------------------------
 
 
@@ -359,7 +266,7 @@ class _Step:
         info = {"l0": float((f > 0).float().sum(-1).mean()), "l1": float(l1.detach())}
         assert self.clean is not None and self.model is not None
         m, first = self.model, self.first
-        clean = _clean_from_x(m, self.tokens[batch], x, self.hook)
+        clean = clean_from_x(m, self.tokens[batch], x, self.hook)
         reads = self.ds_hooks if self.spec.kind == "e2e+ds" else []
         x_new = torch.cat([x[:, :first].to(x_hat.dtype), x_hat / self.scale], dim=1)
         final, got = m.continue_all_grad(clean, x_new.unsqueeze(1).to(m.dtype), reads=reads)

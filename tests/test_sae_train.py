@@ -372,7 +372,7 @@ def test_train_saes_streams_from_disk_and_evaluates_held_out(
 
     with pytest.MonkeyPatch.context() as mp:  # held-out rows without a text file
         mp.setattr(data_mod, "dataset_tokens", lambda d, m, progress=True: held)
-        cfg = cfg.model_copy(update={"eval_data": cfg.data})
+        cfg = cfg.model_copy(update={"eval_data": cfg.data.model_copy(update={"source": "x"})})
         folders = train_saes(cfg, tmp_path / "o", model=model, tokens=tokens, progress=False)
     assert len(list((tmp_path / "o" / "activations" / cfg.hook).glob("chunk_*.safetensors"))) == 4
     hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64).eval()
@@ -490,4 +490,39 @@ def test_cli_pack_and_unpack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert res.exit_code == 0 and "pack:demo@2/sae1" in res.output, res.output
     res = run(app, ["sae", "pack", str(tmp_path), "--name", "x"])
     assert res.exit_code == 1 and "not a trained SAE folder" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_train_reports_throughput_and_held_out_metrics(
+    llama_dir: Path, webtext_path: Path, tmp_path: Path
+) -> None:
+    """`sae train` with eval_data prints tokens/s and the held-out EV, L0, dead fraction and CE
+    increase; eval_data equal to the training text is refused without a traceback."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from perturb_lens.cli import app
+
+    data = {"source": str(webtext_path), "seq_len": 8, "n_seqs": 6}
+    held = tmp_path / "held.jsonl"  # the last documents: text the training rows do not reach
+    held.write_text("".join(webtext_path.read_text().splitlines(keepends=True)[-50:]))
+    cfg = {
+        "model": str(llama_dir),
+        "hook": "blocks.1.hook_resid_pre",
+        "data": data,
+        "eval_data": {**data, "source": str(held)},
+        "eval_ce_seqs": 2,
+        "d_sae": 32,
+        "batch_tokens": 16,
+        "saes": [{"name": "a", "kind": "topk", "k": 3}],
+    }
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    run = CliRunner().invoke
+    res = run(app, ["sae", "train", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "tokens/s" in res.output and "held-out EV" in res.output and "dCE" in res.output
+    same = {**data, "split": "test"}  # a split means nothing to a local file: still the same text
+    (tmp_path / "same.yaml").write_text(yaml.safe_dump({**cfg, "eval_data": same}))
+    res = run(app, ["sae", "train", str(tmp_path / "same.yaml"), "--out", str(tmp_path / "p")])
+    assert res.exit_code == 1 and "held-out metrics need other text" in res.output
     assert "Traceback" not in res.output

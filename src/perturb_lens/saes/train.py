@@ -165,6 +165,13 @@ class SAETrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> SAETrainConfig:
+        ev, src = self.eval_data, self.data.source
+        local = src in ("default",) or src.startswith("builtin:") or Path(src).expanduser().exists()
+        if ev is not None and ev.source == src and (local or ev.split == self.data.split):
+            raise ValueError(
+                f"eval_data reads the training text ({ev.source}, split {ev.split}): held-out "
+                "metrics need other text; point eval_data.source to another file or split."
+            )
         names = [s.name for s in self.saes]
         if len(set(names)) != len(names):
             raise ValueError(f"SAE names must be unique; got {names}")

@@ -526,3 +526,32 @@ def test_cli_train_reports_throughput_and_held_out_metrics(
     res = run(app, ["sae", "train", str(tmp_path / "same.yaml"), "--out", str(tmp_path / "p")])
     assert res.exit_code == 1 and "held-out metrics need other text" in res.output
     assert "Traceback" not in res.output
+
+
+def test_unpack_refuses_paths_outside_the_pack(tmp_path: Path) -> None:
+    """An archive whose manifest names an SAE '../evil' (so its files would land outside the
+    install folder) is refused before anything is written."""
+    import hashlib
+    import io
+
+    from perturb_lens.saes.pack import SAEPackError, unpack
+
+    blob = b"{}"
+    manifest = {
+        "format": 1,
+        "name": "demo",
+        "version": "1",
+        "saes": {"../evil": {"files": {"cfg.json": hashlib.sha256(blob).hexdigest()}}},
+    }
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in (
+            ("demo/manifest.json", json.dumps(manifest).encode()),
+            ("demo/../evil/cfg.json", blob),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(SAEPackError, match=r"SAE id '\.\./evil'"):
+        unpack(archive, tmp_path / "inst")
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "inst").exists()

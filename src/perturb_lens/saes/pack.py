@@ -139,9 +139,18 @@ def _read_archive(archive: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         listed = {f"{i}/{n}": h for i, e in manifest["saes"].items() for n, h in e["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SAEPackError(f"{archive}: its {MANIFEST} is malformed ({e}).") from None
-    rel = {n[len(root) + 1 :]: b for n, b in files.items() if n.startswith(root + "/")}
+    allowed = {CFG_FILE, WEIGHTS_FILE, *EXTRA_FILES}
+    for sae_id, entry in manifest["saes"].items():  # names become paths: no '..', no '/'
+        _check_name("SAE id", sae_id)
+        if not set(entry["files"]) <= allowed:
+            raise SAEPackError(f"{archive}: SAE {sae_id!r} lists files outside {sorted(allowed)}.")
+    outside = [n for n in files if not n.startswith(_check_name("Pack name", root) + "/")]
+    if outside:
+        raise SAEPackError(f"{archive} holds files outside {root}/ ({outside[:3]}); refusing it.")
+    rel = {n[len(root) + 1 :]: b for n, b in files.items()}
     if manifest.get("format") != PACK_FORMAT or manifest.get("name") != root:
         raise SAEPackError(f"{archive}: format/name in {MANIFEST} do not match the archive.")
+    _check_name("Pack version", str(manifest.get("version")))
     _verify(archive, listed, rel)
     return manifest, rel
 

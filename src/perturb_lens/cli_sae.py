@@ -47,7 +47,25 @@ def train(
             )
         folders = train_saes(cfg, folder, progress=not quiet, only=only)
     for name, path in folders.items():
-        Console().print(f"{name}: [bold]{path}[/bold]")
+        Console().print(f"{name}: [bold]{path}[/bold]{_train_summary(path)}")
+
+
+def _train_summary(folder: Path) -> str:
+    """`` (N tokens/s; held-out EV, L0, dead, dCE)`` from the files training wrote, if any."""
+    parts = []
+    if (folder / "train_log.json").is_file():
+        log = json.loads((folder / "train_log.json").read_text())
+        if "tokens_per_s" in log:
+            parts.append(f"{log['tokens']} tokens at {log['tokens_per_s']:.0f} tokens/s")
+    if (folder / "eval.json").is_file():
+        ev = json.loads((folder / "eval.json").read_text())
+        tok = ev["tokens"]
+        text = f"held-out EV {tok['explained_variance']:.3f}, L0 {tok['l0']:.1f}, "
+        text += f"dead {ev['dead_fraction']:.3f}"
+        if "ce" in ev:
+            text += f", dCE {ev['ce']['ce_increase']:.3f}"
+        parts.append(text)
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 @sae_app.command()
@@ -128,3 +146,41 @@ def run_suite_cmd(
     Console().print(table)
     Console().print(f"Summary: [bold]{folder / 'summary.csv'}[/bold]")
     Console().print(f"Figures 5-6: [bold]{folder / 'figures'}[/bold]")
+
+
+@sae_app.command()
+def pack(
+    folders: Annotated[list[str], typer.Argument(help="Trained SAE folders (SAELens layout).")],
+    name: Annotated[str, typer.Option(help="Pack name (the NAME of pack:NAME/ID).")],
+    version: Annotated[str, typer.Option(help="Pack version, e.g. 1 or 2026-11-29.")] = "1",
+    archive: Annotated[
+        str | None,
+        typer.Option("--archive", help="Archive to write (default NAME-VERSION.tar.gz)."),
+    ] = None,
+) -> None:
+    """Pack trained SAE folders into a versioned .tar.gz (manifest: sha256s, hook, model, training
+    config, held-out metrics) to ship without retraining."""
+    from perturb_lens.saes.pack import pack_saes
+
+    with user_errors():
+        path = pack_saes(folders, archive or f"{name}-{version}.tar.gz", name=name, version=version)
+    Console().print(f"Packed {len(folders)} SAE(s): [bold]{path}[/bold]")
+
+
+@sae_app.command()
+def unpack(
+    archive: Annotated[str, typer.Argument(help="An SAE pack (.tar.gz) made by sae pack.")],
+    dest: Annotated[
+        str | None, typer.Option(help="Install folder (default: the perturb-lens cache).")
+    ] = None,
+) -> None:
+    """Verify an SAE pack and install it; print the pack:NAME/ID references presets can use."""
+    from perturb_lens.saes.pack import MANIFEST
+    from perturb_lens.saes.pack import unpack as unpack_archive
+
+    with user_errors():
+        target = unpack_archive(archive, dest)
+    manifest = json.loads((target / MANIFEST).read_text())
+    Console().print(f"Installed [bold]{target}[/bold]")
+    for sae_id in sorted(manifest["saes"]):
+        Console().print(f"  pack:{manifest['name']}@{manifest['version']}/{sae_id}")

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from perturb_lens.saes.format import CFG_FILE, WEIGHTS_FILE
+from perturb_lens.saes.pack import is_pack_ref, resolve_pack_ref
 from perturb_lens.saes.sae import SAE, SAEConfig
 
 _RMSNORM_MODELS = re.compile(r"llama|gemma|qwen|mistral|smollm|phi-3|olmo", re.IGNORECASE)
@@ -329,9 +330,10 @@ def load_sae(
     """Load an SAE from any supported reference (an :class:`SAE` is returned as it is; a
     ``sae_lens.SAE`` object is converted in memory).
 
-    ``ref``: a SAELens folder, an e2e_sae ``.pt`` file or checkpoint folder, or a SAELens release
-    ``release:sae_id`` / ``release/sae_id``. ``frame`` overrides the inferred frame; ``hook``
-    picks the SAE of a multi-SAE e2e_sae checkpoint.
+    ``ref``: a SAELens folder, an e2e_sae ``.pt`` file or checkpoint folder, a SAELens release
+    ``release:sae_id`` / ``release/sae_id``, or a packed SAE ``pack:NAME/ID`` /
+    ``ARCHIVE.tar.gz[:ID]`` (:mod:`perturb_lens.saes.pack`). ``frame`` overrides the inferred
+    frame; ``hook`` picks the SAE of a multi-SAE e2e_sae checkpoint.
     """
     if isinstance(ref, SAE):
         return ref
@@ -340,8 +342,11 @@ def load_sae(
     if not isinstance(ref, str | Path):
         raise SAELoadError(
             f"Cannot load an SAE from a {type(ref).__name__}: give a sae_lens.SAE object, a "
-            "SAELens folder, an e2e_sae .pt checkpoint, or a SAELens release as release:sae_id."
+            "SAELens folder, an e2e_sae .pt checkpoint, an SAE pack (pack:NAME/ID or "
+            "ARCHIVE.tar.gz:ID), or a SAELens release as release:sae_id."
         )
+    if is_pack_ref(str(ref)):
+        return load_saelens_folder(resolve_pack_ref(str(ref)), frame=frame)
     path = Path(str(ref)).expanduser()
     if path.is_dir() and (path / CFG_FILE).is_file():
         return load_saelens_folder(path, frame=frame)

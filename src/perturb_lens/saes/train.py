@@ -10,16 +10,28 @@ dictionary learning"), with ``f = encode(x)`` and ``x_hat = SAE(x)``:
 - ``e2e+ds``: ``e2e`` plus ``ds * mean_h ||h_SAE - h_clean||^2 / E||h_clean||^2`` over downstream
   hooks ``h`` (normalised per hook, since residual norms grow with depth).
 
-Activations are scaled by one dataset-wide factor so that ``E||x|| = sqrt(d_in)`` while training
-(SAELens' ``expected_average_only_in``); the factor is folded into the saved weights, so the SAE
-reads raw activations. Reconstruction MSE is summed over ``d_in`` and averaged over tokens.
+Recipes (:mod:`perturb_lens.saes.recipes`): TopK adds the AuxK dead-latent loss (``aux_coef``,
+1/32 by default; dead = not fired in the last ``dead_tokens`` training tokens); ReLU SAEs resample
+dead latents at the ``resample_at`` fractions of training; decoder rows stay at unit norm
+(gradient projection, then renormalisation); the learning rate warms up, then decays (linear or
+cosine); the L1 coefficient warms up; ``b_dec`` starts at the geometric median (or the mean).
 
-The activation cache (``<out>/activations``) holds ``x`` at the hook for every training sequence,
-in chunks, plus (for e2e) the clean final hidden state and downstream activations of the first
-``e2e_seqs`` sequences; chunks are written atomically, so an interrupted caching step resumes. Each
-SAE writes ``<out>/<name>/checkpoint.pt`` every ``checkpoint_every`` steps (atomic) and, when done,
-a SAELens folder ``<out>/<name>/`` (``cfg.json`` + ``sae_weights.safetensors``). The batch order
-is a function of (seed, SAE name, epoch), so a resumed SAE trains exactly as an uninterrupted one.
+Activations are scaled by one dataset-wide factor ``c`` so that ``E||x|| = sqrt(d_in)`` while
+training (SAELens' ``expected_average_only_in``); ``c`` is folded into the saved biases (the
+latents come out divided by ``c``, the decoder rows stay unit), so the SAE reads raw activations.
+Reconstruction MSE is summed over ``d_in`` and averaged over tokens.
+
+local and topk SAEs stream their tokens from a chunked disk cache (``<out>/activations/<hook>``,
+:mod:`perturb_lens.saes.cache`): computed through the model prefix only, BOS and outlier-norm
+tokens stored apart (not trained on), read back in seeded shuffled buffers, so the token count is
+bounded by disk. e2e objectives keep whole sequences (``<out>/activations/<hook>/e2e``) of the first
+``e2e_seqs`` rows, plus their clean final hidden states and downstream activations. With
+``eval_data`` set, each SAE is evaluated on that held-out text (``eval.json``: per token group
+metrics, dead fraction, CE increase; :mod:`perturb_lens.saes.evaluate`). Each SAE writes
+``<out>/<name>/checkpoint.pt`` every ``checkpoint_every`` steps (atomic) and, when done, a SAELens
+folder ``<out>/<name>/`` (``cfg.json`` + ``sae_weights.safetensors``) and ``train_log.json``
+(with tokens/s). The batch order is a function of (seed, SAE name, epoch), so a resumed SAE trains
+exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -33,15 +45,37 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import load_file
-from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from perturb_lens.config import ConfigError, DataConfig, read_config_file
-from perturb_lens.models.base import CleanRun, LensModel
+from perturb_lens.models.base import LensModel
 from perturb_lens.models.options import FRAMES
-from perturb_lens.results.store import atomic_write
+from perturb_lens.results.store import atomic_write, atomic_write_json
+from perturb_lens.saes.cache import (
+    ActivationCache,
+    ActivationSource,
+    CacheDtype,
+    MemoryActivations,
+)
+from perturb_lens.saes.e2e_cache import (
+    cache_activations,
+    cache_clean_outputs,
+    clean_from_x,
+    default_ds_hooks,
+)
+from perturb_lens.saes.recipes import (
+    Decay,
+    aux_k_loss,
+    geometric_median,
+    lr_factor,
+    normalize_decoder,
+    project_decoder_grad,
+    resample_dead,
+    sparse_decode,
+    topk_encode,
+    warmup_factor,
+)
 from perturb_lens.saes.sae import SAE, SAEConfig
 from perturb_lens.saes.stats import token_kl
 from perturb_lens.seeds import derive_seed
@@ -68,6 +102,12 @@ class SAESpec(_Strict):
     epochs: float | None = Field(None, gt=0, description="passes over the training tokens")
     init_from: str | None = Field(None, description="start from another SAE of this set")
     hook: str | None = Field(None, description="train at this hook instead of the set's")
+    aux_coef: float = Field(1 / 32, ge=0, description="AuxK dead-latent loss coefficient (topk)")
+    aux_k: int | None = Field(None, ge=1, description="dead latents in the AuxK loss; None = d/2")
+    resample_at: list[float] = Field(
+        default_factory=list,
+        description="fractions of training at which dead latents are resampled (local)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SAESpec:
@@ -97,17 +137,41 @@ class SAETrainConfig(_Strict):
         None, description="downstream hooks of e2e+ds; None = resid_post of every 4th later layer"
     )
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
-    cache_batch_seqs: int = Field(16, ge=1)
+    cache_batch_seqs: int = Field(16, ge=1, description="rows per forward pass and cache chunk")
     skip_bos: bool = Field(
         True,
         description="train without the BOS position (an outlier: its norm is ~25,000 against "
         "~160 elsewhere at SmolLM2's layer 15); the SAE then leaves BOS alone (SAEConfig.skip_bos)",
     )
     seed: int = 0
+    lr_warmup: float = Field(0.01, ge=0, le=1, description="fraction of steps warming up the lr")
+    lr_decay: Decay = Field("linear", description="shape of the lr decay to 0")
+    lr_decay_fraction: float = Field(0.2, ge=0, le=1, description="fraction of steps decaying")
+    l1_warmup: float = Field(0.05, ge=0, le=1, description="fraction of steps warming up l1")
+    b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
+    dead_tokens: int = Field(
+        100_000, ge=1, description="a latent is dead after this many tokens without firing"
+    )
+    resample_tokens: int = Field(8192, ge=1, description="inputs resampling draws from")
+    init_tokens: int = Field(65536, ge=1, description="tokens that set the scale and b_dec")
+    cache_dtype: CacheDtype = Field("float32", description="dtype of the cached activations")
+    buffer_chunks: int = Field(8, ge=1, description="cache chunks shuffled together")
+    outlier_factor: float | None = Field(
+        10.0, gt=0, description="tokens above this x the chunk's median norm are kept out"
+    )
+    eval_data: DataConfig | None = Field(None, description="held-out text for eval.json")
+    eval_ce_seqs: int = Field(64, ge=0, description="held-out rows the CE increase runs on")
     saes: list[SAESpec]
 
     @model_validator(mode="after")
     def _check(self) -> SAETrainConfig:
+        ev, src = self.eval_data, self.data.source
+        local = src in ("default",) or src.startswith("builtin:") or Path(src).expanduser().exists()
+        if ev is not None and ev.source == src and (local or ev.split == self.data.split):
+            raise ValueError(
+                f"eval_data reads the training text ({ev.source}, split {ev.split}): held-out "
+                "metrics need other text; point eval_data.source to another file or split."
+            )
         names = [s.name for s in self.saes]
         if len(set(names)) != len(names):
             raise ValueError(f"SAE names must be unique; got {names}")
@@ -133,158 +197,52 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> S
         raise ConfigError(f"Invalid SAE training config {path}:\n{err}") from None
 
 
-# ---- activation cache ----------------------------------------------------------------------
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
-    data = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
-    atomic_write(path, lambda f: f.write(data))
-
-
-def cache_activations(
-    model: LensModel,
-    tokens: Tensor,
-    hooks: dict[str, Path],
-    *,
-    batch_seqs: int,
-    progress: bool = True,
-) -> dict[str, Tensor]:
-    """Activations [N, T, d] (float32) at each hook, cached in chunks under ``hooks[hook]``; all
-    hooks come from one pass per chunk (to the last hook)."""
-    from perturb_lens.data import token_source_hash
-
-    for hook, folder in hooks.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {"hook": hook, "tokens": token_source_hash(tokens), "source": model.source}
-        meta_file = folder / "meta.json"
-        if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
-            raise ValueError(f"{folder} caches other activations ({meta_file}); use another --out.")
-        meta_file.write_text(json.dumps(meta))
-    order = sorted(hooks, key=model.parse_hook)
-    parts: dict[str, list[Tensor]] = {h: [] for h in order}
-    starts = range(0, tokens.shape[0], batch_seqs)
-    for i, s0 in enumerate(tqdm(starts, desc="Caching activations", disable=not progress)):
-        paths = {h: hooks[h] / f"x_{i:05d}.safetensors" for h in order}
-        missing = [h for h in order if not paths[h].is_file()]
-        if missing:
-            tok = tokens[s0 : s0 + batch_seqs]
-            if len(missing) == 1:
-                got = {missing[0]: model.run_to_hook(tok, missing[0])}
-            else:
-                clean = model.run_clean(tok, missing[0], reads=missing[1:])
-                got = {missing[0]: clean.x, **clean.reads}
-            for h in missing:
-                _atomic_save({"x": got[h].float().cpu()}, paths[h])
-        for h in order:
-            parts[h].append(load_file(str(paths[h]))["x"])
-    return {h: torch.cat(v) for h, v in parts.items()}
-
-
-def cache_clean_outputs(
-    model: LensModel,
-    tokens: Tensor,
-    x: Tensor,
-    hook: str,
-    reads: list[str],
-    folder: Path,
-    *,
-    batch_seqs: int,
-    progress: bool = True,
-) -> dict[str, Tensor]:
-    """Clean final hidden states and downstream ``reads`` [n, T, d], computed from the cached
-    ``x`` (cached under ``folder``, keyed by the number of sequences and the reads)."""
-    tag = f"clean{x.shape[0]}" + "".join("_" + r.replace(".", "-") for r in reads)
-    out: dict[str, list[Tensor]] = {}
-    starts = range(0, x.shape[0], batch_seqs)
-    for i, s0 in enumerate(tqdm(starts, desc="Clean outputs", disable=not progress)):
-        path = folder / f"{tag}_{i:05d}.safetensors"
-        if not path.is_file():
-            clean = _clean_from_x(
-                model, tokens[s0 : s0 + batch_seqs], x[s0 : s0 + batch_seqs], hook
-            )
-            final, got = model.continue_all(clean, clean.x.unsqueeze(1), reads=reads)
-            part = {"final": final[:, 0].float().cpu()}
-            part.update({r: got[r][:, 0].float().cpu() for r in reads})
-            _atomic_save(part, path)
-        for k, v in load_file(str(path)).items():
-            out.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def _clean_from_x(model: LensModel, tokens: Tensor, x: Tensor, hook: str) -> CleanRun:
-    """A CleanRun to continue from cached ``x`` (resid hooks need no other state)."""
-    h = model.parse_hook(hook)
-    if h.kind not in ("hook_resid_pre", "hook_resid_post"):
-        return model.run_clean(tokens.to(model.device), h)
-    x = x.to(model.device, model.dtype)
-    return CleanRun(tokens=tokens.to(model.device), hook=h, x=x, final=x)
-
-
-# ---- losses --------------------------------------------------------------------------------
-
-
-def default_ds_hooks(hook: str, n_layers: int, every: int = 4) -> list[str]:
-    """resid_post of every ``every``-th layer from the hook's layer on, and the last layer."""
-    layer = int(hook.split(".")[1])
-    layers = sorted({*range(layer + every - 1, n_layers, every), n_layers - 1})
-    return [f"blocks.{lay}.hook_resid_post" for lay in layers if lay >= layer]
-
-
 # ---- training ------------------------------------------------------------------------------
 
 
-def init_sae(cfg: SAEConfig, x_mean: Tensor, generator: torch.Generator) -> SAE:
-    """Unit-norm random decoder rows, tied encoder, zero b_enc, b_dec at the data mean."""
+def init_sae(cfg: SAEConfig, b_dec: Tensor, generator: torch.Generator) -> SAE:
+    """Unit-norm random decoder rows, tied encoder, zero b_enc, ``b_dec`` as given."""
     sae = SAE(cfg)
     w = torch.randn(cfg.d_sae, cfg.d_in, generator=generator)
     w = w / w.norm(dim=-1, keepdim=True)
     with torch.no_grad():
         sae.W_dec.copy_(w)
         sae.W_enc.copy_(w.T)
-        sae.b_dec.copy_(x_mean)
+        sae.b_dec.copy_(b_dec)
     return sae
 
 
-def normalize_decoder(sae: SAE) -> None:
-    """Project decoder rows back to unit norm (after each step)."""
-    with torch.no_grad():
-        sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
-
-
 def fold_scale(sae: SAE, scale: float) -> SAE:
-    """Fold an input scale ``c`` (trained on ``c x``) into the weights, as SAELens does."""
+    """Fold an input scale ``c`` (trained on ``c x``) into the weights: ``b_enc, b_dec /= c``, so
+    the latents come out divided by ``c`` and the decoder rows keep unit norm (ReLU and TopK are
+    positively homogeneous)."""
     with torch.no_grad():
-        sae.W_enc.mul_(scale)
-        sae.W_dec.div_(scale)
+        sae.b_enc.div_(scale)
         sae.b_dec.div_(scale)
     return sae
 
 
-def _lr_at(step: int, total: int, lr: float) -> float:
-    """Constant, then linear decay to 0 over the last 20% of steps."""
-    tail = max(1, total // 5)
-    return lr * min(1.0, (total - step) / tail)
-
-
-def _batches(n: int, size: int, seed: int, name: str, epoch: int) -> list[Tensor]:
-    g = torch.Generator().manual_seed(derive_seed(seed, name, epoch))
-    perm = torch.randperm(n, generator=g)
+def _batches(n: int, size: int, seed: int) -> list[Tensor]:
+    """Index batches of one e2e epoch (a seeded permutation; the last partial batch dropped)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return [perm[i : i + size] for i in range(0, n - size + 1, size)] or [perm]
 
 
 class _Step:
-    """One SAE's loss on a batch of indices (tokens for local/topk, sequences for e2e).
+    """One SAE's loss on a batch: activations [B, d] (local, topk) or sequence indices (e2e).
 
-    With ``first = 1`` (skip BOS) the BOS position is neither reconstructed nor substituted."""
+    With ``first = 1`` (skip BOS) the BOS position is neither reconstructed nor substituted.
+    ``dead`` (bool [d_sae], set by the training loop) selects the AuxK latents; ``fired`` holds
+    the latents that fired on the last batch."""
 
     def __init__(
         self,
         spec: SAESpec,
         model: LensModel | None,
         hook: str,
-        x: Tensor,
+        x: Tensor | None,
         scale: float,
-        tokens: Tensor,
+        tokens: Tensor | None,
         clean: dict[str, Tensor] | None,
         ds_hooks: list[str],
         first: int = 0,
@@ -292,45 +250,40 @@ class _Step:
         self.spec, self.model, self.hook, self.scale = spec, model, hook, scale
         self.clean, self.ds_hooks, self.first = clean, ds_hooks, first
         self.e2e = spec.kind in ("e2e", "e2e+ds")
+        self.l1 = spec.l1
+        self.dead: Tensor | None = None
+        self.fired: Tensor | None = None
         if self.e2e:
-            if clean is None or model is None:
+            if clean is None or model is None or x is None or tokens is None:
                 raise ValueError(f"SAE {spec.name!r} ({spec.kind}) needs the model's outputs.")
             n = clean["final"].shape[0]
             self.x, self.tokens = x[:n], tokens[:n]
             self.ds_norm = {
                 h: float(clean[h][:, first:].pow(2).sum(-1).mean()) for h in clean if h in ds_hooks
             }
-        else:
-            self.x, self.tokens = x[:, first:].reshape(-1, x.shape[-1]), tokens
 
-    @property
-    def n(self) -> int:
-        return self.x.shape[0]
-
-    def __call__(self, sae: SAE, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
-        x = self.x[idx]
-        xs = (x if not self.e2e else x[:, self.first :]) * self.scale
+    def __call__(self, sae: SAE, batch: Tensor) -> tuple[Tensor, dict[str, float]]:
+        if not self.e2e:
+            return self._local(sae, batch)
+        x = self.x[batch]
+        xs = x[:, self.first :] * self.scale
         f, x_hat = sae.encode_decode(xs)
         l1 = f.abs().sum(-1).mean()
+        self.fired = (f > 0).reshape(-1, f.shape[-1]).any(0)
         info = {"l0": float((f > 0).float().sum(-1).mean()), "l1": float(l1.detach())}
-        if not self.e2e:
-            mse = (x_hat - xs).pow(2).sum(-1).mean()
-            info["mse"] = float(mse.detach())
-            loss = mse + self.spec.l1 * l1 if self.spec.kind == "local" else mse
-            return loss, info
         assert self.clean is not None and self.model is not None
         m, first = self.model, self.first
-        clean = _clean_from_x(m, self.tokens[idx], x, self.hook)
+        clean = clean_from_x(m, self.tokens[batch], x, self.hook)
         reads = self.ds_hooks if self.spec.kind == "e2e+ds" else []
         x_new = torch.cat([x[:, :first].to(x_hat.dtype), x_hat / self.scale], dim=1)
         final, got = m.continue_all_grad(clean, x_new.unsqueeze(1).to(m.dtype), reads=reads)
-        clean_final = self.clean["final"][idx][:, first:].to(m.device)
+        clean_final = self.clean["final"][batch][:, first:].to(m.device)
         kl = token_kl(m.unembed(clean_final), m.unembed(final[:, 0, first:])).mean()
-        loss = kl + self.spec.l1 * l1
+        loss = kl + self.l1 * l1
         info["kl"] = float(kl.detach())
         if reads:
             ds = sum(
-                (got[h][:, 0, first:].float() - self.clean[h][idx][:, first:].to(m.device))
+                (got[h][:, 0, first:].float() - self.clean[h][batch][:, first:].to(m.device))
                 .pow(2)
                 .sum(-1)
                 .mean()
@@ -341,6 +294,60 @@ class _Step:
             info["ds"] = float(ds.detach())
         return loss, info
 
+    def _local(self, sae: SAE, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """MSE (+ L1 for local, + AuxK for topk) on activations ``x`` [B, d]."""
+        xs = x * self.scale
+        if self.spec.kind == "topk":  # sparse forward/backward: only the k selected latents
+            vals, idx = topk_encode(sae, xs)
+            x_hat = sparse_decode(sae.W_dec, idx, vals) + sae.b_dec
+            on = vals > 0
+            self.fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+            self.fired[idx[on]] = True
+            l0, l1 = on.float().sum(-1).mean(), vals.sum(-1).mean()
+        else:
+            f = sae.activation(sae.pre_activation(xs))
+            x_hat = sae.decode(f)
+            self.fired = (f > 0).any(0)
+            l0, l1 = (f > 0).float().sum(-1).mean(), f.abs().sum(-1).mean()
+        mse = (x_hat - xs).pow(2).sum(-1).mean()
+        info = {"l0": float(l0), "l1": float(l1.detach()), "mse": float(mse.detach())}
+        if self.spec.kind == "local":
+            return mse + self.l1 * l1, info
+        loss = mse
+        if self.dead is not None and self.spec.aux_coef > 0:
+            k_aux = self.spec.aux_k or sae.d_in // 2
+            aux = aux_k_loss(sae, xs, (xs - x_hat).detach(), self.dead, k_aux)
+            info["aux"] = float(aux.detach())
+            loss = loss + self.spec.aux_coef * aux
+        return loss, info
+
+
+class _Schedule:
+    """Steps of one SAE: total, per epoch, and the batch stream of an epoch from a step on."""
+
+    def __init__(self, spec: SAESpec, cfg: SAETrainConfig, step_fn: _Step, source: Any) -> None:
+        e2e = spec.kind in ("e2e", "e2e+ds")
+        self.size = cfg.e2e_batch_seqs if e2e else cfg.batch_tokens
+        epochs = spec.epochs or (cfg.e2e_epochs if e2e else cfg.epochs)
+        self.seed, self.name, self.source, self.e2e = cfg.seed, spec.name, source, e2e
+        if e2e:
+            self.per_epoch = len(_batches(step_fn.x.shape[0], self.size, 0))
+        else:
+            self.per_epoch = math.ceil(source.n_tokens / self.size)
+        self.total = max(1, math.ceil(epochs * self.per_epoch))
+
+    def stream(self, step: int) -> Any:
+        """Batches from ``step`` on (crossing epochs), each epoch in its own seeded order."""
+        epoch, i = divmod(step, self.per_epoch)
+        while True:
+            seed = derive_seed(self.seed, self.name, epoch)
+            if self.e2e:
+                n = self.source.x.shape[0]
+                yield from _batches(n, self.size, seed)[i:]
+            else:
+                yield from self.source.batches(self.size, seed, start=i)
+            epoch, i = epoch + 1, 0
+
 
 def train_one(
     spec: SAESpec,
@@ -349,45 +356,65 @@ def train_one(
     sae: SAE,
     folder: Path,
     *,
+    source: ActivationSource | None = None,
     progress: bool = True,
     max_seconds: float | None = None,
 ) -> tuple[SAE, dict[str, Any]]:
-    """Train ``sae`` (in the scaled space) with Adam; checkpoint and resume in ``folder``."""
+    """Train ``sae`` (in the scaled space) with Adam on ``source`` (local/topk) or the sequences
+    of ``step_fn`` (e2e); checkpoint and resume in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    e2e = spec.kind in ("e2e", "e2e+ds")
-    size = cfg.e2e_batch_seqs if e2e else cfg.batch_tokens
-    epochs = spec.epochs or (cfg.e2e_epochs if e2e else cfg.epochs)
-    per_epoch = len(_batches(step_fn.n, size, cfg.seed, spec.name, 0))
-    total = max(1, math.ceil(epochs * per_epoch))
-    lr = spec.lr or cfg.lr
+    plan = _Schedule(spec, cfg, step_fn, step_fn if source is None else source)
+    total, lr = plan.total, spec.lr or cfg.lr
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
     ckpt = folder / "checkpoint.pt"
-    step, seconds, log_rows = 0, 0.0, []
+    step, seconds, n_tokens, log_rows = 0, 0.0, 0, []
+    since_fired = torch.zeros(sae.d_sae, dtype=torch.long)  # tokens since each latent fired
+    last_resample = 0
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["opt"])
         step, seconds, log_rows = state["step"], state["seconds"], state["log"]
+        n_tokens, since_fired = state["tokens"], state["since_fired"]
+        last_resample = state["last_resample"]
         log.info("Resuming %s at step %d/%d", spec.name, step, total)
+    resample_steps = {max(1, round(f * total)) for f in spec.resample_at} if not plan.e2e else set()
     bar = tqdm(total=total, initial=step, desc=f"Train {spec.name}", disable=not progress)
     t0 = time.perf_counter() - seconds
-    epoch_batches: dict[int, list[Tensor]] = {}
+    batches = plan.stream(step)
     while step < total:
-        epoch, i = divmod(step, per_epoch)
-        if epoch not in epoch_batches:
-            epoch_batches = {epoch: _batches(step_fn.n, size, cfg.seed, spec.name, epoch)}
+        batch = next(batches)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, total, lr)
-        loss, info = step_fn(sae, epoch_batches[epoch][i])
+            group["lr"] = lr * lr_factor(
+                step, total, cfg.lr_warmup, cfg.lr_decay, cfg.lr_decay_fraction
+            )
+        step_fn.l1 = spec.l1 * warmup_factor(step, total, cfg.l1_warmup)
+        step_fn.dead = since_fired >= cfg.dead_tokens
+        loss, info = step_fn(sae, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        project_decoder_grad(sae)
         opt.step()
         normalize_decoder(sae)
+        n_batch = batch.shape[0] * (1 if not plan.e2e else step_fn.x.shape[1] - step_fn.first)
+        n_tokens += n_batch
+        since_fired += n_batch
+        if step_fn.fired is not None:
+            since_fired[step_fn.fired.cpu()] = 0
         step += 1
+        if step in resample_steps and source is not None:
+            window = min(cfg.dead_tokens, n_tokens - last_resample)
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, spec.name, "resample", step))
+            xs = source.sample(cfg.resample_tokens, derive_seed(cfg.seed, spec.name, step))
+            dead = since_fired >= window
+            info["resampled"] = resample_dead(sae, opt, dead, xs * step_fn.scale, gen)
+            since_fired[dead] = 0
+            last_resample = n_tokens
         info = {"step": step, "loss": float(loss.detach()), **info}
+        info["dead"] = float((since_fired >= cfg.dead_tokens).float().mean())
         bar.set_postfix({k: round(v, 4) for k, v in info.items() if k != "step"}, refresh=False)
         bar.update(1)
-        if step % 10 == 0 or step == total:
+        if step % 10 == 0 or step == total or "resampled" in info:
             log_rows.append(info)
         out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
         if step % cfg.checkpoint_every == 0 or step == total or out_of_time:
@@ -396,6 +423,9 @@ def train_one(
                 "opt": opt.state_dict(),
                 "step": step,
                 "seconds": time.perf_counter() - t0,
+                "tokens": n_tokens,
+                "since_fired": since_fired,
+                "last_resample": last_resample,
                 "log": log_rows,
             }
             atomic_write(ckpt, lambda f, state=state: torch.save(state, f))
@@ -403,13 +433,25 @@ def train_one(
             bar.close()
             raise TimeoutError(f"{spec.name}: stopped at step {step}/{total}; resume to finish.")
     bar.close()
-    return sae, {"steps": total, "seconds": round(time.perf_counter() - t0, 1), "log": log_rows}
+    secs = time.perf_counter() - t0
+    info = {"steps": total, "tokens": n_tokens, "seconds": round(secs, 1)}
+    info["tokens_per_s"] = round(n_tokens / max(secs, 1e-9), 1)
+    return sae, {**info, "log": log_rows}
+
+
+def _init_stats(source: ActivationSource, cfg: SAETrainConfig) -> tuple[float, Tensor]:
+    """The scale ``c`` (``E||c x|| = sqrt(d)``) and ``b_dec`` (in the scaled space), from up to
+    ``init_tokens`` training tokens."""
+    xs = source.sample(cfg.init_tokens, derive_seed(cfg.seed, "init-tokens")).float()
+    scale = math.sqrt(xs.shape[-1]) / float(xs.norm(dim=-1).mean())
+    center = geometric_median(xs) if cfg.b_dec_init == "geometric_median" else xs.mean(0)
+    return scale, center * scale
 
 
 def train_sae(
     cfg: SAETrainConfig,
     spec: SAESpec,
-    x: Tensor,
+    x: Tensor | ActivationSource,
     folder: str | Path,
     *,
     hook: str = "",
@@ -421,41 +463,70 @@ def train_sae(
     frame: str | None = None,
     progress: bool = True,
 ) -> SAE:
-    """Train one SAE on activations ``x`` ([N, T, d]; [N, d] for local/topk) and save it as a
-    SAELens folder in ``folder`` (resuming its checkpoint). e2e objectives need ``model``,
-    ``tokens`` and the ``clean`` outputs; ``init`` is a SAELens folder to start from."""
+    """Train one SAE and save it as a SAELens folder in ``folder`` (resuming its checkpoint).
+
+    ``x``: an :class:`ActivationSource` (local/topk), or activations [N, T, d] (BOS first; e2e
+    needs these) or [N, d]. e2e objectives need ``model``, ``tokens`` and the ``clean`` outputs;
+    ``init`` is a SAELens folder to start from."""
     from perturb_lens.saes.io import load_saelens_folder
 
     folder = Path(folder)
-    d = x.shape[-1]
-    first = 1 if cfg.skip_bos and x.ndim == 3 else 0
-    flat = (x[:, first:] if x.ndim == 3 else x).reshape(-1, d).float()
-    scale = math.sqrt(d) / float(flat.norm(dim=-1).mean())
+    e2e = spec.kind in ("e2e", "e2e+ds")
+    seqs = x if isinstance(x, Tensor) and x.ndim == 3 else None
+    first = 1 if cfg.skip_bos and seqs is not None else 0
+    if e2e and seqs is None:
+        raise ValueError(f"SAE {spec.name!r} ({spec.kind}) trains on sequences [N, T, d].")
+    if isinstance(x, Tensor):
+        source: ActivationSource = MemoryActivations(
+            (x[:, first:] if x.ndim == 3 else x).reshape(-1, x.shape[-1])
+        )
+    else:
+        source = x
+    scale, b_dec = _init_stats(source, cfg)
+    d = b_dec.shape[0]
+    skip_bos = bool(first) or (not isinstance(x, Tensor) and cfg.skip_bos)
+    fingerprint = {}
+    if model is not None:
+        from perturb_lens.models.fingerprint import model_fingerprint
+
+        fingerprint = {"model_fingerprint": model_fingerprint(model)}
     sae_cfg = SAEConfig(
         d_in=d,
         d_sae=spec.d_sae or cfg.d_sae,
         activation="topk" if spec.kind == "topk" else "relu",
         k=spec.k,
         hook=hook,
-        skip_bos=bool(first),
+        skip_bos=skip_bos,
         frame=(frame or (model.frame if model is not None else "raw")),  # type: ignore[arg-type]
         model=cfg.model,
-        metadata={"trained_by": "perturb-lens", "objective": spec.kind, **spec.model_dump()},
+        metadata={
+            "trained_by": "perturb-lens",
+            "objective": spec.kind,
+            **spec.model_dump(),
+            **fingerprint,
+        },
     )
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, spec.name, "init"))
-    sae = init_sae(sae_cfg, flat.mean(0) * scale, gen)
+    sae = init_sae(sae_cfg, b_dec, gen)
     if init is not None:
         src = load_saelens_folder(init)
         fold_scale(src, 1.0 / scale)  # back to the scaled training space
         sae.load_state_dict(src.state_dict())
-    if tokens is None:
-        tokens = torch.zeros(x.shape[0], dtype=torch.long)
-    step_fn = _Step(spec, model, hook, x, scale, tokens, clean, ds_hooks or [], first)
-    sae, info = train_one(spec, cfg, step_fn, sae, folder, progress=progress)
+    step_fn = _Step(spec, model, hook, seqs, scale, tokens, clean, ds_hooks or [], first)
+    sae, info = train_one(
+        spec, cfg, step_fn, sae, folder, source=None if e2e else source, progress=progress
+    )
     fold_scale(sae, scale).eval()
-    sae.cfg.metadata.update({"train_seconds": info["seconds"], "steps": info["steps"]})
+    sae.cfg.metadata.update({k: info[k] for k in ("seconds", "steps", "tokens", "tokens_per_s")})
     sae.save(folder)
-    (folder / "train_log.json").write_text(json.dumps(info, indent=1))
+    atomic_write_json(folder / "train_log.json", info)
+    log.info(
+        "%s: %d tokens in %.0f s (%.0f tokens/s)",
+        spec.name,
+        info["tokens"],
+        info["seconds"],
+        info["tokens_per_s"],
+    )
     return sae
 
 
@@ -488,74 +559,107 @@ def train_saes(
             model = load_model(cfg.model, frame=cfg.frame)
         if tokens is None:
             tokens = dataset_tokens(cfg.data, model, progress=progress)
+        eval_tokens = None
+        if cfg.eval_data is not None:
+            eval_tokens = dataset_tokens(cfg.eval_data, model, progress=progress)
         timings: dict[str, float] = {}
         hooks = list(dict.fromkeys(s.hook or cfg.hook for s in pending))
         for h in hooks:
             model.parse_hook(h)
-        if len(hooks) > 1:  # one pass for all hooks; each group below then reads its cache
-            t0 = time.perf_counter()
-            dirs = {h: _cache_dir(cfg, h, out) for h in hooks}
-            cache_activations(
-                model, tokens, dirs, batch_seqs=cfg.cache_batch_seqs, progress=progress
-            )
-            timings["cache all hooks"] = round(time.perf_counter() - t0, 1)
         for hook in hooks:
             group = [s for s in pending if (s.hook or cfg.hook) == hook]
-            timings.update(_train_at_hook(cfg, hook, group, model, tokens, out, progress))
+            run = _HookRun(cfg, hook, model, tokens, out, progress)
+            timings.update(run.train(group, eval_tokens))
         with open(out / "timings.jsonl", "a") as fh:
             fh.write(json.dumps(timings) + "\n")
     return {s.name: folders[s.name] for s in todo}
 
 
-def _cache_dir(cfg: SAETrainConfig, hook: str, out: Path) -> Path:
-    return out / "activations" / hook if hook != cfg.hook else out / "activations"
+class _HookRun:
+    """The caches at one hook (streamed tokens, e2e sequences, held-out) and its SAEs' training."""
 
+    def __init__(
+        self,
+        cfg: SAETrainConfig,
+        hook: str,
+        model: LensModel,
+        tokens: Tensor,
+        out: Path,
+        progress: bool,
+    ) -> None:
+        self.cfg, self.hook, self.model, self.tokens, self.out = cfg, hook, model, tokens, out
+        self.progress = progress
+        self.dir = out / "activations" / hook
 
-def _train_at_hook(
-    cfg: SAETrainConfig,
-    hook: str,
-    specs: list[SAESpec],
-    model: LensModel,
-    tokens: Tensor,
-    out: Path,
-    progress: bool,
-) -> dict[str, float]:
-    """Cache the activations at ``hook`` and train ``specs`` there; return seconds per step."""
-    t_cache = time.perf_counter()
-    cache_dir = _cache_dir(cfg, hook, out)
-    x = cache_activations(
-        model, tokens, {hook: cache_dir}, batch_seqs=cfg.cache_batch_seqs, progress=progress
-    )[hook]
-    kinds = {s.kind for s in specs}
-    ds_hooks = cfg.ds_hooks or default_ds_hooks(hook, model.spec.n_layers)
-    clean = None
-    if kinds & {"e2e", "e2e+ds"}:
-        n = min(cfg.e2e_seqs, x.shape[0])
-        clean = cache_clean_outputs(
-            model,
-            tokens[:n],
-            x[:n],
-            hook,
-            ds_hooks if "e2e+ds" in kinds else [],
-            cache_dir,
-            batch_seqs=cfg.cache_batch_seqs,
-            progress=progress,
+    def _cache(self, tokens: Tensor, folder: Path) -> ActivationCache:
+        c = self.cfg
+        return ActivationCache.build(
+            self.model,
+            tokens,
+            self.hook,
+            folder,
+            batch_seqs=c.cache_batch_seqs,
+            dtype=c.cache_dtype,
+            skip_bos=c.skip_bos,
+            outlier_factor=c.outlier_factor,
+            progress=self.progress,
+            buffer_chunks=c.buffer_chunks,
         )
-    timings = {f"cache {hook}": round(time.perf_counter() - t_cache, 1)}
-    for spec in specs:
+
+    def train(self, specs: list[SAESpec], eval_tokens: Tensor | None) -> dict[str, float]:
+        """Cache what ``specs`` need, train them, evaluate them; return seconds per stage."""
+        cfg, model, hook = self.cfg, self.model, self.hook
         t0 = time.perf_counter()
-        train_sae(
-            cfg,
-            spec,
-            x,
-            out / spec.name,
-            hook=hook,
-            model=model,
-            tokens=tokens,
-            clean=clean,
-            ds_hooks=ds_hooks,
-            init=out / spec.init_from if spec.init_from else None,
-            progress=progress,
-        )
-        timings[spec.name] = round(time.perf_counter() - t0, 1)
-    return timings
+        kinds = {s.kind for s in specs}
+        source = self._cache(self.tokens, self.dir) if kinds & {"local", "topk"} else None
+        ds_hooks = cfg.ds_hooks or default_ds_hooks(hook, model.spec.n_layers)
+        seqs = clean = None
+        if kinds & {"e2e", "e2e+ds"}:
+            n = min(cfg.e2e_seqs, self.tokens.shape[0])
+            e2e_dir = self.dir / "e2e"
+            seqs = cache_activations(
+                model,
+                self.tokens[:n],
+                {hook: e2e_dir},
+                batch_seqs=cfg.cache_batch_seqs,
+                progress=self.progress,
+            )[hook]
+            reads = ds_hooks if "e2e+ds" in kinds else []
+            clean = cache_clean_outputs(
+                model,
+                self.tokens[:n],
+                seqs,
+                hook,
+                reads,
+                e2e_dir,
+                batch_seqs=cfg.cache_batch_seqs,
+                progress=self.progress,
+            )
+        timings = {f"cache {hook}": round(time.perf_counter() - t0, 1)}
+        heldout = None
+        for spec in specs:
+            t0 = time.perf_counter()
+            e2e = spec.kind in ("e2e", "e2e+ds")
+            sae = train_sae(
+                cfg,
+                spec,
+                seqs if e2e else source,  # type: ignore[arg-type]
+                self.out / spec.name,
+                hook=hook,
+                model=model,
+                tokens=self.tokens,
+                clean=clean,
+                ds_hooks=ds_hooks,
+                init=self.out / spec.init_from if spec.init_from else None,
+                progress=self.progress,
+            )
+            timings[spec.name] = round(time.perf_counter() - t0, 1)
+            if eval_tokens is not None:
+                from perturb_lens.saes.evaluate import heldout_eval
+
+                heldout = heldout or self._cache(eval_tokens, self.out / "heldout" / hook)
+                result = heldout_eval(
+                    sae, heldout, model, eval_tokens[: cfg.eval_ce_seqs], progress=self.progress
+                )
+                atomic_write_json(self.out / spec.name / "eval.json", result)
+        return timings

@@ -195,9 +195,19 @@ def bar_lengths(view: RunView) -> list[float]:
     return an.pick_lengths(view.rows, [f * grid.max() for f in BAR_FRACTIONS])
 
 
+def bar_data(view: RunView, metric: str, lengths: Sequence[float] | None = None) -> pd.DataFrame:
+    """:func:`~perturb_lens.results.analysis.bars` of the run, taken from its cached curves
+    (the same groups, so the same numbers, and whiskers equal to the curves' band there)."""
+    picked = an.pick_lengths(view.rows, lengths)
+    cv = view.curves(metric)
+    out = cv[cv["length"].isin(picked)].reset_index(drop=True)
+    out.attrs.update(cv.attrs, lengths=picked)
+    return out
+
+
 def bar_plot(view: RunView, metric: str) -> Plot:
     """Figures 7-8 style: mean per direction at three lengths, with 95 % bootstrap whiskers."""
-    data = an.bars(view.rows, metric, bar_lengths(view))
+    data = bar_data(view, metric, bar_lengths(view))
     figure = bar_panels(
         data,
         ylabel=metric_label(metric, view),

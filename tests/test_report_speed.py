@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 from synthetic_runs import REPO, make_run, small_config
 
-from perturb_lens.plots import Plot, write_report
+from perturb_lens.plots import Plot, register_figures, registry, write_report
 from perturb_lens.plots.figures import line_panels
 from perturb_lens.plots.registry import RunView
 from perturb_lens.plots.render import render_plots
 from perturb_lens.plots.sets import bar_data, bar_lengths
+from perturb_lens.results.analysis import curves, curves_of
 from perturb_lens.results.summary import summary_rows
 
 
@@ -96,12 +97,30 @@ def test_bars_come_from_the_curves_with_the_same_numbers(run_dir: Path) -> None:
     np.testing.assert_array_equal(got[["ci_low", "ci_high"]], cv[["ci_low", "ci_high"]])
 
 
-def test_report_writes_svg_by_default_and_png_on_request(run_dir: Path, tmp_path: Path) -> None:
-    page = write_report(run_dir, tmp_path / "a")
-    files = {p.suffix for p in (page.parent / "figures").iterdir()}
-    assert files == {".svg", ".csv"}
-    page = write_report(run_dir, tmp_path / "b", formats=("png", "svg"))
-    assert {p.suffix for p in (page.parent / "figures").iterdir()} == {".svg", ".csv", ".png"}
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run whose figure set is one small figure (a quick report)."""
+
+    @register_figures("test-speed-tiny")
+    def tiny(view: RunView) -> list[Plot]:
+        cv = view.curves("kl")
+        fig = line_panels({"kl": cv}, ylabel="mean kl")
+        return [Plot("tiny_kl", "Tiny", "All directions.", fig, cv, True, ["isotropic"])]
+
+    cfg = {**small_config(), "experiment": "test-speed-tiny"}
+    yield make_run(tmp_path_factory.mktemp("runs") / "tiny", cfg)
+    registry._REGISTRY.pop("test-speed-tiny")
+
+
+def test_report_writes_svg_by_default_and_png_on_request(tiny_run: Path, tmp_path: Path) -> None:
+    page = write_report(tiny_run, tmp_path / "a")
+    assert sorted(p.name for p in (page.parent / "figures").iterdir()) == [
+        "tiny_kl.csv",
+        "tiny_kl.svg",
+    ]
+    page = write_report(tiny_run, tmp_path / "b", formats=("png", "svg"))
+    assert (page.parent / "figures" / "tiny_kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert 'class="view-log"' in page.read_text()
 
 
 def test_bench_analysis_writes_the_engines_layout(tmp_path: Path) -> None:
@@ -125,3 +144,15 @@ def test_bench_analysis_writes_the_engines_layout(tmp_path: Path) -> None:
         "l2": "float32",
     }
     assert rows.groupby(["direction", "length"], observed=True).size().eq(3 * 127).all()
+
+
+def test_curves_of_several_metrics_equal_one_call_each(run_dir: Path) -> None:
+    rows = summary_rows(run_dir)
+    rows["kl_holes"] = rows["kl"].where(rows["pos"] != 2)  # NaN elsewhere than kl: own draws
+    both = curves_of(rows, ["kl", "l2", "kl_holes"])
+    assert list(both) == ["kl", "l2", "kl_holes"]
+    for metric, frame in both.items():
+        alone = curves(rows, metric)
+        pd.testing.assert_frame_equal(frame, alone, check_exact=True)
+        assert frame.attrs == alone.attrs
+    assert (both["kl_holes"]["n"] < both["kl"]["n"]).all()

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from perturb_lens.experiments.registry import ExperimentInfo, find_experiment
 from perturb_lens.metrics import metric_names
 from perturb_lens.plots.style import style
-from perturb_lens.results.analysis import curves
+from perturb_lens.results.analysis import curves_of
 from perturb_lens.results.store import load_manifest
 from perturb_lens.results.summary import summary_rows
 
@@ -136,9 +136,14 @@ class RunView:
 
     def curves(self, metric: str) -> pd.DataFrame:
         """``curves(rows, metric)`` per direction and length (computed once per metric)."""
-        if metric not in self._curves:
-            self._curves[metric] = curves(self.rows, metric)
+        self.prefetch_curves([metric])
         return self._curves[metric]
+
+    def prefetch_curves(self, metrics: Iterable[str]) -> None:
+        """Compute the curves of several metrics in one go (they share the bootstrap draws)."""
+        todo = [m for m in dict.fromkeys(metrics) if m not in self._curves]
+        if todo:
+            self._curves.update(curves_of(self.rows, todo))
 
 
 FigureSet = Callable[[RunView], list[Plot]]

@@ -234,7 +234,7 @@ def main() -> None:
                 f"{rep['MB']:,.0f} MB",
                 flush=True,
             )
-            if rows <= args.naive_max:
+            if n <= args.naive_max:
                 naive_cmd = [sys.executable, __file__, "--naive-child", str(run), str(run)]
                 nai = _timed(naive_cmd, env)
                 worst = compare(run, run)

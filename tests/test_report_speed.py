@@ -5,14 +5,15 @@ analysis benchmark writes runs in the engine's layout."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from synthetic_runs import REPO, make_run, small_config
+from synthetic_runs import REPO, make_run, small_config, tiny_figure_run
 
-from perturb_lens.plots import Plot, register_figures, registry, write_report
+from perturb_lens.plots import Plot, write_report
 from perturb_lens.plots.figures import line_panels
 from perturb_lens.plots.registry import RunView
 from perturb_lens.plots.render import render_plots
@@ -98,18 +99,9 @@ def test_bars_come_from_the_curves_with_the_same_numbers(run_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run whose figure set is one small figure (a quick report)."""
-
-    @register_figures("test-speed-tiny")
-    def tiny(view: RunView) -> list[Plot]:
-        cv = view.curves("kl")
-        fig = line_panels({"kl": cv}, ylabel="mean kl")
-        return [Plot("tiny_kl", "Tiny", "All directions.", fig, cv, True, ["isotropic"])]
-
-    cfg = {**small_config(), "experiment": "test-speed-tiny"}
-    yield make_run(tmp_path_factory.mktemp("runs") / "tiny", cfg)
-    registry._REGISTRY.pop("test-speed-tiny")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with tiny_figure_run(tmp_path_factory.mktemp("runs") / "tiny", "test-speed-tiny") as run:
+        yield run
 
 
 def test_report_writes_svg_by_default_and_png_on_request(tiny_run: Path, tmp_path: Path) -> None:

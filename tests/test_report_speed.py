@@ -72,7 +72,7 @@ def test_forked_workers_render_what_this_process_renders(run_dir: Path) -> None:
     render_plots(serial, ["png"], workers=1)
     render_plots(forked, ["png"], workers=2)
     for a, b in zip(serial, forked, strict=True):
-        jobs = {("png", False)} | ({("svg", True)} if a.log_toggle else set())
+        jobs = {("png", False), ("svg", False)} | ({("svg", True)} if a.log_toggle else set())
         assert set(a._rendered) == set(b._rendered) == jobs
         assert a._rendered[("png", False)] == b._rendered[("png", False)]  # PNG is deterministic
         if a.log_toggle:

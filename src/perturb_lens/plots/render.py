@@ -30,8 +30,9 @@ def _render_task(i: int) -> tuple[int, dict[Job, bytes]]:
 def render_plots(
     plots: Sequence[Plot], formats: Sequence[str], *, workers: int | None = None
 ) -> None:
-    """Render every plot in ``formats`` (and its log-y SVG view when it has one) into its cache
-    (:meth:`Plot.render`), so that saving and inlining only read the bytes.
+    """Render every plot in ``formats`` and the SVG views a page inlines (linear, and log-y
+    where the plot has that view) into its cache (:meth:`Plot.render`), so that saving and
+    inlining only read the bytes.
 
     ``workers``: processes to render in (default: one per available core); with one, or where
     processes cannot be forked, the plots are rendered here, one after another. The bytes are
@@ -39,7 +40,7 @@ def render_plots(
     """
     tasks = []
     for plot in plots:
-        jobs = [(fmt, False) for fmt in formats]
+        jobs = [(fmt, False) for fmt in dict.fromkeys([*formats, "svg"])]
         if plot.log_toggle:
             jobs.append(("svg", True))
         jobs = [j for j in jobs if j not in plot._rendered]

@@ -35,8 +35,9 @@ def render_plots(
     inlining only read the bytes.
 
     ``workers``: processes to render in (default: one per available core); with one, or where
-    processes cannot be forked, the plots are rendered here, one after another. The bytes are
-    the same either way: a worker renders a copy of the figure exactly as this process would.
+    processes cannot be forked (or this one is a daemon), the plots are rendered here, one after
+    another. The figures are the same either way: a worker renders a copy of the figure as this
+    process would (PNG bytes are equal; SVG ids carry a random salt in any render).
     """
     tasks = []
     for plot in plots:
@@ -47,7 +48,8 @@ def render_plots(
         if jobs:
             tasks.append((plot, jobs))
     workers = min(workers or available_cores(), len(tasks))
-    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    forkable = "fork" in multiprocessing.get_all_start_methods()
+    if workers < 2 or not forkable or multiprocessing.current_process().daemon:  # no children
         for plot, jobs in tasks:
             for fmt, logy in jobs:
                 plot.render(fmt, logy=logy)

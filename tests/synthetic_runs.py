@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +72,22 @@ def small_config() -> dict:
     cfg["metrics"] = ["kl"]
     cfg["directions"] = [{"name": n} for n in ("isotropic", "cov-random-mixture", "real-mixture")]
     return cfg
+
+
+@contextmanager
+def tiny_figure_run(folder: Path, experiment: str) -> Iterator[Path]:
+    """A run of a test-only experiment whose figure set is one small figure (fast reports): the
+    set is registered while the context is open."""
+    from perturb_lens.plots import Plot, register_figures, registry
+    from perturb_lens.plots.figures import line_panels
+
+    @register_figures(experiment)
+    def tiny(view) -> list[Plot]:
+        cv = view.curves("kl")
+        fig = line_panels({"kl": cv}, ylabel="mean kl")
+        return [Plot("tiny_kl", "Tiny", "All directions.", fig, cv, True, ["isotropic"])]
+
+    try:
+        yield make_run(folder, {**small_config(), "experiment": experiment})
+    finally:
+        registry._REGISTRY.pop(experiment)

@@ -7,6 +7,7 @@ tests need no model and take seconds.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from conftest import EPS32
 from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.lines import Line2D
-from synthetic_runs import REPO, make_run, small_config
+from synthetic_runs import REPO, make_run, small_config, tiny_figure_run
 from typer.testing import CliRunner
 
 from perturb_lens.config import BASELINES, load_config
@@ -29,7 +30,6 @@ from perturb_lens.plots import (
     write_comparison,
     write_report,
 )
-from perturb_lens.plots.figures import line_panels
 from perturb_lens.plots.registry import RunView
 from perturb_lens.plots.report import inline_svg, run_labels
 from perturb_lens.plots.sets import (
@@ -387,20 +387,10 @@ def test_report_is_self_contained_with_relative_links(small_run: Path, tmp_path:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A run of a test-only experiment whose figure set is one small figure (fast reports)."""
-
-    @register_figures("test-tiny")
-    def tiny(view: RunView) -> list[Plot]:
-        cv = view.curves("kl")
-        fig = line_panels({"kl": cv}, ylabel="mean kl")
-        return [Plot("tiny_kl", "Tiny", "All directions.", fig, cv, True, ["isotropic"])]
-
-    cfg = {**small_config(), "experiment": "test-tiny"}
-    yield make_run(tmp_path_factory.mktemp("runs") / "tiny", cfg)
-    from perturb_lens.plots import registry
-
-    registry._REGISTRY.pop("test-tiny")
+    with tiny_figure_run(tmp_path_factory.mktemp("runs") / "tiny", "test-tiny") as run:
+        yield run
 
 
 def test_report_elsewhere_links_back(tiny_run: Path, tmp_path: Path) -> None:

@@ -227,8 +227,8 @@ def report(
         typer.Option("--out", "-o", help="HTML file or folder (default: RUN_DIR/report.html)."),
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", help="Figure files to write beside it: png,svg.")
-    ] = "png,svg",
+        str, typer.Option("--format", help="Figure files to write beside it: svg, png or png,svg.")
+    ] = "svg",
 ) -> None:
     """Write a self-contained HTML report of a run: figures, summary tables, config, data links."""
     from perturb_lens.plots import write_report
@@ -245,8 +245,8 @@ def compare(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder (or .html file) to write.")],
     metric: Annotated[str, typer.Option(help="Metric to overlay: kl, l2, js, ...")] = "kl",
     fmt: Annotated[
-        str, typer.Option("--format", help="Figure files to write beside it: png,svg.")
-    ] = "png,svg",
+        str, typer.Option("--format", help="Figure files to write beside it: svg, png or png,svg.")
+    ] = "svg",
 ) -> None:
     """Overlay several runs (e.g. one per layer or SAE) in one HTML page with figures."""
     from perturb_lens.plots import write_comparison

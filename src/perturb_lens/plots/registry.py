@@ -59,11 +59,14 @@ class Plot:
     log_toggle: bool = False  # the report offers a log-scale y axis (curves over lengths)
     series: list[str] = field(default_factory=list)  # the toggled series (directions, runs)
     _rendered: dict[tuple[str, bool], bytes] = field(default_factory=dict, init=False, repr=False)
+    _laid_out: bool | None = field(default=None, init=False, repr=False)  # logy of the layout
 
     def render(self, fmt: str, *, logy: bool = False) -> bytes:
         """The figure as PNG or SVG bytes (``logy``: every axes with positive data on log y).
 
-        Rendered once per (format, scale) and kept: the report and the files share it.
+        Rendered once per (format, scale) and kept: the report and the files share it. The
+        layout (about half of a render) is computed once per scale: a second format at the
+        scale last laid out draws at the same positions.
         """
         key = (fmt, logy)
         if key not in self._rendered:
@@ -72,16 +75,25 @@ class Plot:
                 for ax in self.figure.axes:
                     if ax.get_label() != "<colorbar>" and ax.dataLim.y1 > 0:
                         ax.set_yscale("log", nonpositive="mask")
+            engine = self.figure.get_layout_engine()
+            frozen = engine is not None and self._laid_out == logy
+            if frozen:
+                self.figure.set_layout_engine("none")  # keeps the positions of the last layout
             buf = io.BytesIO()
-            with style():
-                self.figure.savefig(
-                    buf,
-                    format=fmt,
-                    metadata={"Date": None} if fmt == "svg" else None,
-                    facecolor="white",
-                )
-            for ax, scale in zip(self.figure.axes, saved, strict=True):
-                ax.set_yscale(scale)
+            try:
+                with style():
+                    self.figure.savefig(
+                        buf,
+                        format=fmt,
+                        metadata={"Date": None} if fmt == "svg" else None,
+                        facecolor="white",
+                    )
+            finally:
+                if frozen:
+                    self.figure.set_layout_engine(engine)
+                for ax, scale in zip(self.figure.axes, saved, strict=True):
+                    ax.set_yscale(scale)
+            self._laid_out = logy
             self._rendered[key] = buf.getvalue()
         return self._rendered[key]
 
@@ -207,6 +219,11 @@ class RunView:
     def threshold_summary(self, metric: str, threshold: float) -> pd.DataFrame:
         """``analysis.threshold_summary`` from the streamed crossing counts."""
         return threshold_summary(self._crossings(metric, threshold))
+
+    def prefetch_curves(self, metrics: Iterable[str]) -> None:
+        """The curves of several metrics (their aggregates are read in one pass over the shards)."""
+        for metric in dict.fromkeys(metrics):
+            self.curves(metric)
 
     def threshold_histogram(self, metric: str, threshold: float, edges: np.ndarray) -> pd.DataFrame:
         """``analysis.histograms`` (``right=True``) of the first-crossing lengths on ``edges``."""

@@ -29,13 +29,13 @@ from perturb_lens.plots.figures import (
     series_slug,
 )
 from perturb_lens.plots.registry import (
-    FORMATS,
     Plot,
     RunView,
     check_formats,
     figures_for,
     save_plots,
 )
+from perturb_lens.plots.render import render_plots
 from perturb_lens.plots.sets import (
     bar_lengths,
     interpolation_stats,
@@ -57,6 +57,7 @@ from perturb_lens.results.verdicts import (
 )
 from perturb_lens.stats import fit_size_warning
 
+DEFAULT_FORMATS = ("svg",)  # the page's own figures; PNG (a render as dear again) on request
 REPORT = "report.html"
 COMPARE = "compare.html"
 FIGURES = "figures"
@@ -303,7 +304,8 @@ def run_view(run_dir: str | Path) -> RunView:
     return view
 
 
-def _figures_html(plots: Sequence[Plot], out_dir: Path, formats: Iterable[str]) -> str:
+def _figures_html(plots: Sequence[Plot], out_dir: Path, formats: Sequence[str]) -> str:
+    render_plots(plots, formats)
     try:
         files = save_plots(plots, out_dir / FIGURES, formats)
     except PermissionError as e:
@@ -316,12 +318,13 @@ def _figures_html(plots: Sequence[Plot], out_dir: Path, formats: Iterable[str]) 
 
 
 def write_report(
-    run_dir: str | Path, out: str | Path | None = None, formats: Iterable[str] = FORMATS
+    run_dir: str | Path, out: str | Path | None = None, formats: Iterable[str] = DEFAULT_FORMATS
 ) -> Path:
     """Write ``report.html`` (figures, tables, config, data links) and ``figures/`` for a run.
 
     ``out``: an HTML file or a folder (default: the run directory). Figures are saved as
-    ``figures/{name}.{png,svg}`` with the plotted numbers as ``{name}.csv``; the page itself is
+    ``figures/{name}.{fmt}`` for each of ``formats`` (default SVG; ``("png", "svg")`` adds PNG at
+    the cost of a second render) with the plotted numbers as ``{name}.csv``; the page itself is
     self-contained. Returns the path of the HTML file.
     """
     formats = check_formats(formats)
@@ -461,16 +464,16 @@ def compare_plots(views: Sequence[RunView], metric: str = "kl") -> list[Plot]:
         for w in wanted:
             nearest.setdefault(pick_lengths(v.lengths_frame, [w])[0], w)
         parts.append(b.assign(run=v.label, requested=b["length"].map(nearest)))
-    bar_data = pd.concat(parts, ignore_index=True)
+    bars = pd.concat(parts, ignore_index=True)
     bar_fig = bar_panels(
-        bar_data,
+        bars,
         x="run",
         hue="direction",
         panel="requested",
         ylabel=ylabel,
         title=f"Mean {metric} per run",
     )
-    at = ", ".join(f"{x:.3g}" for x in sorted(bar_data["requested"].unique()))
+    at = ", ".join(f"{x:.3g}" for x in sorted(bars["requested"].unique()))
     plots = [
         Plot(
             f"compare_{metric}",
@@ -497,7 +500,7 @@ def compare_plots(views: Sequence[RunView], metric: str = "kl") -> list[Plot]:
             "nearest grid length); figures 3-4 when the runs are SAEs or layers. Whiskers: 95 % "
             "bootstrap interval.",
             bar_fig,
-            bar_data,
+            bars,
             False,
             dirs,
         ),
@@ -521,7 +524,7 @@ def write_comparison(
     out: str | Path,
     *,
     metric: str = "kl",
-    formats: Iterable[str] = FORMATS,
+    formats: Iterable[str] = DEFAULT_FORMATS,
 ) -> Path:
     """Write ``compare.html`` (and ``figures/``) overlaying several runs' ``metric``.
 

@@ -245,6 +245,7 @@ def threshold_plot(view: RunView, metric: str, threshold: float) -> Plot:
 def curve_figures(view: RunView) -> list[Plot]:
     """Generic figures of any run over lengths: for each metric, all directions' means,
     quantile bands, token curves, bars at three lengths and threshold-crossing histograms."""
+    view.prefetch_curves(view.metrics)
     out: list[Plot] = []
     for metric in view.metrics:
         out += curve_plots(view, metric)
@@ -264,6 +265,7 @@ def sensitive_direction_figures(view: RunView) -> list[Plot]:
     ``perturb-lens compare`` of the runs (e.g. an SAE suite's ``OUT/*``)."""
     if len(view.grid) == 1:  # SAE substitution: one length, SAE(x) vs baselines
         return sae_substitution_figures(view)
+    view.prefetch_curves(view.metrics)
     out: list[Plot] = []
     for metric in view.metrics:
         out += published_panels(view, metric)

@@ -69,34 +69,39 @@ def _batches(items: np.ndarray, sizes: np.ndarray, limit: int) -> Iterator[np.nd
 
 
 def _mean_ci(
-    values: np.ndarray,
+    values: Sequence[np.ndarray],
     codes: np.ndarray,
     ci: float,
     n_boot: int,
     seed: int,
     boot_max_n: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-group ``ci`` interval of the mean: percentile bootstrap, or normal for big groups.
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per group, for each array of ``values``: a ``ci`` interval of the mean (percentile
+    bootstrap, or normal for big groups) as ``(low, high, method)``.
 
-    ``codes`` numbers the groups 0..G-1. Groups of at most ``boot_max_n`` rows are resampled
-    ``n_boot`` times, many groups per numpy call (indices drawn within each group's segment of
-    the sorted values); bigger groups use mean +- z * s / sqrt(n), which at that size agrees with
-    the bootstrap to within the bootstrap's own Monte-Carlo noise at a fraction of the cost.
+    ``codes`` numbers the groups 0..G-1 (the same rows in every array). Groups of at most
+    ``boot_max_n`` rows are resampled ``n_boot`` times, many groups per numpy call (indices
+    drawn within each group's segment of the sorted values); bigger groups use mean +- z * s /
+    sqrt(n), which at that size agrees with the bootstrap to within the bootstrap's own
+    Monte-Carlo noise at a fraction of the cost. The arrays share the resampled indices (drawing
+    them is most of the cost), so each gets the interval it would get alone.
     """
     order = np.argsort(codes, kind="stable")
-    vals = values[order]
     sizes = np.bincount(codes)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    lo, hi = np.empty(len(sizes)), np.empty(len(sizes))
     alpha = (1.0 - ci) / 2.0
-
     big = sizes > boot_max_n
     method = np.where(big, "normal", "bootstrap")
-    if big.any():
-        mean = np.add.reduceat(vals, starts) / sizes
-        sq = np.add.reduceat((vals - np.repeat(mean, sizes)) ** 2, starts)
-        half = NormalDist().inv_cdf(1.0 - alpha) * np.sqrt(sq / (sizes - 1) / sizes)
-        lo[big], hi[big] = (mean - half)[big], (mean + half)[big]
+    sorted_values = [v[order] for v in values]
+    out = []
+    for vals in sorted_values:
+        lo, hi = np.empty(len(sizes)), np.empty(len(sizes))
+        if big.any():
+            mean = np.add.reduceat(vals, starts) / sizes
+            sq = np.add.reduceat((vals - np.repeat(mean, sizes)) ** 2, starts)
+            half = NormalDist().inv_cdf(1.0 - alpha) * np.sqrt(sq / (sizes - 1) / sizes)
+            lo[big], hi[big] = (mean - half)[big], (mean + half)[big]
+        out.append((lo, hi, method))
 
     rng = np.random.default_rng(seed)
     small = np.flatnonzero(~big)
@@ -106,13 +111,15 @@ def _mean_ci(
         base, width = np.repeat(starts[batch], seg_n), np.repeat(seg_n, seg_n)
         offsets = np.concatenate([[0], np.cumsum(seg_n)[:-1]])
         step = max(1, _BOOT_ELEMENTS // rows)
-        boot = np.empty((n_boot, len(batch)))
+        boots = [np.empty((n_boot, len(batch))) for _ in values]
         for b in range(0, n_boot, step):  # c resamples of every group at once
             c = min(step, n_boot - b)
             idx = base + (rng.random((c, rows)) * width).astype(np.int64)
-            boot[b : b + c] = np.add.reduceat(vals[idx], offsets, axis=1) / seg_n
-        lo[batch], hi[batch] = np.quantile(boot, [alpha, 1.0 - alpha], axis=0)
-    return lo, hi, method
+            for vals, boot in zip(sorted_values, boots, strict=True):
+                boot[b : b + c] = np.add.reduceat(vals[idx], offsets, axis=1) / seg_n
+        for (lo, hi, _), boot in zip(out, boots, strict=True):
+            lo[batch], hi[batch] = np.quantile(boot, [alpha, 1.0 - alpha], axis=0)
+    return out
 
 
 def curves(
@@ -135,21 +142,54 @@ def curves(
     column ``ci_method`` says which ("bootstrap" or "normal"). The bootstrap costs ``n_boot``
     random draws per row (~15 s per million bootstrapped rows at ``n_boot=1000``), hence the
     default cap; raise ``boot_max_n`` to bootstrap bigger groups, or pass ``ci=None`` to skip.
+    Several metrics: :func:`curves_of`.
     """
+    options = {"ci": ci, "n_boot": n_boot, "seed": seed, "boot_max_n": boot_max_n}
+    return curves_of(df, [metric], by=by, stat=stat, **options)[metric]
+
+
+def curves_of(
+    df: pd.DataFrame,
+    metrics: Sequence[str],
+    *,
+    by: Sequence[str] = ("direction", "length"),
+    stat: Sequence[str] = ("mean", "median", "q05", "q25", "q75", "q95"),
+    ci: float | None = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+    boot_max_n: int = 10_000,
+) -> dict[str, pd.DataFrame]:
+    """:func:`curves` of each metric in ``metrics`` (metric -> frame), each equal to its own
+    :func:`curves` call; metrics defined on the same rows (NaN in the same places) share the
+    group-by and the bootstrap's draws, which are most of the cost."""
     by = list(by)
-    _require(df, [*by, metric])
-    keep = df[metric].notna() & df[by].notna().all(axis=1)
-    data = df.loc[keep, [*by, metric]].astype({metric: np.float64})
-    g = data.groupby(by, observed=True, sort=True)[metric]
-    out = _group_stats(g, stat)
-    if ci is not None:
-        if not 0.0 < ci < 1.0:
-            raise ValueError(f"ci must be in (0, 1), got {ci}")
-        lo, hi, method = _mean_ci(
-            data[metric].to_numpy(), g.ngroup().to_numpy(), ci, n_boot, seed, boot_max_n
-        )
-        out["ci_low"], out["ci_high"], out["ci_method"] = lo, hi, method
-    return _indexed_out(out, metric=metric, ci=ci, n_boot=n_boot, seed=seed, boot_max_n=boot_max_n)
+    metrics = list(dict.fromkeys(metrics))
+    _require(df, [*by, *metrics])
+    if ci is not None and not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    keys = df[by].notna().all(axis=1).to_numpy()
+    shared: list[tuple[np.ndarray, list[str]]] = []  # (rows kept, the metrics defined on them)
+    for metric in metrics:
+        keep = keys & df[metric].notna().to_numpy()
+        same = next((names for rows, names in shared if np.array_equal(rows, keep)), None)
+        if same is None:
+            shared.append((keep, [metric]))
+        else:
+            same.append(metric)
+    out = {}
+    for keep, names in shared:
+        data = df.loc[keep, [*by, *names]].astype(dict.fromkeys(names, np.float64))
+        g = data.groupby(by, observed=True, sort=True)
+        frames = {m: _group_stats(g[m], stat) for m in names}
+        if ci is not None:
+            values = [data[m].to_numpy() for m in names]
+            bounds = _mean_ci(values, g.ngroup().to_numpy(), ci, n_boot, seed, boot_max_n)
+            for m, (lo, hi, method) in zip(names, bounds, strict=True):
+                frames[m]["ci_low"], frames[m]["ci_high"], frames[m]["ci_method"] = lo, hi, method
+        for m, frame in frames.items():
+            attrs = {"ci": ci, "n_boot": n_boot, "seed": seed, "boot_max_n": boot_max_n}
+            out[m] = _indexed_out(frame, metric=m, **attrs)
+    return {m: out[m] for m in metrics}
 
 
 def threshold_lengths(

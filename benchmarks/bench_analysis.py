@@ -1,0 +1,287 @@
+"""Analysis at scale: ``perturb-lens report`` on synthetic runs of 10^6 .. 10^8 rows.
+
+A run directory that looks like a sensitive-directions run of the main preset (SmolLM2, 6
+directions, its 24 relative lengths, KL and L2, all positions of 128-token sequences) is written
+through the real store (``RunStore.create`` / ``write_shard`` / ``finish``), shard by shard, so
+writing 10^8 rows holds one shard in memory. Its columns are the engine's: ``seq`` (int32),
+``pos`` (int16), ``direction`` (dictionary), ``length`` (float32), ``kl``, ``l2`` (float32).
+
+For each size, ``perturb-lens report`` runs in a subprocess (wall time, and its peak RSS from
+``os.wait4``). Where it fits (``--naive-max`` rows), the naive reference runs too, in its own
+subprocess: every summary row loaded into pandas (``load_results``) and ``analysis.curves`` per
+metric, which is what an analysis of the rows in memory costs. The report's plotted curves
+(``figures/all_{metric}.csv``) must agree with the naive ones: counts exactly, means to 1e-9
+relative, medians and quantiles to 1e-9 relative (exact rows) or within the sketch's documented
+relative error ``alpha`` (aggregate runs). The script exits non-zero on a disagreement.
+
+``--aggregate`` writes ``results: aggregate`` shards instead (each shard's rows through
+``results.aggregate.aggregate_rows``, as the runner does), and, where the naive reference runs,
+the same rows as a rows-mode run beside it for the naive side. Where that mode is not in the
+sources yet, the flag says so and stops.
+
+Usage: python benchmarks/bench_analysis.py [--sizes 1e6 1e7] [--naive-max 1e7] [--keep]
+       [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from perturb_lens.config import load_config
+from perturb_lens.engine.run import shard_ids
+from perturb_lens.results import RunStore, config_hash
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = REPO / "configs" / "sensitive_directions_smollm2.yaml"
+SEQ_LEN = 128
+SHARD_SEQS = 16  # 16 x 128 x 144 = 294,912 rows per shard
+MEDIAN_NORM = 3.0  # absolute length = relative length x the median norm, as the runner resolves
+# per direction: KL and L2 scale (the published ordering: real > cov-random > isotropic; difference
+# directions above mixture ones)
+GAIN = {
+    "isotropic": 1.0,
+    "isotropic-difference": 1.3,
+    "cov-random-difference": 2.6,
+    "cov-random-mixture": 1.9,
+    "real-difference": 4.0,
+    "real-mixture": 2.2,
+}
+REL_TOL = 1e-9
+
+
+def _config() -> dict:
+    cfg = load_config(PRESET).model_dump(mode="json")
+    cfg["name"] = "bench_analysis"
+    cfg["data"]["seq_len"] = SEQ_LEN
+    cfg["shard_seqs"] = SHARD_SEQS
+    return cfg
+
+
+def _labels(cfg: dict) -> list[str]:
+    return [d if isinstance(d, str) else d.get("label") or d["name"] for d in cfg["directions"]]
+
+
+def shard_rows(seqs: range, directions: list[str], lengths: np.ndarray, seed: int) -> pd.DataFrame:
+    """The rows of one shard in the engine's column types and order (direction, seq, length,
+    pos). KL grows as the square of the length, L2 linearly, each token with its own scale
+    (exponential: heavy right tail, so the mean and the median differ)."""
+    n_seq, n_len, n_dir = len(seqs), lengths.size, len(directions)
+    rng = np.random.default_rng([seed, seqs.start])
+    shape = (n_dir, n_seq, n_len, SEQ_LEN)
+    scale = rng.exponential(size=(n_dir, n_seq, 1, SEQ_LEN))
+    gain = np.array([GAIN.get(d, 1.0) for d in directions]).reshape(-1, 1, 1, 1)
+    x = (lengths / MEDIAN_NORM).reshape(1, 1, -1, 1)
+    noise = rng.random(shape, dtype=np.float32)
+    kl = (gain * scale * x**2 + 1e-3 * noise).astype(np.float32)
+    l2 = (gain * scale * x * 10.0 + 0.1 * noise).astype(np.float32)
+    idx = np.indices(shape, dtype=np.int32).reshape(4, -1)
+    return pd.DataFrame(
+        {
+            "seq": (idx[1] + seqs.start).astype(np.int32),
+            "pos": idx[3].astype(np.int16),
+            "direction": pd.Categorical.from_codes(idx[0], directions),
+            "length": lengths.astype(np.float32)[idx[2]],
+            "kl": kl.ravel(),
+            "l2": l2.ravel(),
+        }
+    )
+
+
+def _aggregate_api() -> tuple[Callable[..., Any], float]:
+    """``(aggregate_rows, sketch alpha)`` of the aggregate result mode, or stop saying it is
+    not in these sources yet."""
+    try:
+        from perturb_lens.results.aggregate import aggregate_rows
+        from perturb_lens.results.sketch import DEFAULT_ALPHA
+    except ImportError:
+        raise SystemExit(
+            "--aggregate: the aggregate result mode (results: aggregate) is not available in "
+            "this version yet; run without --aggregate to benchmark a rows-mode run"
+        ) from None
+    return aggregate_rows, DEFAULT_ALPHA
+
+
+def write_run(folder: Path, n_rows: int, *, aggregate: bool = False, seed: int = 0) -> int:
+    """A complete synthetic run of at least ``n_rows`` rows (whole sequences), written shard by
+    shard through :class:`RunStore`. Returns the number of rows written."""
+    cfg = _config()
+    if aggregate:
+        aggregate_rows = _aggregate_api()[0]
+        cfg["results"] = "aggregate"
+    directions = _labels(cfg)
+    lengths = np.asarray(cfg["lengths"], np.float64) * MEDIAN_NORM
+    per_seq = SEQ_LEN * len(directions) * lengths.size
+    n_seqs = math.ceil(n_rows / per_seq)
+    cfg["data"]["n_seqs"] = n_seqs
+    meta = {
+        "model": cfg["model"],
+        "model_source": "synthetic (bench_analysis)",
+        "architecture": "llama",
+        "frame": "centered",
+        "dtype": "float32",
+        "hook": cfg["hook"],
+        "read": "blocks.29.hook_resid_post",
+        "scope": cfg["scope"],
+        "lengths": lengths.tolist(),
+        "n_seqs": n_seqs,
+        "seq_len": SEQ_LEN,
+        "seed": seed,
+        "median_norm": MEDIAN_NORM,
+        "stats": {"n_samples": 20 * 576, "d_model": 576, "source": "synthetic"},
+        "include_bos": True,
+        "drop_last_position": True,
+    }
+    written = 0
+    with RunStore(folder) as store:
+        store.create(cfg, config_hash(cfg), meta, resume=False)
+        for i, sid in enumerate(shard_ids(n_seqs, SHARD_SEQS)):
+            seqs = range(i * SHARD_SEQS, min(n_seqs, (i + 1) * SHARD_SEQS))
+            rows = shard_rows(seqs, directions, lengths, seed)
+            table = aggregate_rows(rows, cfg["metrics"], meta) if aggregate else rows
+            store.write_shard(sid, table, info={"seqs": [seqs.start, seqs.stop]})
+            written += len(rows)
+        store.finish({"seconds": 0.0, "shards": i + 1})
+    return written
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Run ``cmd``: its wall seconds, CPU seconds (user + system, its children included) and
+    peak RSS in MB (of the largest process, from ``os.wait4``). The CPU time is the steadier
+    figure on a shared machine."""
+    before = os.times()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    after = os.times()
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
+    cpu = (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
+    return {"s": wall, "cpu_s": cpu, "MB": usage.ru_maxrss / 1024}
+
+
+def naive(run_dir: Path, out: Path) -> None:
+    """The naive reference (in a child process): every summary row in pandas, then
+    ``analysis.curves`` per metric; the curves go to ``out/naive_{metric}.csv``."""
+    from perturb_lens.results.analysis import curves
+    from perturb_lens.results.summary import summary_rows
+
+    rows = summary_rows(run_dir)
+    for metric in ("kl", "l2"):
+        curves(rows, metric).to_csv(out / f"naive_{metric}.csv", index=False)
+
+
+def compare(report_dir: Path, naive_dir: Path, quantile_tol: float = REL_TOL) -> dict[str, float]:
+    """Largest relative difference, per statistic, between the report's plotted curves and the
+    naive ones (counts must be equal); raises ``SystemExit`` above :data:`REL_TOL` (means) or
+    ``quantile_tol`` (medians and quantiles: a sketch's relative error in aggregate runs)."""
+    worst: dict[str, float] = {}
+    for metric in ("kl", "l2"):
+        ours = pd.read_csv(report_dir / "figures" / f"all_{metric}.csv")
+        ref = pd.read_csv(naive_dir / f"naive_{metric}.csv")
+        for frame in (ours, ref):  # the rows' float32 lengths, written as float32 or as float64
+            frame["length"] = frame["length"].astype(np.float32)
+        keys = ["direction", "length"]
+        both = ours.merge(ref, on=keys, suffixes=("", "_naive"), validate="one_to_one")
+        if len(both) != len(ref) or (both["n"] != both["n_naive"]).any():
+            raise SystemExit(f"{metric}: the report's groups or counts differ from the naive ones")
+        for stat in ("mean", "median", "q05", "q25", "q75", "q95"):
+            a, b = both[stat].to_numpy(), both[f"{stat}_naive"].to_numpy()
+            rel = np.abs(a - b) / np.maximum(np.abs(b), np.finfo(float).tiny)
+            worst[stat] = max(worst.get(stat, 0.0), float(rel.max()))
+    bad = {k: v for k, v in worst.items() if v > (REL_TOL if k == "mean" else quantile_tol)}
+    if bad:
+        raise SystemExit(f"the report disagrees with the naive reference: {bad}")
+    return worst
+
+
+def _size(text: str) -> int:
+    return int(float(text))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", type=_size, nargs="+", default=[10**6, 10**7], help="rows per run")
+    p.add_argument("--naive-max", type=_size, default=10**7, help="largest size run naively too")
+    p.add_argument("--aggregate", action="store_true", help="write results: aggregate shards")
+    p.add_argument("--out", type=Path, default=None, help="folder for the runs (default: a temp)")
+    p.add_argument("--keep", action="store_true", help="keep the run directories")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--src", type=Path, default=REPO / "src", help="perturb_lens sources to time (before/after)"
+    )
+    p.add_argument("--naive-child", nargs=2, metavar=("RUN", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.naive_child:
+        naive(Path(args.naive_child[0]), Path(args.naive_child[1]))
+        return
+    root = args.out or Path(tempfile.mkdtemp(prefix="bench_analysis_"))
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(args.src.resolve())}
+    results = []
+    try:
+        for n in args.sizes:
+            run = root / f"rows_{n:.0e}".replace("+", "")
+            shutil.rmtree(run, ignore_errors=True)
+            t0 = time.perf_counter()
+            rows = write_run(run, n, aggregate=args.aggregate, seed=args.seed)
+            t_write = time.perf_counter() - t0
+            disk = sum(f.stat().st_size for f in run.rglob("*") if f.is_file()) / 2**20
+            print(f"{rows:,} rows written in {t_write:.1f} s ({disk:,.0f} MiB)", flush=True)
+            cmd = [sys.executable, "-m", "perturb_lens.cli", "report", str(run)]
+            rep = _timed(cmd, env)
+            row = {"rows": rows, "write_s": t_write, "MiB": disk}
+            row.update({f"report_{k}": v for k, v in rep.items()})
+            print(
+                f"  report: {rep['s']:.1f} s ({rep['cpu_s']:.1f} s CPU), peak RSS "
+                f"{rep['MB']:,.0f} MB",
+                flush=True,
+            )
+            if n <= args.naive_max:
+                plain, tol = run, REL_TOL
+                if args.aggregate:  # the naive side needs the rows: the same ones, rows mode
+                    plain, tol = root / f"{run.name}_rows", _aggregate_api()[1]
+                    shutil.rmtree(plain, ignore_errors=True)
+                    write_run(plain, n, seed=args.seed)
+                naive_cmd = [sys.executable, __file__, "--naive-child", str(plain), str(run)]
+                nai = _timed(naive_cmd, env)
+                worst = compare(run, run, tol)
+                if plain != run and not args.keep:
+                    shutil.rmtree(plain, ignore_errors=True)
+                row.update({f"naive_{k}": v for k, v in nai.items()})
+                row.update(ratio=nai["s"] / rep["s"], max_rel_diff=max(worst.values()))
+                print(
+                    f"  naive (pandas load_results + curves): {nai['s']:.1f} s ({nai['cpu_s']:.1f}"
+                    f" s CPU), peak RSS {nai['MB']:,.0f} MB; naive / report = {row['ratio']:.2f};"
+                    f" agree (max relative difference {row['max_rel_diff']:.1e})",
+                    flush=True,
+                )
+            results.append(row)
+            if not args.keep:
+                shutil.rmtree(run, ignore_errors=True)
+    finally:
+        if not args.keep and args.out is None:
+            shutil.rmtree(root, ignore_errors=True)
+    print(pd.DataFrame(results).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

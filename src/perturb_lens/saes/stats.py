@@ -92,7 +92,7 @@ def loss_recovered(ce_ablated: float, ce_sae: float, ce_clean: float) -> float:
     if ce_ablated == ce_clean:
         log.warning("The ablation leaves the CE unchanged (%.6g): loss recovered is NaN", ce_clean)
         return float("nan")
-    return (ce_ablated - ce_sae) / (ce_ablated - ce_clean)
+    return (ce_ablated - ce_sae) / (ce_ablated - ce_clean) + 0.0  # + 0.0: no -0.0
 
 
 def counted_positions(tokens: Tensor, include_bos: bool) -> Tensor:

@@ -255,6 +255,7 @@ def test_cli_stats_and_l0_sweep(llama_dir: Path, webtext_path: Path, tmp_path: P
     from typer.testing import CliRunner
 
     from perturb_lens.cli import app
+    from perturb_lens.stats import fit_stats
 
     for name, seed in (("a", 0), ("b", 1)):
         make_sae(64, 48, 0.5, seed=seed).float().save(tmp_path / "fam" / name)
@@ -268,6 +269,13 @@ def test_cli_stats_and_l0_sweep(llama_dir: Path, webtext_path: Path, tmp_path: P
     res = run(app, ["sae", "stats", str(tmp_path / "fam" / "a"), "--json", *data])
     (row,) = json.loads(res.stdout)
     assert {"loss_recovered_zero", "loss_recovered_mean", "ce_zero", "ce_mean"} <= set(row)
+    assert row["mean_source"] == "data"
+    fitted = fit_stats([torch.randn(2, 5, 64)], hook=HOOK, frame="raw")  # a run's stats file
+    mean_arg = ["--mean-from", str(fitted.save(tmp_path / "stats.safetensors"))]
+    res = run(app, ["sae", "stats", str(tmp_path / "fam" / "a"), "--json", *mean_arg, *data])
+    (given,) = json.loads(res.stdout)
+    assert given["mean_source"] == "given" and given["ce_mean"] != row["ce_mean"]
+    assert given["ce_sae"] == row["ce_sae"] and given["ce_zero"] == row["ce_zero"]
     out = tmp_path / "sweep"
     args = ["sae", "l0-sweep", str(tmp_path / "fam" / "a"), "--family", str(tmp_path / "fam")]
     res = run(app, [*args, "--steps", "3", "--out", str(out), *data])

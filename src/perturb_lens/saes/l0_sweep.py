@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from perturb_lens.models.base import LensModel
 from perturb_lens.saes.sae import SAE
-from perturb_lens.saes.stats import counted_positions, hook_batches, sae_stats
+from perturb_lens.saes.stats import counted_activations, sae_stats
 
 TABLE_FILE = "l0_sweep"  # <out>/l0_sweep.csv and .parquet
 COLUMNS = (
@@ -63,30 +64,15 @@ class MaskedSAE(SAE):
         return super().activation(h) * self.keep
 
 
-def latent_counts(
-    sae: SAE,
-    model: LensModel,
-    tokens: Tensor,
-    *,
-    include_bos: bool = False,
-    batch_seqs: int = 16,
-    progress: bool = False,
-) -> tuple[Tensor, int, Tensor]:
-    """``(counts, n, mean)``: per latent, the number of the ``n`` counted positions where it fires
-    (``f > 0``, int64 [d_sae]), and the mean activation [d] there (float64): one prefix pass."""
-    m = counted_positions(tokens, include_bos)
-    counts = torch.zeros(sae.d_sae, dtype=torch.long)
-    total = torch.zeros(model.spec.d_model, dtype=torch.float64)
-    batches = hook_batches(
-        model, tokens, sae.hook, batch_seqs=batch_seqs, desc="Latent frequencies", progress=progress
-    )
+def latent_counts(sae: SAE, model: LensModel, tokens: Tensor, **options: Any) -> tuple[Tensor, int]:
+    """``(counts, n)``: per latent, the number of the ``n`` counted positions of ``tokens`` where
+    it fires (``f > 0``, int64 [d_sae]); ``options``: :func:`counted_activations`'."""
+    counts, n = torch.zeros(sae.d_sae, dtype=torch.long), 0
     with torch.no_grad():
-        for x in batches:
-            xm = x[:, m.to(x.device)]
-            counts += (sae.encode(xm) > 0).sum((0, 1)).cpu()
-            total += xm.double().sum((0, 1)).cpu()
-    n = tokens.shape[0] * int(m.sum())
-    return counts, n, total / n
+        for x in counted_activations(model, tokens, sae.hook, desc="Latent frequencies", **options):
+            counts += (sae.encode(x) > 0).sum((0, 1)).cpu()
+            n += x.shape[0] * x.shape[1]
+    return counts, n
 
 
 def frequency_order(counts: Tensor) -> Tensor:
@@ -152,7 +138,7 @@ def l0_sweep(
             f"Family SAEs {others} read other hooks than {sae.hook!r}: loss recovered against L0 "
             "compares SAEs of one hook; give a family trained at the same hook."
         )
-    counts, n, data_mean = latent_counts(
+    counts, n = latent_counts(
         sae, model, tokens, include_bos=include_bos, batch_seqs=2 * batch_seqs, progress=progress
     )
     grid = default_grid(float(counts.sum()) / n, n_steps) if l0_grid is None else l0_grid
@@ -163,7 +149,7 @@ def l0_sweep(
         keep[order[:j]] = False
         variants[f"masked:{j}"] = MaskedSAE(sae, keep)
     variants |= {f"family:{k}": s for k, s in family.items()}
-    means = {sae.hook: data_mean if mean is None else mean}
+    means = {} if mean is None else {sae.hook: mean}
     stats = sae_stats(
         variants, model, tokens, batch_seqs=batch_seqs, include_bos=include_bos, means=means,
         progress=progress,

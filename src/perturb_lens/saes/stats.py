@@ -27,6 +27,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -125,25 +126,25 @@ def hook_batches(
         yield _wide(model.run_to_hook(tokens[s0 : s0 + batch_seqs].to(model.device), hook))
 
 
-def hook_mean(
-    model: LensModel,
-    tokens: Tensor,
-    hook: str,
-    *,
-    include_bos: bool = False,
-    batch_seqs: int = 16,
-    progress: bool = False,
-) -> Tensor:
-    """Mean activation [d] (float64, CPU) at ``hook`` over the counted positions of ``tokens``:
-    what mean ablation substitutes when no fitted mean is given."""
+def counted_activations(
+    model: LensModel, tokens: Tensor, hook: str, *, include_bos: bool = False, **batching: Any
+) -> Iterator[Tensor]:
+    """The activation at ``hook`` [b, n, d] at the counted positions of each batch of sequences
+    (``batching``: :func:`hook_batches`' ``batch_seqs``, ``desc``, ``progress``)."""
     m = counted_positions(tokens, include_bos)
-    total = torch.zeros(model.spec.d_model, dtype=torch.float64)
-    batches = hook_batches(
-        model, tokens, hook, batch_seqs=batch_seqs, desc="Mean activation", progress=progress
-    )
-    for x in batches:
-        total += x[:, m.to(x.device)].double().sum((0, 1)).cpu()
-    return total / (tokens.shape[0] * int(m.sum()))
+    opts = {"batch_seqs": 16, "desc": "Activations", "progress": False} | batching
+    for x in hook_batches(model, tokens, hook, **opts):
+        yield x[:, m.to(x.device)]
+
+
+def hook_mean(model: LensModel, tokens: Tensor, hook: str, **options: Any) -> Tensor:
+    """Mean activation [d] (float64, CPU) at ``hook`` over the counted positions of ``tokens``
+    (``options``: :func:`counted_activations`'): what mean ablation substitutes by default."""
+    total, n = torch.zeros(model.spec.d_model, dtype=torch.float64), 0
+    for x in counted_activations(model, tokens, hook, desc="Mean activation", **options):
+        total += x.double().sum((0, 1)).cpu()
+        n += x.shape[0] * x.shape[1]
+    return total / n
 
 
 def load_ablation_mean(path: str | os.PathLike[str], hook: str, frame: str) -> Tensor:

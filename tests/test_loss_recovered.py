@@ -290,3 +290,7 @@ def test_cli_stats_and_l0_sweep(llama_dir: Path, webtext_path: Path, tmp_path: P
     res = run(app, ["sae", "l0-sweep", str(tmp_path / "narrow"), *data])
     assert res.exit_code == 1 and "Error:" in res.output and "d_in=32" in res.output
     assert "Traceback" not in res.output
+    (tmp_path / "empty.jsonl").write_text("")
+    empty = [*data[:3], str(tmp_path / "empty.jsonl"), *data[4:]]
+    res = run(app, ["sae", "l0-sweep", str(tmp_path / "fam" / "a"), *empty])
+    assert res.exit_code == 1 and "Error: Found 0 tokens" in res.output

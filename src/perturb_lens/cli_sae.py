@@ -1,10 +1,11 @@
-"""``perturb-lens sae ...``: train SAEs, compute their statistics, run SAE experiment suites."""
+"""``perturb-lens sae ...``: train SAEs, compute their statistics and loss recovered vs L0, run
+SAE experiment suites."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,9 +14,15 @@ from rich.table import Table
 from perturb_lens.cli_errors import checked_out, user_errors
 from perturb_lens.cli_options import OnlySAE, OutFolder, Quiet
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from perturb_lens.models.base import LensModel
+    from perturb_lens.saes.sae import SAE
+
 sae_app = typer.Typer(
     name="sae",
-    help="Sparse autoencoders: train, statistics, SAE experiment suites.",
+    help="Sparse autoencoders: train, statistics, loss recovered vs L0, SAE experiment suites.",
     no_args_is_help=True,
 )
 
@@ -67,7 +74,9 @@ MeanFrom = Annotated[
 ]
 
 
-def _eval_setup(model: str, frame: str | None, data: str, n_seqs: int, seq_len: int, quiet: bool):
+def _eval_setup(
+    model: str, frame: str | None, data: str, n_seqs: int, seq_len: int, quiet: bool
+) -> tuple[LensModel, Tensor]:
     """The model and the evaluation tokens of ``sae stats`` / ``sae l0-sweep``."""
     from perturb_lens.config import DataConfig
     from perturb_lens.data import dataset_tokens
@@ -78,7 +87,7 @@ def _eval_setup(model: str, frame: str | None, data: str, n_seqs: int, seq_len: 
     return lens, dataset_tokens(text, lens, progress=not quiet)
 
 
-def _means(mean_from: str | None, saes: dict, frame: str) -> dict:
+def _means(mean_from: str | None, saes: dict[str, SAE], frame: str) -> dict[str, Tensor]:
     """hook -> fitted mean from ``--mean-from`` for every hook of ``saes`` (none without it)."""
     from perturb_lens.saes.stats import load_ablation_mean
 

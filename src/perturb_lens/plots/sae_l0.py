@@ -44,6 +44,8 @@ def loss_recovered_plot(table: pd.DataFrame) -> Plot:
         title=f"Loss recovered vs L0 at {table['hook'].iloc[0]}",
         ncols=3,
     )
+    for ax in fig.axes:
+        ax.legend(loc="best")  # the curves rise or fall with L0: no one corner is free
     caption = (
         "Two ways to a lower L0: masking the SAE's most frequent latents after the activation, "
         "or training at a larger L1 / smaller k. Loss recovered = (CE_ablated - CE_SAE) / "

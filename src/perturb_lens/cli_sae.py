@@ -1,10 +1,11 @@
-"""``perturb-lens sae ...``: train SAEs, compute their statistics, run SAE experiment suites."""
+"""``perturb-lens sae ...``: train SAEs, compute their statistics and loss recovered vs L0, run
+SAE experiment suites."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,9 +14,15 @@ from rich.table import Table
 from perturb_lens.cli_errors import checked_out, user_errors
 from perturb_lens.cli_options import OnlySAE, OutFolder, Quiet
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from perturb_lens.models.base import LensModel
+    from perturb_lens.saes.sae import SAE
+
 sae_app = typer.Typer(
     name="sae",
-    help="Sparse autoencoders: train, statistics, SAE experiment suites.",
+    help="Sparse autoencoders: train, statistics, loss recovered vs L0, SAE experiment suites.",
     no_args_is_help=True,
 )
 
@@ -68,36 +75,72 @@ def _train_summary(folder: Path) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+ModelName = Annotated[str, typer.Option(help="The model the SAEs read.")]
+DataSource = Annotated[
+    str, typer.Option(help="Text source: file/folder, builtin:lee or HF dataset.")
+]
+NSeqs = Annotated[int, typer.Option(help="Sequences to evaluate on.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per sequence (BOS first).")]
+IncludeBos = Annotated[bool, typer.Option(help="Count the BOS position.")]
+Frame = Annotated[str | None, typer.Option(help="centered | raw.")]
+MeanFrom = Annotated[
+    str | None,
+    typer.Option(
+        help="Mean ablation with this run's fitted mean (run folder or stats.safetensors); "
+        "default: the mean over the evaluated tokens."
+    ),
+]
+
+
+def _eval_setup(
+    model: str, frame: str | None, data: str, n_seqs: int, seq_len: int, quiet: bool
+) -> tuple[LensModel, Tensor]:
+    """The model and the evaluation tokens of ``sae stats`` / ``sae l0-sweep``."""
+    from perturb_lens.config import DataConfig
+    from perturb_lens.data import dataset_tokens
+    from perturb_lens.models.load import load_model
+
+    lens = load_model(model, frame=frame)
+    text = DataConfig(source=data, n_seqs=n_seqs, seq_len=seq_len)
+    return lens, dataset_tokens(text, lens, progress=not quiet)
+
+
+def _means(mean_from: str | None, saes: dict[str, SAE], frame: str) -> dict[str, Tensor]:
+    """hook -> fitted mean from ``--mean-from`` for every hook of ``saes`` (none without it)."""
+    from perturb_lens.saes.stats import load_ablation_mean
+
+    if mean_from is None:
+        return {}
+    return {s.hook: load_ablation_mean(mean_from, s.hook, frame) for s in saes.values()}
+
+
 @sae_app.command()
 def stats(
     saes: Annotated[list[str], typer.Argument(help="SAE folders, release:sae_id or e2e .pt.")],
-    model: Annotated[str, typer.Option(help="The model the SAEs read.")] = "smollm2-135m",
-    data: Annotated[
-        str, typer.Option(help="Text source: file/folder, builtin:lee or HF dataset.")
-    ] = "default",
-    n_seqs: Annotated[int, typer.Option(help="Sequences to evaluate on.")] = 64,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (BOS first).")] = 64,
-    include_bos: Annotated[bool, typer.Option(help="Count the BOS position.")] = False,
-    frame: Annotated[str | None, typer.Option(help="centered | raw.")] = None,
+    model: ModelName = "smollm2-135m",
+    data: DataSource = "default",
+    n_seqs: NSeqs = 64,
+    seq_len: SeqLen = 64,
+    include_bos: IncludeBos = False,
+    frame: Frame = None,
+    mean_from: MeanFrom = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     csv: Annotated[str | None, typer.Option(help="Also write the table to this CSV.")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """L0, alive/dead latents, MSE, explained variance, CE increase and KL of SAE(x)."""
+    """L0, alive/dead latents, MSE, explained variance, CE increase, KL and loss recovered."""
     import pandas as pd
 
-    from perturb_lens.config import DataConfig
-    from perturb_lens.data import dataset_tokens
-    from perturb_lens.models.load import load_model
     from perturb_lens.saes.io import load_sae
     from perturb_lens.saes.stats import sae_stats
 
     with user_errors():
-        lens = load_model(model, frame=frame)
+        lens, tokens = _eval_setup(model, frame, data, n_seqs, seq_len, quiet)
         named = {Path(s).name if Path(s).exists() else s: load_sae(s, model=model) for s in saes}
-        text = DataConfig(source=data, n_seqs=n_seqs, seq_len=seq_len)
-        tokens = dataset_tokens(text, lens, progress=not quiet)
-        rows = sae_stats(named, lens, tokens, include_bos=include_bos, progress=not quiet)
+        means = _means(mean_from, named, lens.frame)
+        rows = sae_stats(
+            named, lens, tokens, include_bos=include_bos, means=means, progress=not quiet
+        )
     df = pd.DataFrame([r.to_dict() for r in rows])
     if csv:
         df.to_csv(csv, index=False)
@@ -106,8 +149,10 @@ def stats(
         return
     cols = {"l0": "L0", "alive": "alive", "dead": "dead", "mse": "MSE"}
     cols |= {"explained_variance": "EV", "ce_increase": "dCE", "kl": "KL"}
+    cols |= {"loss_recovered_zero": "LR zero", "loss_recovered_mean": "LR mean"}
     title = f"SAE statistics ({model}, {int(df['n_tokens'].iloc[0])} tokens; EV = explained "
-    table = Table(title=title + "variance, dCE = CE increase, KL of SAE(x), nats)")
+    title += "variance, dCE = CE increase, KL of SAE(x), nats; LR = loss recovered against zero "
+    table = Table(title=title + f"/ mean ablation, mean from {df['mean_source'].iloc[0]})")
     table.add_column("sae", style="bold")
     table.add_column("hook")
     for head in cols.values():
@@ -115,6 +160,70 @@ def stats(
     for r in df.itertuples():
         table.add_row(r.name, r.hook, *(f"{getattr(r, c):.4g}" for c in cols))
     Console().print(table)
+
+
+@sae_app.command("l0-sweep")
+def l0_sweep_cmd(
+    sae: Annotated[str, typer.Argument(help="The SAE whose frequent latents are masked.")],
+    family: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="SAEs at other L1 / k: SAE folders, a `sae train` output folder or an SAE "
+            "suite config (repeatable)."
+        ),
+    ] = None,
+    l0: Annotated[
+        list[float] | None, typer.Option(help="L0 targets of the masking steps (repeatable).")
+    ] = None,
+    steps: Annotated[
+        int, typer.Option(help="Without --l0: targets evenly spaced from the SAE's L0 to 0.")
+    ] = 8,
+    model: ModelName = "smollm2-135m",
+    data: DataSource = "default",
+    n_seqs: NSeqs = 64,
+    seq_len: SeqLen = 64,
+    include_bos: IncludeBos = False,
+    frame: Frame = None,
+    mean_from: MeanFrom = None,
+    out: OutFolder = None,
+    fmt: Annotated[str, typer.Option("--format", help="Figure files: png,svg.")] = "png,svg",
+    quiet: Quiet = False,
+) -> None:
+    """Loss recovered, KL and CE increase against L0: SAE with its most frequent latents masked
+    step by step, beside a FAMILY trained at other L1 / k. Writes a table and a figure."""
+    from perturb_lens.plots.registry import save_plots
+    from perturb_lens.plots.sae_l0 import loss_recovered_plot
+    from perturb_lens.saes.io import load_sae
+    from perturb_lens.saes.l0_sweep import TABLE_FILE, family_refs, l0_sweep
+
+    out = checked_out(out)
+    with user_errors():
+        formats = [f.strip().lower() for f in fmt.split(",") if f.strip()]
+        lens, tokens = _eval_setup(model, frame, data, n_seqs, seq_len, quiet)
+        main = load_sae(sae, model=model)
+        fam = {k: load_sae(ref, model=model) for k, ref in family_refs(family or []).items()}
+        mean = _means(mean_from, {"sae": main}, lens.frame).get(main.hook)
+        name = Path(sae).name if Path(sae).exists() else sae
+        df = l0_sweep(
+            main, lens, tokens, name=name, family=fam, l0_grid=l0, n_steps=steps,
+            include_bos=include_bos, mean=mean, progress=not quiet,
+        )  # fmt: skip
+        folder = Path(out) if out is not None else Path("runs") / f"l0_sweep_{name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        df.to_csv(folder / f"{TABLE_FILE}.csv", index=False)
+        df.to_parquet(folder / f"{TABLE_FILE}.parquet", index=False)
+        files = save_plots([loss_recovered_plot(df)], folder, formats)
+    cols = {"l0": "L0", "loss_recovered_zero": "LR zero", "loss_recovered_mean": "LR mean"}
+    cols |= {"kl": "KL", "ce_increase": "dCE"}
+    title = f"Loss recovered vs L0 ({model}, {df['hook'].iloc[0]}, {int(df['n_tokens'].iloc[0])} "
+    table = Table(title=title + "tokens; LR = loss recovered against zero / mean ablation, nats)")
+    for head in ("way", "sae", "setting", *cols.values()):
+        table.add_column(head, justify="right" if head in cols.values() else "left")
+    for r in df.itertuples():
+        table.add_row(r.way, r.sae, r.setting, *(f"{getattr(r, c):.4g}" for c in cols))
+    Console().print(table)
+    shown = ", ".join(str(p) for p in files["loss_recovered_vs_l0"].values())
+    Console().print(f"Table: [bold]{folder / TABLE_FILE}.csv[/bold] (.parquet); figure: {shown}")
 
 
 @sae_app.command("run")

@@ -11,20 +11,32 @@ the last, and without BOS unless ``include_bos``):
 - ``explained_variance``: ``1 - sum ||x - SAE(x)||^2 / sum ||x - mean(x)||^2``;
 - ``ce_clean`` / ``ce_sae``: next-token cross-entropy (nats) with ``x`` / with ``SAE(x)``
   substituted at every counted position; ``ce_increase = ce_sae - ce_clean``;
-- ``kl``: mean ``KL(p_clean || p_SAE)`` (nats) per token.
+- ``kl``: mean ``KL(p_clean || p_SAE)`` (nats) per token;
+- ``ce_zero`` / ``ce_mean``: the CE with the activation replaced by zeros / by its mean (``means``
+  given per hook, e.g. a run's fitted mean, else the mean over the counted positions of the data);
+- ``loss_recovered_zero`` = ``(ce_zero - ce_sae) / (ce_zero - ce_clean)`` and
+  ``loss_recovered_mean`` likewise with ``ce_mean``: 1 when SAE(x) costs nothing, 0 when it is as
+  bad as the ablation (NaN, with a warning, when the ablation does not change the CE at all).
+
+Every replaced pass resumes from the hook (:meth:`LensModel.continue_all`), sharing the clean pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from perturb_lens.models.base import LensModel
+from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.saes.sae import SAE
+
+log = logging.getLogger(__name__)
 
 ALIVE_EPS = 1e-8  # a latent is active where f > ALIVE_EPS (the published sae-feature code's 1e-8)
 
@@ -47,22 +59,121 @@ class SAEStats:
     ce_sae: float
     ce_increase: float
     kl: float
+    ce_zero: float
+    ce_mean: float
+    loss_recovered_zero: float
+    loss_recovered_mean: float
+    mean_source: str  # "data" (the mean over the counted positions) or "given"
 
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
 
 
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32 at least (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def token_kl(clean_logits: Tensor, new_logits: Tensor) -> Tensor:
-    """KL(p_clean || p_new) per token [...] in nats (float32, differentiable in ``new``)."""
-    lp_c = torch.log_softmax(clean_logits.float(), dim=-1)
-    lp_n = torch.log_softmax(new_logits.float(), dim=-1)
+    """KL(p_clean || p_new) per token [...] in nats (float32 at least; differentiable in new)."""
+    lp_c = torch.log_softmax(_wide(clean_logits), dim=-1)
+    lp_n = torch.log_softmax(_wide(new_logits), dim=-1)
     return (lp_c.exp() * (lp_c - lp_n)).sum(-1)
 
 
 def token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
     """Next-token cross-entropy [B, T-1] (nats) of logits [B, T, V] on tokens [B, T]."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = torch.log_softmax(_wide(logits[:, :-1]), dim=-1)
     return -logp.gather(-1, tokens[:, 1:, None].to(logp.device)).squeeze(-1)
+
+
+def loss_recovered(ce_ablated: float, ce_sae: float, ce_clean: float) -> float:
+    """``(ce_ablated - ce_sae) / (ce_ablated - ce_clean)``; NaN (warned) if the ablation costs
+    nothing, where the fraction has no meaning."""
+    if ce_ablated == ce_clean:
+        log.warning("The ablation leaves the CE unchanged (%.6g): loss recovered is NaN", ce_clean)
+        return float("nan")
+    return (ce_ablated - ce_sae) / (ce_ablated - ce_clean) + 0.0  # + 0.0: no -0.0
+
+
+def counted_positions(tokens: Tensor, include_bos: bool) -> Tensor:
+    """Bool [T]: the positions scored (all but the last, which has no next token; BOS only with
+    ``include_bos``). Empty token sets and sequences too short to score anything raise."""
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise ValueError(
+            f"No sequences to evaluate (tokens of shape {tuple(tokens.shape)}): give a text "
+            "source with at least one document and n_seqs >= 1."
+        )
+    t = tokens.shape[1]
+    mask = torch.ones(t, dtype=torch.bool)
+    mask[t - 1] = False  # no next token to score
+    if not include_bos:
+        mask[0] = False
+    if not mask.any():
+        raise ValueError(
+            f"Sequences of {t} tokens leave no position to score (BOS and the last are not "
+            "scored): use seq_len >= 3 (or include_bos with seq_len >= 2)."
+        )
+    return mask
+
+
+def hook_batches(
+    model: LensModel, tokens: Tensor, hook: str, *, batch_seqs: int, desc: str, progress: bool
+) -> Iterator[Tensor]:
+    """The activation at ``hook`` [b, T, d] (float32 or wider) of each batch of sequences (only
+    the model's prefix up to the hook runs)."""
+    for s0 in tqdm(range(0, tokens.shape[0], batch_seqs), desc=desc, disable=not progress):
+        yield _wide(model.run_to_hook(tokens[s0 : s0 + batch_seqs].to(model.device), hook))
+
+
+def counted_activations(
+    model: LensModel, tokens: Tensor, hook: str, *, include_bos: bool = False, **batching: Any
+) -> Iterator[Tensor]:
+    """The activation at ``hook`` [b, n, d] at the counted positions of each batch of sequences
+    (``batching``: :func:`hook_batches`' ``batch_seqs``, ``desc``, ``progress``)."""
+    m = counted_positions(tokens, include_bos)
+    opts = {"batch_seqs": 16, "desc": "Activations", "progress": False} | batching
+    for x in hook_batches(model, tokens, hook, **opts):
+        yield x[:, m.to(x.device)]
+
+
+def hook_mean(model: LensModel, tokens: Tensor, hook: str, **options: Any) -> Tensor:
+    """Mean activation [d] (float64, CPU) at ``hook`` over the counted positions of ``tokens``
+    (``options``: :func:`counted_activations`'): what mean ablation substitutes by default."""
+    total, n = torch.zeros(model.spec.d_model, dtype=torch.float64), 0
+    for x in counted_activations(model, tokens, hook, desc="Mean activation", **options):
+        total += x.double().sum((0, 1)).cpu()
+        n += x.shape[0] * x.shape[1]
+    return total / n
+
+
+def load_ablation_mean(path: str | os.PathLike[str], hook: str, frame: str) -> Tensor:
+    """The fitted mean of a run (its folder) or of an activation-statistics file, for mean
+    ablation at ``hook`` in ``frame``; refuses statistics of another hook or frame."""
+    from pathlib import Path
+
+    from perturb_lens.stats import ActivationStats
+
+    p = Path(path)
+    stats = ActivationStats.load(p / "stats.safetensors" if p.is_dir() else p)
+    for what, have, want in (("hook", stats.hook, hook), ("frame", stats.frame, frame)):
+        if have and have != want:
+            raise ValueError(
+                f"The statistics in {path} were fitted at {what} {have!r}, not {want!r}: give a "
+                f"run of the SAE's hook and frame, or leave the mean out to use the data's."
+            )
+    return stats.mean
+
+
+def substituted_scores(
+    model: LensModel, clean: CleanRun, logits_c: Tensor, x_new: Tensor, counted: Tensor
+) -> tuple[float, float]:
+    """Sums over the counted positions of the CE and of ``KL(p_clean || p_new)`` with ``x_new``
+    [B, T, d] in place of the activation at the clean run's hook (continued from the hook)."""
+    final, _ = model.continue_all(clean, x_new.unsqueeze(1).to(model.dtype))
+    logits = model.unembed(final[:, 0])
+    ce = float(token_ce(logits, clean.tokens)[:, counted[:-1]].sum())
+    return ce, float(token_kl(logits_c, logits)[:, counted].sum())
 
 
 def alive_latents(
@@ -70,11 +181,12 @@ def alive_latents(
 ) -> Tensor:
     """Bool [d_sae]: latents active (``f > ALIVE_EPS``) somewhere in ``tokens`` (all positions)."""
     alive = torch.zeros(sae.d_sae, dtype=torch.bool)
-    starts = range(0, tokens.shape[0], batch_seqs)
+    batches = hook_batches(
+        model, tokens, sae.hook, batch_seqs=batch_seqs, desc="Alive latents", progress=progress
+    )
     with torch.no_grad():
-        for s0 in tqdm(starts, desc="Alive latents", disable=not progress):
-            x = model.run_to_hook(tokens[s0 : s0 + batch_seqs].to(model.device), sae.hook)
-            f = sae.encode(x.float().reshape(-1, x.shape[-1]))
+        for x in batches:
+            f = sae.encode(x.reshape(-1, x.shape[-1]))
             alive |= (f > ALIVE_EPS).any(0).cpu()
     return alive
 
@@ -97,44 +209,57 @@ def sae_stats(
     *,
     batch_seqs: int = 8,
     include_bos: bool = False,
+    means: Mapping[str, Tensor] | None = None,
     progress: bool = True,
 ) -> list[SAEStats]:
-    """Statistics of one SAE or several (same hook or not; each clean pass is shared)."""
+    """Statistics of one SAE or several (same hook or not; each clean pass is shared).
+
+    ``means``: the activation mean per hook for mean ablation (e.g. a run's fitted mean, see
+    :func:`load_ablation_mean`); hooks it lacks use :func:`hook_mean` over ``tokens``."""
     named = {"sae": saes} if isinstance(saes, SAE) else dict(saes)
+    if not named:
+        raise ValueError("No SAE to evaluate: give at least one.")
     d = model.spec.d_model
     for sae in named.values():
         sae.check_compatible(sae.hook, d, model.frame)
         model.parse_hook(sae.hook)
+    mask = counted_positions(tokens, include_bos)
     accs = {k: _Acc(s.d_sae, d) for k, s in named.items()}
-    ce_clean, n_tok = 0.0, 0
-    t = tokens.shape[1]
-    mask = torch.ones(t, dtype=torch.bool)
-    mask[t - 1] = False  # no next token to score
-    if not include_bos:
-        mask[0] = False
     hooks = sorted({s.hook for s in named.values()}, key=model.parse_hook)
-    starts = range(0, tokens.shape[0], batch_seqs)
+    given = dict(means or {})
+    mu = {
+        h: given[h].double().cpu()
+        if h in given
+        else hook_mean(model, tokens, h, include_bos=include_bos, progress=progress)
+        for h in hooks
+    }
+    ablated = {h: {"zero": 0.0, "mean": 0.0} for h in hooks}
+    ce_clean, n_tok = 0.0, 0
+    m = mask.to(model.device)
+    m3 = m[None, :, None]
     with torch.no_grad():
-        for s0 in tqdm(starts, desc="SAE statistics", disable=not progress):
+        for s0 in tqdm(
+            range(0, tokens.shape[0], batch_seqs), desc="SAE statistics", disable=not progress
+        ):
             tok = tokens[s0 : s0 + batch_seqs].to(model.device)
-            b = tok.shape[0]
-            m = mask.to(model.device)
             for hook in hooks:
                 clean = model.run_clean(tok, hook)
                 logits_c = model.unembed(clean.final)
                 if hook == hooks[0]:
                     ce_clean += float(token_ce(logits_c, tok)[:, m[:-1]].sum())
-                    n_tok += b * int(m.sum())
-                x = clean.x.float()
+                    n_tok += tok.shape[0] * int(m.sum())
+                x = _wide(clean.x)
                 xm = x[:, m]
+                for kind, fill in (("zero", torch.zeros(d)), ("mean", mu[hook])):
+                    x_abl = torch.where(m3, fill.to(x), x)
+                    ablated[hook][kind] += substituted_scores(model, clean, logits_c, x_abl, m)[0]
                 for name, sae in named.items():
                     if sae.hook != hook:
                         continue
                     acc = accs[name]
                     f, x_hat = sae.encode_decode(x)
-                    x_sub = torch.where(m[None, :, None], x_hat, x)
-                    final, _ = model.continue_all(clean, x_sub.unsqueeze(1).to(model.dtype))
-                    logits_s = model.unembed(final[:, 0])
+                    x_sub = torch.where(m3, x_hat, x)
+                    ce, kl = substituted_scores(model, clean, logits_c, x_sub, m)
                     fm, err = f[:, m], (x_hat - x)[:, m]
                     acc.n += fm.shape[0] * fm.shape[1]
                     acc.l0 += float((fm > 0).sum())
@@ -143,13 +268,15 @@ def sae_stats(
                     acc.rel += float((err.norm(dim=-1) / xm.norm(dim=-1).clamp_min(1e-12)).sum())
                     acc.sum_x += xm.double().reshape(-1, d).sum(0).cpu()
                     acc.sum_xx += float(xm.double().pow(2).sum())
-                    acc.ce += float(token_ce(logits_s, tok)[:, m[:-1]].sum())
-                    acc.kl += float(token_kl(logits_c, logits_s)[:, m].sum())
+                    acc.ce += ce
+                    acc.kl += kl
     out = []
+    ce_c = ce_clean / n_tok
     for name, sae in named.items():
         a = accs[name]
         total_var = a.sum_xx - float(a.sum_x.pow(2).sum()) / a.n
-        ce_c = ce_clean / n_tok
+        ce_s = a.ce / a.n
+        ce_zero, ce_mean = (ablated[sae.hook][k] / a.n for k in ("zero", "mean"))
         out.append(
             SAEStats(
                 name=name,
@@ -163,9 +290,14 @@ def sae_stats(
                 rel_error=a.rel / a.n,
                 explained_variance=1.0 - a.sq / total_var,
                 ce_clean=ce_c,
-                ce_sae=a.ce / a.n,
-                ce_increase=a.ce / a.n - ce_c,
+                ce_sae=ce_s,
+                ce_increase=ce_s - ce_c,
                 kl=a.kl / a.n,
+                ce_zero=ce_zero,
+                ce_mean=ce_mean,
+                loss_recovered_zero=loss_recovered(ce_zero, ce_s, ce_c),
+                loss_recovered_mean=loss_recovered(ce_mean, ce_s, ce_c),
+                mean_source="given" if sae.hook in given else "data",
             )
         )
     return out

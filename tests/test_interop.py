@@ -7,6 +7,7 @@ import importlib.util
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -319,6 +320,8 @@ def test_run_handle(tmp_path: Path) -> None:
 
     from perturb_lens import Run, open_run, plot
     from perturb_lens.results import curves
+    from perturb_lens.results.analysis import summary_table
+    from perturb_lens.results.sketch import DEFAULT_ALPHA
     from perturb_lens.results.summary import summary_rows
 
     tokens = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
@@ -335,7 +338,19 @@ def test_run_handle(tmp_path: Path) -> None:
     assert (run / "manifest.json").is_file() and str(run) == str(tmp_path / "run")
     assert run.meta["model"] == "HookedTransformer:custom"  # not the default model's name
     pd.testing.assert_frame_equal(run.rows(), load_results(tmp_path / "run"))
-    pd.testing.assert_frame_equal(run.curves("l2"), curves(summary_rows(run), "l2"))
+    # the handle's curves are streamed (exact means, sketch quantiles): against pandas on the rows
+    got = run.curves("l2").set_index(["direction", "length"])
+    ref = curves(summary_rows(run), "l2").set_index(["direction", "length"]).loc[got.index]
+    assert (got["n"] == ref["n"]).all()
+    # the same float64 sums in another order: relative error <= n terms x 2^-53
+    np.testing.assert_allclose(got["mean"], ref["mean"], rtol=int(got["n"].max()) * 2.0**-53)
+    # medians from the sketch: within its relative accuracy alpha
+    assert (
+        np.abs(got["median"] - ref["median"]) <= DEFAULT_ALPHA * ref["median"].abs() * (1 + 1e-12)
+    ).all()
+    assert list(run.summary("l2").columns) == list(
+        summary_table(summary_rows(run), metrics=("l2",)).columns
+    )
     assert set(run.verdicts().claim) >= {"real-difference > real-mixture"}
     html = open_run(tmp_path / "run")._repr_html_()
     assert "Verdicts" in html and "<svg" in html and "real-mixture" in html

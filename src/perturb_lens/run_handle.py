@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from perturb_lens.results.analysis import summary_table
 from perturb_lens.results.store import load_manifest, load_results
 from perturb_lens.results.verdicts import verdicts
 
@@ -51,13 +50,15 @@ class Run(_PathBase):  # type: ignore[misc, valid-type]
         return load_results(Path(self), columns=columns, filters=filters)
 
     def curves(self, metric: str = "kl") -> pd.DataFrame:
-        """Mean ``metric`` per direction and length, with its bootstrap interval (tidy: one row
-        per direction x length), over the rows that enter the published averages."""
+        """Mean ``metric`` per direction and length, with quantiles and its bootstrap interval
+        (tidy: one row per direction x length), over the rows that enter the published averages;
+        streamed from the shards in either result mode (``results.aggregate.aggregate_curves``:
+        exact means, sketch quantiles, sequences resampled)."""
         return self.view.curves(metric)
 
     def summary(self, metric: str = "kl") -> pd.DataFrame:
         """Mean ``metric`` by direction (rows) and length (columns)."""
-        return summary_table(self.view.rows, metrics=(metric,))
+        return self.view.summary_table(metric)
 
     def verdicts(self, metric: str = "kl") -> pd.DataFrame:
         """The published claims that apply to the run, judged on ``metric`` (paired 95% CIs)."""

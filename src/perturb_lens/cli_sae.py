@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from perturb_lens.cli_errors import checked_out, user_errors
-from perturb_lens.cli_options import OnlySAE, OutFolder, Quiet
+from perturb_lens.cli_options import OnlySAE, OutFolder, Quiet, console
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -54,7 +53,7 @@ def train(
             )
         folders = train_saes(cfg, folder, progress=not quiet, only=only)
     for name, path in folders.items():
-        Console().print(f"{name}: [bold]{path}[/bold]{_train_summary(path)}")
+        console().print(f"{name}: [bold]{path}[/bold]{_train_summary(path)}")
 
 
 def _train_summary(folder: Path) -> str:
@@ -159,7 +158,7 @@ def stats(
         table.add_column(head, justify="right")
     for r in df.itertuples():
         table.add_row(r.name, r.hook, *(f"{getattr(r, c):.4g}" for c in cols))
-    Console().print(table)
+    console().print(table)
 
 
 @sae_app.command("l0-sweep")
@@ -221,9 +220,9 @@ def l0_sweep_cmd(
         table.add_column(head, justify="right" if head in cols.values() else "left")
     for r in df.itertuples():
         table.add_row(r.way, r.sae, r.setting, *(f"{getattr(r, c):.4g}" for c in cols))
-    Console().print(table)
+    console().print(table)
     shown = ", ".join(str(p) for p in files["loss_recovered_vs_l0"].values())
-    Console().print(f"Table: [bold]{folder / TABLE_FILE}.csv[/bold] (.parquet); figure: {shown}")
+    console().print(f"Table: [bold]{folder / TABLE_FILE}.csv[/bold] (.parquet); figure: {shown}")
 
 
 @sae_app.command("run")
@@ -252,9 +251,9 @@ def run_suite_cmd(
         table.add_row(
             r.sae, r.hook, r.direction, f"{r.length:g}", *(f"{getattr(r, c):.4g}" for c in cols)
         )
-    Console().print(table)
-    Console().print(f"Summary: [bold]{folder / 'summary.csv'}[/bold]")
-    Console().print(f"Figures 5-6: [bold]{folder / 'figures'}[/bold]")
+    console().print(table)
+    console().print(f"Summary: [bold]{folder / 'summary.csv'}[/bold]")
+    console().print(f"Figures 5-6: [bold]{folder / 'figures'}[/bold]")
 
 
 @sae_app.command()
@@ -273,7 +272,7 @@ def pack(
 
     with user_errors():
         path = pack_saes(folders, archive or f"{name}-{version}.tar.gz", name=name, version=version)
-    Console().print(f"Packed {len(folders)} SAE(s): [bold]{path}[/bold]")
+    console().print(f"Packed {len(folders)} SAE(s): [bold]{path}[/bold]")
 
 
 @sae_app.command()
@@ -290,6 +289,6 @@ def unpack(
     with user_errors():
         target = unpack_archive(archive, dest)
     manifest = json.loads((target / MANIFEST).read_text())
-    Console().print(f"Installed [bold]{target}[/bold]")
+    console().print(f"Installed [bold]{target}[/bold]")
     for sae_id in sorted(manifest["saes"]):
-        Console().print(f"  pack:{manifest['name']}@{manifest['version']}/{sae_id}")
+        console().print(f"  pack:{manifest['name']}@{manifest['version']}/{sae_id}")

@@ -555,3 +555,47 @@ def test_unpack_refuses_paths_outside_the_pack(tmp_path: Path) -> None:
     with pytest.raises(SAEPackError, match=r"SAE id '\.\./evil'"):
         unpack(archive, tmp_path / "inst")
     assert not (tmp_path / "evil").exists() and not (tmp_path / "inst").exists()
+
+
+def test_topk_e2e_saes_sit_at_the_local_saes_l0(llama_dir: Path, tmp_path: Path) -> None:
+    """e2e and e2e+ds SAEs with ``k`` are TopK SAEs: fine-tuned from a topk SAE of the same k,
+    every token has exactly k active latents (L0 matched, not tuned); their KL objective moved
+    the weights; specs without a sparsity are refused."""
+    from pydantic import ValidationError
+
+    from perturb_lens.models.load import load_model
+    from perturb_lens.saes.train import SAESpec, SAETrainConfig, train_saes
+
+    with pytest.raises(ValidationError, match="needs l1 > 0"):
+        SAESpec(name="x", kind="e2e")
+    with pytest.raises(ValidationError, match="use kind topk"):
+        SAESpec(name="x", kind="local", l1=1.0, k=4)
+    model = load_model(str(llama_dir))
+    tokens = torch.randint(3, 1000, (8, 10), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = model.bos_token_id
+    cfg = SAETrainConfig(
+        model=str(llama_dir),
+        hook="blocks.1.hook_resid_pre",
+        d_sae=48,
+        epochs=1,
+        batch_tokens=32,
+        e2e_seqs=4,
+        e2e_batch_seqs=2,
+        e2e_epochs=2,
+        saes=[
+            {"name": "local", "kind": "topk", "k": 5},
+            {"name": "e2e", "kind": "e2e", "k": 5, "init_from": "local"},
+            {"name": "ds", "kind": "e2e+ds", "k": 5, "init_from": "local"},
+        ],
+    )
+    folders = train_saes(cfg, tmp_path / "o", model=model, tokens=tokens, progress=False)
+    x = torch.randn(50, model.spec.d_model, generator=torch.Generator().manual_seed(2))
+    local = load_sae(folders["local"])
+    for name in ("e2e", "ds"):
+        sae = load_sae(folders[name])
+        assert sae.cfg.activation == "topk" and sae.cfg.k == 5
+        f, _ = sae.encode_decode(x)
+        assert torch.equal((f != 0).sum(-1), torch.full((50,), 5))
+        assert not torch.equal(sae.W_enc, local.W_enc)  # the e2e objective trained it
+        log = json.loads((folders[name] / "train_log.json").read_text())["log"]
+        assert log[-1]["l0"] == 5.0 and "kl" in log[-1]

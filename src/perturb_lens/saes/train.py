@@ -95,7 +95,12 @@ class SAESpec(_Strict):
     name: str
     kind: Literal["local", "topk", "e2e", "e2e+ds"]
     l1: float = Field(0.0, ge=0, description="sparsity coefficient (local, e2e, e2e+ds)")
-    k: int | None = Field(None, ge=1, description="latents per token (topk)")
+    k: int | None = Field(
+        None,
+        ge=1,
+        description="latents per token (topk; with e2e/e2e+ds: a TopK e2e SAE, whose L0 is k, "
+        "so it compares with a topk SAE of the same k at exactly matched L0)",
+    )
     ds: float = Field(1.0, ge=0, description="downstream reconstruction coefficient (e2e+ds)")
     d_sae: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
@@ -113,9 +118,17 @@ class SAESpec(_Strict):
     def _check(self) -> SAESpec:
         if self.kind == "topk" and self.k is None:
             raise ValueError(f"SAE {self.name!r}: kind topk needs k")
-        if self.kind in ("local", "e2e", "e2e+ds") and self.l1 <= 0 and self.init_from is None:
-            raise ValueError(f"SAE {self.name!r}: kind {self.kind} needs l1 > 0")
+        if self.kind == "local" and self.k is not None:
+            raise ValueError(f"SAE {self.name!r}: kind local is ReLU + L1; use kind topk for k")
+        needs_l1 = self.kind == "local" or (self.kind != "topk" and self.k is None)
+        if needs_l1 and self.l1 <= 0 and self.init_from is None:
+            raise ValueError(f"SAE {self.name!r}: kind {self.kind} needs l1 > 0 (or k for TopK)")
         return self
+
+    @property
+    def activation(self) -> str:
+        """The SAE's nonlinearity: TopK when ``k`` is set (topk, or a TopK e2e SAE), else ReLU."""
+        return "topk" if self.k is not None else "relu"
 
 
 class SAETrainConfig(_Strict):
@@ -493,7 +506,7 @@ def train_sae(
     sae_cfg = SAEConfig(
         d_in=d,
         d_sae=spec.d_sae or cfg.d_sae,
-        activation="topk" if spec.kind == "topk" else "relu",
+        activation=spec.activation,
         k=spec.k,
         hook=hook,
         skip_bos=skip_bos,

@@ -5,6 +5,7 @@ the tiny random Llama in float64; closed-form SAEs (identity, zeros, the mean); 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,52 @@ def test_loss_recovered_against_naive(models, tokens: torch.Tensor) -> None:
         lr = (ce_abl - ce_sae) / (ce_abl - ce_clean)
         # a ratio (a - b) / (a - c) with each CE off by tol: off by (2 + 2 |lr|) tol / |a - c|
         assert got == pytest.approx(lr, rel=0, abs=(2 + 2 * abs(lr)) * tol / abs(ce_abl - ce_clean))
+
+
+def test_loss_recovered_interval_resamples_sequences(models) -> None:
+    """With 2 sequences the bootstrap's resamples are {1,1}, {1,2}, {2,2} and the expanded tail is
+    ~1e-70, so the 95 % interval runs from the lower to the higher of the two sequences' own loss
+    recovered (each from plain forwards of that sequence alone, zero ablation); with one sequence
+    repeated every resample is that sequence: the interval is the point."""
+    from perturb_lens.saes.stats import sae_stats
+
+    lens, hf = models
+    tokens = torch.randint(3, 1000, (16, 9), generator=torch.Generator().manual_seed(5))
+    tokens[:, 0] = lens.bos_token_id
+    sae = make_sae(64, 96, x_scale(lens, tokens))
+
+    def put(value):
+        def edit(h: torch.Tensor) -> None:
+            h[:, KEEP] = value(h[:, KEEP])
+
+        return edit
+
+    def own_lr(row: torch.Tensor) -> float:
+        clean = naive_ce(hf, row, lambda h: None)
+        zero, with_sae = naive_ce(hf, row, put(torch.zeros_like)), naive_ce(hf, row, put(sae))
+        return (zero - with_sae) / (zero - clean)
+
+    # a pooled ratio lies between the two sequences' own only where their denominators
+    # (ce_zero - ce_clean) share a sign; in a random model zero ablation may lower the CE, so
+    # take two sequences where it raises it
+    raises = [
+        i
+        for i in range(tokens.shape[0])
+        if naive_ce(hf, tokens[i : i + 1], put(torch.zeros_like))
+        > naive_ce(hf, tokens[i : i + 1], lambda h: None) + 0.01
+    ]
+    assert len(raises) >= 2
+    pair = tokens[raises[:2]]
+    (st,) = sae_stats(sae, lens, pair, batch_seqs=1, progress=False)
+    lrs = sorted(own_lr(pair[i : i + 1]) for i in range(2))
+    assert st.n_seqs == 2 and lrs[1] - lrs[0] > 1e-3  # two distinguishable sequences
+    # float64 CEs off by ~5e-13 (see test_loss_recovered_against_naive), ratios by ~1e-10
+    assert st.loss_recovered_zero_low == pytest.approx(lrs[0], abs=1e-9)
+    assert st.loss_recovered_zero_high == pytest.approx(lrs[1], abs=1e-9)
+    assert st.loss_recovered_zero_low <= st.loss_recovered_zero <= st.loss_recovered_zero_high
+    (same,) = sae_stats(sae, lens, pair[:1].repeat(3, 1), progress=False)
+    for end in (same.loss_recovered_zero_low, same.loss_recovered_zero_high):
+        assert end == pytest.approx(same.loss_recovered_zero, abs=1e-12)
 
 
 def test_closed_form_saes(models, tokens: torch.Tensor) -> None:
@@ -266,7 +313,9 @@ def test_cli_stats_and_l0_sweep(llama_dir: Path, webtext_path: Path, tmp_path: P
     run = CliRunner().invoke
     res = run(app, ["sae", "stats", str(tmp_path / "fam" / "a"), *data])
     assert res.exit_code == 0, res.output
-    assert "SAE statistics" in res.output and "loss recovered" in res.output
+    words = " ".join(res.output.split())  # the title wraps at the terminal's width
+    assert "SAE statistics" in words and "loss recovered" in words and "95 % CI" in words
+    assert re.search(r"\d \[-?[\d.e+-]+, -?[\d.e+-]+\]", res.output)  # LR [low, high] cells
     res = run(app, ["sae", "stats", str(tmp_path / "fam" / "a"), "--json", *data])
     (row,) = json.loads(res.stdout)
     assert {"loss_recovered_zero", "loss_recovered_mean", "ce_zero", "ce_mean"} <= set(row)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -151,14 +151,24 @@ def stats(
     cols |= {"loss_recovered_zero": "LR zero", "loss_recovered_mean": "LR mean"}
     title = f"SAE statistics ({model}, {int(df['n_tokens'].iloc[0])} tokens; EV = explained "
     title += "variance, dCE = CE increase, KL of SAE(x), nats; LR = loss recovered against zero "
-    table = Table(title=title + f"/ mean ablation, mean from {df['mean_source'].iloc[0]})")
+    title += f"/ mean ablation, mean from {df['mean_source'].iloc[0]}; [95 % CI over sequences])"
+    table = Table(title=title)
     table.add_column("sae", style="bold")
     table.add_column("hook")
     for head in cols.values():
         table.add_column(head, justify="right")
     for r in df.itertuples():
-        table.add_row(r.name, r.hook, *(f"{getattr(r, c):.4g}" for c in cols))
+        table.add_row(r.name, r.hook, *(_cell(r, c) for c in cols))
     console().print(table)
+
+
+def _cell(row: Any, col: str) -> str:
+    """A table cell: the value, with its 95 % interval where the row has one (loss recovered)."""
+    text = f"{getattr(row, col):.4g}"
+    low, high = getattr(row, f"{col}_low", None), getattr(row, f"{col}_high", None)
+    if low is not None and high is not None and low == low and high == high:
+        text += f" [{low:.3g}, {high:.3g}]"
+    return text
 
 
 @sae_app.command("l0-sweep")
@@ -215,11 +225,14 @@ def l0_sweep_cmd(
     cols = {"l0": "L0", "loss_recovered_zero": "LR zero", "loss_recovered_mean": "LR mean"}
     cols |= {"kl": "KL", "ce_increase": "dCE"}
     title = f"Loss recovered vs L0 ({model}, {df['hook'].iloc[0]}, {int(df['n_tokens'].iloc[0])} "
-    table = Table(title=title + "tokens; LR = loss recovered against zero / mean ablation, nats)")
+    table = Table(
+        title=title + "tokens; LR = loss recovered against zero / mean ablation [95 % CI over "
+        "sequences], nats)"
+    )
     for head in ("way", "sae", "setting", *cols.values()):
         table.add_column(head, justify="right" if head in cols.values() else "left")
     for r in df.itertuples():
-        table.add_row(r.way, r.sae, r.setting, *(f"{getattr(r, c):.4g}" for c in cols))
+        table.add_row(r.way, r.sae, r.setting, *(_cell(r, c) for c in cols))
     console().print(table)
     shown = ", ".join(str(p) for p in files["loss_recovered_vs_l0"].values())
     console().print(f"Table: [bold]{folder / TABLE_FILE}.csv[/bold] (.parquet); figure: {shown}")

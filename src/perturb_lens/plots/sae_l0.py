@@ -23,10 +23,15 @@ def series_name(way: str, sae: str) -> str:
 def loss_recovered_frame(table: pd.DataFrame) -> pd.DataFrame:
     """The sweep table in long form: ``panel``, ``series``, ``l0``, ``value`` (what is drawn)."""
     series = [series_name(w, s) for w, s in zip(table["way"], table["sae"], strict=True)]
-    frames = [
-        pd.DataFrame({"panel": title, "series": series, "l0": table["l0"], "value": table[col]})
-        for col, title in PANELS.items()
-    ]
+    frames = []
+    for col, title in PANELS.items():
+        low, high = (
+            (table[f"{col}_low"], table[f"{col}_high"])
+            if f"{col}_low" in table
+            else (float("nan"), float("nan"))
+        )
+        frame = {"panel": title, "series": series, "l0": table["l0"], "value": table[col]}
+        frames.append(pd.DataFrame(frame | {"ci_low": low, "ci_high": high}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -38,7 +43,7 @@ def loss_recovered_plot(table: pd.DataFrame) -> Plot:
         panels,
         x="l0",
         y="value",
-        bands=(),
+        bands=(("ci_low", "ci_high"),),  # loss recovered: 95 % CI over sequences; KL: none
         series="series",
         xlabel="L0 (latents active per token)",
         title=f"Loss recovered vs L0 at {table['hook'].iloc[0]}",
@@ -49,6 +54,7 @@ def loss_recovered_plot(table: pd.DataFrame) -> Plot:
     caption = (
         "Two ways to a lower L0: masking the SAE's most frequent latents after the activation, "
         "or training at a larger L1 / smaller k. Loss recovered = (CE_ablated - CE_SAE) / "
-        f"(CE_ablated - CE_clean) over {int(table['n_tokens'].iloc[0])} tokens."
+        f"(CE_ablated - CE_clean) over {int(table['n_tokens'].iloc[0])} tokens; bands: its 95 % "
+        "interval from resampling sequences."
     )
     return Plot("loss_recovered_vs_l0", "Loss recovered vs L0", caption, fig, data)

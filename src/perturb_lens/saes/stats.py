@@ -16,7 +16,10 @@ the last, and without BOS unless ``include_bos``):
   given per hook, e.g. a run's fitted mean, else the mean over the counted positions of the data);
 - ``loss_recovered_zero`` = ``(ce_zero - ce_sae) / (ce_zero - ce_clean)`` and
   ``loss_recovered_mean`` likewise with ``ce_mean``: 1 when SAE(x) costs nothing, 0 when it is as
-  bad as the ablation (NaN, with a warning, when the ablation does not change the CE at all).
+  bad as the ablation (NaN, with a warning, when the ablation does not change the CE at all);
+  ``*_low`` / ``*_high``: its 95 % interval from resampling sequences (tokens of one sequence are
+  not independent; Hesterberg's expanded percentile interval, as the verdicts use), with the
+  draws shared by every SAE of one call, so intervals of SAEs on the same tokens are comparable.
 
 Every replaced pass resumes from the hook (:meth:`LensModel.continue_all`), sharing the clean pass.
 """
@@ -29,11 +32,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from perturb_lens.models.base import CleanRun, LensModel
+from perturb_lens.results.verdicts import ratio_intervals
 from perturb_lens.saes.sae import SAE
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,11 @@ class SAEStats:
     loss_recovered_zero: float
     loss_recovered_mean: float
     mean_source: str  # "data" (the mean over the counted positions) or "given"
+    n_seqs: int = 0
+    loss_recovered_zero_low: float = float("nan")
+    loss_recovered_zero_high: float = float("nan")
+    loss_recovered_mean_low: float = float("nan")
+    loss_recovered_mean_high: float = float("nan")
 
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -167,13 +177,14 @@ def load_ablation_mean(path: str | os.PathLike[str], hook: str, frame: str) -> T
 
 def substituted_scores(
     model: LensModel, clean: CleanRun, logits_c: Tensor, x_new: Tensor, counted: Tensor
-) -> tuple[float, float]:
-    """Sums over the counted positions of the CE and of ``KL(p_clean || p_new)`` with ``x_new``
-    [B, T, d] in place of the activation at the clean run's hook (continued from the hook)."""
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence sums [B] (float64, CPU) over the counted positions of the CE and of
+    ``KL(p_clean || p_new)`` with ``x_new`` [B, T, d] in place of the activation at the clean
+    run's hook (continued from the hook)."""
     final, _ = model.continue_all(clean, x_new.unsqueeze(1).to(model.dtype))
     logits = model.unembed(final[:, 0])
-    ce = float(token_ce(logits, clean.tokens)[:, counted[:-1]].sum())
-    return ce, float(token_kl(logits_c, logits)[:, counted].sum())
+    ce = token_ce(logits, clean.tokens)[:, counted[:-1]].double().sum(-1).cpu()
+    return ce, token_kl(logits_c, logits)[:, counted].double().sum(-1).cpu()
 
 
 def alive_latents(
@@ -196,7 +207,8 @@ class _Acc:
 
     def __init__(self, d_sae: int, d: int) -> None:
         self.n = 0
-        self.l0 = self.sq = self.rel = self.ce = self.kl = 0.0
+        self.l0 = self.sq = self.rel = self.kl = 0.0
+        self.ce: list[Tensor] = []  # per-sequence CE sums with SAE(x), batch by batch
         self.alive = torch.zeros(d_sae, dtype=torch.bool)
         self.sum_x = torch.zeros(d, dtype=torch.float64)
         self.sum_xx = 0.0
@@ -233,8 +245,9 @@ def sae_stats(
         else hook_mean(model, tokens, h, include_bos=include_bos, progress=progress)
         for h in hooks
     }
-    ablated = {h: {"zero": 0.0, "mean": 0.0} for h in hooks}
-    ce_clean, n_tok = 0.0, 0
+    ablated: dict[str, dict[str, list[Tensor]]] = {h: {"zero": [], "mean": []} for h in hooks}
+    ce_clean: list[Tensor] = []  # per-sequence sums
+    n_tok = 0
     m = mask.to(model.device)
     m3 = m[None, :, None]
     with torch.no_grad():
@@ -246,13 +259,15 @@ def sae_stats(
                 clean = model.run_clean(tok, hook)
                 logits_c = model.unembed(clean.final)
                 if hook == hooks[0]:
-                    ce_clean += float(token_ce(logits_c, tok)[:, m[:-1]].sum())
+                    ce_clean.append(token_ce(logits_c, tok)[:, m[:-1]].double().sum(-1).cpu())
                     n_tok += tok.shape[0] * int(m.sum())
                 x = _wide(clean.x)
                 xm = x[:, m]
                 for kind, fill in (("zero", torch.zeros(d)), ("mean", mu[hook])):
                     x_abl = torch.where(m3, fill.to(x), x)
-                    ablated[hook][kind] += substituted_scores(model, clean, logits_c, x_abl, m)[0]
+                    ablated[hook][kind].append(
+                        substituted_scores(model, clean, logits_c, x_abl, m)[0]
+                    )
                 for name, sae in named.items():
                     if sae.hook != hook:
                         continue
@@ -268,15 +283,22 @@ def sae_stats(
                     acc.rel += float((err.norm(dim=-1) / xm.norm(dim=-1).clamp_min(1e-12)).sum())
                     acc.sum_x += xm.double().reshape(-1, d).sum(0).cpu()
                     acc.sum_xx += float(xm.double().pow(2).sum())
-                    acc.ce += ce
-                    acc.kl += kl
+                    acc.ce.append(ce)
+                    acc.kl += float(kl.sum())
     out = []
-    ce_c = ce_clean / n_tok
+    clean_seq = torch.cat(ce_clean)
+    ce_c = float(clean_seq.sum()) / n_tok
+    ablated_seq = {h: {k: torch.cat(v) for k, v in kinds.items()} for h, kinds in ablated.items()}
+    intervals = _loss_recovered_intervals(
+        {k: torch.cat(a.ce) for k, a in accs.items()},
+        {k: ablated_seq[s.hook] for k, s in named.items()},
+        clean_seq,
+    )
     for name, sae in named.items():
         a = accs[name]
         total_var = a.sum_xx - float(a.sum_x.pow(2).sum()) / a.n
-        ce_s = a.ce / a.n
-        ce_zero, ce_mean = (ablated[sae.hook][k] / a.n for k in ("zero", "mean"))
+        ce_s = float(torch.cat(a.ce).sum()) / a.n
+        ce_zero, ce_mean = (float(ablated_seq[sae.hook][k].sum()) / a.n for k in ("zero", "mean"))
         out.append(
             SAEStats(
                 name=name,
@@ -298,6 +320,35 @@ def sae_stats(
                 loss_recovered_zero=loss_recovered(ce_zero, ce_s, ce_c),
                 loss_recovered_mean=loss_recovered(ce_mean, ce_s, ce_c),
                 mean_source="given" if sae.hook in given else "data",
+                n_seqs=int(clean_seq.shape[0]),
+                **intervals[name],
             )
         )
+    return out
+
+
+def _loss_recovered_intervals(
+    sae_ce: Mapping[str, Tensor],
+    ablated_ce: Mapping[str, Mapping[str, Tensor]],
+    clean_ce: Tensor,
+    ci: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Per SAE, the ``ci`` interval of loss recovered (zero and mean ablation) from resampling
+    sequences: loss recovered is a ratio of means of per-sequence sums, ``sum(ce_abl - ce_sae) /
+    sum(ce_abl - ce_clean)``, so :func:`ratio_intervals` (the verdicts' bootstrap) gives it; one
+    column per (SAE, ablation), all sharing the draws."""
+    names = list(sae_ce)
+    if clean_ce.shape[0] < 2:
+        return {k: {} for k in names}
+    cols = [(k, kind) for k in names for kind in ("zero", "mean")]
+    num = np.stack([(ablated_ce[k][kind] - sae_ce[k]).numpy() for k, kind in cols], axis=1)
+    den = np.stack([(ablated_ce[k][kind] - clean_ce).numpy() for k, kind in cols], axis=1)
+    ones = np.ones_like(num)
+    frame = ratio_intervals((num, ones), (den, ones), ci=ci, n_boot=n_boot, seed=seed)
+    out: dict[str, dict[str, float]] = {k: {} for k in names}
+    for (k, kind), low, high in zip(cols, frame["ci_low"], frame["ci_high"], strict=True):
+        out[k][f"loss_recovered_{kind}_low"] = float(low)
+        out[k][f"loss_recovered_{kind}_high"] = float(high)
     return out

@@ -65,5 +65,5 @@ RUNS: dict[str, RunSpec] = {
 
 
 def layout_text(root: str = "RUNS_ROOT") -> str:
-    """The layout, one ``root/name: command`` line per run (for ``--help`` and the README)."""
-    return "\n".join(f"{r.path(root)}/  <-  {r.command_for(root)}" for r in RUNS.values())
+    """The layout: each run's folder, then (indented) the command that writes it."""
+    return "\n".join(f"{r.path(root)}/\n    {r.command_for(root)}" for r in RUNS.values())

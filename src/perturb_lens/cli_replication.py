@@ -18,9 +18,7 @@ HELP = (
     "table: claim, paper's number, ours, sample, verdict (replicated / not replicated / "
     "inconclusive) with its CI or test, and the command of each run. A missing run gives a "
     "'not run' row with its command.\n\nRuns-root layout (one folder per run; run each command "
-    "from the repository root):\n\n"
-    + "\b\n"
-    + layout_text()
+    "from the repository root):\n\n" + "\b\n" + layout_text()
 )
 SHORT_HELP = "Write REPLICATION.md: every published claim judged on its runs under RUNS_ROOT."
 
@@ -43,4 +41,3 @@ def replication(
         table.add_row(r.claim.claim_id, r.verdict, r.ours)
     console().print(table)
     console().print(f"Written: [bold]{path}[/bold]")
-

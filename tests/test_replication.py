@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from synthetic_runs import REPO, make_run
-from test_verdicts import SEQ_LEN, _config, _rows
+from test_verdicts import SEQ_LEN, _config, _rows, _set_meta
 from typer.testing import CliRunner
 
 from perturb_lens.cli import app
@@ -28,6 +28,7 @@ from perturb_lens.replication import (
     write_replication,
 )
 from perturb_lens.replication.evaluators import STEEP
+from perturb_lens.replication.inference import ks_statistic, sign_test
 from perturb_lens.replication.registry import _REGISTRY
 
 N_LEN = 21  # curve grid t = 0, 0.05, ..., 1
@@ -319,6 +320,29 @@ def test_user_claims_register(tmp_path: Path) -> None:
             register_replication("bad", **{**fields, "runs": ("x",)})
     finally:
         _REGISTRY.pop("test-claim")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ks_statistic_is_scipys(seed: int) -> None:
+    from scipy.stats import ks_2samp
+
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, 8, 30), rng.normal(3.0, 2.0, 17).round()  # ties within and across
+    assert ks_statistic(a, b) == pytest.approx(ks_2samp(a, b).statistic, abs=1e-12)
+
+
+def test_sign_test_closed_form() -> None:
+    assert sign_test(5, 5) == pytest.approx(1 / 32)
+    assert sign_test(4, 5) == pytest.approx(6 / 32)  # P(X >= 4), X ~ Binomial(5, 1/2)
+    assert sign_test(0, 0) == 1.0
+
+
+def test_cov_random_claims_on_a_small_fit_are_inconclusive(tmp_path: Path) -> None:
+    run = _lee_run(tmp_path, {"cov-random-mixture": 3.0, "isotropic": 1.0})
+    assert _verdict(tmp_path, "lee-cov-isotropic-lee").verdict == "replicated"
+    _set_meta(run, stats={"n_samples": 100, "d_model": 64})  # < 10 x d_model
+    res = _verdict(tmp_path, "lee-cov-isotropic-lee")
+    assert res.verdict == "inconclusive" and "unreliable" in res.ci_or_test
 
 
 def test_bad_verdict_words_are_refused() -> None:

@@ -17,6 +17,7 @@ from perturb_lens.replication.inference import (
     above,
     bootstrap_interval,
     combine,
+    ks_statistic,
     paired_difference,
     sign_test,
 )
@@ -253,8 +254,6 @@ def max_slope_real_vs_random(runs: Sequence[Path]) -> Row:
 def synthetic_like_real(runs: Sequence[Path]) -> Row:
     """Giglemiani et al.: every synthetic target's max-slope steps are closer to the real ones'
     (KS distance) than the cov-random ones' are."""
-    from scipy.stats import ks_2samp
-
     stats, manifest, metric = _curves(runs[0])
     dirs = run_directions(manifest)
     real, cov = _labels(dirs, "real-difference")[0], _labels(dirs, "cov-random-difference")[0]
@@ -263,14 +262,14 @@ def synthetic_like_real(runs: Sequence[Path]) -> Row:
     x = {k: wide[k].to_numpy() for k in wide.columns}
 
     def gaps(i: np.ndarray) -> np.ndarray:
-        ks_cov = ks_2samp(x[cov][i], x[real][i]).statistic
-        return np.array([ks_cov - ks_2samp(x[s][i], x[real][i]).statistic for s in synth])
+        ks_cov = ks_statistic(x[cov][i], x[real][i])
+        return np.array([ks_cov - ks_statistic(x[s][i], x[real][i]) for s in synth])
 
     if len(wide) >= MIN_SEQS:
         lo, hi = bootstrap_interval(gaps, len(wide), n_boot=1000)
     else:
         lo = hi = np.full(len(synth), np.nan)
-    ks = {k: ks_2samp(x[k], x[real]).statistic for k in (cov, *synth)}
+    ks = {k: ks_statistic(x[k], x[real]) for k in (cov, *synth)}
     return Row(
         ours=f"KS of the max-slope step ({metric}) to {real}: "
         + "; ".join(f"{k} {_f(v)}" for k, v in ks.items()),

@@ -4,14 +4,13 @@ each. The paper's numbers are quotations (the source says where from); ours come
 from __future__ import annotations
 
 from perturb_lens.replication import evaluators as ev
-from perturb_lens.replication.inference import ALPHA, CI
+from perturb_lens.replication.inference import ALPHA, CI_WORD
 from perturb_lens.replication.registry import register_replication
 from perturb_lens.results.verdicts import BAND, MIN_SEQS
 
 LEE = "seed 002_1ae696a3b7dae122.txt (Lee & Heimersheim 2024, LessWrong post)"
 GIGLEMIANI = "seed 001_3350060bcd2f68c0.txt (abstract); the numbers as quoted in issue 17"
 GURNEE_RANGE = (2.2, 4.5)
-CI_WORD = f"{CI:.0%}"
 
 _ORDER_RULE = (
     f"Paired {CI_WORD} bootstrap CI of the ratio of mean KL a / b at each length (sequences "

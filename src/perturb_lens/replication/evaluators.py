@@ -14,6 +14,7 @@ import pandas as pd
 from perturb_lens.config import DirectionConfig
 from perturb_lens.replication.inference import (
     ALPHA,
+    CI_WORD,
     above,
     bootstrap_interval,
     combine,
@@ -88,7 +89,7 @@ def ordering(claim: str, metric: str = "kl") -> Callable[[Sequence[Path]], Row]:
             f"{shown['ratio a/b']} over the lengths judged",
             sample=sample(runs[0]) + f"; {r['n_seqs']} paired seqs",
             verdict=verdict,
-            ci_or_test=f"paired 95% CI of the ratio per length (sequences resampled): "
+            ci_or_test=f"paired {CI_WORD} CI of the ratio per length (sequences resampled): "
             f"holds at {shown['holds at']}; reversed at {shown['reversed at']}; "
             f"undecided at {shown['inconclusive at']}{note}",
         )
@@ -125,7 +126,7 @@ def sae_substitution(claim: str, band: tuple[float, float]) -> Callable[[Sequenc
             + ", ".join(f"{p[0]} ({_f(p[2]) if p[2] is not None else '?'})" for p in parts)
             + f"; {min(p[6] for p in parts)} paired seqs",
             verdict=combine(words),
-            ci_or_test="paired 95% CI of the ratio per SAE (sequences resampled): "
+            ci_or_test=f"paired {CI_WORD} CI of the ratio per SAE (sequences resampled): "
             + "; ".join(f"{p[0]}{p[1]} [{_f(p[4])}, {_f(p[5])}]" for p in parts),
         )
 
@@ -246,7 +247,7 @@ def max_slope_real_vs_random(runs: Sequence[Path]) -> Row:
         f"{_f(c['mean'])} +- {_f(c['std'])}; KS {_f(c['ks'])}",
         sample=sample(runs[0]) + f"; {n} prompts",
         verdict=above(lo, hi, 0.0),
-        ci_or_test=f"paired difference {cov} - {real} {_f(diff)} steps, 95% CI [{_f(lo)}, "
+        ci_or_test=f"paired difference {cov} - {real} {_f(diff)} steps, {CI_WORD} CI [{_f(lo)}, "
         f"{_f(hi)}] (prompts resampled); two-sample KS p = {_f(c['pvalue'])}",
     )
 
@@ -275,7 +276,7 @@ def synthetic_like_real(runs: Sequence[Path]) -> Row:
         + "; ".join(f"{k} {_f(v)}" for k, v in ks.items()),
         sample=sample(runs[0]) + f"; {len(wide)} prompts",
         verdict=combine([above(a, b, 0.0) for a, b in zip(lo, hi, strict=True)]),
-        ci_or_test=f"95% CI of KS({cov}) - KS(synthetic) per target (prompts resampled): "
+        ci_or_test=f"{CI_WORD} CI of KS({cov}) - KS(synthetic) per target (prompts resampled): "
         + "; ".join(f"{s} [{_f(a)}, {_f(b)}]" for s, a, b in zip(synth, lo, hi, strict=True)),
     )
 
@@ -308,7 +309,7 @@ def plateau_longer(base: str) -> Callable[[Sequence[Path]], Row]:
             f"{_f(means[REAL])} vs {other} {_f(means[other])}",
             sample=sample(runs[0]) + f"; {n} prompts",
             verdict=above(lo, hi, 0.0),
-            ci_or_test=f"paired difference {REAL} - {other} {_f(diff)} steps, 95% CI "
+            ci_or_test=f"paired difference {REAL} - {other} {_f(diff)} steps, {CI_WORD} CI "
             f"[{_f(lo)}, {_f(hi)}] (prompts resampled)",
         )
 
@@ -332,6 +333,6 @@ def sharp_transitions(runs: Sequence[Path]) -> Row:
         f"line gives {_f(line)}",
         sample=sample(runs[0]) + f"; {s.size} prompt pairs",
         verdict=above(lo, hi, STEEP * line),
-        ci_or_test=f"95% CI of the median sharpness [{_f(lo)}, {_f(hi)}] (pairs resampled) vs "
-        f"{STEEP:g} x the straight line's = {_f(STEEP * line)}",
+        ci_or_test=f"{CI_WORD} CI of the median sharpness [{_f(lo)}, {_f(hi)}] (pairs "
+        f"resampled) vs {STEEP:g} x the straight line's = {_f(STEEP * line)}",
     )

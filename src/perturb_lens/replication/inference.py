@@ -12,6 +12,7 @@ from perturb_lens.replication.registry import Verdict
 from perturb_lens.results.verdicts import MIN_SEQS, expanded_tail
 
 CI = 0.95
+CI_WORD = f"{CI:.0%}"  # how the interval is named in the table
 ALPHA = 0.05  # the sign test's level
 N_BOOT = 2000
 

@@ -239,16 +239,28 @@ def max_slope_real_vs_random(runs: Sequence[Path]) -> Row:
     dirs = run_directions(manifest)
     real, cov = _labels(dirs, "real-difference")[0], _labels(dirs, "cov-random-difference")[0]
     table = ks_vs_reference(stats, reference=real).set_index("direction")
-    wide = _per_seq(stats, "max_slope_step", "direction")
-    diff, lo, hi, n = paired_difference(wide[cov].to_numpy(), wide[real].to_numpy())
     r, c = table.loc[real], table.loc[cov]
-    return Row(
+    return _later(
+        runs[0],
+        _per_seq(stats, "max_slope_step", "direction"),
+        cov,
+        real,
         ours=f"max-slope step ({metric}) {real} {_f(r['mean'])} +- {_f(r['std'])} vs {cov} "
         f"{_f(c['mean'])} +- {_f(c['std'])}; KS {_f(c['ks'])}",
-        sample=sample(runs[0]) + f"; {n} prompts",
+        test=f"; two-sample KS p = {_f(c['pvalue'])}",
+    )
+
+
+def _later(run: Path, wide: pd.DataFrame, a: str, b: str, ours: str, test: str = "") -> Row:
+    """The row of a claim "a's step comes after b's": the mean paired difference a - b over
+    prompts (``wide``: one row per prompt, a column per label) and its interval."""
+    diff, lo, hi, n = paired_difference(wide[a].to_numpy(), wide[b].to_numpy())
+    return Row(
+        ours=ours,
+        sample=sample(run) + f"; {n} prompts",
         verdict=above(lo, hi, 0.0),
-        ci_or_test=f"paired difference {cov} - {real} {_f(diff)} steps, {CI_WORD} CI [{_f(lo)}, "
-        f"{_f(hi)}] (prompts resampled); two-sample KS p = {_f(c['pvalue'])}",
+        ci_or_test=f"paired difference {a} - {b} {_f(diff)} steps, {CI_WORD} CI [{_f(lo)}, "
+        f"{_f(hi)}] (prompts resampled){test}",
     )
 
 
@@ -302,16 +314,12 @@ def plateau_longer(base: str) -> Callable[[Sequence[Path]], Row]:
         name = "cov-random-difference" if base == "cov-random" else base
         other = _labels(bases, name)[0]
         wide = _per_seq(stats, "plateau_length", "base")
-        diff, lo, hi, n = paired_difference(wide[REAL].to_numpy(), wide[other].to_numpy())
         means = wide[[REAL, other]].mean()
-        return Row(
-            ours=f"mean plateau length ({metric}, steps to 10% of the end value): {REAL} "
-            f"{_f(means[REAL])} vs {other} {_f(means[other])}",
-            sample=sample(runs[0]) + f"; {n} prompts",
-            verdict=above(lo, hi, 0.0),
-            ci_or_test=f"paired difference {REAL} - {other} {_f(diff)} steps, {CI_WORD} CI "
-            f"[{_f(lo)}, {_f(hi)}] (prompts resampled)",
+        ours = (
+            f"mean plateau length ({metric}, steps to 10% of the end value): {REAL} "
+            f"{_f(means[REAL])} vs {other} {_f(means[other])}"
         )
+        return _later(runs[0], wide, REAL, other, ours)
 
     return evaluate
 

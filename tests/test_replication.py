@@ -366,3 +366,52 @@ def test_cli_missing_root_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["replication", str(tmp_path / "nope")])
     assert result.exit_code == 1
     assert "is not a folder" in result.output and "Traceback" not in result.output
+
+
+# -- real runs of a tiny random GPT-2 ---------------------------------------------------------
+
+
+def test_stable_regions_on_a_tiny_model(tmp_path: Path, gpt2_dir: Path, webtext_path: Path):
+    """The sharpness quartiles shown are those of the run's curves, computed here with numpy
+    (largest step-to-step increase of L2 over its value at t = 1, per prompt pair)."""
+    from perturb_lens import load_results
+    from perturb_lens.runner import run_experiment
+
+    cfg = {
+        "model": str(gpt2_dir),
+        "experiment": "stable-regions",
+        "hook": "blocks.1.hook_resid_pre",
+        "scope": "last-position",
+        "lengths": "0:1:0.05",
+        "metrics": ["l2"],
+        "data": {"source": str(webtext_path), "seq_len": 10, "n_seqs": 12},
+        "stats": {"pool_size": 54},
+        "shard_seqs": 6,
+    }
+    run_experiment(cfg, tmp_path / "stable_regions", progress=False)
+    res = _verdict(tmp_path, "janiak-stable-regions")
+    rows = load_results(tmp_path / "stable_regions").sort_values(["seq", "length"])
+    y = rows["l2"].to_numpy(np.float64).reshape(12, -1)
+    sharp = np.diff(y, axis=1).max(axis=1) / y[:, -1]
+    q = np.quantile(sharp, [0.25, 0.5, 0.75])
+    assert f"quartiles {q[0]:.3g} / {q[1]:.3g} / {q[2]:.3g}" in res.ours
+    assert res.verdict in ("replicated", "not replicated", "inconclusive")
+    assert "12 seqs x 10 tokens (last-position), 21 lengths" in res.sample
+
+
+def test_sensitive_directions_on_a_tiny_model(tmp_path: Path, shard_reference: Path) -> None:
+    """The shared tiny run has 8 sequences: too few to decide (fewer than 10 pair). Its ratio of
+    mean KL cov-random-mixture / isotropic is computed here from the rows with pandas."""
+    import shutil
+
+    from perturb_lens import load_results
+
+    shutil.copytree(shard_reference, tmp_path / "sensitive_directions_lee")
+    res = _verdict(tmp_path, "lee-cov-isotropic-lee")
+    assert res.verdict == "inconclusive"
+    rows = load_results(shard_reference)
+    rows = rows[(rows["pos"] < rows["pos"].max()) & (rows["length"] > 0)]  # published mean
+    means = rows.groupby(["length", "direction"])["kl"].mean().unstack()
+    ratio = means["cov-random-mixture"] / means["isotropic"]
+    assert f"{ratio.min():.3g}-{ratio.max():.3g} over" in res.ours
+    assert _verdict(tmp_path, "lee-difference-lee").verdict == CANNOT_JUDGE  # no real-mixture

@@ -133,29 +133,38 @@ _PLATEAU_RULE = (
     "(first step above 10% of the end value, averaged over the random directions of a prompt; "
     "prompts resampled). Replicated: above 0; not replicated: below 0; else inconclusive."
 )
-register_replication(
-    "heimersheim-plateaus",
-    paper="Heimersheim 2024",
-    claim="activation plateaus: random perturbations leave the output flat for longer around real "
-    "activations than around cov-random points",
-    paper_number='"a step-function-like change"; sensitivity "differs between model-generated '
-    '(real) activations and random activations" (no number in the seeds)',
-    source="seed 001_3350060bcd2f68c0.txt (abstract, citing Heimersheim's report)",
-    runs=("plateaus",),
-    evaluate=ev.plateau_longer("cov-random"),
-    rule=_PLATEAU_RULE.format(base="cov-random"),
+_PLATEAU_CLAIMS = (
+    (
+        "heimersheim-plateaus",
+        "Heimersheim 2024",
+        "cov-random",
+        "activation plateaus: random perturbations leave the output flat for longer around real "
+        "activations than around cov-random points",
+        '"a step-function-like change"; sensitivity "differs between model-generated (real) '
+        'activations and random activations" (no number in the seeds)',
+        "seed 001_3350060bcd2f68c0.txt (abstract, citing Heimersheim's report)",
+    ),
+    (
+        "giglemiani-synthetic-plateaus",
+        "Giglemiani et al. 2024",
+        "synthetic",
+        "synthetic activations have less pronounced plateaus than real ones",
+        '"synthetic activations exhibit less pronounced activation plateaus compared to those '
+        'typically surrounding real activations" (no number in the seeds)',
+        "seed 001_3350060bcd2f68c0.txt (abstract)",
+    ),
 )
-register_replication(
-    "giglemiani-synthetic-plateaus",
-    paper="Giglemiani et al. 2024",
-    claim="synthetic activations have less pronounced plateaus than real ones",
-    paper_number='"synthetic activations exhibit less pronounced activation plateaus compared to '
-    'those typically surrounding real activations" (no number in the seeds)',
-    source="seed 001_3350060bcd2f68c0.txt (abstract)",
-    runs=("plateaus",),
-    evaluate=ev.plateau_longer("synthetic"),
-    rule=_PLATEAU_RULE.format(base="synthetic"),
-)
+for _id, _paper, _base, _text, _quote, _source in _PLATEAU_CLAIMS:
+    register_replication(
+        _id,
+        paper=_paper,
+        claim=_text,
+        paper_number=_quote,
+        source=_source,
+        runs=("plateaus",),
+        evaluate=ev.plateau_longer(_base),
+        rule=_PLATEAU_RULE.format(base=_base),
+    )
 
 register_replication(
     "janiak-stable-regions",

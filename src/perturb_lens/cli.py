@@ -13,6 +13,7 @@ from rich.table import Table
 
 from perturb_lens.cli_errors import checked_out, set_verbose, user_errors
 from perturb_lens.cli_options import Quiet, console
+from perturb_lens.cli_replication import HELP, SHORT_HELP, replication
 from perturb_lens.cli_sae import sae_app
 
 app = typer.Typer(
@@ -274,6 +275,8 @@ def verdicts_command(
     per claim the lengths where it holds, is reversed or cannot be told, and one verdict word."""
     _print_verdicts(run_dir, metric or ["kl"], claim)
 
+
+app.command(help=HELP, short_help=SHORT_HELP)(replication)
 
 if __name__ == "__main__":
     app()

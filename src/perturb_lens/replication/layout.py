@@ -1,0 +1,69 @@
+"""The runs-root layout of ``perturb-lens replication``: ``RUNS_ROOT/<run name>/``, one folder per
+run below, each written by the command beside it (run from the repository root)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Kind = Literal["run", "suite", "sae-folders"]
+WEBTEXT = "../shared/data/webtext/webtext.test.jsonl"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A run folder under the runs root: ``name``, ``kind`` (``run``: a run directory with
+    manifest.json; ``suite``: an ``sae run`` folder of runs; ``sae-folders``: an ``sae train``
+    folder of SAEs with eval.json) and the ``command`` that writes it (``{root}``: the root)."""
+
+    name: str
+    kind: Kind
+    command: str
+
+    def path(self, root: str | Path) -> Path:
+        return Path(root) / self.name
+
+    def present(self, root: str | Path) -> bool:
+        """Whether the folder holds what its kind needs (else the claim is 'not run')."""
+        path = self.path(root)
+        if self.kind == "run":
+            return (path / "manifest.json").is_file()
+        marker = "manifest.json" if self.kind == "suite" else "eval.json"
+        return path.is_dir() and any((p / marker).is_file() for p in path.iterdir())
+
+    def command_for(self, root: str | Path) -> str:
+        return self.command.format(root=str(root).rstrip("/") or ".")
+
+
+def _spec(name: str, kind: Kind, command: str, preset: str, *overrides: str) -> RunSpec:
+    args = " ".join((f"configs/{preset}.yaml", *overrides))
+    return RunSpec(name, kind, f"perturb-lens {command} {args} --out {{root}}/{name}")
+
+
+def _run(name: str, preset: str, *overrides: str) -> RunSpec:
+    return _spec(name, "run", "run", preset, *overrides)
+
+
+RUNS: dict[str, RunSpec] = {
+    r.name: r
+    for r in (
+        _run("sensitive_directions_lee", "replicate_sensitive_directions_smollm2"),
+        _run(
+            "sensitive_directions_webtext",
+            "replicate_sensitive_directions_smollm2",
+            f"data.source={WEBTEXT}",
+        ),
+        _spec("sae_substitution", "suite", "sae run", "sae_substitution_smollm2"),
+        _spec("sae_train", "sae-folders", "sae train", "sae_train_smollm2"),
+        _run("synthetic_activations", "synthetic_activations_smollm2"),
+        _run("plateaus", "plateaus_smollm2"),
+        _run("stable_regions", "stable_regions_smollm2"),
+    )
+}
+"""The run folders the registered claims read, by name."""
+
+
+def layout_text(root: str = "RUNS_ROOT") -> str:
+    """The layout: each run's folder, then (indented) the command that writes it."""
+    return "\n".join(f"{r.path(root)}/\n    {r.command_for(root)}" for r in RUNS.values())

@@ -1,0 +1,77 @@
+"""The replication registry: one :func:`register_replication` call per published claim.
+
+A claim names the run(s) it is judged on (folders under a runs root, see
+:mod:`perturb_lens.replication.layout`) and an evaluator that reads those runs and returns a
+:class:`Row`: our number, the sample it comes from, a verdict word and its interval or test.
+This module imports nothing heavy, so the CLI can list the claims without loading pandas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Verdict = Literal["replicated", "not replicated", "inconclusive"]
+VERDICTS: tuple[str, ...] = ("replicated", "not replicated", "inconclusive")
+NOT_RUN = "not run"
+
+
+@dataclass(frozen=True)
+class Row:
+    """What an evaluator finds: ``ours`` (our number), ``sample`` (model, hook, SAE, size),
+    ``verdict`` (one of :data:`VERDICTS`) and ``ci_or_test`` (the interval or test behind it)."""
+
+    ours: str
+    sample: str
+    verdict: Verdict
+    ci_or_test: str
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict {self.verdict!r} must be one of {VERDICTS}")
+
+
+Evaluator = Callable[[Sequence[Path]], Row]
+"""``fn(run_dirs) -> Row``: the claim's runs, in the order of its ``runs``."""
+
+
+@dataclass(frozen=True)
+class ReplicationClaim:
+    """A published claim: ``claim_id``, ``paper``, ``claim`` (its text), ``paper_number`` (quoted
+    from ``source``), ``runs`` (run names of :data:`~perturb_lens.replication.layout.RUNS`),
+    ``evaluate`` and ``rule`` (how the verdict is decided, printed as a footnote)."""
+
+    claim_id: str
+    paper: str
+    claim: str
+    paper_number: str
+    source: str
+    runs: tuple[str, ...]
+    evaluate: Evaluator
+    rule: str
+
+
+_REGISTRY: dict[str, ReplicationClaim] = {}
+
+
+def register_replication(claim_id: str, **fields: object) -> ReplicationClaim:
+    """Register a published claim (fields: :class:`ReplicationClaim`); its runs must be in the
+    layout. Registering an id again replaces it. Returns the entry."""
+    from perturb_lens.replication.layout import RUNS
+
+    entry = ReplicationClaim(claim_id=claim_id, **fields)  # type: ignore[arg-type]
+    unknown = [r for r in entry.runs if r not in RUNS]
+    if not entry.runs or unknown:
+        raise ValueError(
+            f"claim {claim_id!r}: runs {unknown or '[]'} are not in the runs-root layout "
+            f"({', '.join(RUNS)}); add them to perturb_lens.replication.layout.RUNS"
+        )
+    _REGISTRY[claim_id] = entry
+    return entry
+
+
+def replication_claims() -> list[ReplicationClaim]:
+    """Every registered claim, in registration order."""
+    return list(_REGISTRY.values())

@@ -141,9 +141,9 @@ def _suite(root: Path, factors: dict[str, float], n_seq: int = 40) -> None:
     for i, (label, f) in enumerate(factors.items()):
         rows = _rows({"SAE(x)": f, "isotropic": 1.0}, n_seq=n_seq, seed=i)
         rows = rows[rows["length"] == 1.0]  # substitution: length 1 only
-        make_run(root / "sae_substitution" / label, _config(sae + base), rows=rows)
+        make_run(root / "sae_substitution_smollm2" / label, _config(sae + base), rows=rows)
     l0 = [{"label": k, "l0": 10.0 * (i + 1)} for i, k in enumerate(factors)]
-    (root / "sae_substitution" / "saes.json").write_text(json.dumps(l0))
+    (root / "sae_substitution_smollm2" / "saes.json").write_text(json.dumps(l0))
 
 
 @pytest.mark.parametrize(
@@ -175,7 +175,7 @@ def test_sae_substitution_claim(tmp_path: Path, factors: dict, n_seq: int, word:
     ],
 )
 def test_e2e_vs_local(tmp_path: Path, e2e_kl: float, n_pairs: int, word: str, p: float) -> None:
-    folder = tmp_path / "sae_train"
+    folder = tmp_path / "sae_train_smollm2_layer15_topk_e2e"
     for i in range(n_pairs):
         _sae(folder, f"local-{i}", "local" if i % 2 else "topk", 10.0 * 2**i, 0.2)
         _sae(folder, f"e2e-{i}", "e2e" if i % 2 else "e2e+ds", 10.0 * 2**i * 1.05, e2e_kl)
@@ -186,10 +186,40 @@ def test_e2e_vs_local(tmp_path: Path, e2e_kl: float, n_pairs: int, word: str, p:
 
 
 def test_e2e_without_a_local_sae_at_its_l0(tmp_path: Path) -> None:
-    _sae(tmp_path / "sae_train", "local", "local", 10.0, 0.2)
-    _sae(tmp_path / "sae_train", "e2e", "e2e", 12.0, 0.1)  # L0 20% apart: no pair
+    folder = tmp_path / "sae_train_smollm2_layer15_topk_e2e"
+    _sae(folder, "local", "local", 10.0, 0.2)
+    _sae(folder, "e2e", "e2e", 12.0, 0.1)  # L0 20% apart: no pair
     res = _verdict(tmp_path, "braun-e2e")
     assert res.verdict == "inconclusive" and "0 matched pairs" in res.sample
+
+
+@pytest.mark.parametrize(
+    ("e2e_factor", "n_seq", "word"),
+    [(1.0, 40, "replicated"), (4.0, 40, "not replicated"), (1.0, 4, "inconclusive")],
+)
+def test_e2e_vs_local_paired_on_a_substitution_suite(
+    tmp_path: Path, e2e_factor: float, n_seq: int, word: str
+) -> None:
+    """TopK local and e2e SAEs at equal L0 in one suite: the ratio is mean KL(SAE_e2e(x)) / mean
+    KL(SAE_local(x)) over the same sequences (pandas here), judged by its paired CI."""
+    _suite(tmp_path, {"topk-k8": 2.0, "e2e-k8": e2e_factor, "other": 2.0}, n_seq)
+    saes = tmp_path / "sae_substitution_smollm2" / "saes.json"
+    records = [
+        {"label": "topk-k8", "l0": 8.0, "type": "topk"},
+        {"label": "e2e-k8", "l0": 8.0, "type": "e2e"},
+        {"label": "other", "l0": 100.0, "type": "local"},  # no e2e SAE near its L0
+    ]
+    saes.write_text(json.dumps(records))
+    res = _verdict(tmp_path, "braun-e2e-paired")
+    assert res.verdict == word
+    means = []
+    for label in ("e2e-k8", "topk-k8"):
+        rows = _rows({"SAE(x)": {"topk-k8": 2.0, "e2e-k8": e2e_factor}[label], "isotropic": 1.0},
+                     n_seq=n_seq, seed=["topk-k8", "e2e-k8"].index(label))  # fmt: skip
+        rows = rows[(rows["length"] == 1.0) & (rows["pos"] < SEQ_LEN - 1)]
+        means.append(rows.loc[rows["direction"] == "SAE(x)", "kl"].mean())
+    assert f"e2e-k8 / topk-k8 {means[0] / means[1]:.3g}" in res.ours
+    assert "1 matched pairs" in res.sample
 
 
 # -- Giglemiani et al.: max-slope steps ---------------------------------------------------------

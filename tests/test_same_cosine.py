@@ -532,3 +532,34 @@ def test_cli_prints_the_cosine_tables(gpt2_dir: Path, webtext_path: Path, tmp_pa
         and "SAE(x) points per cosine bin" in result.output
     )
     assert "verdict" not in result.output.lower()
+
+
+def test_sae_vs_random_at_its_own_cosine_closed_form() -> None:
+    """Random curves KL = s (1 - cos) (linear, so the interpolation is exact) and SAE(x) KL =
+    2 s (1 - cos_sae) per token: the ratio is exactly 2 and, every resample giving 2, so is its
+    interval; a token whose SAE cosine lies below the grid is left out; a second generator with
+    curves 4 s (1 - cos) gives 0.5."""
+    from perturb_lens.experiments.same_cosine import sae_vs_random
+
+    rng = np.random.default_rng(0)
+    grid = [0.5, 0.7, 0.9, 1.0]
+    rows = []
+    for seq in range(6):
+        for pos in range(5):
+            s, cos_sae = rng.uniform(0.5, 2.0), rng.uniform(0.6, 0.99)
+            if (seq, pos) == (0, 0):
+                cos_sae = 0.3  # outside the grid: not used
+            for label, slope in (("isotropic", 1.0), ("real", 4.0)):
+                for c in grid:
+                    rows.append((seq, pos, label, c, c, slope * s * (1 - c)))
+            near = float(nearest(grid, np.array([cos_sae]))[0])
+            rows.append((seq, pos, SAE_LABEL, near, cos_sae, 2 * s * (1 - cos_sae)))
+    df = pd.DataFrame(rows, columns=["seq", "pos", "direction", "length", "cosine", "kl"])
+    df["direction"] = pd.Categorical(df["direction"], ["isotropic", "real", SAE_LABEL])
+    out = sae_vs_random(df).set_index("random part")
+    for label, want in (("isotropic", 2.0), ("real", 0.5)):
+        r = out.loc[label]
+        assert r["ratio"] == pytest.approx(want, rel=1e-12)
+        assert r["ci_low"] == pytest.approx(want, rel=1e-12)
+        assert r["ci_high"] == pytest.approx(want, rel=1e-12)
+        assert r["n_tokens"] == 6 * 5 - 1 and r["n_seqs"] == 6

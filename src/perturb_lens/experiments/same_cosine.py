@@ -168,7 +168,56 @@ def same_cosine_tables(rows: pd.DataFrame, cfg: ExperimentConfig) -> dict[str, p
         bins.columns = [f"cos={c:g}" for c in bins.columns]
         bins.index = ["SAE(x) tokens", "SAE(x) mean cos"]
         out["SAE(x) points per cosine bin"] = bins.rename_axis("direction").reset_index()
+        out[f"SAE(x) against random targets at its own cosine ({metric})"] = sae_vs_random(
+            rows, metric
+        )
     return out
+
+
+def sae_vs_random(
+    rows: pd.DataFrame, metric: str = "kl", *, n_boot: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """Is SAE(x) worse than random targets of the same cosine? Per generator: each token's curve
+    of ``metric`` against the grid cosine, interpolated linearly at that token's own
+    cos(SAE(x), x), paired with the token's SAE(x) value; ``ratio`` = mean over the tokens of
+    SAE(x) / mean of the interpolated random values, with its paired 95 % interval from
+    resampling sequences (the verdicts' bootstrap). Tokens whose SAE cosine lies outside the grid
+    are left out (``n_tokens`` counts those used)."""
+    from perturb_lens.results.verdicts import ratio_intervals
+
+    sae = rows[rows["direction"] == SAE_LABEL].set_index(["seq", "pos"])
+    out = []
+    for label in [d for d in rows["direction"].cat.categories if d != SAE_LABEL]:
+        curves = rows[rows["direction"] == label].pivot_table(
+            index=["seq", "pos"], columns="length", values=metric, observed=True
+        )
+        both = curves.join(sae[["cosine", metric]], how="inner").dropna()
+        grid = curves.columns.to_numpy(np.float64)
+        inside = both["cosine"].between(grid.min(), grid.max())
+        both = both[inside]
+        values = both[curves.columns].to_numpy(np.float64)
+        cos = both["cosine"].to_numpy(np.float64)
+        at = np.array([np.interp(c, grid, v) for c, v in zip(cos, values, strict=True)])
+        per_seq = pd.DataFrame(
+            {"seq": both.index.get_level_values("seq"), "a": both[metric].to_numpy(), "b": at}
+        ).groupby("seq")
+        sums, n = per_seq[["a", "b"]].sum(), per_seq.size().to_numpy(np.float64)[:, None]
+        res = ratio_intervals(
+            (sums[["a"]].to_numpy(), n), (sums[["b"]].to_numpy(), n), n_boot=n_boot, seed=seed
+        ).iloc[0]
+        out.append(
+            {
+                "random part": label,
+                f"mean {metric} SAE(x)": res["mean_a"],
+                f"mean {metric} random, same cos": res["mean_b"],
+                "ratio": res["ratio"],
+                "ci_low": res["ci_low"],
+                "ci_high": res["ci_high"],
+                "n_tokens": len(both),
+                "n_seqs": int(res["n_seqs"]),
+            }
+        )
+    return pd.DataFrame(out)
 
 
 register_experiment(

@@ -74,7 +74,7 @@ register_replication(
     paper_number=f"KL(SAE(x)) is {GURNEE_RANGE[0]}-{GURNEE_RANGE[1]}x KL(isotropic)",
     source='Gurnee 2024 as cited in seed 002 ("confirmed the original finding", fig. 3); '
     "the range as quoted in issue 17",
-    runs=("sae_substitution",),
+    runs=("sae_substitution_smollm2",),
     evaluate=ev.sae_substitution("SAE(x) > isotropic", GURNEE_RANGE),
     rule=f"Per SAE the paired {CI_WORD} bootstrap CI of KL(SAE(x)) / KL(isotropic "
     "epsilon-baseline) (sequences resampled). Replicated: above 1 for every SAE; not replicated: "
@@ -90,13 +90,29 @@ register_replication(
     "supp. fig. 3); authors' notebooks (SPEC.md section 6, GPT-2 layer 6): local L0 42.8 KL 0.230, "
     "e2e L0 39.7 KL 0.122",
     source="seed 002_1ae696a3b7dae122.txt; docs/SPEC.md section 6",
-    runs=("sae_train",),
+    runs=("sae_train_smollm2_layer15_topk_e2e",),
     evaluate=ev.e2e_vs_local,
     rule=f"Each e2e / e2e+ds SAE is paired with the local (ReLU+L1 or TopK) SAE of the nearest "
     f"L0 if the two differ by at most {ev.L0_MATCH:.0%}; one-sided sign test over the pairs "
     f"(eval.json holds means only, so the pair is the unit). Replicated: p < {ALPHA} for e2e "
     f"lower; not replicated: p < {ALPHA} for local lower; else inconclusive (5 pairs at least "
     "are needed to decide).",
+)
+
+register_replication(
+    "braun-e2e-paired",
+    paper="Braun et al. 2024",
+    claim="at matched L0, substituting an e2e SAE's SAE(x) changes the output less (mean KL, "
+    "same held-out tokens) than a local SAE's",
+    paper_number="as braun-e2e (local L0 42.8 KL 0.230 vs e2e L0 39.7 KL 0.122, GPT-2 layer 6)",
+    source="seed 002_1ae696a3b7dae122.txt; docs/SPEC.md section 6",
+    runs=("sae_substitution_smollm2",),
+    evaluate=ev.e2e_vs_local_paired,
+    rule=f"Each e2e / e2e+ds SAE of the SAE-substitution suite is paired with the local (ReLU+L1 "
+    f"or TopK) SAE of the nearest L0 if they differ by at most {ev.L0_MATCH:.0%} (TopK pairs at "
+    f"equal k: identical L0); paired {CI_WORD} bootstrap CI of mean KL(SAE_e2e(x)) / mean "
+    "KL(SAE_local(x)) over the same tokens (sequences resampled). Replicated: every CI below 1; "
+    f"not replicated: some CI above 1; else inconclusive (also under {MIN_SEQS} sequences).",
 )
 
 register_replication(

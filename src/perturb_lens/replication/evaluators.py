@@ -24,12 +24,13 @@ from perturb_lens.replication.inference import (
 )
 from perturb_lens.replication.registry import Row, Verdict
 from perturb_lens.results.curve_stats import curve_metric, curve_statistics, ks_vs_reference
-from perturb_lens.results.shards import run_directions
+from perturb_lens.results.shards import run_directions, sequence_sums
 from perturb_lens.results.store import MANIFEST, load_manifest
 from perturb_lens.results.summary import summary_rows
 from perturb_lens.results.verdicts import (
     MIN_SEQS,
     claim_intervals,
+    ratio_intervals,
     registered_claims,
     stats_fit,
     verdict_rows,
@@ -39,6 +40,7 @@ from perturb_lens.results.verdicts import (
 L0_MATCH = 0.10  # e2e and local SAEs are compared where their L0 differ by at most 10%
 STEEP = 5.0  # a stable-region transition: the median sharpness above 5x a straight line's
 LOCAL_KINDS, E2E_KINDS = ("local", "topk"), ("e2e", "e2e+ds")
+REFERENCE = "SAE(x)"  # the label of the substituted SAE(x) in the SAE-substitution presets
 
 
 def _f(x: float) -> str:
@@ -207,6 +209,64 @@ def e2e_vs_local(runs: Sequence[Path]) -> Row:
         ci_or_test=f"one-sided sign test over matched pairs: e2e lower in {wins} of {n}, "
         f"p = {_f(p_win)} (reverse p = {_f(p_loss)}); eval.json holds means only, so the pair "
         "is the unit",
+    )
+
+
+def e2e_vs_local_paired(runs: Sequence[Path]) -> Row:
+    """Braun et al. on an SAE-substitution suite: per matched pair (e2e SAE, local SAE of the
+    nearest L0 within ``L0_MATCH``; types and L0 from the suite's ``saes.json``), the paired
+    bootstrap CI of mean KL(SAE_e2e(x)) / mean KL(SAE_local(x)) on the same tokens (sequences
+    resampled). Replicated: every CI below 1; not replicated: some CI above 1."""
+    suite = runs[0]
+    path = suite / "saes.json"
+    records = json.loads(path.read_text()) if path.is_file() else []
+    evals = pd.DataFrame(
+        [{"name": r["label"], "kind": r.get("type", "?"), "l0": r["l0"], "kl": np.nan}
+         for r in records],
+        columns=["name", "kind", "l0", "kl"],
+    )  # fmt: skip
+    pairs = matched_pairs(evals)
+    parts, words = [], []
+    for p in pairs.itertuples():
+        sums = []
+        for label in (p.e2e, p.local):
+            seq = sequence_sums(suite / label, "kl", [REFERENCE])
+            sums.append(seq[seq["length"] == seq["length"].min()].set_index("seq")[["sum", "n"]])
+        both = sums[0].join(sums[1], lsuffix="_a", rsuffix="_b", how="inner")
+        a = (both[["sum_a"]].to_numpy(), both[["n_a"]].to_numpy())
+        b = (both[["sum_b"]].to_numpy(), both[["n_b"]].to_numpy())
+        r = ratio_intervals(a, b).iloc[0]
+        n = int(r["n_seqs"])
+        word: Verdict = (
+            "inconclusive"
+            if n < MIN_SEQS
+            else "replicated"
+            if r["ci_high"] < 1
+            else "not replicated"
+            if r["ci_low"] > 1
+            else "inconclusive"
+        )
+        words.append(word)
+        parts.append((p, r, n))
+    if not parts:
+        return Row(
+            ours="no e2e SAE of the suite has a local one at its L0",
+            sample=f"{len(evals)} SAEs in {suite.name}",
+            verdict="inconclusive",
+            ci_or_test="no matched pair",
+        )
+    return Row(
+        ours="mean KL of SAE(x), e2e / local: "
+        + "; ".join(
+            f"{p.e2e} / {p.local} {_f(r['ratio'])} ({_f(r['mean_a'])} vs {_f(r['mean_b'])}, "
+            f"L0 {_f(p.l0_e2e)} vs {_f(p.l0_local)})"
+            for p, r, _ in parts
+        ),
+        sample=f"{sample(suite / parts[0][0].e2e)}; {len(parts)} matched pairs "
+        f"(L0 within {L0_MATCH:.0%}); {min(n for *_, n in parts)} paired seqs",
+        verdict=combine(words),
+        ci_or_test=f"paired {CI_WORD} CI of the ratio per pair (sequences resampled): "
+        + "; ".join(f"{p.e2e} [{_f(r['ci_low'])}, {_f(r['ci_high'])}]" for p, r, _ in parts),
     )
 
 

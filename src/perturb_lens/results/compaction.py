@@ -1,0 +1,145 @@
+"""An aggregate run's quantile sketches: a file per shard, merged into one run-level file.
+
+The sketch is ~98 % of an aggregate shard's bytes (with 8-16 sequences per shard nearly every value
+has a bucket of its own), and merging sketches is exact (integer counts added, in any order). So
+an aggregate shard is written as two files: its other aggregates (``shards/{id}.parquet``) and its
+sketch (``sketches/{id}.parquet``, :data:`SKETCH_SCHEMA`, recorded with its sha256 in the shard's
+manifest entry under ``sketch``). :func:`compact` (the runner calls it every
+:data:`COMPACT_EVERY` shards and before it marks the run complete) merges the run-level sketch and
+the shards' sketch files it does not cover into a new run-level file:
+
+1. write ``sketch-{n}.parquet`` (``n``: the shards it covers) atomically; the manifest still names
+   the previous one, so a crash here leaves an unused file (removed by the next compaction);
+2. write the manifest with ``sketch: {file, sha256, shards, rows}`` (the commit point);
+3. delete the previous run-level file and the merged shards' sketch files (a crash here leaves
+   files no reader uses, removed by the next compaction).
+
+Readers (:func:`sketch_tables`) take the run-level sketch plus the sketch files of the shards it
+does not cover, so every state of the run directory reads the same counts. The run-level file is
+sorted canonically (metric, direction, length, value), so it is the same bytes whichever shards
+were merged when: a run killed at any point resumes to identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from perturb_lens.results.sketch import ordinals
+from perturb_lens.results.store import (
+    RUN_SKETCH,
+    RUN_SKETCH_FILE,
+    SKETCH_FILE,
+    SKETCHES,
+    RunStore,
+    atomic_write,
+    covered_shards,
+    file_sha256,
+    sketch_entries,
+    verified_bytes,
+)
+
+SKETCH_SCHEMA = pa.schema(
+    [
+        ("metric", pa.string()),
+        ("direction", pa.string()),
+        ("length", pa.float64()),
+        ("sign", pa.int8()),
+        ("bucket", pa.int32()),
+        ("count", pa.int64()),
+    ]
+)
+COMPACT_EVERY = 16  # shards' sketch files held before the runner merges them
+_KEYS = ["metric", "direction", "length"]
+
+
+def merge_sketch_tables(tables: Sequence[pa.Table]) -> pa.Table:
+    """Sketch tables (:data:`SKETCH_SCHEMA` columns) merged: counts of equal (metric, direction,
+    length, sign, bucket) added, sorted by metric, direction, length and value (canonical)."""
+    if not tables:
+        return SKETCH_SCHEMA.empty_table()
+    both = pa.concat_tables([t.select(SKETCH_SCHEMA.names).cast(SKETCH_SCHEMA) for t in tables])
+    g = both.group_by([*_KEYS, "sign", "bucket"], use_threads=False).aggregate([("count", "sum")])
+    order = ordinals(g.column("sign").to_numpy(), g.column("bucket").to_numpy())
+    g = g.append_column("_ord", pa.array(order, pa.int64()))
+    g = g.take(pc.sort_indices(g, sort_keys=[(k, "ascending") for k in [*_KEYS, "_ord"]]))
+    columns = {n: g.column("count_sum" if n == "count" else n) for n in SKETCH_SCHEMA.names}
+    return pa.table(columns, schema=SKETCH_SCHEMA)
+
+
+def shard_parts(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """An aggregate shard's table (:func:`~perturb_lens.results.aggregate.aggregate_rows`) as its
+    rows of every kind but ``sketch``, and its sketch (:data:`SKETCH_SCHEMA`, canonical order)."""
+    is_sketch = pc.equal(table.column("kind"), "sketch")
+    return table.filter(pc.invert(is_sketch)), merge_sketch_tables([table.filter(is_sketch)])
+
+
+def write_aggregate_shard(
+    store: RunStore, shard_id: str, table: pa.Table, *, info: dict | None = None
+) -> None:
+    """Write an aggregate shard: its sketch to its own file, the rest as the shard."""
+    rest, sketch = shard_parts(table)
+    store.write_shard(shard_id, rest, info=info, sketch=sketch)
+
+
+def compact(store: RunStore, *, min_pending: int = 1) -> bool:
+    """Merge the shards' sketch files into the run-level sketch (the steps of the module
+    docstring) when at least ``min_pending`` wait; then remove the files no reader uses.
+    Returns whether it merged. ``store`` must be open for writing."""
+    if not store.writing:
+        raise RuntimeError("RunStore.create() must be called before compact()")
+    manifest = store.manifest
+    pending = sketch_entries(manifest)
+    merged = bool(pending) and len(pending) >= min_pending
+    if merged:
+        run_dir = store.run_dir
+        tables = list(sketch_tables(run_dir, manifest))
+        covered = sorted(covered_shards(manifest) | {shard_id for shard_id, _ in pending})
+        table = merge_sketch_tables(tables)
+        rel = f"sketch-{len(covered)}.parquet"
+        atomic_write(run_dir / rel, lambda f: pq.write_table(table, f))
+        record = {
+            "file": rel,
+            "sha256": file_sha256(run_dir / rel),
+            "shards": covered,
+            "rows": table.num_rows,
+        }
+        store.update_manifest(lambda m: m.__setitem__(RUN_SKETCH, record))
+    remove_unused(store)
+    return merged
+
+
+def remove_unused(store: RunStore) -> None:
+    """Delete the run-level sketch files the manifest does not name and the sketch files of
+    shards the run-level sketch covers (left by a compaction that stopped after its commit)."""
+    manifest = store.manifest
+    current = (manifest.get(RUN_SKETCH) or {}).get("file")
+    for path in store.run_dir.glob("sketch-*.parquet"):
+        if RUN_SKETCH_FILE.fullmatch(path.name) and path.name != current:
+            path.unlink(missing_ok=True)
+    folder = store.run_dir / SKETCHES
+    for shard_id in covered_shards(manifest):
+        (folder / f"{shard_id}.parquet").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty, or absent
+        folder.rmdir()
+
+
+def sketch_tables(
+    run_dir: Path, manifest: dict, metrics: Sequence[str] | None = None
+) -> Iterator[pa.Table]:
+    """The run's sketch tables kept outside its shards (of ``metrics``; None: all): the run-level
+    sketch, then the sketch files of the shards it does not cover, each checked against the
+    sha256 recorded in ``manifest``."""
+    entries = []
+    if manifest.get(RUN_SKETCH) is not None:
+        entries.append(("the run's merged sketch", manifest[RUN_SKETCH], RUN_SKETCH_FILE))
+    entries += [(f"the sketch of shard {s}", e, SKETCH_FILE) for s, e in sketch_entries(manifest)]
+    filters = [("metric", "in", list(metrics))] if metrics is not None else None
+    for name, entry, pattern in entries:
+        data = verified_bytes(Path(run_dir), name, entry, pattern)
+        yield pq.read_table(pa.BufferReader(data), filters=filters)

@@ -23,6 +23,8 @@ were merged when: a run killed at any point resumes to identical files.
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from perturb_lens.results.store import (
     RUN_SKETCH_FILE,
     SKETCH_FILE,
     SKETCHES,
+    ChecksumError,
     RunStore,
     atomic_write,
     covered_shards,
@@ -56,6 +59,8 @@ SKETCH_SCHEMA = pa.schema(
 )
 COMPACT_EVERY = 16  # shards' sketch files held before the runner merges them
 _KEYS = ["metric", "direction", "length"]
+_RUN = "the run's merged sketch"
+logger = logging.getLogger(__name__)
 
 
 def merge_sketch_tables(tables: Sequence[pa.Table]) -> pa.Table:
@@ -89,8 +94,8 @@ def write_aggregate_shard(
 
 def compact(store: RunStore, *, min_pending: int = 1) -> bool:
     """Merge the shards' sketch files into the run-level sketch (the steps of the module
-    docstring) when at least ``min_pending`` wait; then remove the files no reader uses.
-    Returns whether it merged. ``store`` must be open for writing."""
+    docstring) when at least ``min_pending`` wait; then (or whenever ``min_pending`` <= 1) remove
+    the files no reader uses. Returns whether it merged. ``store`` must be open for writing."""
     if not store.writing:
         raise RuntimeError("RunStore.create() must be called before compact()")
     manifest = store.manifest
@@ -98,8 +103,17 @@ def compact(store: RunStore, *, min_pending: int = 1) -> bool:
     merged = bool(pending) and len(pending) >= min_pending
     if merged:
         run_dir = store.run_dir
-        tables = list(sketch_tables(run_dir, manifest))
-        covered = sorted(covered_shards(manifest) | {shard_id for shard_id, _ in pending})
+        tables, ids = [], []
+        if manifest.get(RUN_SKETCH) is not None:
+            tables.append(_read(run_dir, _RUN, manifest[RUN_SKETCH], RUN_SKETCH_FILE))
+        for shard_id, entry in pending:
+            try:
+                tables.append(_read(run_dir, _of(shard_id), entry, SKETCH_FILE))
+            except ChecksumError as e:  # recomputed on resume (done_shards): left pending
+                logger.warning("%s; left out of the run's merged sketch", e)
+                continue
+            ids.append(shard_id)
+        covered = sorted(covered_shards(manifest) | set(ids))
         table = merge_sketch_tables(tables)
         rel = f"sketch-{len(covered)}.parquet"
         atomic_write(run_dir / rel, lambda f: pq.write_table(table, f))
@@ -110,7 +124,8 @@ def compact(store: RunStore, *, min_pending: int = 1) -> bool:
             "rows": table.num_rows,
         }
         store.update_manifest(lambda m: m.__setitem__(RUN_SKETCH, record))
-    remove_unused(store)
+    if merged or min_pending <= 1:  # every merge, and the run's last compaction
+        remove_unused(store)
     return merged
 
 
@@ -137,9 +152,24 @@ def sketch_tables(
     sha256 recorded in ``manifest``."""
     entries = []
     if manifest.get(RUN_SKETCH) is not None:
-        entries.append(("the run's merged sketch", manifest[RUN_SKETCH], RUN_SKETCH_FILE))
-    entries += [(f"the sketch of shard {s}", e, SKETCH_FILE) for s, e in sketch_entries(manifest)]
-    filters = [("metric", "in", list(metrics))] if metrics is not None else None
+        entries.append((_RUN, manifest[RUN_SKETCH], RUN_SKETCH_FILE))
+    entries += [(_of(s), e, SKETCH_FILE) for s, e in sketch_entries(manifest)]
     for name, entry, pattern in entries:
-        data = verified_bytes(Path(run_dir), name, entry, pattern)
-        yield pq.read_table(pa.BufferReader(data), filters=filters)
+        yield _read(Path(run_dir), name, entry, pattern, metrics)
+
+
+def _of(shard_id: str) -> str:
+    return f"the sketch of shard {shard_id}"
+
+
+def _read(
+    run_dir: Path,
+    name: str,
+    entry: dict,
+    pattern: re.Pattern[str],
+    metrics: Sequence[str] | None = None,
+) -> pa.Table:
+    """A sketch file of the manifest (checked against its sha256), rows of ``metrics``."""
+    filters = [("metric", "in", list(metrics))] if metrics is not None else None
+    data = verified_bytes(run_dir, name, entry, pattern)
+    return pq.read_table(pa.BufferReader(data), filters=filters)

@@ -216,6 +216,11 @@ def test_damaged_sketch_files_are_recomputed_on_resume(tmp_path: Path) -> None:
     (run / "sketch-2.parquet").write_bytes(b"damaged too")  # loses s0's and s1's sketches
     _drive(run, rows, SHARDS, every=2)  # resume: all four recomputed
     assert run_files(run) == run_files(ref)
+    # a shard damaged after its sketch was merged: recomputed, its sketch not counted twice
+    (run / "shards" / "s1.parquet").write_bytes(b"damaged")
+    _drive(run, rows, SHARDS, every=2)
+    assert run_files(run) == run_files(ref) and "sketch" not in manifest_of(run)["shards"]["s1"]
+    _assert_same(_numbers(run), _numbers(ref))
 
 
 def test_real_run_compacted_at_any_schedule_or_stop_gives_the_same_files(

@@ -319,7 +319,7 @@ def main() -> None:
                 if args.aggregate:  # the naive side needs the rows: the same ones, rows mode
                     plain = root / f"{run.name}_rows"
                     shutil.rmtree(plain, ignore_errors=True)
-                    write_run(plain, n, seed=args.seed)
+                    write_run(plain, n, seed=args.seed, shard_seqs=args.shard_seqs)
                 naive_cmd = [sys.executable, __file__, "--naive-child", str(plain), str(run)]
                 nai = _timed(naive_cmd, env)
                 worst = compare(run, run, tol)

@@ -715,8 +715,9 @@ def load_results(
     ``columns`` and ``filters`` are passed to :func:`pyarrow.parquet.read_table` (e.g.
     ``filters=[("direction", "in", ["isotropic", "ablation"])]``). ``direction`` comes back as a
     pandas Categorical over the directions of all shards. An aggregate run (``results:
-    aggregate``) holds its per-shard aggregate tables instead of rows (read them merged with
-    :func:`~perturb_lens.results.aggregate.run_aggregates`).
+    aggregate``) holds its per-shard aggregate tables instead of rows, without the quantile
+    sketch (kept in sketch files): read them merged with
+    :func:`~perturb_lens.results.aggregate.run_aggregates`.
     """
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)

@@ -56,6 +56,12 @@ def _config() -> dict:
     return validate_config(cfg).model_dump(mode="json")
 
 
+def _part(rows: pd.DataFrame, shard: str) -> pd.DataFrame:
+    """The rows of one shard (3 sequences)."""
+    i = SHARDS.index(shard)
+    return rows[(rows.seq >= 3 * i) & (rows.seq < 3 * i + 3)]
+
+
 def _drive(
     folder: Path, rows: pd.DataFrame, shards: list[str], every: int | None, final: bool = True
 ) -> Path:
@@ -67,9 +73,7 @@ def _drive(
         store.create(cfg, config_hash(cfg), META, resume=(folder / "manifest.json").exists())
         done = store.done_shards()
         for sid in (s for s in shards if s not in done):
-            i = SHARDS.index(sid)
-            part = rows[(rows.seq >= 3 * i) & (rows.seq < 3 * i + 3)]
-            write_aggregate_shard(store, sid, aggregate_rows(part, METRICS, META))
+            write_aggregate_shard(store, sid, aggregate_rows(_part(rows, sid), METRICS, META))
             if every is not None:
                 compact(store, min_pending=every)
         if final and shards == SHARDS:
@@ -220,6 +224,21 @@ def test_damaged_sketch_files_are_recomputed_on_resume(tmp_path: Path) -> None:
     (run / "shards" / "s1.parquet").write_bytes(b"damaged")
     _drive(run, rows, SHARDS, every=2)
     assert run_files(run) == run_files(ref) and "sketch" not in manifest_of(run)["shards"]["s1"]
+    _assert_same(_numbers(run), _numbers(ref))
+
+
+def test_run_with_the_sketch_inside_older_shards_reads_and_resumes(tmp_path: Path) -> None:
+    """Shards written before sketch files (the sketch inside the shard) and after, in one run:
+    the numbers of a run written all in the new layout."""
+    rows = _rows(seed=5)
+    ref = _drive(tmp_path / "ref", rows, SHARDS, every=None)
+    run, cfg = tmp_path / "run", _config()
+    with RunStore(run) as store:
+        store.create(cfg, config_hash(cfg), META, resume=False)
+        for sid in SHARDS[:2]:
+            store.write_shard(sid, aggregate_rows(_part(rows, sid), METRICS, META))
+    _drive(run, rows, SHARDS, every=1)  # resumed: the other two with sketch files, compacted
+    assert manifest_of(run)["sketch"]["shards"] == ["s2", "s3"]
     _assert_same(_numbers(run), _numbers(ref))
 
 

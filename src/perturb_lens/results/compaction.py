@@ -98,35 +98,42 @@ def compact(store: RunStore, *, min_pending: int = 1) -> bool:
     the files no reader uses. Returns whether it merged. ``store`` must be open for writing."""
     if not store.writing:
         raise RuntimeError("RunStore.create() must be called before compact()")
-    manifest = store.manifest
-    pending = sketch_entries(manifest)
-    merged = bool(pending) and len(pending) >= min_pending
-    if merged:
-        run_dir = store.run_dir
-        tables, ids = [], []
-        if manifest.get(RUN_SKETCH) is not None:
-            tables.append(_read(run_dir, _RUN, manifest[RUN_SKETCH], RUN_SKETCH_FILE))
-        for shard_id, entry in pending:
-            try:
-                tables.append(_read(run_dir, _of(shard_id), entry, SKETCH_FILE))
-            except ChecksumError as e:  # recomputed on resume (done_shards): left pending
-                logger.warning("%s; left out of the run's merged sketch", e)
-                continue
-            ids.append(shard_id)
-        covered = sorted(covered_shards(manifest) | set(ids))
-        table = merge_sketch_tables(tables)
-        rel = f"sketch-{len(covered)}.parquet"
-        atomic_write(run_dir / rel, lambda f: pq.write_table(table, f))
-        record = {
-            "file": rel,
-            "sha256": file_sha256(run_dir / rel),
-            "shards": covered,
-            "rows": table.num_rows,
-        }
-        store.update_manifest(lambda m: m.__setitem__(RUN_SKETCH, record))
+    pending = sketch_entries(store.manifest)
+    merged = bool(pending) and len(pending) >= min_pending and _merge(store, pending)
     if merged or min_pending <= 1:  # every merge, and the run's last compaction
         remove_unused(store)
     return merged
+
+
+def _merge(store: RunStore, pending: list[tuple[str, dict]]) -> bool:
+    """Steps 1-2 of the module docstring for the ``pending`` sketch files that read back as
+    recorded (a damaged one stays pending: its shard is recomputed on resume). Returns whether
+    any was merged."""
+    run_dir, manifest = store.run_dir, store.manifest
+    tables, ids = [], []
+    if manifest.get(RUN_SKETCH) is not None:
+        tables.append(_read(run_dir, _RUN, manifest[RUN_SKETCH], RUN_SKETCH_FILE))
+    for shard_id, entry in pending:
+        try:
+            tables.append(_read(run_dir, _of(shard_id), entry, SKETCH_FILE))
+        except ChecksumError as e:
+            logger.warning("%s; left out of the run's merged sketch", e)
+            continue
+        ids.append(shard_id)
+    if not ids:
+        return False
+    covered = sorted(covered_shards(manifest) | set(ids))
+    table = merge_sketch_tables(tables)
+    rel = f"sketch-{len(covered)}.parquet"  # a new name: the manifest's file is left whole
+    atomic_write(run_dir / rel, lambda f: pq.write_table(table, f))
+    record = {
+        "file": rel,
+        "sha256": file_sha256(run_dir / rel),
+        "shards": covered,
+        "rows": table.num_rows,
+    }
+    store.update_manifest(lambda m: m.__setitem__(RUN_SKETCH, record))
+    return True
 
 
 def remove_unused(store: RunStore) -> None:

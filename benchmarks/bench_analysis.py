@@ -16,12 +16,15 @@ relative, medians and quantiles within the quantile sketch's documented relative
 on a disagreement.
 
 ``--aggregate`` writes ``results: aggregate`` shards instead (each shard's rows through
-``results.aggregate.aggregate_rows``, as the runner does), and, where the naive reference runs,
-the same rows as a rows-mode run beside it for the naive side. Where that mode is not in the
-sources yet, the flag says so and stops.
+``results.aggregate.aggregate_rows`` and ``results.compaction.write_aggregate_shard``, as the
+runner does: the sketch in a file of its own), measures the run's bytes on disk before and after
+the sketch compaction (``results.compaction.compact``, which the runner does every
+``COMPACT_EVERY`` shards and at the end), and, where the naive reference runs, writes the same
+rows as a rows-mode run beside it for the naive side. ``--sizes-only``: write and measure the
+runs' bytes, no report.
 
 Usage: python benchmarks/bench_analysis.py [--sizes 1e6 1e7] [--naive-max 1e7] [--keep]
-       [--out DIR]
+       [--out DIR] [--aggregate [--sizes-only]]
 """
 
 from __future__ import annotations
@@ -35,9 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,6 +46,9 @@ import pandas as pd
 from perturb_lens.config import load_config
 from perturb_lens.engine.run import shard_ids
 from perturb_lens.results import RunStore, config_hash
+from perturb_lens.results.aggregate import aggregate_rows
+from perturb_lens.results.compaction import COMPACT_EVERY, compact, write_aggregate_shard
+from perturb_lens.results.sketch import DEFAULT_ALPHA
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "sensitive_directions_smollm2.yaml"
@@ -102,26 +106,38 @@ def shard_rows(seqs: range, directions: list[str], lengths: np.ndarray, seed: in
     )
 
 
-def _aggregate_api() -> tuple[Callable[..., Any], float]:
-    """``(aggregate_rows, sketch alpha)`` of the aggregate result mode, or stop saying it is
-    not in these sources yet."""
-    try:
-        from perturb_lens.results.aggregate import aggregate_rows
-        from perturb_lens.results.sketch import DEFAULT_ALPHA
-    except ImportError:
-        raise SystemExit(
-            "--aggregate: the aggregate result mode (results: aggregate) is not available in "
-            "this version yet; run without --aggregate to benchmark a rows-mode run"
-        ) from None
-    return aggregate_rows, DEFAULT_ALPHA
+def disk_bytes(run: Path) -> dict[str, int]:
+    """Bytes on disk of a run directory: ``total``, ``shards`` (``shards/``), ``sketch`` (the
+    shards' sketch files and the run-level sketch) and ``other`` (manifest, lock)."""
+    out = {"total": 0, "shards": 0, "sketch": 0, "other": 0}
+    for f in (f for f in run.rglob("*") if f.is_file()):
+        rel = f.relative_to(run).as_posix()
+        part = "shards" if rel.startswith("shards/") else "other"
+        if rel.startswith("sketches/") or (rel.startswith("sketch-") and "/" not in rel):
+            part = "sketch"
+        size = f.stat().st_size
+        out[part] += size
+        out["total"] += size
+    return out
 
 
-def write_run(folder: Path, n_rows: int, *, aggregate: bool = False, seed: int = 0) -> int:
+def write_run(
+    folder: Path,
+    n_rows: int,
+    *,
+    aggregate: bool = False,
+    seed: int = 0,
+    shard_seqs: int = SHARD_SEQS,
+) -> tuple[int, dict[str, float]]:
     """A complete synthetic run of at least ``n_rows`` rows (whole sequences), written shard by
-    shard through :class:`RunStore`. Returns the number of rows written."""
+    shard through :class:`RunStore`. Returns the number of rows written and, for an aggregate
+    run (compacted as the runner does: every ``COMPACT_EVERY`` shards and at the end), its bytes
+    on disk without compaction (the shards' sketch files as written, all kept) and with it, and
+    the seconds (wall, CPU) the compactions took."""
     cfg = _config()
+    cfg["shard_seqs"] = shard_seqs
+    sizes: dict[str, float] = {}
     if aggregate:
-        aggregate_rows = _aggregate_api()[0]
         cfg["results"] = "aggregate"
     directions = _labels(cfg)
     lengths = np.asarray(cfg["lengths"], np.float64) * MEDIAN_NORM
@@ -146,17 +162,36 @@ def write_run(folder: Path, n_rows: int, *, aggregate: bool = False, seed: int =
         "include_bos": True,
         "drop_last_position": True,
     }
-    written = 0
+    written, sketch_files, wall, cpu = 0, 0, 0.0, 0.0
     with RunStore(folder) as store:
         store.create(cfg, config_hash(cfg), meta, resume=False)
-        for i, sid in enumerate(shard_ids(n_seqs, SHARD_SEQS)):
-            seqs = range(i * SHARD_SEQS, min(n_seqs, (i + 1) * SHARD_SEQS))
+        for i, sid in enumerate(shard_ids(n_seqs, shard_seqs)):
+            seqs = range(i * shard_seqs, min(n_seqs, (i + 1) * shard_seqs))
             rows = shard_rows(seqs, directions, lengths, seed)
-            table = aggregate_rows(rows, cfg["metrics"], meta) if aggregate else rows
-            store.write_shard(sid, table, info={"seqs": [seqs.start, seqs.stop]})
+            info = {"seqs": [seqs.start, seqs.stop]}
+            if aggregate:
+                table = aggregate_rows(rows, cfg["metrics"], meta)
+                write_aggregate_shard(store, sid, table, info=info)
+                sketch_files += (
+                    (folder / store.manifest["shards"][sid]["sketch"]["file"]).stat().st_size
+                )
+                t0, c0 = time.perf_counter(), time.process_time()
+                compact(store, min_pending=COMPACT_EVERY)
+                wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0
+            else:
+                store.write_shard(sid, rows, info=info)
             written += len(rows)
+        if aggregate:
+            t0, c0 = time.perf_counter(), time.process_time()
+            compact(store)
+            wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0
+            after = disk_bytes(folder)
+            sizes = {"shards": i + 1, "compact_s": wall, "compact_cpu_s": cpu}
+            sizes.update({f"after_{k}": v for k, v in after.items()})
+            sizes["before_total"] = after["total"] - after["sketch"] + sketch_files
+            sizes["sketch_files"] = sketch_files
         store.finish({"seconds": 0.0, "shards": i + 1})
-    return written
+    return written, sizes
 
 
 def _timed(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
@@ -222,6 +257,10 @@ def main() -> None:
     p.add_argument("--sizes", type=_size, nargs="+", default=[10**6, 10**7], help="rows per run")
     p.add_argument("--naive-max", type=_size, default=10**7, help="largest size run naively too")
     p.add_argument("--aggregate", action="store_true", help="write results: aggregate shards")
+    p.add_argument(
+        "--sizes-only", action="store_true", help="write the runs and measure their bytes only"
+    )
+    p.add_argument("--shard-seqs", type=int, default=SHARD_SEQS, help="sequences per shard")
     p.add_argument("--out", type=Path, default=None, help="folder for the runs (default: a temp)")
     p.add_argument("--keep", action="store_true", help="keep the run directories")
     p.add_argument("--seed", type=int, default=0)
@@ -241,14 +280,34 @@ def main() -> None:
         for n in args.sizes:
             run = root / f"rows_{n:.0e}".replace("+", "")
             shutil.rmtree(run, ignore_errors=True)
-            t0 = time.perf_counter()
-            rows = write_run(run, n, aggregate=args.aggregate, seed=args.seed)
-            t_write = time.perf_counter() - t0
-            disk = sum(f.stat().st_size for f in run.rglob("*") if f.is_file()) / 2**20
-            print(f"{rows:,} rows written in {t_write:.1f} s ({disk:,.0f} MiB)", flush=True)
+            t0, c0 = time.perf_counter(), time.process_time()
+            rows, sizes = write_run(
+                run, n, aggregate=args.aggregate, seed=args.seed, shard_seqs=args.shard_seqs
+            )
+            t_write, c_write = time.perf_counter() - t0, time.process_time() - c0
+            disk = disk_bytes(run)["total"] / 2**20
+            print(
+                f"{rows:,} rows written in {t_write:.1f} s ({c_write:.1f} s CPU; {disk:,.2f} MiB)",
+                flush=True,
+            )
+            row = {"rows": rows, "write_s": t_write, "write_cpu_s": c_write, "MiB": disk}
+            if sizes:
+                print(
+                    f"  {sizes['shards']} shards; without compaction {sizes['before_total']:,} B "
+                    f"(shards {sizes['after_shards']:,}, sketch files {sizes['sketch_files']:,})"
+                    f"; compacted {sizes['after_total']:,} B (run-level sketch "
+                    f"{sizes['after_sketch']:,}, manifest + lock {sizes['after_other']:,}); "
+                    f"compactions {sizes['compact_s']:.1f} s ({sizes['compact_cpu_s']:.1f} s CPU)",
+                    flush=True,
+                )
+                row.update(MiB_before=sizes["before_total"] / 2**20, **sizes)
+            if args.sizes_only:
+                results.append(row)
+                if not args.keep:
+                    shutil.rmtree(run, ignore_errors=True)
+                continue
             cmd = [sys.executable, "-m", "perturb_lens.cli", "report", str(run)]
             rep = _timed(cmd, env)
-            row = {"rows": rows, "write_s": t_write, "MiB": disk}
             row.update({f"report_{k}": v for k, v in rep.items()})
             print(
                 f"  report: {rep['s']:.1f} s ({rep['cpu_s']:.1f} s CPU), peak RSS "
@@ -256,11 +315,11 @@ def main() -> None:
                 flush=True,
             )
             if n <= args.naive_max:
-                plain, tol = run, _aggregate_api()[1]  # quantiles: the sketch's, in either mode
+                plain, tol = run, DEFAULT_ALPHA  # quantiles: the sketch's, in either mode
                 if args.aggregate:  # the naive side needs the rows: the same ones, rows mode
                     plain = root / f"{run.name}_rows"
                     shutil.rmtree(plain, ignore_errors=True)
-                    write_run(plain, n, seed=args.seed)
+                    write_run(plain, n, seed=args.seed, shard_seqs=args.shard_seqs)
                 naive_cmd = [sys.executable, __file__, "--naive-child", str(plain), str(run)]
                 nai = _timed(naive_cmd, env)
                 worst = compare(run, run, tol)

@@ -300,6 +300,25 @@ def shard_hashes(run_dir: Path) -> dict[str, str]:
     return {k: v["sha256"] for k, v in load_manifest(run_dir)["shards"].items()}
 
 
+@pytest.fixture(scope="session")
+def aggregate_reference(shard_config: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``shard_config`` in ``results: aggregate``, run once, uninterrupted."""
+    from perturb_lens.runner import run_experiment
+
+    cfg = {**shard_config, "results": "aggregate"}
+    return run_experiment(cfg, tmp_path_factory.mktemp("agg") / "run", progress=False)
+
+
+def run_files(run_dir: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file of a run directory but its manifest (timestamps)
+    and lock (the writer's PID): equal dicts mean the same files, bit for bit."""
+    from perturb_lens.results import file_sha256
+
+    skip = {"manifest.json", ".lock"}
+    files = (p for p in Path(run_dir).rglob("*") if p.is_file() and p.name not in skip)
+    return {p.relative_to(run_dir).as_posix(): file_sha256(p) for p in files}
+
+
 @contextlib.contextmanager
 def unwritable(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Nothing can be created below ``folder`` (chmod; simulated for root, who writes through)."""

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_in_subprocess, shard_hashes
+from conftest import run_files, run_in_subprocess, shard_hashes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from synthetic_runs import make_run
@@ -300,12 +300,6 @@ def test_aggregate_shards_are_much_smaller() -> None:
 # Real runs (tiny GPT-2)
 
 
-@pytest.fixture(scope="module")
-def aggregate_reference(shard_config: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = {**shard_config, "results": "aggregate"}
-    return run_experiment(cfg, tmp_path_factory.mktemp("agg") / "run", progress=False)
-
-
 def test_real_run_same_curves_and_verdicts_in_both_modes(
     shard_reference: Path, aggregate_reference: Path
 ) -> None:
@@ -330,6 +324,10 @@ def test_killed_aggregate_run_resumes_identically(
     run_in_subprocess(cfg, run_dir, kill_after_first_shard=True)
     partial = load_manifest(run_dir)
     assert 1 <= len(partial["shards"]) < 4 and not partial["complete"]
+    # killed between writing the shards' sketch files and their compaction (at the run's end)
+    assert "sketch" not in partial and list((run_dir / "sketches").iterdir())
     run_experiment(cfg, run_dir, resume=True, progress=False)
     assert load_manifest(run_dir)["complete"]
     assert shard_hashes(run_dir) == shard_hashes(aggregate_reference)
+    assert run_files(run_dir) == run_files(aggregate_reference)
+    assert load_manifest(run_dir)["sketch"] == load_manifest(aggregate_reference)["sketch"]

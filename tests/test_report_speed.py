@@ -126,7 +126,8 @@ def test_bench_analysis_writes_the_engines_layout(tmp_path: Path) -> None:
         from bench_analysis import write_run
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    n = write_run(tmp_path / "run", 40_000)
+    n, sizes = write_run(tmp_path / "run", 40_000)
+    assert sizes == {}  # a rows run: no sketch compaction
     rows = summary_rows(tmp_path / "run")
     per_seq = 128 * 6 * 24  # positions x directions x lengths of the main preset
     assert n == 3 * per_seq  # whole sequences: the first count >= 40,000

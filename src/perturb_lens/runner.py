@@ -46,6 +46,7 @@ from perturb_lens.models.base import LensModel
 from perturb_lens.models.fingerprint import model_fingerprint
 from perturb_lens.paths import cache_root
 from perturb_lens.results.aggregate import aggregate_rows
+from perturb_lens.results.compaction import COMPACT_EVERY, compact, write_aggregate_shard
 from perturb_lens.results.curve_stats import curve_statistics
 from perturb_lens.results.store import (
     MANIFEST,
@@ -438,10 +439,14 @@ def run_experiment(
             if NONFINITE in rows.columns:
                 info[NONFINITE] = int(rows[NONFINITE].sum())
             if cfg.results == "aggregate":  # in the driver: a pure function of the rows
-                rows = aggregate_rows(rows, cfg.metrics, meta)
-            store.write_shard(sid, rows, info=info)
+                table = aggregate_rows(rows, cfg.metrics, meta)
+                write_aggregate_shard(store, sid, table, info=info)
+                compact(store, min_pending=COMPACT_EVERY)  # the shards' sketches into the run's
+            else:
+                store.write_shard(sid, rows, info=info)
             if on_shard is not None:
                 on_shard(sid)
+        compact(store)  # all sketch files merged before the run counts as complete
         store.finish({"seconds": round(time.perf_counter() - t0, 3), "shards": len(ids)})
     return Run(run_dir)
 

@@ -9,7 +9,8 @@ A shard's rows (one per token x direction x length) become one long table (:data
   (sum of squared deviations from the group mean; merged with Chan's formula, which keeps the
   precision a raw sum of squares loses when the spread is small against the mean), ``min``, ``max``;
 - ``sketch`` per (direction, length): the quantile sketch's ``sign``, ``bucket``, ``count``
-  (:mod:`~perturb_lens.results.sketch`);
+  (:mod:`~perturb_lens.results.sketch`); the runner stores it apart from the shard and merges it
+  into one run-level sketch (:mod:`~perturb_lens.results.compaction`);
 - ``seq`` per (direction, length, seq): ``sum``, ``count``, ``n_nan`` (the verdicts' unit, as
   :func:`~perturb_lens.results.shards.sequence_sums` sums them);
 - ``threshold`` per (direction, first length): how many tokens first exceed the metric's
@@ -43,6 +44,7 @@ import pyarrow.parquet as pq
 from perturb_lens.metrics import NONFINITE, get_metric, metric_names
 from perturb_lens.results.analysis import _quantile, pick_lengths
 from perturb_lens.results.bootstrap import resample_weights
+from perturb_lens.results.compaction import sketch_tables
 from perturb_lens.results.shards import (
     _sum_by,
     _terms,
@@ -58,7 +60,7 @@ from perturb_lens.results.sketch import (
     sketch,
     sketch_quantiles,
 )
-from perturb_lens.results.store import load_manifest
+from perturb_lens.results.store import ChecksumError, load_manifest
 from perturb_lens.results.summary import summary_filters
 
 SAMPLE_SEQS = 4  # sequences whose rows an aggregate shard keeps (token-curve figures)
@@ -84,6 +86,7 @@ SCHEMA = pa.schema(
     ]
 )
 _MERGE_EVERY = 32  # per-shard parts held before they are merged (memory flat in the shards)
+_READ_TRIES = 3  # reads of a run that a writer changes meanwhile (a compaction removes files)
 
 
 def metric_threshold(metric: str) -> float | None:
@@ -297,25 +300,59 @@ def _shard_tables(run_dir: Path, manifest: dict, metrics: Sequence[str]) -> Iter
     (one read per shard, whatever the number of metrics)."""
     if results_mode(manifest) == "aggregate":
         columns = [f.name for f in SCHEMA]
-        batches = iter_batches(run_dir, columns, [("metric", "in", list(metrics))])
+        wanted = [("metric", "in", list(metrics))]
+        batches = iter_batches(run_dir, columns, wanted, manifest=manifest)
         for _, group in itertools.groupby(batches, key=lambda item: item[0]):
             yield pa.Table.from_batches([b for _, b in group])
         return
     columns = ["seq", "pos", "direction", "length", *metrics]
     if NONFINITE in shard_columns(run_dir, manifest):
         columns.append(NONFINITE)  # flagged rows are left out, as by summary_rows
-    batches = iter_batches(run_dir, columns, summary_filters(manifest["meta"]))
+    batches = iter_batches(run_dir, columns, summary_filters(manifest["meta"]), manifest=manifest)
     for _, group in itertools.groupby(batches, key=lambda item: item[0]):
         table = pa.Table.from_batches([b for _, b in group])
         yield aggregate_rows(table, metrics, manifest["meta"])
 
 
+def _sketch_frames(
+    run_dir: Path, manifest: dict, metrics: Sequence[str]
+) -> dict[str, list[pd.DataFrame]]:
+    """Per metric, the sketch frames (as :func:`split` gives them) kept outside the shards: the
+    run-level sketch and the shards' sketch files it does not cover (merged as they come)."""
+    held: dict[str, list[pd.DataFrame]] = {m: [] for m in metrics}
+    for table in sketch_tables(run_dir, manifest, metrics):
+        for metric, frames in held.items():
+            frame = table.filter(pc.equal(table.column("metric"), metric)).to_pandas()
+            frame = frame[_COLUMNS["sketch"]].astype({"direction": str, "bucket": np.int64})
+            frames.append(frame)
+            if len(frames) >= _MERGE_EVERY:
+                held[metric] = [merge_sketches(frames, GROUP)]
+    return held
+
+
 def run_metric_aggregates(run_dir: str | Path, metrics: Sequence[str]) -> dict[str, Aggregates]:
     """The merged aggregates of each of ``metrics`` over a run, in one pass over its shards in
     either result mode (a rows run's shards are read column-pruned and aggregated one at a time:
-    memory grows with the groups and sequences, not with the rows)."""
+    memory grows with the groups and sequences, not with the rows), with its sketch files.
+
+    One manifest is read for all files; if a writer changes the run meanwhile (a compaction
+    removes the sketch files it merged), the run is read again.
+    """
     run_dir = Path(run_dir)
-    manifest = load_manifest(run_dir)
+    for attempt in range(_READ_TRIES):
+        manifest = load_manifest(run_dir)
+        try:
+            return _metric_aggregates(run_dir, manifest, metrics)
+        except ChecksumError:
+            if attempt + 1 == _READ_TRIES or load_manifest(run_dir) == manifest:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _metric_aggregates(
+    run_dir: Path, manifest: dict, metrics: Sequence[str]
+) -> dict[str, Aggregates]:
+    """:func:`run_metric_aggregates` of the files ``manifest`` lists."""
     labels = list(run_directions(manifest))
     parts: dict[str, list[dict[str, pd.DataFrame]]] = {m: [] for m in metrics}
     for table in _shard_tables(run_dir, manifest, metrics):
@@ -323,11 +360,15 @@ def run_metric_aggregates(run_dir: str | Path, metrics: Sequence[str]) -> dict[s
             held.append(split(table, metric))
             if len(held) >= _MERGE_EVERY:
                 parts[metric] = [merge(held)]
+    sketches = _sketch_frames(run_dir, manifest, metrics)
     out = {}
     for metric, held in parts.items():
         if not held:
             raise ValueError(f"{run_dir} has no finished shard yet: run or resume it first")
         merged = merge(held)
+        if sketches[metric]:  # exact: integer counts added, sorted by key
+            inline = [merged["sketch"]] if len(merged["sketch"]) else []
+            merged["sketch"] = merge_sketches([*inline, *sketches[metric]], GROUP)
         seen = {str(d) for frame in merged.values() for d in frame["direction"].unique()}
         labels = [*labels, *sorted(seen - set(labels))]  # rows an experiment labels itself
         for frame in merged.values():

@@ -29,16 +29,17 @@ def iter_batches(
     filters: Sequence[tuple[str, str, Any]] | None = None,
     *,
     verify: bool = True,
+    manifest: dict[str, Any] | None = None,
 ) -> Iterator[tuple[str, pa.RecordBatch]]:
     """``(shard id, record batch)`` of ``columns`` for every shard (shard-id order), rows passing
     ``filters`` (pyarrow's ``[(column, op, value), ...]``, all must hold).
 
     With ``verify`` each shard's file is read once and checked against its manifest entry
     (:func:`~perturb_lens.results.store.verified_shard_bytes`); only the needed columns of one
-    shard are held at a time.
+    shard are held at a time. ``manifest``: the run's, as read by the caller (default: read).
     """
     run_dir = Path(run_dir)
-    manifest = load_manifest(run_dir)
+    manifest = manifest if manifest is not None else load_manifest(run_dir)
     for shard_id in sorted(manifest["shards"]):
         entry = manifest["shards"][shard_id]
         source = (

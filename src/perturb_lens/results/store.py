@@ -6,7 +6,12 @@ Layout of a run directory::
                            what the rows depend on beyond the config: the weights fingerprint,
                            dataset hash, sha256 of the statistics files, ...), created, complete,
                            and per shard {file, sha256, rows, info}
-    shards/{id}.parquet    one row per sequence x position x direction x length
+    shards/{id}.parquet    one row per sequence x position x direction x length (or, in an
+                           aggregate run, the shard's aggregates)
+    sketches/{id}.parquet  an aggregate shard's quantile sketch (its manifest entry's ``sketch``),
+                           until merged into the run-level ``sketch-{n}.parquet`` (manifest key
+                           ``sketch``: file, sha256 and the shards it covers), see
+                           :mod:`~perturb_lens.results.compaction`
     .lock                  flock'ed by the writer for its lifetime; holds its PID
 
 Every file is written to a temporary file in its own folder, fsync'ed and moved into place with
@@ -45,8 +50,10 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+SKETCHES = "sketches"
+RUN_SKETCH = "sketch"  # manifest key of the run-level (merged) quantile sketch
 LOCK = ".lock"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an aggregate run's quantile sketch may live in sketch files (not shards)
 _TMP_SUFFIX = ".tmp"
 _SHARD_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -88,6 +95,8 @@ _META_MEANING = {
     "device": "the device (numbers differ between devices)",
 }
 _SHARD_FILE = re.compile(rf"{SHARDS}/[A-Za-z0-9_][A-Za-z0-9_.-]*\.parquet")
+SKETCH_FILE = re.compile(rf"{SKETCHES}/[A-Za-z0-9_][A-Za-z0-9_.-]*\.parquet")
+RUN_SKETCH_FILE = re.compile(r"sketch-[0-9]+\.parquet")
 
 
 class _Missing:
@@ -283,11 +292,12 @@ def check_manifest(manifest: Any, path: Path) -> None:
         )
 
 
-def _entry_problem(entry: Any) -> str | None:
-    """What is wrong with a manifest's shard entry (None: it names a shard file and a sha256)."""
+def _entry_problem(entry: Any, pattern: re.Pattern[str] = _SHARD_FILE) -> str | None:
+    """What is wrong with a manifest's file entry (None: it names a file matching ``pattern``
+    and a sha256)."""
     if not isinstance(entry, dict):
         return f"its manifest entry is {_json_type(entry)} instead of an object"
-    if not isinstance(entry.get("file"), str) or not _SHARD_FILE.fullmatch(entry["file"]):
+    if not isinstance(entry.get("file"), str) or not pattern.fullmatch(entry["file"]):
         return "its manifest entry has no valid 'file'"
     sha = entry.get("sha256")
     if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
@@ -367,6 +377,7 @@ class RunStore:
                 old = load_manifest(self.run_dir)
                 self._check_resume(old, config, config_hash, meta)
                 self._manifest = old
+                self._check_run_sketch()
             else:
                 self._manifest = {
                     "format_version": FORMAT_VERSION,
@@ -487,7 +498,7 @@ class RunStore:
 
     def _remove_stale_tmp_files(self) -> None:
         """Temp files left by a killed writer (we hold the lock, so none is in use)."""
-        for folder in (self.run_dir, self.run_dir / SHARDS):
+        for folder in (self.run_dir, self.run_dir / SHARDS, self.run_dir / SKETCHES):
             for tmp in folder.glob(f".*{_TMP_SUFFIX}"):
                 tmp.unlink(missing_ok=True)
 
@@ -530,33 +541,62 @@ class RunStore:
         return copy.deepcopy(self._manifest)
 
     def done_shards(self) -> set[str]:
-        """Shards listed in the manifest whose file exists and matches its recorded sha256."""
+        """Shards listed in the manifest whose file exists and matches its recorded sha256 (and
+        so does its sketch file, unless the run-level sketch covers it)."""
         manifest = self._manifest if self._manifest is not None else load_manifest(self.run_dir)
+        covered = covered_shards(manifest)
         done = set()
         for shard_id, entry in manifest["shards"].items():
-            problem = _entry_problem(entry)
-            if problem is not None:
-                logger.warning("shard %s: %s; it will be recomputed", shard_id, problem)
-                continue
-            path = self.run_dir / entry["file"]
-            if not path.is_file():
-                logger.warning("shard %s: %s is missing; it will be recomputed", shard_id, path)
-            elif file_sha256(path) != entry["sha256"]:
-                logger.warning("shard %s: %s is damaged; it will be recomputed", shard_id, path)
-            else:
+            files = [("", entry, _SHARD_FILE)]
+            side = entry.get("sketch") if isinstance(entry, dict) else None
+            if side is not None and shard_id not in covered:
+                files.append(("sketch ", side, SKETCH_FILE))
+            if all(self._file_ok(shard_id, *f) for f in files):
                 done.add(shard_id)
         return done
+
+    def _file_ok(self, shard_id: str, what: str, entry: Any, pattern: re.Pattern[str]) -> bool:
+        """Whether a shard's file (``what``: "" or "sketch ") is as its manifest entry records
+        (else a warning: it will be recomputed)."""
+        problem = _entry_problem(entry, pattern)
+        if problem is not None:
+            logger.warning("shard %s: %s%s; it will be recomputed", shard_id, what, problem)
+            return False
+        path = self.run_dir / entry["file"]
+        if not path.is_file():
+            logger.warning("shard %s: %s is missing; it will be recomputed", shard_id, path)
+        elif file_sha256(path) != entry["sha256"]:
+            logger.warning("shard %s: %s is damaged; it will be recomputed", shard_id, path)
+        else:
+            return True
+        return False
 
     # -- writing ----------------------------------------------------------------------------------
 
     def write_shard(
-        self, shard_id: str, table: pd.DataFrame | pa.Table, *, info: dict | None = None
+        self,
+        shard_id: str,
+        table: pd.DataFrame | pa.Table,
+        *,
+        info: dict | None = None,
+        sketch: pa.Table | None = None,
     ) -> None:
-        """Write ``shards/{shard_id}.parquet`` atomically, then record it (and its sha256)."""
+        """Write ``shards/{shard_id}.parquet`` atomically, then record it (and its sha256).
+
+        ``sketch``: the shard's quantile sketch, written first to ``sketches/{shard_id}.parquet``
+        and recorded in the entry's ``sketch`` until a compaction merges it into the run-level
+        sketch. A shard that sketch already covers (recomputed after its file was damaged: the
+        same rows, resume refuses other inputs) writes none, as it is counted there.
+        """
         if self._lock_fd is None or self._manifest is None:
             raise RuntimeError("RunStore.create() must be called before write_shard()")
         if not _SHARD_ID.fullmatch(shard_id):
             raise ValueError(f"shard id {shard_id!r} must match {_SHARD_ID.pattern}")
+        side = None
+        if sketch is not None and shard_id not in covered_shards(self._manifest):
+            side = f"{SKETCHES}/{shard_id}.parquet"
+            (self.run_dir / SKETCHES).mkdir(exist_ok=True)
+            atomic_write(self.run_dir / side, lambda f: pq.write_table(sketch, f))
         if isinstance(table, pd.DataFrame):
             table = pa.Table.from_pandas(table, preserve_index=False)
         i = table.schema.get_field_index("direction")
@@ -566,47 +606,102 @@ class RunStore:
         path = self.run_dir / rel
         atomic_write(path, lambda f: pq.write_table(table, f))
         entry = {"file": rel, "sha256": file_sha256(path), "rows": table.num_rows, "info": info}
-        with self._mutex:
-            manifest = copy.deepcopy(self._manifest)
-            manifest["shards"][shard_id] = _to_jsonable(entry)
-            atomic_write_json(self.run_dir / MANIFEST, manifest)
-            self._manifest = manifest
+        if side is not None:
+            entry["sketch"] = {"file": side, "sha256": file_sha256(self.run_dir / side)}
+        self.update_manifest(lambda m: m["shards"].__setitem__(shard_id, _to_jsonable(entry)))
 
     def finish(self, summary: dict | None = None) -> None:
         """Mark the run complete (with an optional summary) in the manifest."""
-        if self._lock_fd is None or self._manifest is None:
-            raise RuntimeError("RunStore.create() must be called before finish()")
-        with self._mutex:
-            manifest = copy.deepcopy(self._manifest)
+
+        def complete(manifest: dict) -> None:
             manifest["complete"] = True
             manifest["finished"] = _now()
             if summary is not None:
                 manifest["summary"] = _to_jsonable(summary)
+
+        self.update_manifest(complete)
+
+    @property
+    def writing(self) -> bool:
+        """Whether this store holds the run's lock with its manifest open (after create())."""
+        return self._lock_fd is not None and self._manifest is not None
+
+    def update_manifest(self, change: Callable[[dict], None]) -> None:
+        """Apply ``change`` to a copy of the manifest and write it atomically (the commit point
+        of every write: the manifest on disk is always whole and up to date)."""
+        if not self.writing:
+            raise RuntimeError("RunStore.create() must be called before writing to the run")
+        with self._mutex:
+            manifest = copy.deepcopy(self._manifest)
+            change(manifest)
             atomic_write_json(self.run_dir / MANIFEST, manifest)
             self._manifest = manifest
+
+    def _check_run_sketch(self) -> None:
+        """On resume: a run-level sketch that is missing or damaged loses the sketches of the
+        shards it covers, so it and those shards are dropped from the manifest (recomputed)."""
+        assert self._manifest is not None
+        entry = self._manifest.get(RUN_SKETCH)
+        if entry is None:
+            return
+        try:
+            verified_bytes(self.run_dir, "the run's merged sketch", entry, RUN_SKETCH_FILE)
+        except ChecksumError as e:
+            covered = covered_shards(self._manifest)
+            logger.warning("%s; the %d shard(s) it covers will be recomputed", e, len(covered))
+
+            def drop(manifest: dict) -> None:
+                del manifest[RUN_SKETCH]
+                for shard_id in covered:
+                    manifest["shards"].pop(shard_id, None)
+
+            self.update_manifest(drop)
 
 
 def verified_shard_bytes(run_dir: Path, shard_id: str, entry: dict) -> bytes:
     """A shard's file, read once and checked against its manifest entry; a malformed entry, a
     missing file or another sha256 raises :class:`ChecksumError` saying to resume."""
-    problem = _entry_problem(entry)
+    return verified_bytes(run_dir, f"shard {shard_id}", entry)
+
+
+def verified_bytes(
+    run_dir: Path, name: str, entry: Any, pattern: re.Pattern[str] = _SHARD_FILE
+) -> bytes:
+    """The file of a manifest ``entry`` (``{file, sha256}``, ``file`` matching ``pattern``;
+    ``name`` says what it is), read once and checked; else :class:`ChecksumError`."""
+    fix = "rerun the run with --resume to recompute it"
+    problem = _entry_problem(entry, pattern)
     if problem is not None:
-        raise ChecksumError(
-            f"shard {shard_id} of {run_dir}: {problem}: rerun the run with --resume to recompute it"
-        )
+        raise ChecksumError(f"{name} of {run_dir}: {problem}: {fix}")
     path = run_dir / entry["file"]
     try:
         data = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError):
-        raise ChecksumError(
-            f"shard {shard_id} ({path}) is missing: rerun the run with --resume to recompute it"
-        ) from None
+        raise ChecksumError(f"{name} ({path}) is missing: {fix}") from None
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ChecksumError(
-            f"shard {shard_id} ({path}) does not match its recorded sha256 (damaged or "
-            "changed after the run): rerun the run with --resume to recompute it"
+            f"{name} ({path}) does not match its recorded sha256 (damaged or changed after the "
+            f"run): {fix}"
         )
     return data
+
+
+def covered_shards(manifest: dict) -> set[str]:
+    """The shards whose quantile sketch the run-level sketch (manifest key ``sketch``) holds."""
+    entry = manifest.get(RUN_SKETCH)
+    shards = entry.get("shards") if isinstance(entry, dict) else None
+    return set(shards) if isinstance(shards, list) else set()
+
+
+def sketch_entries(manifest: dict) -> list[tuple[str, dict]]:
+    """``(shard id, sketch file entry)`` of the shards whose sketch is in its own file, not yet
+    merged into the run-level sketch (shard-id order)."""
+    covered = covered_shards(manifest)
+    return [
+        (shard_id, entry["sketch"])
+        for shard_id, entry in sorted(manifest["shards"].items())
+        if isinstance(entry, dict) and entry.get("sketch") is not None and shard_id not in covered
+    ]
 
 
 def load_results(
@@ -620,8 +715,9 @@ def load_results(
     ``columns`` and ``filters`` are passed to :func:`pyarrow.parquet.read_table` (e.g.
     ``filters=[("direction", "in", ["isotropic", "ablation"])]``). ``direction`` comes back as a
     pandas Categorical over the directions of all shards. An aggregate run (``results:
-    aggregate``) holds its per-shard aggregate tables instead of rows (read them merged with
-    :func:`~perturb_lens.results.aggregate.run_aggregates`).
+    aggregate``) holds its per-shard aggregate tables instead of rows, without the quantile
+    sketch (kept in sketch files): read them merged with
+    :func:`~perturb_lens.results.aggregate.run_aggregates`.
     """
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)

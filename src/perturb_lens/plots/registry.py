@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from perturb_lens.experiments.registry import ExperimentInfo, find_experiment
+from perturb_lens.experiments.registry import ExperimentInfo, declared_experiment
 from perturb_lens.metrics import metric_names
 from perturb_lens.plots.style import style
 from perturb_lens.results.aggregate import (
@@ -128,8 +128,9 @@ class RunView:
 
     @property
     def experiment_info(self) -> ExperimentInfo | None:
-        """The registered experiment of the run (None: not registered in this process)."""
-        return find_experiment(self.experiment)
+        """The registered experiment of the run (None: not registered in this process), as
+        declared: its code is not imported (figures need none of it)."""
+        return declared_experiment(self.experiment)
 
     @property
     def curve_stats(self) -> tuple[str, ...]:
@@ -247,7 +248,7 @@ def register_figures(experiment: str) -> Callable[[FigureSet], FigureSet]:
 def figure_set(experiment: str) -> FigureSet:
     """The figure set of ``experiment`` runs: the one its registration names, else the one
     registered under its name, else the generic curve figures."""
-    info = find_experiment(experiment)
+    info = declared_experiment(experiment)
     name = info.figures if info is not None else experiment
     if name not in _REGISTRY:
         log.info("no figure set %r for %r: using the generic curve figures", name, experiment)

@@ -45,6 +45,7 @@ from perturb_lens.plots.sets import (
     sae_directions,
     sharpness_plot,
     size_kl_plot,
+    size_kl_points,
 )
 from perturb_lens.results.analysis import pick_lengths
 from perturb_lens.results.store import MANIFEST, atomic_write, diff_configs
@@ -515,11 +516,9 @@ def compare_plots(views: Sequence[RunView], metric: str = "kl") -> list[Plot]:
     ]
     if all(len(v.grid) == 1 for v in views):  # substitution runs: no curves
         plots = plots[2:]
-    has_size = all("size" in v.columns for v in views)  # else no need to read every row
-    sae_rows = [v.rows[v.rows["direction"].isin(sae_directions(v))] for v in views if has_size]
-    if has_size and all("kl" in r.columns and len(r) for r in sae_rows):
-        rows = pd.concat([r.assign(run=v.label) for r, v in zip(sae_rows, views, strict=True)])
-        plots.append(size_kl_plot(rows, ["run"], f"{len(views)} runs", palette))
+    if all({"size", "kl"} <= set(v.columns) and sae_directions(v) for v in views):
+        points = [size_kl_points(v, {v.label: sae_directions(v)}, "run") for v in views]
+        plots.append(size_kl_plot(pd.concat(points), f"{len(views)} runs", palette))
     if all("sharpness" in v.curve_stats for v in views):  # stable regions: across models
         stats = pd.concat([interpolation_stats(v)[0].assign(run=v.label) for v in views])
         title = "Sharpness per run (e.g. model size or training checkpoint)"

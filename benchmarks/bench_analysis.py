@@ -20,8 +20,11 @@ on a disagreement.
 the same rows as a rows-mode run beside it for the naive side. Where that mode is not in the
 sources yet, the flag says so and stops.
 
+``--log-y`` times ``report --log-y`` (with the log-y views of the curve figures, one more render
+each); by default the report as a user runs it.
+
 Usage: python benchmarks/bench_analysis.py [--sizes 1e6 1e7] [--naive-max 1e7] [--keep]
-       [--out DIR]
+       [--out DIR] [--aggregate] [--log-y]
 """
 
 from __future__ import annotations
@@ -224,6 +227,9 @@ def main() -> None:
     p.add_argument("--aggregate", action="store_true", help="write results: aggregate shards")
     p.add_argument("--out", type=Path, default=None, help="folder for the runs (default: a temp)")
     p.add_argument("--keep", action="store_true", help="keep the run directories")
+    p.add_argument(
+        "--log-y", action="store_true", help="time `report --log-y` (the log-y figure views too)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--src", type=Path, default=REPO / "src", help="perturb_lens sources to time (before/after)"
@@ -247,6 +253,7 @@ def main() -> None:
             disk = sum(f.stat().st_size for f in run.rglob("*") if f.is_file()) / 2**20
             print(f"{rows:,} rows written in {t_write:.1f} s ({disk:,.0f} MiB)", flush=True)
             cmd = [sys.executable, "-m", "perturb_lens.cli", "report", str(run)]
+            cmd += ["--log-y"] if args.log_y else []
             rep = _timed(cmd, env)
             row = {"rows": rows, "write_s": t_write, "MiB": disk}
             row.update({f"report_{k}": v for k, v in rep.items()})

@@ -85,6 +85,8 @@ def test_public_api_is_imported_on_first_access() -> None:
         "from perturb_lens.runner import run_experiment\n"
         "ok = pl.load_model is load_model and pl.run_experiment is run_experiment\n"
         "names = sorted(n for n in pl.__all__ if not hasattr(pl, n))\n"
+        "from perturb_lens.saes import load_sae\n"
+        "ok = ok and pl.saes.load_sae is load_sae  # subpackages too (README: pl.saes...)\n"
         "try:\n"
         "    pl.no_such_name\n"
         "    missing = False\n"

@@ -9,6 +9,7 @@ experiments register themselves when their registry is first consulted.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from typing import Any
 
@@ -39,10 +40,14 @@ __all__ = sorted(_API)
 
 
 def __getattr__(name: str) -> Any:
-    """A public name, imported from its module on first access (then cached here)."""
-    if name not in _API:
+    """A public name, imported from its module on first access (then cached here); a
+    subpackage (``perturb_lens.saes``, ...) is imported on first access too."""
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}"):
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
         raise AttributeError(f"module 'perturb_lens' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_API[name]), name)
     globals()[name] = value
     return value
 

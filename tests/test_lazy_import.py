@@ -136,3 +136,18 @@ def test_registries_hold_the_builtins_at_first_lookup() -> None:
         lazy["directions"]
     )
     assert "sae-error" in lazy["scales"] and lazy["callable"] and lazy["sae"]
+
+
+def test_own_registration_before_any_lookup_is_kept() -> None:
+    """Registering a built-in's name before the built-ins were loaded replaces it, as after."""
+    got = fresh_python(
+        "import json\n"
+        "from perturb_lens.experiments import get_experiment, register_experiment\n"
+        "def mine(ctx, shard_id):\n"
+        "    return None\n"
+        "register_experiment('sensitive-directions', mine, figures='curves')\n"
+        "info = get_experiment('sensitive-directions')\n"
+        "print(json.dumps({'mine': info.shard is mine, 'figures': info.figures,\n"
+        "                  'others': get_experiment('plateaus').name}))\n"
+    )
+    assert got == {"mine": True, "figures": "curves", "others": "plateaus"}

@@ -60,11 +60,16 @@ _builtins_loaded = False
 
 
 def _load_builtins() -> None:
-    """Import :data:`BUILTIN_MODULE` once, at the first lookup (it registers on import)."""
+    """Import :data:`BUILTIN_MODULE` once, at the first lookup or registration (it registers on
+    import; first, so that a later registration of a built-in's name replaces the built-in)."""
     global _builtins_loaded
     if not _builtins_loaded:
-        importlib.import_module(BUILTIN_MODULE)
-        _builtins_loaded = True
+        _builtins_loaded = True  # before: its own registrations come back here
+        try:
+            importlib.import_module(BUILTIN_MODULE)
+        except BaseException:
+            _builtins_loaded = False
+            raise
 
 
 def _resolved(entry: ExperimentInfo) -> ExperimentInfo:
@@ -90,6 +95,7 @@ def register_experiment(
     model needs the config ``section`` that holds it. ``shard``, ``options`` and ``tables`` may be
     ``"module:name"`` references (imported at the first fetch). Registering a name again replaces
     it."""
+    _load_builtins()
     entry = ExperimentInfo(name=name, shard=shard, **info)
     if (entry.options is None) != (entry.section is None):
         raise ValueError(f"experiment {name!r}: give both options= and section=, or neither")

@@ -103,7 +103,8 @@ class RunView:
     """A run directory as the figure sets see it: manifest, streamed aggregates and the curves
     from them (:func:`~perturb_lens.results.aggregate.run_aggregates`: the same code for a rows
     and an aggregate run, memory flat in the rows), a bounded token sample, and (for the figures
-    that need every token's curve: interpolation experiments) the rows themselves."""
+    that need every row: interpolation experiments' per-curve statistics, same-cosine token
+    scatters) the rows themselves."""
 
     def __init__(self, run_dir: str | Path, label: str | None = None) -> None:
         self.run_dir = Path(run_dir)

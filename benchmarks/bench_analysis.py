@@ -23,8 +23,11 @@ the sketch compaction (``results.compaction.compact``, which the runner does eve
 rows as a rows-mode run beside it for the naive side. ``--sizes-only``: write and measure the
 runs' bytes, no report.
 
+``--log-y`` times ``report --log-y`` (with the log-y views of the curve figures, one more render
+each); by default the report as a user runs it.
+
 Usage: python benchmarks/bench_analysis.py [--sizes 1e6 1e7] [--naive-max 1e7] [--keep]
-       [--out DIR] [--aggregate [--sizes-only]]
+       [--out DIR] [--aggregate [--sizes-only]] [--log-y]
 """
 
 from __future__ import annotations
@@ -263,6 +266,9 @@ def main() -> None:
     p.add_argument("--shard-seqs", type=int, default=SHARD_SEQS, help="sequences per shard")
     p.add_argument("--out", type=Path, default=None, help="folder for the runs (default: a temp)")
     p.add_argument("--keep", action="store_true", help="keep the run directories")
+    p.add_argument(
+        "--log-y", action="store_true", help="time `report --log-y` (the log-y figure views too)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--src", type=Path, default=REPO / "src", help="perturb_lens sources to time (before/after)"
@@ -307,6 +313,7 @@ def main() -> None:
                     shutil.rmtree(run, ignore_errors=True)
                 continue
             cmd = [sys.executable, "-m", "perturb_lens.cli", "report", str(run)]
+            cmd += ["--log-y"] if args.log_y else []
             rep = _timed(cmd, env)
             row.update({f"report_{k}": v for k, v in rep.items()})
             print(

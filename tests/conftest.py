@@ -31,6 +31,19 @@ GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
 WEBTEXT = SHARED_DATA / "webtext" / "webtext.test.jsonl"
 
 
+def _load_registries() -> None:
+    """The registries load their built-ins at their first lookup: load them now, so that tests
+    which copy and restore a registry (monkeypatch, README snippets) keep the built-ins."""
+    from perturb_lens.directions import list_directions
+    from perturb_lens.experiments import list_experiments
+
+    list_directions()
+    list_experiments()
+
+
+_load_registries()
+
+
 def require_shared(path: Path) -> Path:
     """Skip (with the reason) when ../shared/data is not beside the checkout."""
     if not path.exists():

@@ -394,7 +394,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def test_report_elsewhere_links_back(tiny_run: Path, tmp_path: Path) -> None:
-    report = write_report(tiny_run, tmp_path / "out" / "r.html", formats=("png",))
+    report = write_report(tiny_run, tmp_path / "out" / "r.html", formats=("png",), log_y=True)
     text = report.read_text()
     href = re.search(r'href="([^"]*manifest\.json)"', text)[1]
     assert (report.parent / href).resolve() == (tiny_run / "manifest.json").resolve()

@@ -64,7 +64,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if given:
         return Path(given).resolve()
     run = make_run(tmp_path_factory.mktemp("browser") / "run copy", small_config())
-    return write_report(run, formats=("svg",))
+    return write_report(run, formats=("svg",), log_y=True)
 
 
 def _full_page_screenshot(driver, path: Path) -> None:

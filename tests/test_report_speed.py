@@ -70,8 +70,8 @@ def test_second_format_reuses_the_layout(run_dir: Path, monkeypatch) -> None:
 
 def test_forked_workers_render_what_this_process_renders(run_dir: Path) -> None:
     serial, forked = _plots(run_dir), _plots(run_dir)
-    render_plots(serial, ["png"], workers=1)
-    render_plots(forked, ["png"], workers=2)
+    render_plots(serial, ["png"], log_y=True, workers=1)
+    render_plots(forked, ["png"], log_y=True, workers=2)
     for a, b in zip(serial, forked, strict=True):
         jobs = {("png", False), ("svg", False)} | ({("svg", True)} if a.log_toggle else set())
         assert set(a._rendered) == set(b._rendered) == jobs
@@ -115,7 +115,8 @@ def test_report_writes_svg_by_default_and_png_on_request(tiny_run: Path, tmp_pat
         "tiny_kl.csv",
         "tiny_kl.svg",
     ]
-    page = write_report(tiny_run, tmp_path / "b", formats=("png", "svg"))
+    assert 'class="view-log"' not in page.read_text()  # log-y views only on request
+    page = write_report(tiny_run, tmp_path / "b", formats=("png", "svg"), log_y=True)
     assert (page.parent / "figures" / "tiny_kl.png").read_bytes()[:4] == b"\x89PNG"
     assert 'class="view-log"' in page.read_text()
 

@@ -1,9 +1,17 @@
 """perturb-lens: activation-perturbation ("sensitive directions") experiments on transformer LMs.
 
-The public API is small: load a model, run an experiment, get a DataFrame, summarise it.
+The public API is small: load a model, run an experiment, get a DataFrame, summarise it. Its names
+are imported on first use (PEP 562), so that ``import perturb_lens`` (and the CLI's ``report``)
+stays light: torch loads only with the code that needs it. The built-in directions, scales and
+experiments register themselves when their registry is first consulted.
 """
 
+from __future__ import annotations
+
+import importlib
+import importlib.util
 import os
+from typing import Any
 
 # Bit-identical shards need a fixed thread count inside BLAS too: MKL and OpenMP may otherwise use
 # fewer threads than asked when the machine is busy (MKL_DYNAMIC defaults to TRUE), which changes
@@ -11,34 +19,38 @@ import os
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("OMP_DYNAMIC", "FALSE")
 
-from perturb_lens import saes  # noqa: F401  (registers the SAE directions and the sae-error scale)
-from perturb_lens.config import load_config
-from perturb_lens.experiments import builtin  # noqa: F401  (registers the built-in experiments)
-from perturb_lens.models.load import load_model
-from perturb_lens.results import (
-    curves,
-    load_results,
-    run_aggregates,
-    summary_table,
-    threshold_lengths,
-    verdicts,
-)
-from perturb_lens.run_handle import Run, open_run, plot
-from perturb_lens.runner import run_experiment
-from perturb_lens.version import __version__
+_API = {
+    "Run": "perturb_lens.run_handle",
+    "__version__": "perturb_lens.version",
+    "curves": "perturb_lens.results",
+    "load_config": "perturb_lens.config",
+    "load_model": "perturb_lens.models.load",
+    "load_results": "perturb_lens.results",
+    "open_run": "perturb_lens.run_handle",
+    "plot": "perturb_lens.run_handle",
+    "run_aggregates": "perturb_lens.results",
+    "run_experiment": "perturb_lens.runner",
+    "summary_table": "perturb_lens.results",
+    "threshold_lengths": "perturb_lens.results",
+    "verdicts": "perturb_lens.results",
+}
+"""Public name -> the module that defines it (imported on first access)."""
 
-__all__ = [
-    "Run",
-    "__version__",
-    "curves",
-    "load_config",
-    "load_model",
-    "load_results",
-    "open_run",
-    "plot",
-    "run_aggregates",
-    "run_experiment",
-    "summary_table",
-    "threshold_lengths",
-    "verdicts",
-]
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, imported from its module on first access (then cached here); a
+    subpackage (``perturb_lens.saes``, ...) is imported on first access too."""
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}"):
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module 'perturb_lens' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})

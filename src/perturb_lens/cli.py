@@ -195,7 +195,7 @@ def _print_verdicts(run_dir: Any, metrics: list[str], claims: list[str] | None =
 def _print_fit(run_dir: Path) -> None:
     """The statistics' fit size; below 10 x d_model samples, a loud warning saying the fix."""
     from perturb_lens.results.verdicts import stats_fit
-    from perturb_lens.stats import fit_size_warning
+    from perturb_lens.stats_size import fit_size_warning
 
     if (fit := stats_fit(run_dir)) is None:
         return
@@ -216,6 +216,14 @@ def _print_frame(df: Any, title: str) -> None:
     console().print(table)
 
 
+LogY = Annotated[
+    bool,
+    typer.Option(
+        "--log-y", help="Also a log-y view of each curve figure (a button; one more render each)."
+    ),
+]
+
+
 def _formats(value: str) -> list[str]:
     return [f.strip().lower() for f in value.split(",") if f.strip()]
 
@@ -230,13 +238,14 @@ def report(
     fmt: Annotated[
         str, typer.Option("--format", help="Figure files to write beside it: svg, png or png,svg.")
     ] = "svg",
+    log_y: LogY = False,
 ) -> None:
     """Write a self-contained HTML report of a run: figures, summary tables, config, data links."""
     from perturb_lens.plots import write_report
 
     out = checked_out(out)
     with user_errors():
-        path = write_report(run_dir, out, formats=_formats(fmt))
+        path = write_report(run_dir, out, formats=_formats(fmt), log_y=log_y)
     console().print(f"Report: [bold]{path}[/bold]  (figures in {path.parent / 'figures'})")
 
 
@@ -248,13 +257,14 @@ def compare(
     fmt: Annotated[
         str, typer.Option("--format", help="Figure files to write beside it: svg, png or png,svg.")
     ] = "svg",
+    log_y: LogY = False,
 ) -> None:
     """Overlay several runs (e.g. one per layer or SAE) in one HTML page with figures."""
     from perturb_lens.plots import write_comparison
 
     checked_out(out)
     with user_errors():
-        path = write_comparison(run_dirs, out, metric=metric, formats=_formats(fmt))
+        path = write_comparison(run_dirs, out, metric=metric, formats=_formats(fmt), log_y=log_y)
     console().print(f"Comparison: [bold]{path}[/bold]")
 
 

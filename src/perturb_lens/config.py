@@ -42,6 +42,7 @@ BASELINES = (
     "real-difference",
     "real-mixture",
 )
+SAE_LABEL = "SAE(x)"  # the label of SAE(x) itself (same-cosine rows, an SAE suite's reference)
 
 
 class ConfigError(ValueError):

@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch loads with the first metric computed, not with the registry
+    import torch
+    from torch import Tensor
 
 
 @dataclass
@@ -43,8 +45,8 @@ class Distributions:
 
 NONFINITE = "nonfinite"  # the column flagging rows with a NaN/inf metric (nonfinite=record)
 
-OutputMetricFn = Callable[[Distributions], Tensor]
-DownstreamMetricFn = Callable[[Tensor, Tensor], Tensor]
+OutputMetricFn = Callable[[Distributions], "Tensor"]
+DownstreamMetricFn = Callable[["Tensor", "Tensor"], "Tensor"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ def kl(d: Distributions) -> Tensor:
     description="Jensen-Shannon distance: the square root of the JS divergence (nats)",
 )
 def js(d: Distributions) -> Tensor:
+    import torch
+
     log_m = torch.log(0.5 * (d.p_clean + d.p)).clamp_min(torch.finfo(torch.float32).min)
     clean_part = (d.p_clean * (d.clean_logp - log_m)).sum(-1)
     div = 0.5 * clean_part + 0.5 * (d.p * (d.logp - log_m)).sum(-1)
@@ -133,6 +137,8 @@ def js(d: Distributions) -> Tensor:
 
 @register_metric("dce", label="Δ cross-entropy", unit="nats", needs_logits=True, threshold=0.1)
 def dce(d: Distributions) -> Tensor:
+    import torch
+
     if d.next_tokens is None:
         raise ValueError("dce needs the true next tokens.")
     idx = d.next_tokens.clamp_min(0).unsqueeze(-1)
@@ -161,12 +167,16 @@ def l2(clean: Tensor, pert: Tensor) -> Tensor:
 
 @register_metric("cos", label="cosine similarity at {read}", needs_logits=False)
 def cos(clean: Tensor, pert: Tensor) -> Tensor:
+    import torch
+
     return torch.cosine_similarity(clean, pert, dim=-1)
 
 
 def at_least_float32(x: Tensor, like: torch.dtype | None = None) -> Tensor:
     """``x`` in float32, or in float64 when ``like`` (default: its own dtype) is float64: metrics
     of a float64 model stay float64 (exactness tests), half precision is widened."""
+    import torch
+
     return x.to(torch.promote_types(like or x.dtype, torch.float32))
 
 
@@ -181,6 +191,8 @@ def output_metrics(
     want = [m for m in metric_names(needs_logits=True) if m in names]
     if not want:
         return {}
+    import torch
+
     logp = torch.log_softmax(at_least_float32(pert_logits), dim=-1)
     d = Distributions(clean_logp, logp, next_tokens)
     return {m: _METRICS[m].fn(d) for m in want}

@@ -26,14 +26,20 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from perturb_lens.stats_size import (  # noqa: F401  (re-exported: the fit-size API lives there)
+    DEFAULT_FIT_PER_DIM,
+    MIN_FIT_PER_DIM,
+    STATS_FORMAT,
+    fit_size,
+    fit_size_warning,
+)
+
 if TYPE_CHECKING:
     from perturb_lens.models.base import LensModel
 
 NORM_QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 DEFAULT_JITTER = 0.01  # the published choice: 0.01 added to the covariance diagonal
-DEFAULT_FIT_PER_DIM = 20  # default fit size: 20 x d_model non-BOS samples (see README, issue 13)
-MIN_FIT_PER_DIM = 10  # below 10 x d_model samples the covariance is unreliable: a loud warning
-_FORMAT = "perturb-lens/activation-stats"
+_FORMAT = STATS_FORMAT
 _FORMAT_VERSION = 1
 
 
@@ -375,28 +381,3 @@ def sample_gaussian(stats: ActivationStats, n: int, generator: torch.Generator) 
     device = generator.device
     z = torch.randn(n, stats.d_model, generator=generator, dtype=torch.float64, device=device)
     return (stats.mean.to(device) + z @ stats.chol.to(device).T).float()
-
-
-def fit_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(samples fitted, d_model)`` of a file written by :meth:`ActivationStats.save`, read
-    from its header alone (no tensor is loaded)."""
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(_FORMAT)
-        if raw is None:
-            raise ValueError(f"{path} is not an activation-stats file (no '{_FORMAT}' metadata)")
-        return int(json.loads(raw)["n_tokens"]), int(f.get_slice("mean").get_shape()[0])
-
-
-def fit_size_warning(n_samples: int, d_model: int) -> str | None:
-    """The warning for statistics fitted on fewer than ``MIN_FIT_PER_DIM x d_model`` samples
-    (the covariance of the cov-random directions is then mostly noise), saying how to fix it;
-    None when the fit is large enough."""
-    need = MIN_FIT_PER_DIM * d_model
-    if n_samples >= need:
-        return None
-    return (
-        f"Activation statistics fitted on only {n_samples:,} samples, fewer than "
-        f"{MIN_FIT_PER_DIM} x d_model = {need:,}: the covariance (cov-random directions) is "
-        f"unreliable. Fit on more: stats.n_tokens={DEFAULT_FIT_PER_DIM * d_model} (the default "
-        "when unset), or a bigger source (stats.source=... or more text in data.source)."
-    )

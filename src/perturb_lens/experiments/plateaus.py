@@ -22,7 +22,6 @@ from torch import Tensor
 from perturb_lens.config import DirectionConfig, DirectionList, ExperimentConfig
 from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
 from perturb_lens.engine.sweep import SweepPlan, sweep
-from perturb_lens.experiments.registry import LAST_POSITION_CURVES, register_experiment
 from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.results.curve_stats import curve_metric, curve_statistics, statistic_summary
 
@@ -107,15 +106,3 @@ def plateau_tables(rows: pd.DataFrame, cfg: ExperimentConfig) -> dict[str, pd.Da
             stats, "plateau_length", by=("base", "direction")
         )
     }
-
-
-register_experiment(
-    "plateaus",
-    plateau_shard,
-    description="random perturbations around real, synthetic and cov-random base points",
-    options=PlateauOptions,
-    section="plateaus",
-    tables=plateau_tables,
-    **LAST_POSITION_CURVES,
-    curve_stats=("plateau_length",),
-)

@@ -5,12 +5,19 @@ section holding its options (a pydantic model of its own), the scope it requires
 computing one shard's rows, the tables ``perturb-lens run`` prints, and the figure set of its
 runs. This module imports nothing of the package, so the config, the runner and the figures can
 all look experiments up without importing any experiment's code.
+
+The code an entry names (``shard``, ``options``, ``tables``) may be given as a ``"module:name"``
+reference, imported when the entry is first fetched with :func:`get_experiment`,
+:func:`find_experiment` or :func:`list_experiments`; :func:`declared_experiment` reads the rest
+(scope, figure set, curve statistics) without importing it. The built-in experiments
+(:mod:`perturb_lens.experiments.builtin`, by reference) are registered at the first lookup.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -26,13 +33,13 @@ class ExperimentInfo:
     """A registered experiment type (the config's ``experiment`` value)."""
 
     name: str
-    shard: Callable[..., pd.DataFrame]  # (RunContext, shard_id) -> rows; module-level (pickles)
+    shard: Callable[..., pd.DataFrame] | str  # (RunContext, shard_id) -> rows; module-level
     description: str = ""
-    options: type[BaseModel] | None = None  # the model of its config section
+    options: type[BaseModel] | str | None = None  # the model of its config section
     section: str | None = None  # the config key of that section (e.g. ``plateaus``)
     scope: str | None = None  # the scope it requires (None: any)
     shard_by_direction: bool = True  # whether its shards may be split per direction
-    tables: TablesFn | None = None
+    tables: TablesFn | str | None = None
     figures: str = "curves"  # the figure set (plots.registry) of its runs
     curve_stats: tuple[str, ...] = ()  # per-curve statistics its figures compare (interpolation)
 
@@ -47,6 +54,36 @@ its shard function builds for the whole shard (plateau bases, prompt pairs), and
 per-curve statistics of its runs (``register_experiment(..., **LAST_POSITION_CURVES)``)."""
 
 _EXPERIMENTS: dict[str, ExperimentInfo] = {}
+BUILTIN_MODULE = "perturb_lens.experiments.builtin"  # registers the built-ins (by reference)
+_REFERENCES = ("shard", "options", "tables")  # the fields that may name code as "module:name"
+_builtins_loaded = False
+
+
+def _load_builtins() -> None:
+    """Import :data:`BUILTIN_MODULE` once, at the first lookup or registration (it registers on
+    import; first, so that a later registration of a built-in's name replaces the built-in)."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True  # before: its own registrations come back here
+        try:
+            importlib.import_module(BUILTIN_MODULE)
+        except BaseException:
+            _builtins_loaded = False
+            raise
+
+
+def _resolved(entry: ExperimentInfo) -> ExperimentInfo:
+    """``entry`` with its ``"module:name"`` references imported (and kept so)."""
+    refs = {f: getattr(entry, f) for f in _REFERENCES if isinstance(getattr(entry, f), str)}
+    if not refs:
+        return entry
+    code = {}
+    for field_name, ref in refs.items():
+        module, _, attr = ref.partition(":")
+        code[field_name] = getattr(importlib.import_module(module), attr)
+    entry = replace(entry, **code)
+    _EXPERIMENTS[entry.name] = entry
+    return entry
 
 
 def register_experiment(
@@ -55,7 +92,10 @@ def register_experiment(
     **info: Any,
 ) -> ExperimentInfo:
     """Register experiment type ``name`` (the other fields: :class:`ExperimentInfo`); an options
-    model needs the config ``section`` that holds it. Registering a name again replaces it."""
+    model needs the config ``section`` that holds it. ``shard``, ``options`` and ``tables`` may be
+    ``"module:name"`` references (imported at the first fetch). Registering a name again replaces
+    it."""
+    _load_builtins()
     entry = ExperimentInfo(name=name, shard=shard, **info)
     if (entry.options is None) != (entry.section is None):
         raise ValueError(f"experiment {name!r}: give both options= and section=, or neither")
@@ -68,19 +108,30 @@ def register_experiment(
 
 def get_experiment(name: str) -> ExperimentInfo:
     """The registered experiment ``name``; the error lists the known ones."""
+    _load_builtins()
     if name not in _EXPERIMENTS:
         raise ValueError(
             f"Unknown experiment {name!r}; choose from {', '.join(_EXPERIMENTS)} (or register "
             "yours with perturb_lens.experiments.register_experiment)."
         )
-    return _EXPERIMENTS[name]
+    return _resolved(_EXPERIMENTS[name])
 
 
 def find_experiment(name: str) -> ExperimentInfo | None:
     """The registered experiment ``name``, or None."""
+    entry = declared_experiment(name)
+    return _resolved(entry) if entry is not None else None
+
+
+def declared_experiment(name: str) -> ExperimentInfo | None:
+    """The registered experiment ``name`` as registered, or None: its code (``shard``,
+    ``options``, ``tables``) may still be ``"module:name"`` references, not imported (figures
+    and reports need only its scope, figure set and curve statistics)."""
+    _load_builtins()
     return _EXPERIMENTS.get(name)
 
 
 def list_experiments() -> list[ExperimentInfo]:
     """Every registered experiment, in registration order."""
-    return list(_EXPERIMENTS.values())
+    _load_builtins()
+    return [_resolved(e) for e in list(_EXPERIMENTS.values())]

@@ -23,14 +23,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from perturb_lens.config import ExperimentConfig
+from perturb_lens.config import SAE_LABEL, ExperimentConfig
 from perturb_lens.directions import same_cosine_target
 from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
 from perturb_lens.engine.sweep import sweep
-from perturb_lens.experiments.registry import register_experiment
 from perturb_lens.models.base import CleanRun
 
-SAE_LABEL = "SAE(x)"
 SAE_RATIO = "sae"
 
 
@@ -218,14 +216,3 @@ def sae_vs_random(
             }
         )
     return pd.DataFrame(out)
-
-
-register_experiment(
-    "same-cosine",
-    same_cosine_shard,
-    description="replace x by targets at a grid of cosines to x and a fixed norm ratio",
-    options=SameCosineOptions,
-    section="same_cosine",
-    tables=same_cosine_tables,
-    figures="same-cosine",
-)

@@ -7,7 +7,6 @@ import pandas as pd
 
 from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
 from perturb_lens.engine.sweep import sweep
-from perturb_lens.experiments.registry import register_experiment
 
 
 def sweep_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
@@ -15,11 +14,3 @@ def sweep_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
     clean = shard_clean(ctx, shard_id)
     dirs = shard_directions(ctx, shard_id, clean.x)
     return sweep(ctx.model, clean, dirs, ctx.plan, seq_offset=ctx.shard_slice(shard_id).start)
-
-
-register_experiment(
-    "sensitive-directions",
-    sweep_shard,
-    description="the sweep: every direction x length at every position of the scope",
-    figures="sensitive-directions",
-)

@@ -25,7 +25,6 @@ from torch import Tensor
 from perturb_lens.config import ExperimentConfig
 from perturb_lens.engine.run import RunContext, shard_clean
 from perturb_lens.engine.sweep import sweep
-from perturb_lens.experiments.registry import LAST_POSITION_CURVES, register_experiment
 from perturb_lens.results.curve_stats import curve_metric, curve_statistics, statistic_summary
 from perturb_lens.seeds import derive_seed
 
@@ -90,15 +89,3 @@ def stable_region_tables(rows: pd.DataFrame, cfg: ExperimentConfig) -> dict[str,
     stats = curve_statistics(rows, metric)
     quartiles = ("q25", "median", "q75", "mean")
     return {f"sharpness ({metric})": statistic_summary(stats, "sharpness", stat=quartiles)}
-
-
-register_experiment(
-    "stable-regions",
-    stable_region_shard,
-    description="interpolation between two prompts differing in their last token (sharpness)",
-    options=StableRegionsOptions,
-    section="stable_regions",
-    tables=stable_region_tables,
-    **LAST_POSITION_CURVES,
-    curve_stats=("sharpness", "max_slope_step"),
-)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import pandas as pd
 
 from perturb_lens.config import ExperimentConfig
-from perturb_lens.experiments.registry import register_experiment
-from perturb_lens.experiments.sensitive_directions import sweep_shard
 from perturb_lens.results.curve_stats import (
     curve_metric,
     curve_statistics,
@@ -32,13 +30,3 @@ def synthetic_tables(rows: pd.DataFrame, cfg: ExperimentConfig) -> dict[str, pd.
             stats, "plateau_length"
         ),
     }
-
-
-register_experiment(
-    "synthetic-activations",
-    sweep_shard,
-    description="interpolation towards real, cov-random and synthetic (SAE-latent) targets",
-    tables=synthetic_tables,
-    figures="interpolation",
-    curve_stats=("max_slope_step", "plateau_length"),
-)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,12 +25,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from perturb_lens.experiments.registry import ExperimentInfo, find_experiment
+from perturb_lens.experiments.registry import ExperimentInfo, declared_experiment
 from perturb_lens.metrics import metric_names
 from perturb_lens.plots.style import style
 from perturb_lens.results.aggregate import (
     Aggregates,
     aggregate_curves,
+    merge,
     run_metric_aggregates,
     sample_rows,
     summary_means,
@@ -102,7 +103,8 @@ class RunView:
     """A run directory as the figure sets see it: manifest, streamed aggregates and the curves
     from them (:func:`~perturb_lens.results.aggregate.run_aggregates`: the same code for a rows
     and an aggregate run, memory flat in the rows), a bounded token sample, and (for the figures
-    that need every row: SAE substitution, interpolation experiments) the rows themselves."""
+    that need every row: interpolation experiments' per-curve statistics, same-cosine token
+    scatters) the rows themselves."""
 
     def __init__(self, run_dir: str | Path, label: str | None = None) -> None:
         self.run_dir = Path(run_dir)
@@ -128,8 +130,9 @@ class RunView:
 
     @property
     def experiment_info(self) -> ExperimentInfo | None:
-        """The registered experiment of the run (None: not registered in this process)."""
-        return find_experiment(self.experiment)
+        """The registered experiment of the run (None: not registered in this process), as
+        declared: its code is not imported (figures need none of it)."""
+        return declared_experiment(self.experiment)
 
     @property
     def curve_stats(self) -> tuple[str, ...]:
@@ -177,6 +180,34 @@ class RunView:
         if metric not in self._curves:
             self._curves[metric] = aggregate_curves(self.aggregates(metric))
         return self._curves[metric]
+
+    def pooled(
+        self,
+        metric: str,
+        groups: Mapping[str, Sequence[str]],
+        stat: Sequence[str] = ("mean",),
+    ) -> pd.DataFrame:
+        """Per group (label -> directions): ``n``, ``stat`` and the sequence-bootstrap interval
+        of ``metric`` over every row of its directions at every length, from the streamed
+        aggregates (merged exactly: :func:`~perturb_lens.results.aggregate.merge`). The layout of
+        ``analysis.curves(rows, by=["direction"])`` with the labels as directions, in ``groups``
+        order; also for columns such as ``size`` that a rows run stores beside its metrics."""
+        agg = self.aggregates(metric)
+        label_of = {d: label for label, names in groups.items() for d in names}
+
+        def relabel(frame: pd.DataFrame) -> pd.DataFrame:
+            names = frame["direction"].astype(str)
+            keep = names.isin(label_of).to_numpy()
+            return frame[keep].assign(direction=names[keep].map(label_of).to_numpy(), length=0.0)
+
+        part = {kind: relabel(getattr(agg, kind)) for kind in ("moments", "sketch", "seq")}
+        for kind in ("threshold", "sample"):  # not pooled: none (and no stale categories)
+            part[kind] = getattr(agg, kind).iloc[:0].astype({"direction": str})
+        merged = merge([part])
+        for frame in merged.values():
+            frame["direction"] = pd.Categorical(frame["direction"], categories=list(groups))
+        pooled = Aggregates(metric, **merged, alpha=agg.alpha, labels=list(groups))
+        return aggregate_curves(pooled, stat=stat).drop(columns="length")
 
     @property
     def grid(self) -> np.ndarray:
@@ -247,7 +278,7 @@ def register_figures(experiment: str) -> Callable[[FigureSet], FigureSet]:
 def figure_set(experiment: str) -> FigureSet:
     """The figure set of ``experiment`` runs: the one its registration names, else the one
     registered under its name, else the generic curve figures."""
-    info = find_experiment(experiment)
+    info = declared_experiment(experiment)
     name = info.figures if info is not None else experiment
     if name not in _REGISTRY:
         log.info("no figure set %r for %r: using the generic curve figures", name, experiment)

@@ -28,11 +28,15 @@ def _render_task(i: int) -> tuple[int, dict[Job, bytes]]:
 
 
 def render_plots(
-    plots: Sequence[Plot], formats: Sequence[str], *, workers: int | None = None
+    plots: Sequence[Plot],
+    formats: Sequence[str],
+    *,
+    log_y: bool = False,
+    workers: int | None = None,
 ) -> None:
-    """Render every plot in ``formats`` and the SVG views a page inlines (linear, and log-y
-    where the plot has that view) into its cache (:meth:`Plot.render`), so that saving and
-    inlining only read the bytes.
+    """Render every plot in ``formats`` and the SVG views a page inlines (linear, and with
+    ``log_y`` the log-y view of the plots that have one) into its cache (:meth:`Plot.render`), so
+    that saving and inlining only read the bytes.
 
     ``workers``: processes to render in (default: one per available core); with one, or where
     processes cannot be forked (or this one is a daemon), the plots are rendered here, one after
@@ -42,7 +46,7 @@ def render_plots(
     tasks = []
     for plot in plots:
         jobs = [(fmt, False) for fmt in dict.fromkeys([*formats, "svg"])]
-        if plot.log_toggle:
+        if log_y and plot.log_toggle:
             jobs.append(("svg", True))
         jobs = [j for j in jobs if j not in plot._rendered]
         if jobs:

@@ -45,6 +45,7 @@ from perturb_lens.plots.sets import (
     sae_directions,
     sharpness_plot,
     size_kl_plot,
+    size_kl_points,
 )
 from perturb_lens.results.analysis import pick_lengths
 from perturb_lens.results.store import MANIFEST, atomic_write, diff_configs
@@ -55,7 +56,7 @@ from perturb_lens.results.verdicts import (
     verdict_rows,
     verdicts,
 )
-from perturb_lens.stats import fit_size_warning
+from perturb_lens.stats_size import fit_size_warning
 
 DEFAULT_FORMATS = ("svg",)  # the page's own figures; PNG (a render as dear again) on request
 REPORT = "report.html"
@@ -141,11 +142,12 @@ def _facts(pairs: Iterable[tuple[str, Any]]) -> str:
     return f'<table class="facts">{rows}</table>'
 
 
-def _figure(plot: Plot, files: dict[str, Path], out_dir: Path) -> str:
-    """One plot as a <figure>: inline SVG (and a log-y view), caption, links to its files."""
+def _figure(plot: Plot, files: dict[str, Path], out_dir: Path, log_y: bool = False) -> str:
+    """One plot as a <figure>: inline SVG (with ``log_y``, and a log-y view where the plot has
+    one), caption, links to its files."""
     views = f'<div class="view-lin">{inline_svg(plot.render("svg"), plot.name)}</div>'
     tools = ""
-    if plot.log_toggle:
+    if log_y and plot.log_toggle:
         log_svg = inline_svg(plot.render("svg", logy=True), f"{plot.name}-log")
         views += f'<div class="view-log" hidden>{log_svg}</div>'
         tools = '<span class="tools"><button class="logy" type="button">log y</button></span>'
@@ -304,8 +306,10 @@ def run_view(run_dir: str | Path) -> RunView:
     return view
 
 
-def _figures_html(plots: Sequence[Plot], out_dir: Path, formats: Sequence[str]) -> str:
-    render_plots(plots, formats)
+def _figures_html(
+    plots: Sequence[Plot], out_dir: Path, formats: Sequence[str], log_y: bool = False
+) -> str:
+    render_plots(plots, formats, log_y=log_y)
     try:
         files = save_plots(plots, out_dir / FIGURES, formats)
     except PermissionError as e:
@@ -314,18 +318,23 @@ def _figures_html(plots: Sequence[Plot], out_dir: Path, formats: Sequence[str]) 
             f"cannot write the figures into {out_dir / FIGURES} ({e.strerror or e}): pass --out a "
             "folder or .html file you can write",
         ) from e
-    return "".join(_figure(p, files[p.name], out_dir) for p in plots)
+    return "".join(_figure(p, files[p.name], out_dir, log_y) for p in plots)
 
 
 def write_report(
-    run_dir: str | Path, out: str | Path | None = None, formats: Iterable[str] = DEFAULT_FORMATS
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    formats: Iterable[str] = DEFAULT_FORMATS,
+    *,
+    log_y: bool = False,
 ) -> Path:
     """Write ``report.html`` (figures, tables, config, data links) and ``figures/`` for a run.
 
     ``out``: an HTML file or a folder (default: the run directory). Figures are saved as
     ``figures/{name}.{fmt}`` for each of ``formats`` (default SVG; ``("png", "svg")`` adds PNG at
     the cost of a second render) with the plotted numbers as ``{name}.csv``; the page itself is
-    self-contained. Returns the path of the HTML file.
+    self-contained. ``log_y``: the curve figures also get a log-y view (a button; one more render
+    each, about a third of the report's time). Returns the path of the HTML file.
     """
     formats = check_formats(formats)
     view = run_view(run_dir)
@@ -341,7 +350,7 @@ def write_report(
     body = (
         f"{_toggles((_direction_names(view.config), None), *((p.series, None) for p in plots))}"
         f'<h2 id="run">Run</h2>{_fit_banner(view)}{_facts(_run_facts(view))}'
-        f'<h2 id="figures">Figures</h2>{_figures_html(plots, out_dir, formats)}'
+        f'<h2 id="figures">Figures</h2>{_figures_html(plots, out_dir, formats, log_y)}'
         f'<h2 id="tables">Summary tables</h2>{_tables(view)}'
         f'<h2 id="verdicts">Verdicts</h2>{_verdicts(view)}'
         f'<h2 id="config">Config</h2><details><summary>config (validated, hash '
@@ -507,11 +516,9 @@ def compare_plots(views: Sequence[RunView], metric: str = "kl") -> list[Plot]:
     ]
     if all(len(v.grid) == 1 for v in views):  # substitution runs: no curves
         plots = plots[2:]
-    has_size = all("size" in v.columns for v in views)  # else no need to read every row
-    sae_rows = [v.rows[v.rows["direction"].isin(sae_directions(v))] for v in views if has_size]
-    if has_size and all("kl" in r.columns and len(r) for r in sae_rows):
-        rows = pd.concat([r.assign(run=v.label) for r, v in zip(sae_rows, views, strict=True)])
-        plots.append(size_kl_plot(rows, ["run"], f"{len(views)} runs", palette))
+    if all({"size", "kl"} <= set(v.columns) and sae_directions(v) for v in views):
+        points = [size_kl_points(v, {v.label: sae_directions(v)}, "run") for v in views]
+        plots.append(size_kl_plot(pd.concat(points), f"{len(views)} runs", palette))
     if all("sharpness" in v.curve_stats for v in views):  # stable regions: across models
         stats = pd.concat([interpolation_stats(v)[0].assign(run=v.label) for v in views])
         title = "Sharpness per run (e.g. model size or training checkpoint)"
@@ -525,11 +532,13 @@ def write_comparison(
     *,
     metric: str = "kl",
     formats: Iterable[str] = DEFAULT_FORMATS,
+    log_y: bool = False,
 ) -> Path:
     """Write ``compare.html`` (and ``figures/``) overlaying several runs' ``metric``.
 
     Runs are labelled by the config keys that differ between them (e.g. the hook, for per-layer
-    comparisons). Returns the path of the HTML file.
+    comparisons); ``log_y``: curve figures also get a log-y view. Returns the path of the HTML
+    file.
     """
     formats = check_formats(formats)
     if len(run_dirs) < 1:
@@ -580,7 +589,7 @@ def write_comparison(
         f"{_toggles((list(palette), palette), *((p.series, None) for p in plots))}"
         f'<h2 id="runs">Runs</h2>'
         f"{_table(runs, index=False)}<ul>{links}</ul><h3>Config differences</h3>{diff_table}"
-        f'<h2 id="figures">Figures</h2>{_figures_html(plots, out_dir, formats)}'
+        f'<h2 id="figures">Figures</h2>{_figures_html(plots, out_dir, formats, log_y)}'
         f'<h2 id="tables">Summary table</h2>{_table(table)}'
     )
     sections = [("runs", "Runs"), ("figures", "Figures"), ("tables", "Table")]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.figure import Figure
 
-from perturb_lens.experiments.same_cosine import SAE_LABEL
+from perturb_lens.config import SAE_LABEL
 from perturb_lens.plots.figures import _grid, _tag, series_color
 from perturb_lens.plots.registry import Plot, RunView, register_figures
 from perturb_lens.plots.sets import metric_label, run_title

@@ -274,31 +274,30 @@ def sensitive_direction_figures(view: RunView) -> list[Plot]:
 
 @register_figures("sae-substitution")
 def sae_substitution_figures(view: RunView) -> list[Plot]:
-    """Figures 3-4 (mean KL of SAE(x) against the epsilon-baselines, per SAE when the rows have an
-    ``sae`` column) and supplementary figure 3 (mean ``size`` = ||SAE(x) - x|| against mean KL)."""
-    rows = view.rows
-    group = ["sae"] if "sae" in rows.columns else []
+    """Figures 3-4 (mean of each metric for SAE(x) against the epsilon-baselines, per direction
+    over all its rows) and supplementary figure 3 (mean ``size`` = ||SAE(x) - x|| against mean KL
+    per SAE direction), from the streamed aggregates: memory flat in the run's rows."""
+    directions = {d: [d] for d in view.aggregates(view.metrics[0]).labels}
     out = []
     for metric in view.metrics:
-        data = an.curves(rows, metric, by=[*group, "direction"], stat=("mean", "median"))
+        data = view.pooled(metric, directions, stat=("mean", "median"))
         figure = bar_panels(
             data,
-            x=group[0] if group else "direction",
-            hue="direction" if group else None,
             panel=None,
             ylabel=metric_label(metric, view),
             title=f"Substitution: mean {metric} of SAE(x) and baselines · {run_title(view)}",
         )
         caption = (
             f"Lee & Heimersheim figures 3-4: mean {metric} after substituting SAE(x) or an "
-            "epsilon-baseline at the same distance; whiskers: 95 % bootstrap interval."
+            "epsilon-baseline at the same distance; whiskers: 95 % bootstrap interval "
+            "(sequences resampled)."
         )
         out.append(
             Plot(f"substitution_{metric}", f"Substitution · {metric}", caption, figure, data)
         )
-    if "size" in rows.columns and "kl" in rows.columns:
-        sae_rows = rows[rows["direction"].isin(sae_directions(view))]
-        out.append(size_kl_plot(sae_rows, group or ["direction"], run_title(view)))
+    if "size" in view.columns and "kl" in view.columns and sae_directions(view):
+        points = size_kl_points(view, {d: [d] for d in sae_directions(view)}, "direction")
+        out.append(size_kl_plot(points, run_title(view)))
     return out
 
 
@@ -312,17 +311,27 @@ def sae_directions(view: RunView) -> list[str]:
     return out
 
 
-def size_kl_plot(
-    rows: pd.DataFrame, by: Sequence[str], title: str, palette: dict[str, str] | None = None
-) -> Plot:
+def size_kl_points(view: RunView, groups: dict[str, list[str]], by: str) -> pd.DataFrame:
+    """``analysis.scatter_points(rows, "size", "kl", by=[by])`` of a run streamed: per group
+    (``by`` value -> directions), the mean and 95 % interval of ``size`` and of ``kl``."""
+    parts = []
+    for col in ("size", "kl"):
+        c = view.pooled(col, groups).drop(columns="ci_method")
+        parts.append(c.rename(columns={k: f"{col}_{k}" for k in ("mean", "ci_low", "ci_high")}))
+    out = parts[0].merge(parts[1].drop(columns="n"), on="direction")
+    out = out.assign(direction=out["direction"].astype(str)).rename(columns={"direction": by})
+    out.attrs.update(x="size", y="kl")
+    return out
+
+
+def size_kl_plot(points: pd.DataFrame, title: str, palette: dict[str, str] | None = None) -> Plot:
     """Supplementary figure 3: mean reconstruction error (``size``) against mean KL of SAE(x),
-    one point per ``by`` group (an SAE, a run)."""
-    points = an.scatter_points(rows, "size", "kl", by=by)
+    one point per row of ``points`` (:func:`size_kl_points`: an SAE, a run)."""
     figure = scatter_figure(
         points,
         x="size_mean",
         y="kl_mean",
-        label=by[0],
+        label=points.columns[0],
         xerr=("size_ci_low", "size_ci_high"),
         yerr=("kl_ci_low", "kl_ci_high"),
         palette=palette,
@@ -332,7 +341,7 @@ def size_kl_plot(
     )
     caption = (
         "Lee & Heimersheim supplementary figure 3: mean reconstruction error against mean KL "
-        "of SAE(x), one point per SAE (whiskers: 95 % bootstrap intervals)."
+        "of SAE(x), one point per SAE (whiskers: 95 % bootstrap intervals, sequences resampled)."
     )
     return Plot("scatter_size_kl", "Error vs KL", caption, figure, points)
 

@@ -47,7 +47,7 @@ def extrapolation_curves(folder: str | Path, metric: str = "kl") -> pd.DataFrame
     ``baseline``)."""
     frames = []
     for view, rec in suite_views(folder):
-        if metric not in view.rows.columns:
+        if metric not in view.columns:
             continue
         cv = view.curves(metric)
         own = set(sae_directions(view))
@@ -120,10 +120,10 @@ def suite_figures(folder: str | Path, metrics: tuple[str, ...] = ("kl", "l2")) -
     if not views:
         raise ValueError(f"No finished runs under {folder}.")
     first = views[0][0]
-    if first.rows["length"].nunique() < 2:  # a substitution suite: figures 3-4, not 5-6
+    if len(first.grid) < 2:  # a substitution suite: figures 3-4, not 5-6
         return []
     out = []
-    for metric in [m for m in metrics if m in first.rows.columns]:
+    for metric in [m for m in metrics if m in first.columns]:
         data = extrapolation_curves(folder, metric)
         figure = extrapolation_panels(
             data,

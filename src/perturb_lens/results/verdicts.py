@@ -31,7 +31,7 @@ from perturb_lens.config import DirectionConfig
 from perturb_lens.results.bootstrap import resample_weights
 from perturb_lens.results.shards import run_directions, sequence_sums
 from perturb_lens.results.store import MANIFEST, load_manifest
-from perturb_lens.stats import MIN_FIT_PER_DIM
+from perturb_lens.stats_size import MIN_FIT_PER_DIM
 
 Op = Literal[">", "~"]
 BAND = (0.8, 1.25)
@@ -377,7 +377,7 @@ def stats_fit(
     From the manifest (``meta.stats.n_samples`` and ``meta.stats.d_model`` or ``meta.d_model``),
     else from the run's ``stats.safetensors``.
     """
-    from perturb_lens.stats import fit_size
+    from perturb_lens.stats_size import fit_size
 
     run_dir = Path(run_dir)
     meta = (manifest or load_manifest(run_dir)).get("meta", {})

@@ -34,8 +34,6 @@ from perturb_lens.config import (
 )
 from perturb_lens.metrics import metric_names
 from perturb_lens.models.base import LensModel
-from perturb_lens.results.store import load_manifest
-from perturb_lens.results.summary import summary_rows
 from perturb_lens.saes.sae import SAE
 
 SUMMARY_FILE = "summary.csv"
@@ -174,14 +172,24 @@ def _read_records(path: Path) -> dict[str, dict]:
 
 def suite_summary(out: str | Path, *, reference: str = "SAE(x)") -> pd.DataFrame:
     """Mean of every metric (published averaging) per SAE label, hook, direction and length,
-    with ``ratio_<metric>`` = mean of ``reference`` / mean of the direction (same SAE, length)."""
+    with ``ratio_<metric>`` = mean of ``reference`` / mean of the direction (same SAE, length).
+    Streamed shard by shard from either result mode (``size``: rows runs only)."""
+    from perturb_lens.plots.registry import RunView
+    from perturb_lens.results.aggregate import aggregate_curves
+
     frames = []
     for run_dir in sorted(p for p in Path(out).iterdir() if (p / "manifest.json").is_file()):
-        meta = load_manifest(run_dir)["meta"]
-        rows = summary_rows(run_dir)
-        metrics = [c for c in (*metric_names(), "size") if c in rows.columns]
-        g = rows.groupby(["direction", "length"], sort=False)[metrics].mean().reset_index()
-        g.insert(0, "hook", meta["hook"])
+        view = RunView(run_dir)
+        means = [
+            aggregate_curves(view.aggregates(m), stat=("mean",), ci=None)
+            .set_index(["direction", "length"])["mean"]
+            .rename(m)
+            for m in (*metric_names(), "size")
+            if m in view.columns
+        ]
+        g = pd.concat(means, axis=1).reset_index()
+        g["direction"] = g["direction"].astype(str)
+        g.insert(0, "hook", view.meta["hook"])
         g.insert(0, "sae", run_dir.name)
         frames.append(g)
     if not frames:

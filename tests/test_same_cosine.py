@@ -531,6 +531,8 @@ def test_cli_prints_the_cosine_tables(gpt2_dir: Path, webtext_path: Path, tmp_pa
         "mean kl by cosine to x" in result.output
         and "SAE(x) points per cosine bin" in result.output
     )
+    words = " ".join(result.output.split())
+    assert "SAE(x) against random targets at its own cosine (kl)" in words
     assert "verdict" not in result.output.lower()
 
 
@@ -556,7 +558,7 @@ def test_sae_vs_random_at_its_own_cosine_closed_form() -> None:
             rows.append((seq, pos, SAE_LABEL, near, cos_sae, 2 * s * (1 - cos_sae)))
     df = pd.DataFrame(rows, columns=["seq", "pos", "direction", "length", "cosine", "kl"])
     df["direction"] = pd.Categorical(df["direction"], ["isotropic", "real", SAE_LABEL])
-    out = sae_vs_random(df).set_index("random part")
+    out = sae_vs_random(df).set_index("direction")
     for label, want in (("isotropic", 2.0), ("real", 0.5)):
         r = out.loc[label]
         assert r["ratio"] == pytest.approx(want, rel=1e-12)

@@ -205,7 +205,7 @@ def sae_vs_random(
         ).iloc[0]
         out.append(
             {
-                "random part": label,
+                "direction": label,
                 f"mean {metric} SAE(x)": res["mean_a"],
                 f"mean {metric} random, same cos": res["mean_b"],
                 "ratio": res["ratio"],

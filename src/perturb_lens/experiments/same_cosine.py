@@ -180,7 +180,9 @@ def sae_vs_random(
     cos(SAE(x), x), paired with the token's SAE(x) value; ``ratio`` = mean over the tokens of
     SAE(x) / mean of the interpolated random values, with its paired 95 % interval from
     resampling sequences (the verdicts' bootstrap). Tokens whose SAE cosine lies outside the grid
-    are left out (``n_tokens`` counts those used)."""
+    are left out (``n_tokens`` counts those used). The mean norm ratios of both are given: with a
+    fixed ``norm_ratio`` (e.g. 0.9) and SAE(x) near ratio 1 the comparison mixes cosine and norm
+    (near cosine 1 the norm change dominates); ``norm_ratio: sae`` compares at equal norm."""
     from perturb_lens.results.verdicts import ratio_intervals
 
     sae = rows[rows["direction"] == SAE_LABEL].set_index(["seq", "pos"])
@@ -211,6 +213,14 @@ def sae_vs_random(
                 "ratio": res["ratio"],
                 "ci_low": res["ci_low"],
                 "ci_high": res["ci_high"],
+                "norm ratio random": float(
+                    rows.loc[rows["direction"] == label, "norm_ratio"].mean()
+                )
+                if "norm_ratio" in rows
+                else float("nan"),
+                "norm ratio SAE(x)": float(sae["norm_ratio"].mean())
+                if "norm_ratio" in sae
+                else float("nan"),
                 "n_tokens": len(both),
                 "n_seqs": int(res["n_seqs"]),
             }

@@ -232,7 +232,7 @@ def e2e_vs_local_paired(runs: Sequence[Path]) -> Row:
         for label in (p.e2e, p.local):
             seq = sequence_sums(suite / label, "kl", [REFERENCE])
             sums.append(seq[seq["length"] == seq["length"].min()].set_index("seq")[["sum", "n"]])
-        both = sums[0].join(sums[1], lsuffix="_a", rsuffix="_b", how="inner")
+        both = sums[0].merge(sums[1], left_index=True, right_index=True, suffixes=("_a", "_b"))
         a = (both[["sum_a"]].to_numpy(), both[["n_a"]].to_numpy())
         b = (both[["sum_b"]].to_numpy(), both[["n_b"]].to_numpy())
         r = ratio_intervals(a, b).iloc[0]

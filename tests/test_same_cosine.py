@@ -565,3 +565,35 @@ def test_sae_vs_random_at_its_own_cosine_closed_form() -> None:
         assert r["ci_low"] == pytest.approx(want, rel=1e-12)
         assert r["ci_high"] == pytest.approx(want, rel=1e-12)
         assert r["n_tokens"] == 6 * 5 - 1 and r["n_seqs"] == 6
+
+
+def test_all_positions_sae_point_is_sae_substitution_and_bos_stays(
+    llama_dir: Path, tmp_path: Path
+) -> None:
+    """Under the all-positions scope with ``include_bos: false``, the SAE(x) rows are SAE(x)
+    substituted at every position but BOS: their mean KL over the counted positions equals
+    ``sae_stats``' KL (itself pinned to plain transformers forwards in test_loss_recovered), in
+    float64 to 1e-9; BOS is never replaced (zero step, zero KL), for the random targets too."""
+    from perturb_lens.saes.stats import sae_stats
+
+    model = load_model(str(llama_dir), frame="raw", dtype="float64", device="cpu")
+    tokens = _tokens(vocab=model.spec.vocab_size)
+    tokens[:, 0] = model.bos_token_id
+    hook = "blocks.1.hook_resid_pre"
+    sae = random_sae(model.spec.d_model, 128, hook=hook, bias=-0.5).double()
+    sae.cfg.skip_bos = True
+    cfg = _config(
+        llama_dir,
+        hook,
+        dtype="float64",
+        include_bos=False,
+        directions=["isotropic"],
+        same_cosine={"cosines": [0.5, 1.0], "norm_ratio": 0.9},
+    )
+    rows = _rows(cfg, tmp_path, model=model, tokens=tokens, sae=sae)
+    bos = rows[rows["pos"] == 0]
+    assert (bos["size"] == 0).all() and (bos["kl"].abs() <= 1e-12).all()
+    counted = rows[(rows["pos"] >= 1) & (rows["pos"] <= T - 2)]
+    got = counted.loc[counted["direction"] == SAE_LABEL, "kl"].mean()
+    (want,) = sae_stats(sae, model, tokens, progress=False)
+    assert abs(got - want.kl) <= 1e-9 * max(1.0, want.kl)

@@ -92,11 +92,19 @@ def _targets(
     ctx: RunContext, shard_id: str, clean: CleanRun, x_sae: Tensor | None
 ) -> list[tuple[str, float | None, Tensor, Tensor]]:
     """``(label, grid cosine or None for SAE(x), y [B, T, d] float64, ratio [B, T])`` of every
-    replacement; positions before the scope's first keep ``x``."""
+    replacement; positions before the first replaced one keep ``x``.
+
+    BOS (position 0) is replaced only with ``include_bos: true``: a target relative to BOS's norm
+    (at SmolLM2's layer 15 ~25,000 against ~160 elsewhere) moves the attention sink by thousands
+    and, under the all-positions scope, changes every later position's output far more than its
+    own perturbation does (KL 2.1 instead of 0.21 at cos 0.95 there). SAE(x) also keeps BOS when
+    the SAE was trained without it (``skip_bos``), as the SAE directions do."""
     opts: SameCosineOptions = ctx.config.same_cosine
     x = clean.x.double()
     b, t, d = x.shape
     first = ctx.plan.first_position(t)
+    if first == 0 and not ctx.config.include_bos:
+        first = 1
     if opts.norm_ratio == SAE_RATIO:
         ratio = norm_ratio(x, x_sae)
     else:
@@ -114,7 +122,8 @@ def _targets(
             out.append((label, c, y, ratio))
     if x_sae is not None and opts.sae_points:
         y = x.clone()
-        y[:, first:] = x_sae[:, first:]
+        keep = max(first, 1 if ctx.sae is not None and ctx.sae.cfg.skip_bos else 0)
+        y[:, keep:] = x_sae[:, keep:]
         out.append((SAE_LABEL, None, y, norm_ratio(x, x_sae)))
     return out
 

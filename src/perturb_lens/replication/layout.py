@@ -9,6 +9,10 @@ from typing import Literal
 
 Kind = Literal["run", "suite", "sae-folders"]
 WEBTEXT = "../shared/data/webtext/webtext.test.jsonl"
+# The sizes below are what 2 CPU cores allowed for the committed REPLICATION.md (the presets hold
+# the published sizes: drop the overrides on a bigger machine). The SAE-substitution suite runs the
+# layer-15 SAEs trained so far: the e2e+ds SAEs at k = 64 and 128 were not (issue 17).
+TRAINED_SAES = ("topk-k32", "topk-k64", "topk-k128", "e2e-k32", "e2e-k64", "e2e-k128", "e2e-ds-k32")
 
 
 @dataclass(frozen=True)
@@ -54,16 +58,23 @@ RUNS: dict[str, RunSpec] = {
             "replicate_sensitive_directions_smollm2",
             f"data.source={WEBTEXT}",
         ),
-        _spec("sae_substitution_smollm2", "suite", "sae run", "sae_substitution_smollm2"),
+        _spec(
+            "sae_substitution_smollm2",
+            "suite",
+            "sae run",
+            "sae_substitution_smollm2",
+            "base.data.n_seqs=12",
+            *(f"--only {k}" for k in TRAINED_SAES),
+        ),
         _spec(
             "sae_train_smollm2_layer15_topk_e2e",
             "sae-folders",
             "sae train",
             "sae_train_smollm2_layer15_topk_e2e",
         ),
-        _run("synthetic_activations", "synthetic_activations_smollm2"),
-        _run("plateaus", "plateaus_smollm2"),
-        _run("stable_regions", "stable_regions_smollm2"),
+        _run("synthetic_activations", "synthetic_activations_smollm2", "data.n_seqs=200"),
+        _run("plateaus", "plateaus_smollm2", "data.n_seqs=100"),
+        _run("stable_regions", "stable_regions_smollm2", "data.n_seqs=100"),
     )
 }
 """The run folders the registered claims read, by name."""

@@ -27,19 +27,12 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from perturb_lens.cli import app
+from perturb_lens.config import BASELINES
 from perturb_lens.results import load_manifest
 
 N_LAYERS = 4  # the tiny GPT-2 of conftest.gpt2_dir
 KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
-DIRECTIONS = (
-    "isotropic",
-    "isotropic-difference",
-    "cov-random-difference",
-    "cov-random-mixture",
-    "real-difference",
-    "real-mixture",
-    "ablation",
-)
+DIRECTIONS = (*BASELINES, "ablation")
 METRICS = ("kl", "js", "dce", "top1", "l2", "cos")
 EXAMPLES = int(os.environ.get("PERTURB_LENS_PROPERTY_EXAMPLES", "25"))
 

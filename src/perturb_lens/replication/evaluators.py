@@ -237,16 +237,9 @@ def e2e_vs_local_paired(runs: Sequence[Path]) -> Row:
         b = (both[["sum_b"]].to_numpy(), both[["n_b"]].to_numpy())
         r = ratio_intervals(a, b).iloc[0]
         n = int(r["n_seqs"])
-        word: Verdict = (
-            "inconclusive"
-            if n < MIN_SEQS
-            else "replicated"
-            if r["ci_high"] < 1
-            else "not replicated"
-            if r["ci_low"] > 1
-            else "inconclusive"
-        )
-        words.append(word)
+        # the claim is e2e / local below 1, i.e. its reciprocal interval above 1
+        inverse = (1.0 / r["ci_high"], 1.0 / r["ci_low"])
+        words.append("inconclusive" if n < MIN_SEQS else above(*inverse, 1.0))
         parts.append((p, r, n))
     if not parts:
         return Row(

@@ -135,15 +135,32 @@ def test_ordering_numbers_are_the_runs(tmp_path: Path) -> None:
 # -- Gurnee: per SAE of a substitution suite ----------------------------------------------------
 
 
-def _suite(root: Path, factors: dict[str, float], n_seq: int = 40) -> None:
-    sae = [{"name": "sae-error", "scale": "raw", "label": "SAE(x)"}]
-    base = [{"name": "isotropic", "scale": "sae-error"}]
+SUBSTITUTION = [
+    {"name": "sae-error", "scale": "raw", "label": "SAE(x)"},
+    {"name": "isotropic", "scale": "sae-error"},
+]
+
+
+def _suite(
+    root: Path,
+    factors: dict[str, float | dict[str, float]],
+    n_seq: int = 40,
+    *,
+    folder: str = "sae_substitution_smollm2",
+    directions: list[dict] = SUBSTITUTION,
+    lengths: list[float] = [1.0],  # noqa: B006 (read only)
+) -> Path:
+    """An ``sae run`` suite: one run per SAE label; ``factors[label]`` is the KL factor of the
+    first direction (or one per direction label), every other direction's is 1. L0 10, 20, ...
+    in saes.json."""
+    labels = [d.get("label", d["name"]) for d in directions]
     for i, (label, f) in enumerate(factors.items()):
-        rows = _rows({"SAE(x)": f, "isotropic": 1.0}, n_seq=n_seq, seed=i)
-        rows = rows[rows["length"] == 1.0]  # substitution: length 1 only
-        make_run(root / "sae_substitution_smollm2" / label, _config(sae + base), rows=rows)
+        per = f if isinstance(f, dict) else {labels[0]: f}
+        rows = _rows({k: per.get(k, 1.0) for k in labels}, n_seq=n_seq, seed=i, lengths=lengths)
+        make_run(root / folder / label, _config(directions), rows=rows)
     l0 = [{"label": k, "l0": 10.0 * (i + 1)} for i, k in enumerate(factors)]
-    (root / "sae_substitution_smollm2" / "saes.json").write_text(json.dumps(l0))
+    (root / folder / "saes.json").write_text(json.dumps(l0))
+    return root / folder
 
 
 @pytest.mark.parametrize(
@@ -214,12 +231,133 @@ def test_e2e_vs_local_paired_on_a_substitution_suite(
     assert res.verdict == word
     means = []
     for label in ("e2e-k8", "topk-k8"):
-        rows = _rows({"SAE(x)": {"topk-k8": 2.0, "e2e-k8": e2e_factor}[label], "isotropic": 1.0},
-                     n_seq=n_seq, seed=["topk-k8", "e2e-k8"].index(label))  # fmt: skip
-        rows = rows[(rows["length"] == 1.0) & (rows["pos"] < SEQ_LEN - 1)]
+        factor = {"topk-k8": 2.0, "e2e-k8": e2e_factor}[label]
+        seed = ["topk-k8", "e2e-k8"].index(label)
+        rows = _rows({"SAE(x)": factor, "isotropic": 1.0}, n_seq=n_seq, seed=seed, lengths=[1.0])
+        rows = rows[rows["pos"] < SEQ_LEN - 1]
         means.append(rows.loc[rows["direction"] == "SAE(x)", "kl"].mean())
     assert f"e2e-k8 / topk-k8 {means[0] / means[1]:.3g}" in res.ours
     assert "1 matched pairs" in res.sample
+
+
+# -- Lee & Heimersheim fig. 3-8: per-layer suites, extrapolations, features at matched L0 --------
+
+
+@pytest.mark.parametrize(
+    ("claim_id", "factors", "word"),
+    [
+        ("gurnee-sae-error-layers", {"L03": 2.0, "L27": 1.6}, "replicated"),
+        ("gurnee-sae-error-layers", {"L03": 2.0, "L27": 0.5}, "not replicated"),
+        ("lee-real-cov-layers", {"L03": {"real-mixture": 1.5}}, "replicated"),
+        ("lee-real-cov-layers", {"L03": {"real-mixture": 0.6}}, "not replicated"),
+    ],
+)
+def test_per_layer_substitution_claims(
+    tmp_path: Path, claim_id: str, factors: dict, word: str
+) -> None:
+    directions = [
+        *SUBSTITUTION,
+        {"name": "cov-random-mixture", "scale": "sae-error"},
+        {"name": "real-mixture", "scale": "sae-error"},
+    ]
+    _suite(tmp_path, factors, folder="sae_substitution_smollm2_layers", directions=directions)
+    res = _verdict(tmp_path, claim_id)
+    assert res.verdict == word
+    assert "in the paper's range" not in res.ours  # no published range for these
+
+
+@pytest.mark.parametrize(
+    ("factor", "word"), [(1.02, "replicated"), (3.0, "not replicated"), (1.25, "inconclusive")]
+)
+def test_sae_x_close_to_cov_random(tmp_path: Path, factor: float, word: str) -> None:
+    """'~': the interval within [0.8, 1.25] for every SAE replicates; entirely outside for one
+    does not; at 1.25 the interval straddles the band's edge and decides nothing."""
+    directions = [SUBSTITUTION[0], {"name": "cov-random-mixture", "scale": "sae-error"}]
+    _suite(tmp_path, {"a": 1.0, "b": factor}, directions=directions)
+    assert _verdict(tmp_path, "lee-sae-cov").verdict == word
+
+
+def _extrapolation(root: Path, name: str, direction: dict, factors: dict, n_seq: int = 40) -> Path:
+    directions = [direction, {"name": "isotropic"}]
+    return _suite(
+        root, factors, n_seq, folder=name, directions=directions, lengths=[0.0, 1.0, 11.0, 21.0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("claim_id", "direction"),
+    [
+        ("lee-error-extrapolation", {"name": "sae-error"}),
+        ("lindsey-feature", {"name": "sae-feature", "which": "inactive"}),
+    ],
+)
+@pytest.mark.parametrize(
+    ("factors", "n_seq", "word"),
+    [
+        ({"topk-k32": 2.0, "e2e-k32": 1.5}, 40, "replicated"),
+        ({"topk-k32": 2.0, "e2e-k32": 0.5}, 40, "not replicated"),
+        ({"topk-k32": 2.0, "e2e-k32": 1.5}, 4, "inconclusive"),
+    ],
+)
+def test_extrapolation_claims(
+    tmp_path: Path, claim_id: str, direction: dict, factors: dict, n_seq: int, word: str
+) -> None:
+    """Per SAE, the verdicts along the length grid; the ratio range shown is the ratio of the
+    means computed here with pandas (last position dropped, length 0 skipped)."""
+    folder = {"lee-error-extrapolation": "sae_error_extrapolation_smollm2"}.get(
+        claim_id, "sae_feature_extrapolation_smollm2"
+    )
+    _extrapolation(tmp_path, folder, direction, factors, n_seq)
+    res = _verdict(tmp_path, claim_id)
+    assert res.verdict == word
+    label = direction["name"]
+    rows = _rows({label: factors["topk-k32"], "isotropic": 1.0}, n_seq=n_seq, seed=0,
+                 lengths=[0.0, 1.0, 11.0, 21.0])  # fmt: skip
+    rows = rows[(rows["pos"] < SEQ_LEN - 1) & (rows["length"] > 0)]
+    means = rows.groupby(["length", "direction"])["kl"].mean().unstack()
+    ratio = means[label] / means["isotropic"]
+    assert f"topk-k32 {ratio.min():.3g}-{ratio.max():.3g}" in res.ours
+    assert "topk-k32 (10)" in res.sample and "e2e-k32 (20)" in res.sample
+
+
+@pytest.mark.parametrize(
+    ("e2e_factor", "word"), [(1.0, "replicated"), (3.0, "not replicated"), (1.9, "inconclusive")]
+)
+def test_local_features_change_the_output_more(tmp_path: Path, e2e_factor: float, word: str):
+    """Fig. 8: at lengths 20, 40, 61, mean KL of the feature direction e2e / local below 1 for
+    every matched pair (TopK at equal k); each pair and length is judged."""
+    direction = {"name": "sae-feature", "which": "inactive"}
+    suite = _suite(
+        tmp_path,
+        {"topk-k8": 2.0, "e2e-k8": e2e_factor, "e2e-ds-k8": 1.0},
+        folder="sae_feature_extrapolation_smollm2",
+        directions=[direction, {"name": "isotropic"}],
+        lengths=[0.0, 20.0, 40.0, 61.0],
+    )
+    kinds = {"topk-k8": "topk", "e2e-k8": "e2e", "e2e-ds-k8": "e2e+ds"}
+    records = [{"label": k, "l0": 8.0, "type": t} for k, t in kinds.items()]
+    (suite / "saes.json").write_text(json.dumps(records))
+    res = _verdict(tmp_path, "lee-feature-local")
+    assert res.verdict == word
+    assert "2 matched pairs" in res.sample
+    for pair in ("e2e-k8", "e2e-ds-k8"):
+        assert all(f"{pair} @ {n}" in res.ci_or_test for n in (20, 40, 61))
+
+
+def test_feature_claim_without_its_lengths_is_said(tmp_path: Path) -> None:
+    """A feature suite run without the bar lengths 20, 40, 61 cannot judge fig. 8: the row says
+    so instead of judging other lengths."""
+    suite = _extrapolation(
+        tmp_path,
+        "sae_feature_extrapolation_smollm2",
+        {"name": "sae-feature", "which": "inactive"},
+        {"topk-k8": 2.0, "e2e-k8": 1.0},
+    )
+    records = [{"label": "topk-k8", "l0": 8.0, "type": "topk"},
+               {"label": "e2e-k8", "l0": 8.0, "type": "e2e"}]  # fmt: skip
+    (suite / "saes.json").write_text(json.dumps(records))
+    res = _verdict(tmp_path, "lee-feature-local")
+    assert res.verdict == CANNOT_JUDGE and "no 'sae-feature' rows at length 20" in res.ci_or_test
 
 
 # -- Giglemiani et al.: max-slope steps ---------------------------------------------------------

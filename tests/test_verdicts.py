@@ -44,7 +44,12 @@ def _config(directions: list[dict]) -> dict:
 
 
 def _rows(
-    factors: dict[str, object], *, n_seq: int = 40, noise: float = 0.05, seed: int = 0
+    factors: dict[str, object],
+    *,
+    n_seq: int = 40,
+    noise: float = 0.05,
+    seed: int = 0,
+    lengths: list[float] = LENGTHS,
 ) -> pd.DataFrame:
     """KL = token scale x (length / 4)^2 x factor(length) x (1 + noise * N(0, 1)) per direction.
 
@@ -55,7 +60,7 @@ def _rows(
     scale = rng.exponential(size=(n_seq, SEQ_LEN))
     frames = []
     for label, factor in factors.items():
-        for length in LENGTHS:
+        for length in lengths:
             f = factor(length) if callable(factor) else factor
             jitter = 1.0 + noise * rng.standard_normal((n_seq, SEQ_LEN))
             kl = np.abs(scale * (length / 4.0) ** 2 * f * jitter)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from perturb_lens.replication import evaluators as ev
 from perturb_lens.replication.inference import ALPHA, CI_WORD
 from perturb_lens.replication.registry import register_replication
-from perturb_lens.results.verdicts import BAND, MIN_SEQS
+from perturb_lens.results.verdicts import BAND, MIN_SEQS, Claim
 
 LEE = "seed 002_1ae696a3b7dae122.txt (Lee & Heimersheim 2024, LessWrong post)"
 GIGLEMIANI = "seed 001_3350060bcd2f68c0.txt (abstract); the numbers as quoted in issue 17"
@@ -82,6 +82,117 @@ register_replication(
     "reported, not judged.",
 )
 
+_PER_SAE_RULE = (
+    f"Per SAE the paired {CI_WORD} bootstrap CI of the ratio of mean KL {{a}} / {{b}} (sequences "
+    "resampled). Replicated: {holds} for every SAE; not replicated: {reversed} for some SAE; "
+    "else inconclusive."
+)
+register_replication(
+    "gurnee-sae-error-layers",
+    paper="Gurnee 2024",
+    claim="SAE(x) > isotropic at every layer tested (resid_pre of layers 3, 9, 15, 21 and 27 of "
+    "30; a TopK k = 64 SAE per layer)",
+    paper_number='"The isotropic random substitutions have a much smaller average KL divergence '
+    'than other substitution types" (Lee & Heimersheim fig. 3, GPT-2 small, every layer)',
+    source=LEE,
+    runs=("sae_substitution_smollm2_layers",),
+    evaluate=ev.sae_substitution("SAE(x) > isotropic"),
+    rule=_PER_SAE_RULE.format(
+        a="SAE(x)", b="isotropic epsilon-baseline", holds="above 1", reversed="below 1"
+    ),
+)
+register_replication(
+    "lee-real-cov-layers",
+    paper="Lee & Heimersheim 2024",
+    claim="real-mixture > cov-random-mixture at the SAE-error distance, at every layer tested "
+    "(layers 3, 9, 15, 21, 27)",
+    paper_number='"Across all the layers, the KL of cov-random mixture are slightly smaller than '
+    'the KL of real mixture directions" (fig. 3, GPT-2 small)',
+    source=LEE,
+    runs=("sae_substitution_smollm2_layers",),
+    evaluate=ev.sae_substitution(Claim("real-mixture", ">", "cov-random-mixture")),
+    rule=_PER_SAE_RULE.format(
+        a="real-mixture", b="cov-random-mixture", holds="above 1", reversed="below 1"
+    ),
+)
+register_replication(
+    "lee-sae-cov",
+    paper="Lee & Heimersheim 2024",
+    claim="SAE(x) ~ cov-random-mixture: at the middle layer, substituting SAE(x) changes the "
+    "output about as much as a cov-random-mixture point at the same distance, for every SAE",
+    paper_number='"For Layer 6, the SAE models across L0 generally seem to have nearly the same KL '
+    'as that of cov-random mixture" (fig. 4, GPT-2 small)',
+    source=LEE,
+    runs=("sae_substitution_smollm2",),
+    evaluate=ev.sae_substitution(
+        Claim("SAE(x)", "~", "cov-random-mixture", scale_a="raw", scale_b="sae-error")
+    ),
+    rule=_PER_SAE_RULE.format(
+        a="SAE(x)",
+        b="cov-random-mixture epsilon-baseline",
+        holds=f"within [{BAND[0]}, {BAND[1]}]",
+        reversed=f"entirely outside [{BAND[0]}, {BAND[1]}]",
+    ),
+)
+_EXTRAPOLATION_RULE = (
+    f"Per SAE, `perturb-lens verdicts` on its run: the paired {CI_WORD} bootstrap CI of the ratio "
+    "of mean KL {a} / isotropic at each length (sequences resampled; the alpha = 0 noise floor "
+    "skipped). Replicated: for every SAE the CI lies above 1 at some length and below it at none; "
+    "not replicated: below 1 at some length for some SAE; else inconclusive."
+)
+_EXTRAPOLATION_CLAIMS = (
+    (
+        "lee-error-extrapolation",
+        "Lee & Heimersheim 2024",
+        "sae-error",
+        "along the unit SAE-error direction the output changes more than along an isotropic "
+        "direction of the same length (lengths 1, 11, ..., 201), for every SAE",
+        "figs. 5-6 plot SAE-error directions against cov-random-mixture and isotropic ones per "
+        "SAE type and L0; the seed's text states no number or observation for them (the claim is "
+        "Gurnee's SAE(x) > isotropic along the length axis)",
+        "sae_error_extrapolation_smollm2",
+    ),
+    (
+        "lindsey-feature",
+        "Lindsey 2024",
+        "sae-feature",
+        "along an SAE feature direction (alive, inactive in the token's sequence) the output "
+        "changes more than along an isotropic direction of the same length (lengths 1-201), for "
+        "every SAE",
+        '"Perturbations along the SAE feature directions appear to alter the model output more '
+        'significantly than random directions" (as cited in seed 002; figs. 7-8)',
+        "sae_feature_extrapolation_smollm2",
+    ),
+)
+for _id, _paper, _direction, _text, _quote, _run in _EXTRAPOLATION_CLAIMS:
+    register_replication(
+        _id,
+        paper=_paper,
+        claim=_text,
+        paper_number=_quote,
+        source=LEE,
+        runs=(_run,),
+        evaluate=ev.sae_suite_ordering(Claim(_direction, ">", "isotropic")),
+        rule=_EXTRAPOLATION_RULE.format(a=_direction),
+    )
+register_replication(
+    "lee-feature-local",
+    paper="Lee & Heimersheim 2024",
+    claim="at lengths 20, 40 and 61, an inactive SAE feature direction changes the output more "
+    "for a local SAE than for the e2e / e2e+ds SAE of matched L0",
+    paper_number='"The features for local SAE generally induced the greatest change in the SAE '
+    'models" (fig. 8: local L0 30.9, e2e 27.5, e2e+ds 31.4, GPT-2 layer 6)',
+    source=LEE,
+    runs=("sae_feature_extrapolation_smollm2",),
+    evaluate=ev.e2e_vs_local_paired("sae-feature", (20.0, 40.0, 61.0)),
+    rule=f"Each e2e / e2e+ds SAE of the feature-extrapolation suite is paired with the local "
+    f"(ReLU+L1 or TopK) SAE of the nearest L0 if they differ by at most {ev.L0_MATCH:.0%}; per "
+    f"pair and length (20, 40, 61) the paired {CI_WORD} bootstrap CI of mean KL(feature, e2e) / "
+    "mean KL(feature, local) over the same tokens (sequences resampled; each SAE draws its own "
+    "random inactive latent per token). Replicated: every CI below 1; not replicated: some CI "
+    f"above 1; else inconclusive (also under {MIN_SEQS} sequences).",
+)
+
 register_replication(
     "braun-e2e",
     paper="Braun et al. 2024",
@@ -107,7 +218,7 @@ register_replication(
     paper_number="as braun-e2e (local L0 42.8 KL 0.230 vs e2e L0 39.7 KL 0.122, GPT-2 layer 6)",
     source="seed 002_1ae696a3b7dae122.txt; docs/SPEC.md section 6",
     runs=("sae_substitution_smollm2",),
-    evaluate=ev.e2e_vs_local_paired,
+    evaluate=ev.e2e_vs_local_paired(),
     rule=f"Each e2e / e2e+ds SAE of the SAE-substitution suite is paired with the local (ReLU+L1 "
     f"or TopK) SAE of the nearest L0 if they differ by at most {ev.L0_MATCH:.0%} (TopK pairs at "
     f"equal k: identical L0); paired {CI_WORD} bootstrap CI of mean KL(SAE_e2e(x)) / mean "

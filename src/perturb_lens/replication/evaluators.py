@@ -29,6 +29,7 @@ from perturb_lens.results.store import MANIFEST, load_manifest
 from perturb_lens.results.summary import summary_rows
 from perturb_lens.results.verdicts import (
     MIN_SEQS,
+    Claim,
     claim_intervals,
     ratio_intervals,
     registered_claims,
@@ -72,23 +73,30 @@ _WORDS: dict[str, Verdict] = {
 }
 
 
-def _claim(text: str) -> Any:
-    return next(c for c in registered_claims() if c.text == text)
+def _claim(claim: str | Claim) -> Claim:
+    """A :class:`Claim` as given, or the registered verdict claim of that text."""
+    if isinstance(claim, Claim):
+        return claim
+    return next(c for c in registered_claims() if c.text == claim)
+
+
+def _judged(r: pd.Series) -> tuple[Verdict, str]:
+    """The verdict word of a :func:`verdicts` row, inconclusive on an unreliable fit."""
+    if not pd.isna(r["unreliable"]) and bool(r["unreliable"]):
+        return "inconclusive", f"; unreliable: {r['note']}"
+    return _WORDS[r["verdict"]], ""
 
 
 def ordering(claim: str, metric: str = "kl") -> Callable[[Sequence[Path]], Row]:
     """The evaluator of a registered verdict claim (``a > b`` / ``a ~ b``) on one run."""
 
     def evaluate(runs: Sequence[Path]) -> Row:
-        table = verdicts(runs[0], [_claim(claim)], metric=metric)
+        c = _claim(claim)
+        table = verdicts(runs[0], [c], metric=metric)
         r, shown = table.iloc[0], verdict_rows(table)[0]
-        verdict = _WORDS[r["verdict"]]
-        note = ""
-        if not pd.isna(r["unreliable"]) and bool(r["unreliable"]):
-            verdict, note = "inconclusive", f"; unreliable: {r['note']}"
+        verdict, note = _judged(r)
         return Row(
-            ours=f"mean {metric} ratio {claim.split()[0]} / {claim.split()[-1]}: "
-            f"{shown['ratio a/b']} over the lengths judged",
+            ours=f"mean {metric} ratio {c.a} / {c.b}: {shown['ratio a/b']} over the lengths judged",
             sample=sample(runs[0]) + f"; {r['n_seqs']} paired seqs",
             verdict=verdict,
             ci_or_test=f"paired {CI_WORD} CI of the ratio per length (sequences resampled): "
@@ -99,9 +107,12 @@ def ordering(claim: str, metric: str = "kl") -> Callable[[Sequence[Path]], Row]:
     return evaluate
 
 
-def sae_substitution(claim: str, band: tuple[float, float]) -> Callable[[Sequence[Path]], Row]:
-    """Gurnee: ``SAE(x) > baseline`` per SAE of an ``sae run`` suite folder; ``band`` is the
-    paper's range of the ratio, counted beside the verdict."""
+def sae_substitution(
+    claim: str | Claim, band: tuple[float, float] | None = None
+) -> Callable[[Sequence[Path]], Row]:
+    """Gurnee; Lee & Heimersheim: ``SAE(x) > baseline`` (or ``~``) per SAE of an ``sae run``
+    suite folder at its substitution length; ``band``: the paper's range of the ratio, counted
+    beside the verdict (None: no range)."""
 
     def evaluate(runs: Sequence[Path]) -> Row:
         suite = runs[0]
@@ -119,17 +130,54 @@ def sae_substitution(claim: str, band: tuple[float, float]) -> Callable[[Sequenc
         if not parts:
             raise ValueError(f"no SAE run under {suite} has rows for {claim!r}")
         ratios = np.array([p[3] for p in parts])
-        in_band = int(((ratios >= band[0]) & (ratios <= band[1])).sum())
+        counted = ""
+        if band is not None:
+            in_band = int(((ratios >= band[0]) & (ratios <= band[1])).sum())
+            counted = f" ({in_band} of {len(parts)} in the paper's range)"
+        c = _claim(claim)
         return Row(
-            ours=f"KL ratio {claim.replace(' > ', ' / ')}: "
+            ours=f"KL ratio {c.a} / {c.b}: "
             + "; ".join(f"{p[0]}{p[1]} {_f(p[3])}" for p in parts)
-            + f" ({in_band} of {len(parts)} in the paper's range)",
+            + counted,
             sample=f"{sample(run_dirs[0])}; SAEs (L0): "
             + ", ".join(f"{p[0]} ({_f(p[2]) if p[2] is not None else '?'})" for p in parts)
             + f"; {min(p[6] for p in parts)} paired seqs",
             verdict=combine(words),
             ci_or_test=f"paired {CI_WORD} CI of the ratio per SAE (sequences resampled): "
             + "; ".join(f"{p[0]}{p[1]} [{_f(p[4])}, {_f(p[5])}]" for p in parts),
+        )
+
+    return evaluate
+
+
+def sae_suite_ordering(claim: Claim, metric: str = "kl") -> Callable[[Sequence[Path]], Row]:
+    """Lee & Heimersheim's extrapolations: a verdict claim along the length grid, per SAE of an
+    ``sae run`` suite folder (:func:`~perturb_lens.results.verdicts.verdicts` on each run).
+    Replicated: it holds (at some length, reversed at none) for every SAE; not replicated:
+    reversed or mixed for some SAE."""
+
+    def evaluate(runs: Sequence[Path]) -> Row:
+        suite = runs[0]
+        table = verdicts(suite, [claim], metric=metric)
+        if table.empty:
+            raise ValueError(f"no SAE run under {suite} has both sides of {claim.text!r}")
+        l0 = _suite_l0(suite)
+        judged = [_judged(r) for _, r in table.iterrows()]
+        shown = verdict_rows(table)
+        first = suite / str(table.iloc[0]["run"])
+        return Row(
+            ours=f"mean {metric} ratio {claim.a} / {claim.b} over the lengths judged: "
+            + "; ".join(f"{s['run']} {s['ratio a/b']}" for s in shown),
+            sample=f"{sample(first)}; SAEs (L0): "
+            + ", ".join(f"{r} ({_f(l0[r]) if r in l0 else '?'})" for r in table["run"])
+            + f"; {int(table['n_seqs'].min())} paired seqs",
+            verdict=combine([word for word, _ in judged]),
+            ci_or_test=f"paired {CI_WORD} CI of the ratio per SAE and length (sequences "
+            "resampled), where it holds / is reversed: "
+            + "; ".join(
+                f"{s['run']} {s['holds at']} / {s['reversed at']}{note}"
+                for s, (_, note) in zip(shown, judged, strict=True)
+            ),
         )
 
     return evaluate
@@ -212,55 +260,72 @@ def e2e_vs_local(runs: Sequence[Path]) -> Row:
     )
 
 
-def e2e_vs_local_paired(runs: Sequence[Path]) -> Row:
-    """Braun et al. on an SAE-substitution suite: per matched pair (e2e SAE, local SAE of the
-    nearest L0 within ``L0_MATCH``; types and L0 from the suite's ``saes.json``), the paired
-    bootstrap CI of mean KL(SAE_e2e(x)) / mean KL(SAE_local(x)) on the same tokens (sequences
-    resampled). Replicated: every CI below 1; not replicated: some CI above 1."""
-    suite = runs[0]
-    path = suite / "saes.json"
-    records = json.loads(path.read_text()) if path.is_file() else []
-    evals = pd.DataFrame(
-        [{"name": r["label"], "kind": r.get("type", "?"), "l0": r["l0"], "kl": np.nan}
-         for r in records],
-        columns=["name", "kind", "l0", "kl"],
-    )  # fmt: skip
-    pairs = matched_pairs(evals)
-    parts, words = [], []
-    for p in pairs.itertuples():
-        sums = []
-        for label in (p.e2e, p.local):
-            seq = sequence_sums(suite / label, "kl", [REFERENCE])
-            sums.append(seq[seq["length"] == seq["length"].min()].set_index("seq")[["sum", "n"]])
-        both = sums[0].merge(sums[1], left_index=True, right_index=True, suffixes=("_a", "_b"))
-        a = (both[["sum_a"]].to_numpy(), both[["n_a"]].to_numpy())
-        b = (both[["sum_b"]].to_numpy(), both[["n_b"]].to_numpy())
-        r = ratio_intervals(a, b).iloc[0]
-        n = int(r["n_seqs"])
-        # the claim is e2e / local below 1, i.e. its reciprocal interval above 1
-        inverse = (1.0 / r["ci_high"], 1.0 / r["ci_low"])
-        words.append("inconclusive" if n < MIN_SEQS else above(*inverse, 1.0))
-        parts.append((p, r, n))
-    if not parts:
+def e2e_vs_local_paired(
+    direction: str = REFERENCE, lengths: Sequence[float] | None = None
+) -> Callable[[Sequence[Path]], Row]:
+    """Braun et al.; Lee & Heimersheim fig. 8, on an ``sae run`` suite: per matched pair (e2e
+    SAE, local SAE of the nearest L0 within ``L0_MATCH``; types and L0 from the suite's
+    ``saes.json``) and length (``lengths``; None: the shortest), the paired bootstrap CI of mean
+    KL(e2e) / mean KL(local) of ``direction`` (the label in both runs) on the same tokens
+    (sequences resampled). Replicated: every CI below 1; not replicated: some CI above 1."""
+
+    def evaluate(runs: Sequence[Path]) -> Row:
+        suite = runs[0]
+        path = suite / "saes.json"
+        records = json.loads(path.read_text()) if path.is_file() else []
+        evals = pd.DataFrame(
+            [{"name": r["label"], "kind": r.get("type", "?"), "l0": r["l0"], "kl": np.nan}
+             for r in records],
+            columns=["name", "kind", "l0", "kl"],
+        )  # fmt: skip
+        pairs = matched_pairs(evals)
+        parts, words = [], []
+        for p in pairs.itertuples():
+            sums = [sequence_sums(suite / label, "kl", [direction]) for label in (p.e2e, p.local)]
+            for length in lengths if lengths is not None else [sums[0]["length"].min()]:
+                a, b = (
+                    s[np.isclose(s["length"], length)].set_index("seq")[["sum", "n"]] for s in sums
+                )
+                if a.empty or b.empty:
+                    raise ValueError(
+                        f"{suite}: {p.e2e} or {p.local} has no {direction!r} rows at length "
+                        f"{length:g}"
+                    )
+                both = a.merge(b, left_index=True, right_index=True, suffixes=("_a", "_b"))
+                r = ratio_intervals(
+                    (both[["sum_a"]].to_numpy(), both[["n_a"]].to_numpy()),
+                    (both[["sum_b"]].to_numpy(), both[["n_b"]].to_numpy()),
+                ).iloc[0]
+                n = int(r["n_seqs"])
+                # the claim is e2e / local below 1, i.e. its reciprocal interval above 1
+                inverse = (1.0 / r["ci_high"], 1.0 / r["ci_low"])
+                words.append("inconclusive" if n < MIN_SEQS else above(*inverse, 1.0))
+                at = f" @ {length:g}" if lengths is not None else ""
+                parts.append((p, at, r, n))
+        if not parts:
+            return Row(
+                ours="no e2e SAE of the suite has a local one at its L0",
+                sample=f"{len(evals)} SAEs in {suite.name}",
+                verdict="inconclusive",
+                ci_or_test="no matched pair",
+            )
         return Row(
-            ours="no e2e SAE of the suite has a local one at its L0",
-            sample=f"{len(evals)} SAEs in {suite.name}",
-            verdict="inconclusive",
-            ci_or_test="no matched pair",
+            ours=f"mean KL of {direction}, e2e / local: "
+            + "; ".join(
+                f"{p.e2e} / {p.local}{at} {_f(r['ratio'])} ({_f(r['mean_a'])} vs "
+                f"{_f(r['mean_b'])}, L0 {_f(p.l0_e2e)} vs {_f(p.l0_local)})"
+                for p, at, r, _ in parts
+            ),
+            sample=f"{sample(suite / parts[0][0].e2e)}; {len(pairs)} matched pairs "
+            f"(L0 within {L0_MATCH:.0%}); {min(n for *_, n in parts)} paired seqs",
+            verdict=combine(words),
+            ci_or_test=f"paired {CI_WORD} CI of the ratio per pair (sequences resampled): "
+            + "; ".join(
+                f"{p.e2e}{at} [{_f(r['ci_low'])}, {_f(r['ci_high'])}]" for p, at, r, _ in parts
+            ),
         )
-    return Row(
-        ours="mean KL of SAE(x), e2e / local: "
-        + "; ".join(
-            f"{p.e2e} / {p.local} {_f(r['ratio'])} ({_f(r['mean_a'])} vs {_f(r['mean_b'])}, "
-            f"L0 {_f(p.l0_e2e)} vs {_f(p.l0_local)})"
-            for p, r, _ in parts
-        ),
-        sample=f"{sample(suite / parts[0][0].e2e)}; {len(parts)} matched pairs "
-        f"(L0 within {L0_MATCH:.0%}); {min(n for *_, n in parts)} paired seqs",
-        verdict=combine(words),
-        ci_or_test=f"paired {CI_WORD} CI of the ratio per pair (sequences resampled): "
-        + "; ".join(f"{p.e2e} [{_f(r['ci_low'])}, {_f(r['ci_high'])}]" for p, r, _ in parts),
-    )
+
+    return evaluate
 
 
 # ---------------------------------------------------------------------------------------------

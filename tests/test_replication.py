@@ -149,15 +149,17 @@ def _suite(
     folder: str = "sae_substitution_smollm2",
     directions: list[dict] = SUBSTITUTION,
     lengths: list[float] = [1.0],  # noqa: B006 (read only)
+    saes: dict[str, Path] | None = None,
 ) -> Path:
     """An ``sae run`` suite: one run per SAE label; ``factors[label]`` is the KL factor of the
     first direction (or one per direction label), every other direction's is 1. L0 10, 20, ...
-    in saes.json."""
+    in saes.json; ``saes``: the SAE folder each label's run config names."""
     labels = [d.get("label", d["name"]) for d in directions]
     for i, (label, f) in enumerate(factors.items()):
         per = f if isinstance(f, dict) else {labels[0]: f}
         rows = _rows({k: per.get(k, 1.0) for k in labels}, n_seq=n_seq, seed=i, lengths=lengths)
-        make_run(root / folder / label, _config(directions), rows=rows)
+        cfg = _config(directions) | ({"sae": str(saes[label])} if saes else {})
+        make_run(root / folder / label, cfg, rows=rows)
     l0 = [{"label": k, "l0": 10.0 * (i + 1)} for i, k in enumerate(factors)]
     (root / folder / "saes.json").write_text(json.dumps(l0))
     return root / folder
@@ -342,6 +344,42 @@ def test_local_features_change_the_output_more(tmp_path: Path, e2e_factor: float
     assert "2 matched pairs" in res.sample
     for pair in ("e2e-k8", "e2e-ds-k8"):
         assert all(f"{pair} @ {n}" in res.ci_or_test for n in (20, 40, 61))
+
+
+@pytest.mark.parametrize(("fine_tuned", "word"), [(True, "inconclusive"), (False, "replicated")])
+def test_features_of_alike_decoders_are_not_judged(
+    tmp_path: Path, fine_tuned: bool, word: str
+) -> None:
+    """An e2e SAE whose decoder rows are its local SAE's (median cosine above 0.99: fine-tuned
+    from it) has the same features: fig. 8's comparison cannot be made, whatever the KL says."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    local = rng.standard_normal((64, 16)).astype(np.float32)
+    nudge = 0.01 if fine_tuned else 3.0  # row cosine ~0.9999 vs ~0.3
+    e2e = (local + nudge * rng.standard_normal(local.shape)).astype(np.float32)
+    saes = {}
+    for label, w in (("topk-k8", local), ("e2e-k8", e2e)):
+        saes[label] = tmp_path / "saes" / label
+        saes[label].mkdir(parents=True)
+        save_file({"W_dec": w}, str(saes[label] / "sae_weights.safetensors"))
+    suite = _suite(
+        tmp_path,
+        {"topk-k8": 2.0, "e2e-k8": 1.0},
+        folder="sae_feature_extrapolation_smollm2",
+        directions=[{"name": "sae-feature", "which": "inactive"}, {"name": "isotropic"}],
+        lengths=[0.0, 20.0, 40.0, 61.0],
+        saes=saes,
+    )
+    records = [{"label": "topk-k8", "l0": 8.0, "type": "topk"},
+               {"label": "e2e-k8", "l0": 8.0, "type": "e2e"}]  # fmt: skip
+    (suite / "saes.json").write_text(json.dumps(records))
+    res = _verdict(tmp_path, "lee-feature-local")
+    assert res.verdict == word
+    cos = np.median(
+        (local * e2e).sum(1) / np.linalg.norm(local, axis=1) / np.linalg.norm(e2e, axis=1)
+    )
+    assert (f"e2e-k8 {cos:.4f}" in res.ci_or_test) == fine_tuned
 
 
 def test_feature_claim_without_its_lengths_is_said(tmp_path: Path) -> None:

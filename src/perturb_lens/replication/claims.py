@@ -184,13 +184,14 @@ register_replication(
     'models" (fig. 8: local L0 30.9, e2e 27.5, e2e+ds 31.4, GPT-2 layer 6)',
     source=LEE,
     runs=("sae_feature_extrapolation_smollm2",),
-    evaluate=ev.e2e_vs_local_paired("sae-feature", (20.0, 40.0, 61.0)),
+    evaluate=ev.e2e_vs_local_paired("sae-feature", (20.0, 40.0, 61.0), distinct_decoders=True),
     rule=f"Each e2e / e2e+ds SAE of the feature-extrapolation suite is paired with the local "
     f"(ReLU+L1 or TopK) SAE of the nearest L0 if they differ by at most {ev.L0_MATCH:.0%}; per "
     f"pair and length (20, 40, 61) the paired {CI_WORD} bootstrap CI of mean KL(feature, e2e) / "
     "mean KL(feature, local) over the same tokens (sequences resampled; each SAE draws its own "
     "random inactive latent per token). Replicated: every CI below 1; not replicated: some CI "
-    f"above 1; else inconclusive (also under {MIN_SEQS} sequences).",
+    f"above 1; else inconclusive (also under {MIN_SEQS} sequences, and for a pair whose decoder "
+    f"rows agree, median cosine above {ev.SAME_DECODER}: their features are the same).",
 )
 
 register_replication(

@@ -260,14 +260,45 @@ def e2e_vs_local(runs: Sequence[Path]) -> Row:
     )
 
 
+SAME_DECODER = 0.99  # matched SAEs whose decoder rows agree this closely have the same features
+
+
+def decoder_cosine(run_a: Path, run_b: Path) -> float | None:
+    """Median cosine between corresponding decoder rows of the SAEs two runs read (their
+    ``sae`` folders, SAELens layout, relative to the working directory); None where either is
+    not a readable SAELens folder of the same shape."""
+    from safetensors.numpy import load_file
+
+    rows = []
+    for run in (run_a, run_b):
+        folder = Path(str(load_manifest(run)["config"].get("sae") or ""))
+        weights = folder / "sae_weights.safetensors"
+        if not weights.is_file():
+            return None
+        w = load_file(str(weights)).get("W_dec")
+        if w is None:
+            return None
+        rows.append(w.astype(np.float64) / np.linalg.norm(w, axis=1, keepdims=True))
+    if rows[0].shape != rows[1].shape:
+        return None
+    return float(np.median((rows[0] * rows[1]).sum(1)))
+
+
 def e2e_vs_local_paired(
-    direction: str = REFERENCE, lengths: Sequence[float] | None = None
+    direction: str = REFERENCE,
+    lengths: Sequence[float] | None = None,
+    *,
+    distinct_decoders: bool = False,
 ) -> Callable[[Sequence[Path]], Row]:
     """Braun et al.; Lee & Heimersheim fig. 8, on an ``sae run`` suite: per matched pair (e2e
     SAE, local SAE of the nearest L0 within ``L0_MATCH``; types and L0 from the suite's
     ``saes.json``) and length (``lengths``; None: the shortest), the paired bootstrap CI of mean
     KL(e2e) / mean KL(local) of ``direction`` (the label in both runs) on the same tokens
-    (sequences resampled). Replicated: every CI below 1; not replicated: some CI above 1."""
+    (sequences resampled). Replicated: every CI below 1; not replicated: some CI above 1.
+
+    ``distinct_decoders``: the claim compares the SAEs' features, so a pair whose decoder rows
+    agree (median cosine above ``SAME_DECODER``, e.g. an e2e SAE briefly fine-tuned from its
+    local one) cannot test it: that pair is inconclusive, whatever its interval."""
 
     def evaluate(runs: Sequence[Path]) -> Row:
         suite = runs[0]
@@ -279,9 +310,12 @@ def e2e_vs_local_paired(
             columns=["name", "kind", "l0", "kl"],
         )  # fmt: skip
         pairs = matched_pairs(evals)
-        parts, words = [], []
+        parts, words, alike = [], [], {}
         for p in pairs.itertuples():
             sums = [sequence_sums(suite / label, "kl", [direction]) for label in (p.e2e, p.local)]
+            cos = decoder_cosine(suite / p.e2e, suite / p.local) if distinct_decoders else None
+            if cos is not None and cos > SAME_DECODER:
+                alike[p.e2e] = cos
             for length in lengths if lengths is not None else [sums[0]["length"].min()]:
                 a, b = (
                     s[np.isclose(s["length"], length)].set_index("seq")[["sum", "n"]] for s in sums
@@ -299,7 +333,8 @@ def e2e_vs_local_paired(
                 n = int(r["n_seqs"])
                 # the claim is e2e / local below 1, i.e. its reciprocal interval above 1
                 inverse = (1.0 / r["ci_high"], 1.0 / r["ci_low"])
-                words.append("inconclusive" if n < MIN_SEQS else above(*inverse, 1.0))
+                judged = n >= MIN_SEQS and p.e2e not in alike
+                words.append(above(*inverse, 1.0) if judged else "inconclusive")
                 at = f" @ {length:g}" if lengths is not None else ""
                 parts.append((p, at, r, n))
         if not parts:
@@ -322,6 +357,13 @@ def e2e_vs_local_paired(
             ci_or_test=f"paired {CI_WORD} CI of the ratio per pair (sequences resampled): "
             + "; ".join(
                 f"{p.e2e}{at} [{_f(r['ci_low'])}, {_f(r['ci_high'])}]" for p, at, r, _ in parts
+            )
+            + (
+                "; not judged: decoder rows alike (median cosine to the local SAE's: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in alike.items())
+                + f"; above {SAME_DECODER}), so the features compared are the same"
+                if alike
+                else ""
             ),
         )
 

@@ -71,7 +71,7 @@ RUNS: dict[str, RunSpec] = {
             "sae train",
             "sae_train_smollm2_layer15_topk_e2e",
         ),
-        _run("synthetic_activations", "synthetic_activations_smollm2", "data.n_seqs=200"),
+        _run("synthetic_activations", "synthetic_activations_smollm2"),
         _run("plateaus", "plateaus_smollm2", "data.n_seqs=100"),
         _run("stable_regions", "stable_regions_smollm2", "data.n_seqs=100"),
     )

@@ -115,11 +115,11 @@ def sae_substitution(
     beside the verdict (None: no range)."""
 
     def evaluate(runs: Sequence[Path]) -> Row:
-        suite = runs[0]
+        suite, c = runs[0], _claim(claim)
         run_dirs = sorted(p for p in suite.iterdir() if (p / MANIFEST).is_file())
         parts, words, l0 = [], [], _suite_l0(suite)
         for run in run_dirs:
-            res = claim_intervals(run, [_claim(claim)], "kl")
+            res = claim_intervals(run, [c], "kl")
             res = res[res["outcome"] != "skipped"]
             for r in res.itertuples():
                 words.append(_WORDS.get(r.outcome, "inconclusive"))
@@ -128,13 +128,12 @@ def sae_substitution(
                     (run.name, at, l0.get(run.name), r.ratio, r.ci_low, r.ci_high, r.n_seqs)
                 )
         if not parts:
-            raise ValueError(f"no SAE run under {suite} has rows for {claim!r}")
+            raise ValueError(f"no SAE run under {suite} has rows for {c.text!r}")
         ratios = np.array([p[3] for p in parts])
         counted = ""
         if band is not None:
             in_band = int(((ratios >= band[0]) & (ratios <= band[1])).sum())
             counted = f" ({in_band} of {len(parts)} in the paper's range)"
-        c = _claim(claim)
         return Row(
             ours=f"KL ratio {c.a} / {c.b}: "
             + "; ".join(f"{p[0]}{p[1]} {_f(p[3])}" for p in parts)
@@ -311,8 +310,12 @@ def e2e_vs_local_paired(
         )  # fmt: skip
         pairs = matched_pairs(evals)
         parts, words, alike = [], [], {}
+        read: dict[str, pd.DataFrame] = {}  # a local SAE can pair with several e2e ones
         for p in pairs.itertuples():
-            sums = [sequence_sums(suite / label, "kl", [direction]) for label in (p.e2e, p.local)]
+            for label in (p.e2e, p.local):
+                if label not in read:
+                    read[label] = sequence_sums(suite / label, "kl", [direction])
+            sums = [read[p.e2e], read[p.local]]
             cos = decoder_cosine(suite / p.e2e, suite / p.local) if distinct_decoders else None
             if cos is not None and cos > SAME_DECODER:
                 alike[p.e2e] = cos

@@ -26,7 +26,6 @@ or pass fixed directions with ``make_directions(explicit_directions(t), ctx)``.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from perturb_lens.builtin_modules import BuiltinModules
 from perturb_lens.stats import ActivationStats, sample_gaussian
 
 ZERO_NORM_EPS = 1e-12  # rows shorter than this (in float64) count as zero
@@ -78,19 +78,9 @@ class UnknownDirectionError(KeyError):
 
 
 _REGISTRY: dict[str, tuple[DirectionInfo, DirectionFn]] = {}
-BUILTIN_MODULES = ("perturb_lens.saes.directions", "perturb_lens.saes.synthetic")
+BUILTINS = BuiltinModules("perturb_lens.saes.directions", "perturb_lens.saes.synthetic")
 """Modules registering built-in directions and scales beyond this one's (the SAE ones): imported
 by name when a registry here is first consulted, so that importing the package stays light."""
-_builtins_loaded = False
-
-
-def _load_builtins() -> None:
-    """Import :data:`BUILTIN_MODULES` once (they register on import)."""
-    global _builtins_loaded
-    if not _builtins_loaded:
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
-        _builtins_loaded = True
 
 
 def register_direction(
@@ -122,7 +112,7 @@ def register_direction(
 
 
 def _lookup(name: str) -> tuple[DirectionInfo, DirectionFn]:
-    _load_builtins()
+    BUILTINS.load()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -139,7 +129,7 @@ def get_direction(name: str) -> DirectionFn:
 
 def list_directions() -> list[DirectionInfo]:
     """Every registered direction, sorted by name."""
-    _load_builtins()
+    BUILTINS.load()
     return [info for _, (info, _fn) in sorted(_REGISTRY.items())]
 
 
@@ -220,13 +210,13 @@ def register_scale(
 
 def list_scales() -> dict[str, str]:
     """Every direction scale by name, with what it does."""
-    _load_builtins()
+    BUILTINS.load()
     return {**BUILTIN_SCALES, **{k: v[0] for k, v in sorted(_SCALES.items())}}
 
 
 def check_scale(scale: str) -> None:
     """Raise (listing the known scales) if ``scale`` is not one."""
-    _load_builtins()
+    BUILTINS.load()
     if scale not in BUILTIN_SCALES and scale not in _SCALES:
         raise ValueError(
             f"Unknown direction scale {scale!r}; known: {', '.join(list_scales())}. "

@@ -3,8 +3,9 @@
 An entry says everything the rest of the package needs to know about an experiment: the config
 section holding its options (a pydantic model of its own), the scope it requires, the function
 computing one shard's rows, the tables ``perturb-lens run`` prints, and the figure set of its
-runs. This module imports nothing of the package, so the config, the runner and the figures can
-all look experiments up without importing any experiment's code.
+runs. This module imports nothing of the package (but the dependency-free
+:mod:`perturb_lens.builtin_modules`), so the config, the runner and the figures can all look
+experiments up without importing any experiment's code.
 
 The code an entry names (``shard``, ``options``, ``tables``) may be given as a ``"module:name"``
 reference, imported when the entry is first fetched with :func:`get_experiment`,
@@ -19,6 +20,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
+
+from perturb_lens.builtin_modules import BuiltinModules
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -54,22 +57,10 @@ its shard function builds for the whole shard (plateau bases, prompt pairs), and
 per-curve statistics of its runs (``register_experiment(..., **LAST_POSITION_CURVES)``)."""
 
 _EXPERIMENTS: dict[str, ExperimentInfo] = {}
-BUILTIN_MODULE = "perturb_lens.experiments.builtin"  # registers the built-ins (by reference)
 _REFERENCES = ("shard", "options", "tables")  # the fields that may name code as "module:name"
-_builtins_loaded = False
-
-
-def _load_builtins() -> None:
-    """Import :data:`BUILTIN_MODULE` once, at the first lookup or registration (it registers on
-    import; first, so that a later registration of a built-in's name replaces the built-in)."""
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True  # before: its own registrations come back here
-        try:
-            importlib.import_module(BUILTIN_MODULE)
-        except BaseException:
-            _builtins_loaded = False
-            raise
+BUILTINS = BuiltinModules("perturb_lens.experiments.builtin")
+"""Registers the built-in experiments (by reference): imported at the first lookup or
+registration, first, so that a later registration of a built-in's name replaces the built-in."""
 
 
 def _resolved(entry: ExperimentInfo) -> ExperimentInfo:
@@ -95,7 +86,7 @@ def register_experiment(
     model needs the config ``section`` that holds it. ``shard``, ``options`` and ``tables`` may be
     ``"module:name"`` references (imported at the first fetch). Registering a name again replaces
     it."""
-    _load_builtins()
+    BUILTINS.load()
     entry = ExperimentInfo(name=name, shard=shard, **info)
     if (entry.options is None) != (entry.section is None):
         raise ValueError(f"experiment {name!r}: give both options= and section=, or neither")
@@ -108,7 +99,7 @@ def register_experiment(
 
 def get_experiment(name: str) -> ExperimentInfo:
     """The registered experiment ``name``; the error lists the known ones."""
-    _load_builtins()
+    BUILTINS.load()
     if name not in _EXPERIMENTS:
         raise ValueError(
             f"Unknown experiment {name!r}; choose from {', '.join(_EXPERIMENTS)} (or register "
@@ -127,11 +118,11 @@ def declared_experiment(name: str) -> ExperimentInfo | None:
     """The registered experiment ``name`` as registered, or None: its code (``shard``,
     ``options``, ``tables``) may still be ``"module:name"`` references, not imported (figures
     and reports need only its scope, figure set and curve statistics)."""
-    _load_builtins()
+    BUILTINS.load()
     return _EXPERIMENTS.get(name)
 
 
 def list_experiments() -> list[ExperimentInfo]:
     """Every registered experiment, in registration order."""
-    _load_builtins()
+    BUILTINS.load()
     return [_resolved(e) for e in list(_EXPERIMENTS.values())]

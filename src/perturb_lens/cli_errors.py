@@ -62,12 +62,12 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from err
 
 
-def checked_out(out: str | None, option: str = "--out") -> str | None:
+def checked_out(out: str | None, option: str = "--out", example: str = "runs/my-run") -> str | None:
     """``out`` unless it is empty (an empty path would write into the current folder)."""
     if out is not None and not out.strip():
         typer.echo(
-            f"Error: {option} is empty, which would write into the current folder: give a folder "
-            f"name (e.g. {option} runs/my-run), or leave {option} out for the default.",
+            f"Error: {option} is empty, which would write into the current folder: give a path "
+            f"(e.g. {option} {example}), or leave {option} out for the default.",
             err=True,
         )
         raise typer.Exit(1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -24,10 +24,13 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from perturb_lens.experiments.registry import get_experiment, list_experiments
+from perturb_lens.folder_names import MAX_LENGTH, is_plain_name
 from perturb_lens.lengths import resolve_lengths
 from perturb_lens.metrics import check_metrics
 from perturb_lens.models.hooks import HOOK_KINDS
 from perturb_lens.models.options import DTYPE_NAMES, FRAMES, PRECISIONS
+from perturb_lens.safe_files import CONFIG_MAX_BYTES, UnreadableFileError, read_limited
+from perturb_lens.yaml_loader import MAX_DEPTH, DuplicateKeyError, TooDeepError, parse_yaml
 
 Scope = Literal["all-positions", "single-position", "last-position"]
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -49,41 +52,15 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what to change."""
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML without 1.1's base-60 numbers: ``lengths=1:20:1`` stays a string, not 4801."""
-
-
-_NUMBERS = ("int", "float")
-_Loader.yaml_implicit_resolvers = {
-    first: [
-        (tag, re.compile(r"(?!.*:)" + rx.pattern, rx.flags) if tag.endswith(_NUMBERS) else rx)
-        for tag, rx in resolvers
-    ]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def parse_yaml(text: str) -> Any:
-    """``yaml.safe_load`` without base-60 numbers (YAML 1.2 dropped them too)."""
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
-
-
 SEED_MAX = 2**63 - 1  # seeds torch generators, which take 64-bit integers
 
 
 def check_run_name(name: str) -> str:
     """A run name is one plain folder name: the run goes to ``runs/NAME-HASH``."""
-    bad = (
-        not name
-        or name.startswith(".")
-        or any(c in name for c in "/\\:")
-        or any(ord(c) < 32 for c in name)
-        or len(name) > 100
-    )
-    if bad:
+    if not is_plain_name(name):
         raise ValueError(
-            f"name {name!r} must be a plain folder name of at most 100 characters (no '/', '\\', "
-            "':' or control characters, not starting with '.'): the run is written to "
+            f"name {name!r} must be a plain folder name of at most {MAX_LENGTH} characters (no "
+            "'/', '\\', ':' or control characters, not starting with '.'): the run is written to "
             "runs/NAME-HASH. To write it elsewhere, keep a plain name and pass --out DIR."
         )
     return name
@@ -366,7 +343,7 @@ class ExperimentConfig(BaseModel):
             try:
                 out[key] = options.model_validate(given.get(key, {}))
             except ValidationError as err:
-                message = "\n  ".join(_explain_lines(err, options, prefix=f"{key}."))
+                message = "\n  ".join(explain_lines(err, options, prefix=f"{key}."))
                 raise PydanticCustomError("config_section", _literal(message)) from None
         self.__pydantic_extra__ = out
         return self
@@ -375,8 +352,12 @@ class ExperimentConfig(BaseModel):
 def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names valid at a (possibly nested) location of a config model."""
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of models (saes.0.k): its model's keys
+            continue
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None) if field else None
+        if get_origin(ann) is list:
+            ann = get_args(ann)[0]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
         else:
@@ -389,7 +370,7 @@ def _literal(message: str) -> str:
     return message.replace("{", "{{").replace("}", "}}")
 
 
-def _explain_lines(err: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+def explain_lines(err: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
     """One line per error: the dotted key and what is wrong (unknown keys: the valid ones)."""
     lines = []
     for e in err.errors():
@@ -407,8 +388,11 @@ def _explain_lines(err: ValidationError, model: type[BaseModel], prefix: str = "
     return lines
 
 
-def _explain(err: ValidationError, model: type[BaseModel]) -> str:
-    return "Invalid configuration:\n  " + "\n  ".join(_explain_lines(err, model))
+def explain(
+    err: ValidationError, model: type[BaseModel], title: str = "Invalid configuration"
+) -> str:
+    """``title:`` and one indented line per error of ``err`` (:func:`explain_lines`)."""
+    return f"{title}:\n  " + "\n  ".join(explain_lines(err, model))
 
 
 def validate_config(data: dict[str, Any]) -> ExperimentConfig:
@@ -416,33 +400,50 @@ def validate_config(data: dict[str, Any]) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_explain(err, ExperimentConfig)) from None
+        raise ConfigError(explain(err, ExperimentConfig)) from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML (.yaml/.yml) or TOML (.toml) file into a dict."""
+    """Parse a YAML (.yaml/.yml) or TOML (.toml) file into a dict.
+
+    Refused, saying why: a path that is not a regular file (a pipe could block forever), a file
+    over :data:`~perturb_lens.safe_files.CONFIG_MAX_BYTES`, text that is not UTF-8, a key given
+    twice in one mapping (YAML would keep the last silently; TOML refuses it too) and runaway
+    nesting."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"Config file {path} not found.")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"Config {path} must end in .yaml, .yml or .toml.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_limited(path, CONFIG_MAX_BYTES, "a config file").decode("utf-8")
+    except UnreadableFileError as err:
+        raise ConfigError(str(err)) from None
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"Config {path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as "
             "UTF-8, or check that it is the config file you meant."
         ) from None
+    kind = "TOML" if path.suffix == ".toml" else "YAML"
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = parse_yaml(text)
-        else:
-            raise ConfigError(f"Config {path} must end in .yaml, .yml or .toml.")
+        data = tomllib.loads(text) if kind == "TOML" else parse_yaml(text)
+    except DuplicateKeyError as err:
+        first, second = err.lines
+        raise ConfigError(
+            f"Config {path}: key {err.key!r} is given twice in one section (lines {first} and "
+            f"{second}); YAML would silently keep only the second. Merge the two into one "
+            f"{err.key!r} entry."
+        ) from None
+    except (RecursionError, TooDeepError) as err:  # tomllib has no depth option: it recurses
+        deep = f"{MAX_DEPTH} levels (line {err.line})" if isinstance(err, TooDeepError) else ""
+        raise ConfigError(
+            f"Malformed config {path}: its values nest deeper than {deep or 'Python can parse'}, "
+            "where a config needs a few levels: check that it is the config file you meant."
+        ) from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
-        kind = "TOML" if path.suffix == ".toml" else "YAML"
         raise ConfigError(
             f"Malformed config {path}: {err}\nFix the {kind} syntax at the line shown (an "
-            "unclosed bracket or quote, a bad indent, a tab?)."
+            "unclosed bracket or quote, a bad indent, a tab, a key given twice?)."
         ) from None
     if data is None:
         data = {}

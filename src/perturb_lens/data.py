@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from perturb_lens.paths import file_mode
+from perturb_lens.safe_files import torch_load
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -504,7 +505,7 @@ def load_tokens(path: str | Path) -> torch.Tensor:
         raise FileNotFoundError(f"Token file {path} does not exist.")
     suffix = path.suffix.lower()
     if suffix == ".pt":
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load(path, "token file")
     elif suffix == ".npy":
         obj = torch.from_numpy(np.load(path, allow_pickle=False))
     elif suffix == ".safetensors":

@@ -59,6 +59,7 @@ from perturb_lens.results.store import (
     load_results,
 )
 from perturb_lens.run_handle import Run
+from perturb_lens.safe_files import UnreadableFileError, torch_load
 from perturb_lens.seeds import derive_seed
 from perturb_lens.stats import (
     DEFAULT_FIT_PER_DIM,
@@ -192,11 +193,9 @@ def load_stats(folder: Path) -> tuple[ActivationStats, Tensor]:
     stats = ActivationStats.load(folder / STATS_FILE)
     path = folder / POOL_FILE
     try:
-        pool = torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # truncated or foreign pickles raise many kinds of errors
-        raise StatsFileError(f"{path} is not a readable pool ({type(e).__name__}: {e})") from e
+        pool = torch_load(path, "pool of activations")
+    except UnreadableFileError as e:
+        raise StatsFileError(str(e)) from None
     if not (isinstance(pool, Tensor) and pool.ndim == 2 and pool.shape[1] == stats.d_model):
         raise StatsFileError(f"{path} does not hold a [n, {stats.d_model}] pool of activations")
     return stats, pool
@@ -402,7 +401,7 @@ def run_experiment(
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{run_hash[:8]}"
     check_new_or_resume(run_dir, resume, cfg_dict, run_hash)  # also checks the manifest's layout
     old_meta = _recorded_meta(run_dir) if resume else {}
-    threads, cpu = resolve_threads(cfg.threads, old_meta.get("threads")), cpu_model()
+    threads, cpu = resolve_threads(cfg.threads, old_meta.get("threads"), run_dir), cpu_model()
     check_same_compute(run_dir, old_meta, threads, cpu, allow_cpu_change=allow_cpu_change)
     runner = get_executor(executor, address)
     # unwritable or locked: refused before any work

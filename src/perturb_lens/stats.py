@@ -26,6 +26,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from perturb_lens.safe_files import regular_file
 from perturb_lens.stats_size import (  # noqa: F401  (re-exported: the fit-size API lives there)
     DEFAULT_FIT_PER_DIM,
     MIN_FIT_PER_DIM,
@@ -156,7 +157,7 @@ class ActivationStats:
 
     @classmethod
     def _load(cls, path: str | os.PathLike[str]) -> ActivationStats:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(regular_file(path, "an activation-stats file")), framework="pt") as f:
             raw = (f.metadata() or {}).get(_FORMAT)
             if raw is None:
                 raise StatsFileError(

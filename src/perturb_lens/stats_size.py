@@ -9,6 +9,8 @@ import os
 
 from safetensors import safe_open
 
+from perturb_lens.safe_files import regular_file
+
 DEFAULT_FIT_PER_DIM = 20  # default fit size: 20 x d_model non-BOS samples (see README, issue 13)
 MIN_FIT_PER_DIM = 10  # below 10 x d_model samples the covariance is unreliable: a loud warning
 STATS_FORMAT = "perturb-lens/activation-stats"  # the safetensors metadata key of a stats file
@@ -17,7 +19,7 @@ STATS_FORMAT = "perturb-lens/activation-stats"  # the safetensors metadata key o
 def fit_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """``(samples fitted, d_model)`` of a file written by ``ActivationStats.save``, read
     from its header alone (no tensor is loaded)."""
-    with safe_open(str(path), framework="numpy") as f:
+    with safe_open(str(regular_file(path, "an activation-stats file")), framework="numpy") as f:
         raw = (f.metadata() or {}).get(STATS_FORMAT)
         if raw is None:
             raise ValueError(

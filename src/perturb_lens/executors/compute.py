@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
+from perturb_lens.cores import available_cores
 
 
 class ComputeMismatchError(ValueError):
@@ -32,19 +32,41 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def resolve_threads(threads: int | None, recorded: Any = None) -> int:
-    """The run's thread count: the config's, else the one a resumed run recorded, else torch's
-    default in this process (its physical cores, or OMP_NUM_THREADS)."""
+def resolve_threads(threads: int | None, recorded: Any = None, run_dir: Path | None = None) -> int:
+    """The run's thread count: the config's, else the one a resumed run (``run_dir``) recorded,
+    else torch's default in this process (its physical cores, or OMP_NUM_THREADS).
+
+    Never more than the cores this process may use: torch's threads busy-wait for each other,
+    so 1000 threads on 2 cores made a 6 s run take minutes, and a resume must keep the count
+    (float32 results depend on it), so a count beyond the cores is refused, not lowered."""
+    cores = available_cores()
     if threads is not None:
+        if threads > cores:
+            raise ComputeMismatchError(
+                f"threads={threads} is more than the {cores} CPU core(s) this process may use, "
+                "which only slows every shard down: set threads to at most "
+                f"{cores}, or leave it unset (torch's default)."
+            )
         return threads
     if isinstance(recorded, int) and recorded >= 1:
+        if recorded > cores:
+            raise ComputeMismatchError(
+                f"cannot resume {run_dir}: its shards were computed with {recorded} torch "
+                f"threads, more than the {cores} CPU core(s) here, and a resume must keep the "
+                f"count (float32 results depend on it). Resume on a machine with at least "
+                f"{recorded} cores, or start a fresh run with another --out."
+            )
         return recorded
-    return torch.get_num_threads()
+    import torch
+
+    return min(torch.get_num_threads(), cores)
 
 
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch intra-op threads set to ``n`` inside the block, restored after."""
+    import torch
+
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -5,21 +5,13 @@ report's rendering is most of its time)."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections.abc import Sequence
 
+from perturb_lens.cores import available_cores
 from perturb_lens.plots.registry import Plot
 
 Job = tuple[str, bool]  # (format, logy)
 _TASKS: list[tuple[Plot, list[Job]]] = []  # what forked workers render (inherited, not pickled)
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _render_task(i: int) -> tuple[int, dict[Job, bytes]]:

@@ -29,10 +29,27 @@ def _quantile(name: str) -> float | None:
     return float(f"0.{m[1]}") if m else None
 
 
+class MissingColumnError(KeyError):
+    """A results frame without a column asked for; its message says which, and what to do."""
+
+    def __str__(self) -> str:  # the message as written, not KeyError's repr of it
+        return str(self.args[0])
+
+
 def _require(df: pd.DataFrame, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in df.columns]
+    if missing and df.attrs.get("results") == "aggregate":
+        run = df.attrs.get("run_dir", "RUN")
+        raise MissingColumnError(
+            f"this frame holds the per-shard aggregate tables of the aggregate run {run} (config "
+            f"results: aggregate), not one row per token, so it has no column {missing[0]!r}. "
+            f"Read its curves with perturb_lens.open_run({run!r}).curves({missing[-1]!r}), or "
+            f"its merged aggregates with perturb_lens.run_aggregates({run!r}, METRIC)."
+        )
     if missing:
-        raise KeyError(f"columns {missing} not in the results frame (it has {list(df.columns)})")
+        raise MissingColumnError(
+            f"columns {missing} not in the results frame (it has {list(df.columns)})"
+        )
 
 
 def _group_stats(g: pd.core.groupby.SeriesGroupBy, stat: Sequence[str]) -> pd.DataFrame:

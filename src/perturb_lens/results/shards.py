@@ -18,9 +18,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from perturb_lens.config import DirectionConfig
-from perturb_lens.metrics import NONFINITE
+from perturb_lens.metrics import NONFINITE, metric_names
 from perturb_lens.results.store import load_manifest, verified_shard_bytes
 from perturb_lens.results.summary import summary_filters
+from perturb_lens.safe_files import regular_file
 
 
 def iter_batches(
@@ -45,7 +46,7 @@ def iter_batches(
         source = (
             pa.BufferReader(verified_shard_bytes(run_dir, shard_id, entry))
             if verify
-            else run_dir / entry["file"]
+            else regular_file(run_dir / entry["file"], f"shard {shard_id}")
         )
         names = pq.read_schema(source).names
         missing = [c for c in columns if c not in names]
@@ -85,6 +86,19 @@ def run_directions(manifest: dict[str, Any]) -> dict[str, DirectionConfig]:
     return {s.label: s for s in specs}
 
 
+def check_measured(run_dir: Path, manifest: dict[str, Any], metric: str, have: list[str]) -> None:
+    """Refuse a metric the run did not measure (``have``: its shards' columns, or its config's
+    metrics for an aggregate run), naming those it did."""
+    if metric in have:
+        return
+    measured = manifest["config"].get("metrics") or [m for m in have if m in metric_names()]
+    raise ValueError(
+        f"{run_dir} has no metric {metric!r}: the run measured {', '.join(measured)}. Pick one "
+        f"of those (e.g. --metric {measured[0] if measured else 'kl'}), or run the config again "
+        f"with {metric} in its metrics."
+    )
+
+
 def sequence_sums(
     run_dir: str | Path,
     metric: str = "kl",
@@ -103,12 +117,16 @@ def sequence_sums(
     """
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
+    aggregate = results_mode(manifest) == "aggregate"
+    have = manifest["config"].get("metrics", []) if aggregate else shard_columns(run_dir, manifest)
+    if manifest["shards"]:
+        check_measured(run_dir, manifest, metric, have)
     labels = sorted(set(directions if directions is not None else run_directions(manifest)))
     value_set = pa.array(labels, pa.string())
     keys = ["direction", "length", "seq"]
     columns = [*keys, "sum", "n", "n_nan"]
     shards = []
-    if results_mode(manifest) == "aggregate":
+    if aggregate:
         wanted = [("kind", "=", "seq"), ("metric", "=", metric), ("direction", "in", labels)]
         batches = iter_batches(run_dir, [*keys, "sum", "count", "n_nan"], wanted, verify=verify)
         for _, batch in batches:
@@ -122,7 +140,7 @@ def sequence_sums(
             shards.append(table.select(columns).to_pandas())
     else:
         filters = [*(summary_filters(manifest["meta"]) or []), ("direction", "in", labels)]
-        flag = [NONFINITE] if NONFINITE in shard_columns(run_dir, manifest) else []
+        flag = [NONFINITE] if NONFINITE in have else []
         batches = iter_batches(run_dir, [*keys, metric, *flag], filters, verify=verify)
         for _, group in itertools.groupby(batches, key=lambda item: item[0]):
             parts = [_sum_by(_terms(batch, metric, value_set), keys) for _, batch in group]

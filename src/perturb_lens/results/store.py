@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -44,7 +43,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from perturb_lens.folder_lock import LOCK, FolderLockedError, acquire_lock, release_lock
 from perturb_lens.paths import file_mode
+from perturb_lens.safe_files import (
+    MANIFEST_MAX_BYTES,
+    UnreadableFileError,
+    first_few,
+    open_regular,
+    read_limited,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +59,22 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 SKETCHES = "sketches"
 RUN_SKETCH = "sketch"  # manifest key of the run-level (merged) quantile sketch
-LOCK = ".lock"
 FORMAT_VERSION = 2  # 2: an aggregate run's quantile sketch may live in sketch files (not shards)
 _TMP_SUFFIX = ".tmp"
+# what atomic_write leaves when killed: ".NAME." + mkstemp's 8 random characters + ".tmp"
+# files a run writes into its folder besides shards, sketches and the manifest (the statistics,
+# the pool, the SAE's alive latents: runner.STATS_FILE, POOL_FILE, saes.directions.ALIVE_FILE)
+RUN_FILES = frozenset({LOCK, "stats.safetensors", "pool.pt", "sae_alive.pt"})
+_STALE_TMP = re.compile(r"\.[^/]+\.[a-z0-9_]{8}\.tmp")
 _SHARD_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(FolderLockedError):
     """Another process (or another RunStore in this one) is writing to the run directory."""
+
+
+class NotARunError(FileExistsError):
+    """An output folder that holds other files and no run: a run is not written among them."""
 
 
 class ConfigMismatchError(ValueError):
@@ -168,7 +183,7 @@ def _diff_values(path: str, va: Any, vb: Any) -> list[tuple[str, Any, Any]]:
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "a run file") as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
@@ -239,7 +254,7 @@ def load_manifest(run_dir: Path) -> dict:
     """The manifest of a run directory (config, meta, shards with checksums, ...)."""
     path = Path(run_dir) / MANIFEST
     try:
-        text = path.read_bytes()
+        text = read_limited(path, MANIFEST_MAX_BYTES, "a run manifest")
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no {MANIFEST} in {run_dir}: not a perturb-lens run directory (or the run has not "
@@ -247,10 +262,11 @@ def load_manifest(run_dir: Path) -> dict:
         ) from None
     try:
         manifest = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
         raise ManifestError(
-            f"{path} is not valid JSON ({e}): damaged or edited by hand. {_fresh_run(run_dir)}"
-        ) from e
+            f"{path} is not valid JSON ({why}): damaged or edited by hand. {_fresh_run(run_dir)}"
+        ) from None
     check_manifest(manifest, path)
     return manifest
 
@@ -401,6 +417,7 @@ class RunStore:
         it. :meth:`create` then writes or checks the manifest.
         """
         if self._lock_fd is None:
+            self._check_not_foreign()
             wanted = [self.run_dir, self.run_dir / SHARDS, self.run_dir / LOCK]
             missing = [p for p in wanted if not p.exists()]
             try:
@@ -423,9 +440,7 @@ class RunStore:
         started) is removed again, so a failed start leaves nothing behind.
         """
         if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            release_lock(self._lock_fd)
             self._lock_fd = None
             self._remove_if_unused()
 
@@ -474,33 +489,30 @@ class RunStore:
             ) from e
 
     def _acquire_lock(self) -> None:
-        path = self.run_dir / LOCK
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise OSError(
-                e.errno,
-                f"cannot write to the run directory {self.run_dir} ({e.strerror or e}): choose "
-                f"another --out, or make it writable (chmod u+w {self.run_dir})",
-            ) from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise RunLockedError(
-                f"another run (pid {pid}) is writing to {self.run_dir}: wait for it to finish "
-                "(or stop it), or choose another --out"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = acquire_lock(self.run_dir, "run", RunLockedError)
+
+    def _check_not_foreign(self) -> None:
+        """Refuse an existing folder without a manifest that holds anything a run does not
+        write (:func:`_left_by_a_store`): a run is not written among someone's files, nor are
+        their files cleaned up as ours. A run whose manifest was lost is still taken as one."""
+        folder = self.run_dir
+        if not folder.is_dir() or (folder / MANIFEST).exists():
+            return
+        foreign = sorted(p.name for p in folder.iterdir() if not _left_by_a_store(p))
+        if foreign:
+            shown = first_few(foreign)
+            raise NotARunError(
+                f"{folder} is not empty and holds no perturb-lens run ({shown}): a run gets a "
+                f"folder of its own. Choose a new or empty --out (e.g. --out {folder / 'run'})."
+            )
 
     def _remove_stale_tmp_files(self) -> None:
-        """Temp files left by a killed writer (we hold the lock, so none is in use)."""
+        """Temp files left by a killed writer (we hold the lock, so none is in use): only names
+        :func:`atomic_write` makes, so a hidden ``.notes.tmp`` of the user's stays."""
         for folder in (self.run_dir, self.run_dir / SHARDS, self.run_dir / SKETCHES):
             for tmp in folder.glob(f".*{_TMP_SUFFIX}"):
-                tmp.unlink(missing_ok=True)
+                if _STALE_TMP.fullmatch(tmp.name) and tmp.is_file():
+                    tmp.unlink(missing_ok=True)
 
     def _check_resume(self, old: dict, config: dict, new_hash: str, meta: dict) -> None:
         """Same config; same inputs (meta) unless only :data:`INFORMATIONAL_META` differs or no
@@ -658,6 +670,27 @@ class RunStore:
             self.update_manifest(drop)
 
 
+def _left_by_a_store(path: Path) -> bool:
+    """Whether ``path`` (in a run folder without a manifest) is something a run writes: its lock,
+    temp files, statistics files, a merged sketch, ``shards/`` and ``sketches/`` holding only
+    Parquet shards and temp files (what a run whose manifest was lost still holds)."""
+    if path.name == LOCK:  # whatever it is: acquire_lock says what to do with a strange one
+        return True
+    if path.is_symlink():
+        return False
+    if path.is_file():
+        return path.name in RUN_FILES or _ours(path.name, RUN_SKETCH_FILE)
+    if path.name in (SHARDS, SKETCHES) and path.is_dir():
+        shard = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.parquet")
+        return all(p.is_file() and _ours(p.name, shard) for p in path.iterdir())
+    return False
+
+
+def _ours(name: str, pattern: re.Pattern[str]) -> bool:
+    """A file name matching ``pattern``, or a temp file :func:`atomic_write` leaves."""
+    return bool(pattern.fullmatch(name) or _STALE_TMP.fullmatch(name))
+
+
 def verified_shard_bytes(run_dir: Path, shard_id: str, entry: dict) -> bytes:
     """A shard's file, read once and checked against its manifest entry; a malformed entry, a
     missing file or another sha256 raises :class:`ChecksumError` saying to resume."""
@@ -675,9 +708,12 @@ def verified_bytes(
         raise ChecksumError(f"{name} of {run_dir}: {problem}: {fix}")
     path = run_dir / entry["file"]
     try:
-        data = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
+        with open_regular(path, name) as f:
+            data = f.read()
+    except FileNotFoundError:
         raise ChecksumError(f"{name} ({path}) is missing: {fix}") from None
+    except UnreadableFileError:
+        raise ChecksumError(f"{name} ({path}) is not a regular file: {fix}") from None
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ChecksumError(
             f"{name} ({path}) does not match its recorded sha256 (damaged or changed after the "
@@ -732,4 +768,7 @@ def load_results(
     df = pa.concat_tables(tables, promote_options="permissive").to_pandas()
     if "direction" in df.columns and not isinstance(df["direction"].dtype, pd.CategoricalDtype):
         df["direction"] = df["direction"].astype("category")
+    # what the analysis functions check: an aggregate run's tables are not rows (their errors
+    # point to the aggregate API instead of naming missing columns)
+    df.attrs.update(results=manifest["config"].get("results", "rows"), run_dir=str(run_dir))
     return df

@@ -54,6 +54,8 @@ VERDICT_COLUMNS = [
 ]
 
 
+GROWING_METRICS = ("kl", "l2", "js")  # 0 without a perturbation, larger the more it changes
+
 NOT_JUDGED = ("plateaus", "stable-regions", "same-cosine")
 """Experiments whose rows are per-base curves, not directions swept from the same tokens."""
 
@@ -459,7 +461,9 @@ def _claim_row(
         any(directions[x].name.startswith("cov-random") for x in labels), fit
     )
     notes = [note]
-    if len(kept) and kept["n_seqs"].min() < attrs["min_seqs"]:
+    if not len(kept):
+        notes.append(_why_nothing_judged(g, metric))
+    elif kept["n_seqs"].min() < attrs["min_seqs"]:
         notes.append(f"fewer than {attrs['min_seqs']} sequences pair: left inconclusive there")
     nan = {x: attrs["n_nan"][x] for x in labels if x in attrs["n_nan"]}
     if nan:
@@ -475,6 +479,23 @@ def _claim_row(
         "unreliable": unreliable,
         "note": "; ".join(filter(None, notes)),
     }
+
+
+def _why_nothing_judged(g: pd.DataFrame, metric: str) -> str:
+    """Why a claim's every length was skipped (its verdict then says ``inconclusive``)."""
+    if (g["n_seqs"] == 0).all():
+        return "no sequence has finite rows of both directions at any length: nothing to compare"
+    floor = (
+        f"skipped at every length: both means are at or below the noise floor "
+        f"({_noise_floor(g):.3g}, the larger mean at length 0), so there is nothing to judge"
+    )
+    if metric in GROWING_METRICS:
+        return f"{floor}; longer lengths would show whether the directions differ"
+    return (
+        f"{floor}. A ratio of means measures sensitivity only for a metric that is 0 without a "
+        f"perturbation and grows with it ({', '.join(GROWING_METRICS)}); {metric!r} is not one"
+        + (" (a similarity: 1 when nothing changes): use --metric kl" if metric == "cos" else "")
+    )
 
 
 def _verdict(where: dict[str, list[float]]) -> str:

@@ -4,6 +4,7 @@ SAE experiment suites."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -133,7 +134,13 @@ def stats(
     from perturb_lens.saes.io import load_sae
     from perturb_lens.saes.stats import sae_stats
 
+    csv = checked_out(csv, "--csv", "sae_stats.csv")
     with user_errors():
+        if csv is not None and Path(csv).is_dir():
+            raise IsADirectoryError(
+                f"--csv {csv} is a folder: give a file name for the table, e.g. --csv "
+                f"{Path(csv) / 'sae_stats.csv'}."
+            )
         lens, tokens = _eval_setup(model, frame, data, n_seqs, seq_len, quiet)
         named = {Path(s).name if Path(s).exists() else s: load_sae(s, model=model) for s in saes}
         means = _means(mean_from, named, lens.frame)
@@ -141,8 +148,9 @@ def stats(
             named, lens, tokens, include_bos=include_bos, means=means, progress=not quiet
         )
     df = pd.DataFrame([r.to_dict() for r in rows])
-    if csv:
-        df.to_csv(csv, index=False)
+    if csv is not None:
+        with user_errors():
+            df.to_csv(csv, index=False)
     if as_json:
         typer.echo(json.dumps(df.to_dict(orient="records"), indent=2))
         return
@@ -217,7 +225,8 @@ def l0_sweep_cmd(
             main, lens, tokens, name=name, family=fam, l0_grid=l0, n_steps=steps,
             include_bos=include_bos, mean=mean, progress=not quiet,
         )  # fmt: skip
-        folder = Path(out) if out is not None else Path("runs") / f"l0_sweep_{name}"
+        plain = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # a reference may hold '/' or ':'
+        folder = Path(out) if out is not None else Path("runs") / f"l0_sweep_{plain}"
         folder.mkdir(parents=True, exist_ok=True)
         df.to_csv(folder / f"{TABLE_FILE}.csv", index=False)
         df.to_parquet(folder / f"{TABLE_FILE}.parquet", index=False)
@@ -283,6 +292,7 @@ def pack(
     config, held-out metrics) to ship without retraining."""
     from perturb_lens.saes.pack import pack_saes
 
+    archive = checked_out(archive, "--archive", f"{name}-{version}.tar.gz")
     with user_errors():
         path = pack_saes(folders, archive or f"{name}-{version}.tar.gz", name=name, version=version)
     console().print(f"Packed {len(folders)} SAE(s): [bold]{path}[/bold]")
@@ -298,10 +308,12 @@ def unpack(
     """Verify an SAE pack and install it; print the pack:NAME/ID references presets can use."""
     from perturb_lens.saes.pack import MANIFEST
     from perturb_lens.saes.pack import unpack as unpack_archive
+    from perturb_lens.safe_files import load_json
 
+    dest = checked_out(dest, "--dest", "saes")
     with user_errors():
         target = unpack_archive(archive, dest)
-    manifest = json.loads((target / MANIFEST).read_text())
+        manifest = load_json(target / MANIFEST, "an SAE pack manifest")
     console().print(f"Installed [bold]{target}[/bold]")
     for sae_id in sorted(manifest["saes"]):
         console().print(f"  pack:{manifest['name']}@{manifest['version']}/{sae_id}")

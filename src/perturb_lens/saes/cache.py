@@ -20,7 +20,6 @@ holds a few chunks, and the token count is bounded by disk only.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, Protocol
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from perturb_lens.models.base import LensModel
 from perturb_lens.results.store import atomic_write, atomic_write_json
+from perturb_lens.safe_files import load_json
 
 CacheDtype = Literal["float32", "bfloat16"]
 FLAGGED = ("bos", "outlier")  # token groups kept out of training, evaluated apart
@@ -102,7 +102,7 @@ class ActivationCache:
                 f"{self.folder} is not an activation cache (no meta.json); build it with "
                 "ActivationCache.build."
             )
-        self.meta = json.loads(meta_file.read_text())
+        self.meta = load_json(meta_file, "an activation cache's meta.json")
         if "counts" not in self.meta:
             raise ValueError(f"{self.folder} is an unfinished cache; build it again to resume.")
         self.counts: list[int] = self.meta["counts"]
@@ -139,7 +139,7 @@ class ActivationCache:
         }
         meta_file = folder / "meta.json"
         if meta_file.is_file():
-            old = json.loads(meta_file.read_text())
+            old = load_json(meta_file, "an activation cache's meta.json")
             if {k: old.get(k) for k in spec} != spec:
                 raise ValueError(
                     f"{folder} caches other activations or settings ({meta_file}); remove it or "

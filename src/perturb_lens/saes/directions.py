@@ -28,6 +28,7 @@ from perturb_lens.models.base import LensModel
 from perturb_lens.results.store import atomic_write
 from perturb_lens.saes.sae import SAE
 from perturb_lens.saes.stats import ALIVE_EPS, alive_latents
+from perturb_lens.safe_files import UnreadableFileError, torch_load
 
 FEATURE_CHOICES = ("inactive", "active", "dead")
 
@@ -134,8 +135,8 @@ def cached_alive(
     path = Path(run_dir) / ALIVE_FILE
     if path.is_file():
         try:
-            saved = torch.load(path, weights_only=True)
-        except Exception as e:  # damaged: computed again below, like any other cache
+            saved = torch_load(path, "alive-latents cache")
+        except (UnreadableFileError, OSError) as e:  # damaged: computed again, like any cache
             logging.getLogger(__name__).warning("Ignoring unreadable %s (%s)", path, e)
             saved = None
         if isinstance(saved, dict) and saved.get("key") == key:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.saes.cache import atomic_save
+from perturb_lens.safe_files import load_json
 
 
 def cache_activations(
@@ -32,7 +33,7 @@ def cache_activations(
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"hook": hook, "tokens": token_source_hash(tokens), "source": model.source}
         meta_file = folder / "meta.json"
-        if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
+        if meta_file.is_file() and load_json(meta_file, "an activation cache's meta.json") != meta:
             raise ValueError(f"{folder} caches other activations ({meta_file}); use another --out.")
         meta_file.write_text(json.dumps(meta))
     order = sorted(hooks, key=model.parse_hook)

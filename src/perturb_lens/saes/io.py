@@ -36,6 +36,15 @@ from safetensors.torch import load_file
 from perturb_lens.saes.format import CFG_FILE, WEIGHTS_FILE
 from perturb_lens.saes.pack import is_pack_ref, resolve_pack_ref
 from perturb_lens.saes.sae import SAE, SAEConfig
+from perturb_lens.safe_files import (
+    CONFIG_MAX_BYTES,
+    JSON_MAX_BYTES,
+    UnreadableFileError,
+    read_limited,
+    regular_file,
+    torch_load,
+)
+from perturb_lens.yaml_loader import parse_yaml
 
 _RMSNORM_MODELS = re.compile(r"llama|gemma|qwen|mistral|smollm|phi-3|olmo", re.IGNORECASE)
 
@@ -114,9 +123,11 @@ def _saelens_cfg_to_ours(raw: dict[str, Any], frame: str | None) -> SAEConfig:
     )
 
 
-def sae_from_state(cfg: SAEConfig, state: dict[str, torch.Tensor]) -> SAE:
+def sae_from_state(
+    cfg: SAEConfig, state: dict[str, torch.Tensor], where: str = "the SAE weights"
+) -> SAE:
     """Build an SAE (float32, frozen: ``requires_grad`` off) from a config and SAELens-named
-    weights; shapes are checked."""
+    weights; shapes are checked, and NaN or inf values refused (``where`` names their file)."""
     sae = SAE(cfg)
     state = dict(state)
     if cfg.activation == "jumprelu" and "threshold" not in state and "log_threshold" in state:
@@ -131,6 +142,15 @@ def sae_from_state(cfg: SAEConfig, state: dict[str, torch.Tensor]) -> SAE:
                 f"SAE weight {name} has shape {tuple(state[name].shape)}; cfg (d_in={cfg.d_in}, "
                 f"d_sae={cfg.d_sae}) needs {shape}."
             )
+    bad = {n: int((~torch.isfinite(state[n])).sum()) for n in want}
+    bad = {n: k for n, k in bad.items() if k}
+    if bad:
+        shown = ", ".join(f"{n} ({k} of {state[n].numel()})" for n, k in bad.items())
+        raise SAELoadError(
+            f"{where}: NaN or inf values in {shown}: every statistic of this SAE would come out "
+            "NaN. The file is damaged or its training diverged: restore it, or retrain the SAE "
+            "(with a lower lr if it diverged)."
+        )
     with torch.no_grad():
         for name, p in sae.named_parameters():
             p.copy_(state[name].to(torch.float32))
@@ -141,15 +161,18 @@ def load_saelens_folder(folder: str | Path, *, frame: str | None = None) -> SAE:
     """Load a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``)."""
     folder = Path(folder)
     cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
-    if not cfg_path.is_file() or not w_path.is_file():
+    if not cfg_path.exists() or not w_path.exists():
         raise SAELoadError(
             f"{folder} is not a SAELens folder: it needs {CFG_FILE} and {WEIGHTS_FILE}."
         )
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raw = json.loads(read_limited(cfg_path, JSON_MAX_BYTES, "a SAELens cfg.json"))
+    except UnreadableFileError as e:
+        raise SAELoadError(str(e)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
         raise SAELoadError(
-            f"{cfg_path} is not valid JSON ({e}): damaged or not a SAELens config; restore it "
+            f"{cfg_path} is not valid JSON ({why}): damaged or not a SAELens config; restore it "
             "(e.g. save the SAE again) or point to another SAE folder."
         ) from None
     if not isinstance(raw, dict):
@@ -168,7 +191,7 @@ def load_saelens_folder(folder: str | Path, *, frame: str | None = None) -> SAE:
             "or point to another SAE folder."
         ) from None
     try:
-        state = load_file(str(w_path))
+        state = load_file(str(regular_file(w_path, "SAE weights")))
     except (SafetensorError, OSError, ValueError) as e:
         raise SAELoadError(
             f"{w_path} is not a readable safetensors file ({e}): damaged or truncated; restore "
@@ -176,7 +199,7 @@ def load_saelens_folder(folder: str | Path, *, frame: str | None = None) -> SAE:
         ) from None
     if raw.get("finetuning_scaling_factor") and "scaling_factor" in state:
         raise SAELoadError("SAEs with a finetuning scaling factor are not supported.")
-    return sae_from_state(cfg, state)
+    return sae_from_state(cfg, state, str(w_path))
 
 
 # ---- SAELens releases ----------------------------------------------------------------------
@@ -216,7 +239,7 @@ def from_saelens_object(lens: Any, *, frame: str | None = None) -> SAE:
     raw = lens.cfg.to_dict()
     raw.setdefault("metadata", {})
     state = {k: v.detach().cpu() for k, v in lens.state_dict().items()}
-    return sae_from_state(_saelens_cfg_to_ours(raw, frame), state)
+    return sae_from_state(_saelens_cfg_to_ours(raw, frame), state, "the sae_lens SAE object")
 
 
 def _load_release_from_hub(release: str, sae_id: str, *, frame: str | None) -> SAE:
@@ -259,7 +282,16 @@ def _e2e_checkpoint_file(path: Path) -> tuple[Path, dict[str, Any]]:
     if cfg_file.is_file():
         import yaml
 
-        config = yaml.safe_load(cfg_file.read_text()) or {}
+        try:
+            text = read_limited(cfg_file, CONFIG_MAX_BYTES, "an e2e_sae config").decode()
+            config = parse_yaml(text) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, UnreadableFileError) as e:
+            raise SAELoadError(
+                f"{cfg_file} (beside the checkpoint) is not a readable e2e_sae config ({e}): "
+                "restore it, or remove it (it only names the model)."
+            ) from None
+        if not isinstance(config, dict):
+            raise SAELoadError(f"{cfg_file} must hold a mapping: restore it, or remove it.")
     return ckpt, config
 
 
@@ -269,11 +301,10 @@ def load_e2e_checkpoint(
     """An SAE from an e2e_sae checkpoint (see the module docstring for the layout)."""
     ckpt, config = _e2e_checkpoint_file(Path(path))
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign pickles raise many kinds of errors
+        state = torch_load(ckpt, "torch checkpoint")
+    except UnreadableFileError as e:
         raise SAELoadError(
-            f"{ckpt} is not a readable torch checkpoint ({type(e).__name__}: {e}): damaged, or "
-            "not an e2e_sae state dict; point to another checkpoint."
+            f"{e}: damaged, or not an e2e_sae state dict; point to another checkpoint."
         ) from None
     if not isinstance(state, dict):
         raise SAELoadError(f"{ckpt} does not hold a state dict.")
@@ -293,6 +324,14 @@ def load_e2e_checkpoint(
         if key not in positions:
             names = [p.replace("-", ".") for p in positions]
             raise SAELoadError(f"{ckpt} has no SAE at {hook!r}; it has {names}.")
+    names = [f"{key}.{n}" for n in ("encoder.0.weight", "encoder.0.bias", "decoder.weight")]
+    names.append(f"{key}.decoder.bias")
+    lacking = [n for n in names if not isinstance(state.get(n), torch.Tensor)]
+    if lacking:
+        raise SAELoadError(
+            f"{ckpt} is not a complete e2e_sae checkpoint: no tensor {lacking[0]!r}; point to "
+            "another checkpoint."
+        )
     enc_w = state[f"{key}.encoder.0.weight"].double()  # [d_sae, d_in]
     dec_w = state[f"{key}.decoder.weight"].double()  # [d_in, d_sae]
     dec_w = dec_w / dec_w.norm(dim=0, keepdim=True).clamp_min(1e-12)  # F.normalize(dim=0)
@@ -314,6 +353,7 @@ def load_e2e_checkpoint(
             "W_dec": dec_w.T,
             "b_dec": state[f"{key}.decoder.bias"],
         },
+        str(ckpt),
     )
 
 

@@ -165,7 +165,14 @@ def load_ablation_mean(path: str | os.PathLike[str], hook: str, frame: str) -> T
     from perturb_lens.stats import ActivationStats
 
     p = Path(path)
-    stats = ActivationStats.load(p / "stats.safetensors" if p.is_dir() else p)
+    file = p / "stats.safetensors" if p.is_dir() else p
+    if not file.exists():
+        raise FileNotFoundError(
+            f"--mean-from {path}: no {file} (the mean comes from a run folder, which holds "
+            "stats.safetensors, or from that file itself): point to one, or leave --mean-from out "
+            "to use the mean over the evaluated tokens."
+        )
+    stats = ActivationStats.load(file)
     for what, have, want in (("hook", stats.hook, hook), ("frame", stats.frame, frame)):
         if have and have != want:
             raise ValueError(

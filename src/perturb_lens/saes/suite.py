@@ -23,20 +23,32 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from perturb_lens.config import (
     ConfigError,
     ExperimentConfig,
     apply_overrides,
+    check_run_name,
+    explain,
     read_config_file,
     validate_config,
 )
+from perturb_lens.folder_names import check_folder_name
 from perturb_lens.metrics import metric_names
 from perturb_lens.models.base import LensModel
 from perturb_lens.saes.sae import SAE
+from perturb_lens.safe_files import first_few
 
 SUMMARY_FILE = "summary.csv"
+SUITE_FILE = "suite.json"
 _TAIL = re.compile(r"[-_](?:l1[-_]?|L|l|k)[\d.]+$")
 
 
@@ -56,6 +68,11 @@ class SuiteSAE(_Strict):
         "(perturb-lens sae train), else the label without a trailing -l1-N / -LN",
     )
 
+    @field_validator("label")
+    @classmethod
+    def _plain_label(cls, v: str) -> str:
+        return check_folder_name(v, "SAE label", "--out/LABEL (its run)")
+
 
 class SAESuiteConfig(_Strict):
     """Several sweeps that differ only in the SAE (and its hook)."""
@@ -64,6 +81,11 @@ class SAESuiteConfig(_Strict):
     base: dict[str, Any]
     saes: list[SuiteSAE]
     reference: str = Field("SAE(x)", description="direction label the ratios are taken against")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_run_name(v)  # the default --out is runs/NAME
 
     @model_validator(mode="after")
     def _check(self) -> SAESuiteConfig:
@@ -86,7 +108,9 @@ def load_suite_config(path: str | Path, overrides: list[str] | None = None) -> S
     try:
         cfg = SAESuiteConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"Invalid SAE suite config {path}:\n{err}") from None
+        raise ConfigError(
+            explain(err, SAESuiteConfig, f"Invalid SAE suite config {path}")
+        ) from None
     for entry in cfg.saes:
         validate_config(cfg.run_config(entry, entry.hook or cfg.base.get("hook", "")))
     return cfg
@@ -116,8 +140,18 @@ def run_suite(
     from perturb_lens.saes.io import load_sae
 
     out = Path(out) if out is not None else Path("runs") / cfg.name
+    labels = [s.label for s in cfg.saes]
+    unknown = [n for n in only or [] if n not in labels]
+    if unknown:
+        raise ValueError(f"--only {unknown[0]!r} names no SAE of the suite; its labels: {labels}.")
+    if out.is_dir() and not (out / SUITE_FILE).exists() and any(out.iterdir()):
+        shown = first_few(sorted(p.name for p in out.iterdir()))
+        raise FileExistsError(
+            f"{out} is not empty and holds no SAE suite ({shown}): a suite gets a folder of its "
+            f"own. Choose a new or empty --out (e.g. --out {out / cfg.name})."
+        )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "suite.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    (out / SUITE_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
     base = validate_config(
         cfg.run_config(cfg.saes[0], cfg.base.get("hook", "blocks.0.hook_resid_pre"))
     )

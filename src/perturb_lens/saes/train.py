@@ -36,6 +36,7 @@ exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -44,14 +45,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from perturb_lens.config import ConfigError, DataConfig, read_config_file
+from perturb_lens.config import (
+    ConfigError,
+    DataConfig,
+    check_run_name,
+    explain,
+    read_config_file,
+)
+from perturb_lens.folder_lock import LOCK, acquire_lock, release_lock
+from perturb_lens.folder_names import check_folder_name
 from perturb_lens.models.base import LensModel
 from perturb_lens.models.options import FRAMES
-from perturb_lens.results.store import atomic_write, atomic_write_json
+from perturb_lens.results.store import atomic_write, atomic_write_json, diff_configs
 from perturb_lens.saes.cache import (
     ActivationCache,
     ActivationSource,
@@ -78,6 +87,7 @@ from perturb_lens.saes.recipes import (
 )
 from perturb_lens.saes.sae import SAE, SAEConfig
 from perturb_lens.saes.stats import token_kl
+from perturb_lens.safe_files import UnreadableFileError, first_few, load_json, torch_load
 from perturb_lens.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -113,6 +123,11 @@ class SAESpec(_Strict):
         default_factory=list,
         description="fractions of training at which dead latents are resampled (local)",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_folder_name(v, "SAE name", "--out/NAME (its SAELens folder)")
 
     @model_validator(mode="after")
     def _check(self) -> SAESpec:
@@ -176,6 +191,11 @@ class SAETrainConfig(_Strict):
     eval_ce_seqs: int = Field(64, ge=0, description="held-out rows the CE increase runs on")
     saes: list[SAESpec]
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_run_name(v)  # the default --out is runs/NAME
+
     @model_validator(mode="after")
     def _check(self) -> SAETrainConfig:
         ev, src = self.eval_data, self.data.source
@@ -207,7 +227,9 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> S
     try:
         return SAETrainConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"Invalid SAE training config {path}:\n{err}") from None
+        raise ConfigError(
+            explain(err, SAETrainConfig, f"Invalid SAE training config {path}")
+        ) from None
 
 
 # ---- training ------------------------------------------------------------------------------
@@ -383,10 +405,8 @@ def train_one(
     step, seconds, n_tokens, log_rows = 0, 0.0, 0, []
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long)  # tokens since each latent fired
     last_resample = 0
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        sae.load_state_dict(state["sae"])
-        opt.load_state_dict(state["opt"])
+    if ckpt.exists():
+        state = _load_checkpoint(ckpt, sae, opt, spec.name)
         step, seconds, log_rows = state["step"], state["seconds"], state["log"]
         n_tokens, since_fired = state["tokens"], state["since_fired"]
         last_resample = state["last_resample"]
@@ -424,6 +444,13 @@ def train_one(
             since_fired[dead] = 0
             last_resample = n_tokens
         info = {"step": step, "loss": float(loss.detach()), **info}
+        if not math.isfinite(info["loss"]):  # before a checkpoint keeps the diverged weights
+            bar.close()
+            raise FloatingPointError(
+                f"SAE {spec.name!r} diverged at step {step}/{total}: its loss is {info['loss']} "
+                f"(lr {lr:g}), and its weights are not saved. Lower its lr (saes: - name: "
+                f"{spec.name}, lr: ...) and train it again into a new --out."
+            )
         info["dead"] = float((since_fired >= cfg.dead_tokens).float().mean())
         bar.set_postfix({k: round(v, 4) for k, v in info.items() if k != "step"}, refresh=False)
         bar.update(1)
@@ -450,6 +477,35 @@ def train_one(
     info = {"steps": total, "tokens": n_tokens, "seconds": round(secs, 1)}
     info["tokens_per_s"] = round(n_tokens / max(secs, 1e-9), 1)
     return sae, {**info, "log": log_rows}
+
+
+_CHECKPOINT_KEYS = ("sae", "opt", "step", "seconds", "tokens", "since_fired", "last_resample")
+
+
+def _load_checkpoint(path: Path, sae: SAE, opt: torch.optim.Optimizer, name: str) -> dict:
+    """A training checkpoint, read with ``weights_only=True`` (tensors and plain containers: a
+    pickle that would run code is refused), loaded into ``sae`` and ``opt``; anything else raises
+    an :class:`UnreadableFileError` saying to delete it."""
+    fix = f"delete it to train SAE {name!r} from the start"
+    try:
+        state = torch_load(path, "training checkpoint")
+    except UnreadableFileError as e:
+        raise UnreadableFileError(f"{e}: {fix}.") from None
+    keys = (*_CHECKPOINT_KEYS, "log")
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+    problem = f"it lacks {missing}" if missing else None
+    if problem is None:
+        try:
+            sae.load_state_dict(state["sae"])
+            opt.load_state_dict(state["opt"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # shapes, foreign layouts
+            problem = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    if problem is not None:
+        raise UnreadableFileError(
+            f"{path} is not a checkpoint of SAE {name!r} as this config trains it ({problem}): "
+            f"written by another training, or damaged; {fix}."
+        )
+    return state
 
 
 def _init_stats(source: ActivationSource, cfg: SAETrainConfig) -> tuple[float, Tensor]:
@@ -543,6 +599,9 @@ def train_sae(
     return sae
 
 
+TRAIN_CONFIG = "train_config.json"
+
+
 def train_saes(
     cfg: SAETrainConfig,
     out: str | Path,
@@ -553,39 +612,94 @@ def train_saes(
     only: list[str] | None = None,
 ) -> dict[str, Path]:
     """Train every SAE of ``cfg`` (or those named in ``only``) into ``out``, resuming whatever is
-    there; return their folders. A finished SAE (its ``cfg.json`` exists) is skipped."""
+    there; return their folders. A finished SAE (its ``cfg.json`` exists) is skipped.
+
+    ``out`` must be new, empty, or hold a training of this config; it is locked while training
+    (a second training there is refused). The model, the text and the hooks are checked before
+    ``train_config.json`` is written, and what a failed check made (the folder, its lock) is
+    removed again, so the corrected command starts afresh."""
     from perturb_lens.data import dataset_tokens
     from perturb_lens.models.load import load_model
 
     out = Path(out)
+    names = [s.name for s in cfg.saes]
+    unknown = [n for n in only or [] if n not in names]
+    if unknown:
+        raise ValueError(f"--only {unknown[0]!r} names no SAE of the config; its SAEs: {names}.")
+    _check_training_folder(out)
+    made = [p for p in (out, out / LOCK) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
-    cfg_json = cfg.model_dump(mode="json", exclude_defaults=True)
-    cfg_file = out / "train_config.json"
-    if cfg_file.is_file() and json.loads(cfg_file.read_text()) != cfg_json:
-        raise ValueError(f"{out} holds SAEs of another training config; use another --out.")
-    cfg_file.write_text(json.dumps(cfg_json, indent=1))
-    todo = [s for s in cfg.saes if only is None or s.name in only]
-    folders = {s.name: out / s.name for s in cfg.saes}
-    pending = [s for s in todo if not (folders[s.name] / "cfg.json").is_file()]
-    if pending:
-        if model is None:
-            model = load_model(cfg.model, frame=cfg.frame)
-        if tokens is None:
-            tokens = dataset_tokens(cfg.data, model, progress=progress)
-        eval_tokens = None
-        if cfg.eval_data is not None:
-            eval_tokens = dataset_tokens(cfg.eval_data, model, progress=progress)
-        timings: dict[str, float] = {}
+    lock = acquire_lock(out, "SAE training")
+    started = False
+    try:
+        cfg_json = cfg.model_dump(mode="json", exclude_defaults=True)
+        _check_same_training(out, cfg_json)
+        todo = [s for s in cfg.saes if only is None or s.name in only]
+        folders = {s.name: out / s.name for s in cfg.saes}
+        pending = [s for s in todo if not (folders[s.name] / "cfg.json").is_file()]
         hooks = list(dict.fromkeys(s.hook or cfg.hook for s in pending))
-        for h in hooks:
-            model.parse_hook(h)
+        if pending:
+            if model is None:
+                model = load_model(cfg.model, frame=cfg.frame)
+            for h in hooks:
+                model.parse_hook(h)  # hooks name folders (activations/HOOK): checked first
+            if tokens is None:
+                tokens = dataset_tokens(cfg.data, model, progress=progress)
+        eval_tokens = None
+        if pending and cfg.eval_data is not None:
+            eval_tokens = dataset_tokens(cfg.eval_data, model, progress=progress)
+        atomic_write_json(out / TRAIN_CONFIG, cfg_json)
+        started = True
+        timings: dict[str, float] = {}
         for hook in hooks:
+            assert model is not None and tokens is not None
             group = [s for s in pending if (s.hook or cfg.hook) == hook]
             run = _HookRun(cfg, hook, model, tokens, out, progress)
             timings.update(run.train(group, eval_tokens))
-        with open(out / "timings.jsonl", "a") as fh:
-            fh.write(json.dumps(timings) + "\n")
+        if pending:
+            with open(out / "timings.jsonl", "a") as fh:
+                fh.write(json.dumps(timings) + "\n")
+    finally:
+        release_lock(lock)
+        if not started:  # a failed check: leave no trace that would block the corrected command
+            for path in reversed(made):
+                with contextlib.suppress(OSError):
+                    if path.name == LOCK:
+                        path.unlink()
+                    else:
+                        path.rmdir()  # only if empty: a folder that holds anything stays
     return {s.name: folders[s.name] for s in todo}
+
+
+def _check_training_folder(out: Path) -> None:
+    """Refuse an existing ``out`` that holds anything but a training (or a lock): SAE folders are
+    not written among someone's files."""
+    if not out.is_dir() or (out / TRAIN_CONFIG).exists():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+    if foreign:
+        raise FileExistsError(
+            f"{out} is not empty and holds no SAE training ({first_few(foreign)}): a training "
+            f"gets a folder of its own. Choose a new or empty --out (e.g. --out {out / 'saes'})."
+        )
+
+
+def _check_same_training(out: Path, cfg_json: dict[str, Any]) -> None:
+    """Refuse to add to ``out`` when its ``train_config.json`` records another config (naming
+    the keys that differ)."""
+    path = out / TRAIN_CONFIG
+    if not path.exists():
+        return
+    old = load_json(path, "an SAE training config")
+    if old == cfg_json:
+        return
+    diffs = diff_configs(old, cfg_json) if isinstance(old, dict) else [("(whole file)", old, "")]
+    lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs)
+    raise ValueError(
+        f"{out} holds SAEs trained with another config ({path}). Differing keys (recorded -> "
+        f"now):\n{lines}\nTrain with the recorded config to resume, or choose another --out (or "
+        f"delete {out} to discard that training)."
+    )
 
 
 class _HookRun:

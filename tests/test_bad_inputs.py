@@ -486,13 +486,12 @@ def test_empty_out_is_refused(
 
 def test_failed_start_leaves_an_existing_folder_as_it_was(tmp_path: Path, config: dict) -> None:
     folder = tmp_path / "mine"
-    folder.mkdir()
-    (folder / "notes.txt").write_text("kept")
+    folder.mkdir()  # empty: a folder holding other files is refused outright (issue 23 item 4)
     out = cli_fails(
         "run", config_file(tmp_path, config), "hook=blocks.9.hook_resid_pre", "-o", str(folder)
     )
     assert "Unknown hook 'blocks.9.hook_resid_pre'" in out
-    assert tree(folder) == {"notes.txt": b"kept"}  # no .lock, no shards/
+    assert tree(folder) == {}  # no .lock, no shards/
 
 
 def test_read_hook_before_the_perturbed_hook_is_refused_before_any_work(

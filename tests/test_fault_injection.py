@@ -183,7 +183,7 @@ RUN_DIR_CASES: dict[str, tuple[str, Damage, str, tuple[str, ...]]] = {
     "lock-garbage": (".lock", garbage, RECOVER, ()),
     "lock-deleted": (".lock", delete, RECOVER, ()),
     "stray-temp-file": (
-        "shards/.s00000.parquet.x1y2.tmp",
+        "shards/.s00000.parquet.x1y2z3w4.tmp",
         lambda p: p.write_bytes(GARBAGE),
         RECOVER,
         (),

@@ -552,7 +552,7 @@ def test_unpack_refuses_paths_outside_the_pack(tmp_path: Path) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(SAEPackError, match=r"SAE id '\.\./evil'"):
+    with pytest.raises(SAEPackError, match=r"entry 'demo/\.\./evil/cfg\.json' is not demo/"):
         unpack(archive, tmp_path / "inst")
     assert not (tmp_path / "evil").exists() and not (tmp_path / "inst").exists()
 

@@ -123,7 +123,8 @@ def test_resume_same_config_keeps_shards(tmp_path: Path) -> None:
     with open_store(tmp_path) as store:
         store.write_shard("s0", shard_frame(0))
         created = store.manifest["created"]
-    (tmp_path / "shards" / ".s1.parquet.abc.tmp").write_bytes(b"half a shard")  # a killed writer
+    killed = tmp_path / "shards" / ".s1.parquet.abc12345.tmp"  # atomic_write's temp file name
+    killed.write_bytes(b"half a shard")  # a killed writer
     config = json.loads(json.dumps(CONFIG))  # equal, not identical
     with open_store(tmp_path, config, resume=True) as store:
         assert store.done_shards() == {"s0"}

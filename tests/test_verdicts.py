@@ -269,7 +269,7 @@ def test_parse_claim() -> None:
 
 def test_bad_metric_is_refused(tmp_path: Path) -> None:
     run = _run(tmp_path, {"real-difference": 2.0, "real-mixture": 1.0})
-    with pytest.raises(KeyError, match=r"columns \['js'\] not in shard"):
+    with pytest.raises(ValueError, match=r"has no metric 'js': the run measured kl"):
         verdicts(run, metric="js")
     rows = load_results(run).assign(cos=lambda d: -d["kl"])
     neg = make_run(tmp_path / "neg", load_config_of(run), rows=rows)

@@ -654,7 +654,8 @@ def test_named_pipe_in_a_run_folder_does_not_hang(
 def test_named_pipes_as_config_sae_weights_and_lock(
     config: dict, trained: Path, tmp_path: Path
 ) -> None:
-    """Item 5, elsewhere: a pipe as the config, as an SAE's weights, as the run's .lock."""
+    """Item 5, elsewhere: a pipe as the config, as an SAE's weights, as the text source, as the
+    run's .lock."""
     cfg = tmp_path / "c.yaml"
     os.mkfifo(cfg)
     refused("run", cfg, named=(str(cfg), "named pipe"))
@@ -664,6 +665,12 @@ def test_named_pipes_as_config_sae_weights_and_lock(
     os.mkfifo(sae / "sae_weights.safetensors")
     good = yaml_file(tmp_path / "g.yaml", {**config, "sae": str(sae)})
     refused("run", good, "-o", tmp_path / "r", named=("sae_weights.safetensors", "named pipe"))
+    text = tmp_path / "docs.txt"
+    os.mkfifo(text)
+    source = yaml_file(
+        tmp_path / "s.yaml", {**config, "data": {**config["data"], "source": str(text)}}
+    )
+    refused("run", source, "-o", tmp_path / "r", named=(str(text), "named pipe", "text source"))
     locked = tmp_path / "locked"
     locked.mkdir()
     os.mkfifo(locked / ".lock")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from perturb_lens.paths import file_mode
-from perturb_lens.safe_files import torch_load
+from perturb_lens.safe_files import regular_file, torch_load
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -119,6 +119,8 @@ def _resolve(source: str) -> tuple[str, str]:
 
 def _local_files(path: Path) -> list[Path]:
     """The text files a local source stands for: the file itself, or a folder's (sorted)."""
+    if not path.is_dir():
+        regular_file(path, "a text source")  # a pipe or a device is named, not read
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in TOKEN_SUFFIXES:

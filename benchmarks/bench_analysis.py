@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from perturb_lens.config import load_config
+from perturb_lens.config.schema import load_config
 from perturb_lens.engine.run import shard_ids
 from perturb_lens.results import RunStore, config_hash
 from perturb_lens.results.aggregate import aggregate_rows
@@ -219,7 +219,7 @@ def _timed(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
 def naive(run_dir: Path, out: Path) -> None:
     """The naive reference (in a child process): every summary row in pandas, then
     ``analysis.curves`` per metric; the curves go to ``out/naive_{metric}.csv``."""
-    from perturb_lens.results.analysis import curves
+    from perturb_lens.analysis.tables import curves
     from perturb_lens.results.summary import summary_rows
 
     rows = summary_rows(run_dir)
@@ -312,7 +312,7 @@ def main() -> None:
                 if not args.keep:
                     shutil.rmtree(run, ignore_errors=True)
                 continue
-            cmd = [sys.executable, "-m", "perturb_lens.cli", "report", str(run)]
+            cmd = [sys.executable, "-m", "perturb_lens.cli.app", "report", str(run)]
             cmd += ["--log-y"] if args.log_y else []
             rep = _timed(cmd, env)
             row.update({f"report_{k}": v for k, v in rep.items()})

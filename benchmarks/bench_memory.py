@@ -34,7 +34,7 @@ def child(n_seqs: int, shard_seqs: int, threads: int, seed: int) -> None:
     import torch
     from common import gpt2_small, peak_rss_mb, random_tokens
 
-    from perturb_lens.runner import run_experiment
+    from perturb_lens.workflows.experiment import run_experiment
 
     torch.set_num_threads(threads)
     hf, model = gpt2_small(seed)

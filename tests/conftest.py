@@ -34,7 +34,7 @@ WEBTEXT = SHARED_DATA / "webtext" / "webtext.test.jsonl"
 def _load_registries() -> None:
     """The registries load their built-ins at their first lookup: load them now, so that tests
     which copy and restore a registry (monkeypatch, README snippets) keep the built-ins."""
-    from perturb_lens.directions import list_directions
+    from perturb_lens.directions.base import list_directions
     from perturb_lens.experiments import list_experiments
 
     list_directions()
@@ -301,7 +301,7 @@ def shard_config(gpt2_dir: Path, text_file: Path) -> dict:
 @pytest.fixture(scope="session")
 def shard_reference(shard_config: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``shard_config`` run once, uninterrupted, on the local executor."""
-    from perturb_lens.runner import run_experiment
+    from perturb_lens.workflows.experiment import run_experiment
 
     return run_experiment(shard_config, tmp_path_factory.mktemp("ref") / "run", progress=False)
 
@@ -316,7 +316,7 @@ def shard_hashes(run_dir: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def aggregate_reference(shard_config: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``shard_config`` in ``results: aggregate``, run once, uninterrupted."""
-    from perturb_lens.runner import run_experiment
+    from perturb_lens.workflows.experiment import run_experiment
 
     cfg = {**shard_config, "results": "aggregate"}
     return run_experiment(cfg, tmp_path_factory.mktemp("agg") / "run", progress=False)
@@ -354,7 +354,7 @@ def unwritable(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 _SUBPROCESS_RUN = """
 import json, sys, time
-from perturb_lens.runner import run_experiment
+from perturb_lens.workflows.experiment import run_experiment
 args = json.load(open(sys.argv[1]))
 pause = args.pop("pause")
 run_experiment(**args, progress=False, on_shard=lambda s: time.sleep(pause))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from perturb_lens.config import load_config
+from perturb_lens.config.schema import load_config
 from perturb_lens.results import RunStore, config_hash
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,4 +90,4 @@ def tiny_figure_run(folder: Path, experiment: str) -> Iterator[Path]:
     try:
         yield make_run(folder, {**small_config(), "experiment": experiment})
     finally:
-        registry._REGISTRY.pop(experiment)
+        registry.FIGURE_SETS.unregister(experiment)

@@ -16,9 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from synthetic_runs import make_run
 
-from perturb_lens.config import ConfigError, validate_config
+from perturb_lens.analysis import claim_intervals
+from perturb_lens.analysis.tables import curves, histograms, threshold_lengths
+from perturb_lens.analysis.tables import threshold_summary as rows_threshold_summary
+from perturb_lens.config.schema import ConfigError, validate_config
 from perturb_lens.plots.registry import RunView, figures_for
-from perturb_lens.results import RunStore, claim_intervals, config_hash, load_manifest
+from perturb_lens.results import RunStore, config_hash, load_manifest
 from perturb_lens.results.aggregate import (
     SAMPLE_SEQS,
     aggregate_curves,
@@ -29,11 +32,9 @@ from perturb_lens.results.aggregate import (
     threshold_histogram,
     threshold_summary,
 )
-from perturb_lens.results.analysis import curves, histograms, threshold_lengths
-from perturb_lens.results.analysis import threshold_summary as rows_threshold_summary
 from perturb_lens.results.sketch import DEFAULT_ALPHA, sketch, sketch_quantiles
 from perturb_lens.results.summary import summary_rows
-from perturb_lens.runner import run_experiment
+from perturb_lens.workflows.experiment import run_experiment
 
 QS = [0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0]
 META = {"scope": "all-positions", "seq_len": 6, "drop_last_position": True, "include_bos": True}

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from perturb_lens.results import (
+from perturb_lens.analysis import (
     curves,
     summary_table,
     threshold_lengths,

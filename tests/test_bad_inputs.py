@@ -30,10 +30,10 @@ import yaml
 from conftest import unwritable
 from typer.testing import CliRunner
 
-from perturb_lens.cli import app
-from perturb_lens.config import ConfigError
-from perturb_lens.directions import UnknownDirectionError
-from perturb_lens.models.hooks import UnknownHookError
+from perturb_lens.cli.app import app
+from perturb_lens.common.hooks import UnknownHookError
+from perturb_lens.config.schema import ConfigError
+from perturb_lens.directions.base import UnknownDirectionError
 from perturb_lens.models.load import ModelLoadError, load_model
 from perturb_lens.results import (
     ConfigMismatchError,
@@ -44,7 +44,7 @@ from perturb_lens.results import (
     load_manifest,
     load_results,
 )
-from perturb_lens.runner import run_experiment
+from perturb_lens.workflows.experiment import run_experiment
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +344,7 @@ def test_unknown_direction_on_the_command_line(tmp_path: Path, config: dict) -> 
 def test_unexpected_error_is_one_line_and_verbose_shows_the_traceback(
     tmp_path: Path, config: dict, monkeypatch
 ) -> None:
-    import perturb_lens.runner as run_module
+    import perturb_lens.workflows.experiment as run_module
 
     def broken(*args, **kwargs):
         raise KeyError("shards")
@@ -507,7 +507,7 @@ def test_read_hook_before_the_perturbed_hook_is_refused_before_any_work(
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
 def test_written_files_respect_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
-    from perturb_lens.data import save_tokens
+    from perturb_lens.data.text import save_tokens
     from perturb_lens.results import atomic_write
 
     old = os.umask(umask)
@@ -619,8 +619,8 @@ def test_bad_values_on_the_command_line(
 
 
 def test_range_lengths_are_not_read_as_base_60_numbers() -> None:
-    from perturb_lens.config import load_config
-    from perturb_lens.lengths import resolve_lengths
+    from perturb_lens.config.lengths import resolve_lengths
+    from perturb_lens.config.schema import load_config
 
     cfg = load_config(None, ["lengths=1:20:1", "name=x"])  # YAML 1.1 would read 4801
     assert cfg.lengths == "1:20:1" and resolve_lengths(cfg.lengths) == [
@@ -787,7 +787,7 @@ def test_resume_refuses_retrained_weights_and_stats_follow_them(
 
 
 def test_resume_refuses_another_package_version(tmp_path: Path, config: dict, monkeypatch) -> None:
-    from perturb_lens import version
+    from perturb_lens.common import version
 
     run_dir = interrupted(config, tmp_path / "run")
     monkeypatch.setattr(version, "__version__", "99.0")
@@ -799,7 +799,7 @@ def test_resume_refuses_another_package_version(tmp_path: Path, config: dict, mo
 def stats_caches_of(run_dir: Path) -> list[Path]:
     """The shared statistics cache folders holding the very files a run recorded (several when
     runs of other settings, e.g. another thread count, fitted identical statistics)."""
-    from perturb_lens.paths import cache_root
+    from perturb_lens.common.paths import cache_root
 
     want = load_manifest(run_dir)["meta"]["stats_sha256"]
     found = [

@@ -9,8 +9,8 @@ import yaml
 from conftest import run_config
 from typer.testing import CliRunner
 
-from perturb_lens.cli import app
-from perturb_lens.config import ConfigError, load_config
+from perturb_lens.cli.app import app
+from perturb_lens.config.schema import ConfigError, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -18,8 +18,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_presets_validate(path: Path) -> None:
     """Every preset parses with the reader of its command (run, sae run, sae train)."""
-    from perturb_lens.saes.suite import is_suite_file, load_suite_config
-    from perturb_lens.saes.train import load_train_config
+    from perturb_lens.workflows.sae_suite import is_suite_file, load_suite_config
+    from perturb_lens.workflows.sae_training import load_train_config
 
     if path.name.startswith("sae_train"):
         assert load_train_config(path).saes

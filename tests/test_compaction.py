@@ -15,8 +15,9 @@ import pytest
 from conftest import run_files
 
 import perturb_lens.results.compaction as compaction
-from perturb_lens.config import validate_config
-from perturb_lens.results import ChecksumError, RunStore, claim_intervals, config_hash
+from perturb_lens.analysis import claim_intervals
+from perturb_lens.config.schema import validate_config
+from perturb_lens.results import ChecksumError, RunStore, config_hash
 from perturb_lens.results import load_manifest as manifest_of
 from perturb_lens.results.aggregate import (
     aggregate_curves,
@@ -26,7 +27,7 @@ from perturb_lens.results.aggregate import (
 )
 from perturb_lens.results.compaction import compact, write_aggregate_shard
 from perturb_lens.results.sketch import DEFAULT_ALPHA
-from perturb_lens.runner import run_experiment
+from perturb_lens.workflows.experiment import run_experiment
 
 METRICS = ["kl", "dce"]
 SEQ_LEN = 6
@@ -251,7 +252,7 @@ def test_real_run_compacted_at_any_schedule_or_stop_gives_the_same_files(
     """The runner compacting every 2 shards, stopped in its first compaction (after the commit,
     before the deletions) and resumed: the files of the reference run (one compaction at the
     end), bit for bit."""
-    import perturb_lens.runner as runner
+    import perturb_lens.workflows.experiment as runner
 
     cfg = {**shard_config, "results": "aggregate"}
     run_dir = tmp_path / "run"

@@ -16,7 +16,7 @@ import torch
 from conftest import write_gpt2_tokenizer
 
 from perturb_lens import data
-from perturb_lens.data import (
+from perturb_lens.data.text import (
     chunk_tokens,
     default_text_source,
     load_texts,

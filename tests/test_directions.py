@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import EPS32
 
-from perturb_lens import directions as D
-from perturb_lens.config import BASELINES
-from perturb_lens.directions import (
+from perturb_lens.config.schema import BASELINES
+from perturb_lens.directions import base as D
+from perturb_lens.directions.base import (
     DirectionContext,
     explicit_directions,
     get_direction,
@@ -20,7 +20,7 @@ from perturb_lens.directions import (
     register_direction,
     same_cosine_target,
 )
-from perturb_lens.stats import fit_stats
+from perturb_lens.statistics.activations import fit_stats
 
 BUILTINS = [*BASELINES, "ablation"]  # the config's default baselines, and -x
 MIXTURES = ["isotropic", "cov-random-mixture", "real-mixture"]
@@ -206,7 +206,8 @@ def test_unknown_name_lists_registered():
 
 
 def test_register_custom_direction(data, monkeypatch):
-    monkeypatch.setattr(D, "_REGISTRY", dict(D._REGISTRY))
+    saved = D.DIRECTIONS.snapshot()
+    monkeypatch.setattr(D.DIRECTIONS, "_entries", dict(saved))
 
     @register_direction("mean-ablation", contains_minus_x=True, description="mu - x")
     def mean_ablation(ctx):

@@ -12,8 +12,8 @@ from conftest import EPS32
 from naive import naive_sweep
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from perturb_lens.config.lengths import PRESETS, resolve_lengths
 from perturb_lens.engine.sweep import SweepPlan, clean_pass, sweep
-from perturb_lens.lengths import PRESETS, resolve_lengths
 from perturb_lens.models.gpt2 import GPT2Lens
 
 SCOPES = ["all-positions", "single-position", "last-position"]

@@ -14,7 +14,7 @@ from conftest import run_in_subprocess, shard_hashes
 
 from perturb_lens.executors import LocalExecutor, ShardJob, get_executor
 from perturb_lens.results import load_results
-from perturb_lens.runner import run_experiment
+from perturb_lens.workflows.experiment import run_experiment
 
 
 def test_repeated_runs_are_bit_identical(

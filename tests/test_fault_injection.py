@@ -17,7 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from perturb_lens.cli import app
+from perturb_lens.cli.app import app
 from perturb_lens.results import load_manifest, load_results
 
 GARBAGE = bytes(range(256)) * 4

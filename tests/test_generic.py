@@ -11,8 +11,8 @@ from naive import hooked_forward
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from perturb_lens.common.hooks import HOOK_KINDS
 from perturb_lens.models.generic import CHUNK_ROWS, GenericLens
-from perturb_lens.models.hooks import HOOK_KINDS
 
 FAMILIES = ("gpt2", "llama", "neox")
 

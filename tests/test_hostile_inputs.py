@@ -43,10 +43,10 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from perturb_lens.cli import app
-from perturb_lens.cores import available_cores
+from perturb_lens.cli.app import app
+from perturb_lens.common.cores import available_cores
 from perturb_lens.results import load_manifest, load_results
-from perturb_lens.runner import run_experiment
+from perturb_lens.workflows.experiment import run_experiment
 
 MIB = 1 << 20
 
@@ -302,7 +302,7 @@ def pax_bomb(path: Path, size: int) -> Path:
 MEASURE = """
 import gc, json, os, re, sys, time, tracemalloc
 from typer.testing import CliRunner
-from perturb_lens.cli import app
+from perturb_lens.cli.app import app
 
 def status(key):  # bytes, from /proc/self/status (Linux)
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
@@ -747,7 +747,7 @@ def test_cos_verdicts_say_why_nothing_was_judged(config: dict, tmp_path: Path) -
 HOLD = """
 import sys
 from pathlib import Path
-from perturb_lens.folder_lock import acquire_lock
+from perturb_lens.common.locks import acquire_lock
 acquire_lock(Path(sys.argv[1]), "SAE training")
 print("locked", flush=True)
 sys.stdin.read()

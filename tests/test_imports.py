@@ -1,13 +1,41 @@
-"""Imports point down the pipeline: no module of ``src/perturb_lens`` imports, directly or through
-others, a module that imports it back (function-level imports count; ``TYPE_CHECKING`` blocks do
-not). See docs/ARCHITECTURE.md for the stages."""
+"""Imports point down the pipeline: the package's folders are stages in the order data flows
+(:data:`STAGES`), and no module imports one of a higher stage, nor, within a stage, a module that
+imports it back. Function-level imports count, and so do import strings (``"perturb_lens.x.y"`` or
+``"perturb_lens.x.y:name"``, as registries and lazy loaders write them); ``TYPE_CHECKING`` blocks
+do not (they never run). See docs/ARCHITECTURE.md for the stages."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+
+STAGES = (
+    "common",
+    "metrics",
+    "config",
+    "data",
+    "models",
+    "statistics",
+    "saes",
+    "directions",
+    "engine",
+    "executors",
+    "results",
+    "analysis",
+    "experiments",
+    "replication",
+    "plots",
+    "workflows",
+    "cli",
+    "",  # the package's top: __init__ (the public API) and builtins (the built-in modules)
+)
+"""The package's folders in the order data flows; a module may import its own stage and those
+before it. (docs/ARCHITECTURE.md draws them.)"""
+
+_IMPORT_STRING = re.compile(r"(perturb_lens(?:\.\w+)+)(?::\w+)?")
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -51,6 +79,11 @@ def import_graph(root: Path) -> dict[str, set[str]]:
                     up = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
                     base = ".".join(up + ([base] if base else []))
                 targets = [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found = _IMPORT_STRING.fullmatch(node.value)
+                if found is None:
+                    continue
+                targets = [found.group(1)]
             else:
                 continue
             for t in targets:
@@ -116,3 +149,39 @@ def test_no_import_cycles_in_the_package() -> None:
     assert not found, "import cycles (imports must point down the pipeline):\n" + "\n".join(
         " <-> ".join(c) for c in found
     )
+
+
+def stage(module: str) -> str:
+    """The stage of ``perturb_lens.<stage>...`` (``""`` for the package's top-level modules)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (SRC / "perturb_lens" / parts[-1]).is_dir() else ""
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """``"a -> b"`` for each import of a module of a later stage than the importer's."""
+    rank = {s: i for i, s in enumerate(STAGES)}
+    return sorted(
+        f"{a} -> {b}"
+        for a, targets in graph.items()
+        for b in targets
+        if rank[stage(b)] > rank[stage(a)]
+    )
+
+
+def test_every_folder_is_a_stage() -> None:
+    folders = {p.name for p in (SRC / "perturb_lens").iterdir() if (p / "__init__.py").exists()}
+    assert folders == set(STAGES) - {""}
+
+
+def test_string_and_function_level_imports_count(tmp_path: Path) -> None:
+    pkg = tmp_path / "perturb_lens"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text('REF = "perturb_lens.b:thing"\n')
+    (pkg / "b.py").write_text("def f():\n    import perturb_lens.a\n")
+    assert cycles(import_graph(tmp_path)) == [["perturb_lens.a", "perturb_lens.b"]]
+
+
+def test_no_import_runs_back_up() -> None:
+    found = upward_imports(import_graph(SRC))
+    assert not found, "imports of a later stage (see STAGES):\n" + "\n".join(found)

@@ -319,8 +319,8 @@ def test_run_handle(tmp_path: Path) -> None:
     from matplotlib.figure import Figure
 
     from perturb_lens import Run, open_run, plot
-    from perturb_lens.results import curves
-    from perturb_lens.results.analysis import summary_table
+    from perturb_lens.analysis import curves
+    from perturb_lens.analysis.tables import summary_table
     from perturb_lens.results.sketch import DEFAULT_ALPHA
     from perturb_lens.results.summary import summary_rows
 

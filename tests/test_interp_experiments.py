@@ -12,13 +12,13 @@ from conftest import EPS32, float32_tol, kl_floor32, logit_bound
 from random_sae import random_sae
 
 from perturb_lens import load_model, run_experiment
-from perturb_lens.config import load_config, validate_config
+from perturb_lens.analysis.curve_stats import curve_statistics, ks_vs_reference
+from perturb_lens.config.schema import load_config, validate_config
 from perturb_lens.engine.run import shard_directions
 from perturb_lens.experiments.plateaus import base_points
 from perturb_lens.experiments.stable_regions import sharpness_quantiles
-from perturb_lens.results.curve_stats import curve_statistics, ks_vs_reference
 from perturb_lens.results.store import load_results
-from perturb_lens.runner import prepare, stable_region_sharpness
+from perturb_lens.workflows.experiment import prepare, stable_region_sharpness
 
 HOOK = "blocks.1.hook_resid_pre"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -230,7 +230,7 @@ def test_cli_prints_curve_tables(tmp_path, gpt2_dir, webtext_path) -> None:
     import yaml
     from typer.testing import CliRunner
 
-    from perturb_lens.cli import app
+    from perturb_lens.cli.app import app
 
     cfg = base_config(gpt2_dir, experiment="stable-regions", lengths="0:1:0.25", metrics=["l2"])
     cfg["data"] = {"source": str(webtext_path), "seq_len": 10, "n_seqs": 4}

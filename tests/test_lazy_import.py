@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from synthetic_runs import make_run, small_config
 
-from perturb_lens.config import validate_config
+from perturb_lens.config.schema import validate_config
 from perturb_lens.results import RunStore, config_hash
 from perturb_lens.results.aggregate import aggregate_rows
 
@@ -37,7 +37,7 @@ def _report_code(*args: str) -> str:
     """The CLI in-process with ``args``; prints whether torch got loaded and the exit code."""
     return (
         "import json, sys\n"
-        "from perturb_lens.cli import app\n"
+        "from perturb_lens.cli.app import app\n"
         "before = 'torch' in sys.modules\n"
         "try:\n"
         f"    app({list(args)!r})\n"
@@ -82,7 +82,7 @@ def test_public_api_is_imported_on_first_access() -> None:
         "import perturb_lens as pl\n"
         "light = 'torch' not in sys.modules\n"
         "from perturb_lens.models.load import load_model\n"
-        "from perturb_lens.runner import run_experiment\n"
+        "from perturb_lens.workflows.experiment import run_experiment\n"
         "ok = pl.load_model is load_model and pl.run_experiment is run_experiment\n"
         "names = sorted(n for n in pl.__all__ if not hasattr(pl, n))\n"
         "from perturb_lens.saes import load_sae\n"
@@ -99,10 +99,10 @@ def test_public_api_is_imported_on_first_access() -> None:
 
 
 LOOKUPS = (
-    "from perturb_lens.config import load_config\n"
-    "from perturb_lens.directions import get_direction, list_directions, list_scales\n"
+    "from perturb_lens.config.schema import load_config\n"
+    "from perturb_lens.directions.base import get_direction, list_directions, list_scales\n"
     "from perturb_lens.experiments import get_experiment, list_experiments\n"
-    "from perturb_lens.results import config_hash\n"
+    "from perturb_lens.analysis import config_hash\n"
     "over = ['experiment=plateaus', 'scope=last-position']\n"
     "cfg = load_config(None, over).model_dump(mode='json')\n"
     "out = {'experiments': [e.name for e in list_experiments()],\n"

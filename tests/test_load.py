@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from perturb_lens import load_model
-from perturb_lens.cli import app
+from perturb_lens.cli.app import app
 from perturb_lens.models import registry
 from perturb_lens.models.generic import GenericLens
 from perturb_lens.models.load import EMBEDDED_INSTALL, ModelLoadError, embedded_gguf
@@ -310,8 +310,8 @@ def test_register_family_routes_loading(gpt2_dir: Path, monkeypatch) -> None:
     class MyGPT2(GPT2Lens):
         family = "my-gpt2"
 
-    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
-    del registry._FAMILIES["gpt2"]
+    monkeypatch.setattr(registry.FAMILIES, "_entries", registry.FAMILIES.snapshot())
+    registry.FAMILIES.unregister("gpt2")
     registry.register_family("my-gpt2", ["GPT2LMHeadModel"], MyGPT2)
     lens = load_model(gpt2_dir, device="cpu")
     assert type(lens) is MyGPT2 and lens.spec.family == "my-gpt2"

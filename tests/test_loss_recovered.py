@@ -202,8 +202,8 @@ def naive_l0(sae: SAE, lens, tokens: torch.Tensor, keep: torch.Tensor) -> float:
 def test_l0_sweep_masks_frequent_latents(models, tokens: torch.Tensor) -> None:
     """Steps reach the L0 grid with the fewest masked latents, most frequent first; masking none
     is the unmasked SAE exactly, masking every firing latent gives L0 0; L0 never increases."""
-    from perturb_lens.saes.l0_sweep import l0_sweep
     from perturb_lens.saes.stats import sae_stats
+    from perturb_lens.workflows.l0_sweep import l0_sweep
 
     lens, _ = models
     sae = make_sae(64, 96, x_scale(lens, tokens))
@@ -252,7 +252,7 @@ def test_l0_sweep_masks_frequent_latents(models, tokens: torch.Tensor) -> None:
 def test_figure_shows_the_table(models, tokens: torch.Tensor) -> None:
     """Every drawn line is the table's numbers (loss recovered both ways, KL against L0)."""
     from perturb_lens.plots.sae_l0 import PANELS, loss_recovered_plot, series_name
-    from perturb_lens.saes.l0_sweep import l0_sweep
+    from perturb_lens.workflows.l0_sweep import l0_sweep
 
     lens, _ = models
     sae = make_sae(64, 96, x_scale(lens, tokens))
@@ -271,9 +271,9 @@ def test_figure_shows_the_table(models, tokens: torch.Tensor) -> None:
 
 
 def test_bad_inputs_are_named(models, tokens: torch.Tensor, tmp_path: Path) -> None:
-    from perturb_lens.saes.l0_sweep import l0_sweep
     from perturb_lens.saes.stats import load_ablation_mean, sae_stats
-    from perturb_lens.stats import fit_stats
+    from perturb_lens.statistics.activations import fit_stats
+    from perturb_lens.workflows.l0_sweep import l0_sweep
 
     lens, _ = models
     with pytest.raises(SAEMismatchError, match="d_in=32 differs from d_model=64"):
@@ -302,8 +302,8 @@ def test_cli_stats_and_l0_sweep(llama_dir: Path, webtext_path: Path, tmp_path: P
     (CSV, Parquet) and the figure (PNG, SVG); an SAE of the wrong width is one clear line."""
     from typer.testing import CliRunner
 
-    from perturb_lens.cli import app
-    from perturb_lens.stats import fit_stats
+    from perturb_lens.cli.app import app
+    from perturb_lens.statistics.activations import fit_stats
 
     for name, seed in (("a", 0), ("b", 1)):
         make_sae(64, 48, 0.5, seed=seed).float().save(tmp_path / "fam" / name)

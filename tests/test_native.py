@@ -15,8 +15,8 @@ from conftest import float32_tol, llama_in_float64
 from naive import forward_with_edit, hooked_forward
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from perturb_lens.common.hooks import HOOK_KINDS, UnknownHookError
 from perturb_lens.models.gpt2 import GPT2Lens
-from perturb_lens.models.hooks import HOOK_KINDS, UnknownHookError
 from perturb_lens.models.llama import LlamaLens
 from perturb_lens.models.native import NativeLens
 from perturb_lens.models.neox import GPTNeoXLens

@@ -19,7 +19,17 @@ from matplotlib.lines import Line2D
 from synthetic_runs import REPO, make_run, small_config, tiny_figure_run
 from typer.testing import CliRunner
 
-from perturb_lens.config import BASELINES, load_config
+from perturb_lens.analysis import (
+    bars,
+    curves,
+    histograms,
+    kde_curves,
+    ks_distances,
+    scatter_points,
+    threshold_lengths,
+    token_curves,
+)
+from perturb_lens.config.schema import BASELINES, load_config
 from perturb_lens.experiments import get_experiment
 from perturb_lens.plots import (
     Plot,
@@ -39,16 +49,6 @@ from perturb_lens.plots.sets import (
     sharpness_plot,
 )
 from perturb_lens.plots.style import DIRECTION_COLORS, color_for
-from perturb_lens.results import (
-    bars,
-    curves,
-    histograms,
-    kde_curves,
-    ks_distances,
-    scatter_points,
-    threshold_lengths,
-    token_curves,
-)
 from perturb_lens.results.aggregate import aggregate_curves, run_aggregates
 from perturb_lens.results.sketch import DEFAULT_ALPHA as SKETCH_ALPHA
 from perturb_lens.results.summary import summary_rows
@@ -89,8 +89,8 @@ ALL_PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 def preset_run(preset: Path, folder: Path) -> Path:
     """A synthetic run shaped like ``preset`` (an SAE suite: one of its runs): its directions,
     lengths, metrics, scope and experiment; ``size`` when it has SAE directions; plateau bases."""
-    from perturb_lens.config import read_config_file
-    from perturb_lens.lengths import resolve_lengths
+    from perturb_lens.config.lengths import resolve_lengths
+    from perturb_lens.config.schema import read_config_file
 
     raw = read_config_file(preset)
     if "saes" in raw and "base" not in raw:
@@ -358,7 +358,7 @@ def test_registry_plugs_in_new_experiments(run_dir: Path) -> None:
     finally:
         from perturb_lens.plots import registry
 
-        registry._REGISTRY.pop("my-experiment")
+        registry.FIGURE_SETS.unregister("my-experiment")
 
 
 def test_report_is_self_contained_with_relative_links(small_run: Path, tmp_path: Path) -> None:
@@ -425,7 +425,7 @@ def test_compare_overlays_runs(small_run: Path, tmp_path: Path) -> None:
 
 
 def test_cli_report_and_compare(tiny_run: Path, tmp_path: Path) -> None:
-    from perturb_lens.cli import app
+    from perturb_lens.cli.app import app
 
     runner = CliRunner()
     res = runner.invoke(
@@ -473,7 +473,7 @@ def interpolation_run(folder: Path, experiment: str, seed: int = 0) -> Path:
 
 @pytest.mark.parametrize("experiment", ["synthetic-activations", "plateaus", "stable-regions"])
 def test_interpolation_figure_sets(experiment: str, tmp_path: Path) -> None:
-    from perturb_lens.results.curve_stats import curve_statistics
+    from perturb_lens.analysis.curve_stats import curve_statistics
 
     run = interpolation_run(tmp_path / "run", experiment)
     got = {p.name: p for p in figures_for(run)}
@@ -488,8 +488,8 @@ def test_interpolation_figure_sets(experiment: str, tmp_path: Path) -> None:
 
 
 def test_compare_stable_regions_shows_sharpness_per_run(tmp_path: Path) -> None:
+    from perturb_lens.analysis.curve_stats import curve_statistics
     from perturb_lens.plots.report import compare_plots
-    from perturb_lens.results.curve_stats import curve_statistics
 
     runs = [interpolation_run(tmp_path / f"m{i}", "stable-regions", seed=i) for i in range(2)]
     views = [RunView(r) for r in runs]

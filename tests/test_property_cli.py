@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from perturb_lens.cli import app
-from perturb_lens.config import BASELINES
+from perturb_lens.cli.app import app
+from perturb_lens.config.schema import BASELINES
 from perturb_lens.results import load_manifest
 
 N_LAYERS = 4  # the tiny GPT-2 of conftest.gpt2_dir

@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import REPO, run_in_subprocess, shard_hashes
 
-from perturb_lens.config import load_config
+from perturb_lens.config.schema import load_config
 from perturb_lens.experiments.sensitive_directions import sweep_shard
 from perturb_lens.results import load_manifest, load_results
-from perturb_lens.runner import run_experiment
+from perturb_lens.workflows.experiment import run_experiment
 
 ray = pytest.importorskip(
     "ray", reason="the Ray executor tests need Ray: pip install 'perturb-lens[ray]'"

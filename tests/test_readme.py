@@ -12,9 +12,7 @@ import torch
 from naive import forward_with_edit
 
 from perturb_lens import load_results, run_experiment
-from perturb_lens.experiments import registry as experiments
-from perturb_lens.metrics import _METRICS
-from perturb_lens.models import registry as families
+from perturb_lens.common.registry import registry
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,17 +27,14 @@ def extending_snippets() -> list[str]:
 @pytest.fixture
 def snippets():
     """Run every snippet (in one namespace, as a reader would); unregister what they added."""
-    before = (dict(_METRICS), dict(experiments._EXPERIMENTS), dict(families._FAMILIES))
+    kinds = ("metric", "experiment", "model family", "direction", "figure set", "claim")
+    before = {kind: registry(kind).snapshot() for kind in kinds}
     namespace: dict = {"__name__": "readme"}
     for code in extending_snippets():
         exec(compile(code, str(README), "exec"), namespace)
     yield namespace
-    _METRICS.clear()
-    _METRICS.update(before[0])
-    experiments._EXPERIMENTS.clear()
-    experiments._EXPERIMENTS.update(before[1])
-    families._FAMILIES.clear()
-    families._FAMILIES.update(before[2])
+    for kind, entries in before.items():
+        registry(kind).restore(entries)
 
 
 def test_readme_has_an_example_of_each_extension() -> None:

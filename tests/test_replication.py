@@ -15,8 +15,8 @@ from synthetic_runs import REPO, make_run
 from test_verdicts import SEQ_LEN, _config, _rows, _set_meta
 from typer.testing import CliRunner
 
-from perturb_lens.cli import app
-from perturb_lens.config import load_config
+from perturb_lens.cli.app import app
+from perturb_lens.config.schema import load_config
 from perturb_lens.replication import (
     CANNOT_JUDGE,
     NOT_RUN,
@@ -29,7 +29,7 @@ from perturb_lens.replication import (
 )
 from perturb_lens.replication.evaluators import STEEP
 from perturb_lens.replication.inference import ks_statistic, sign_test
-from perturb_lens.replication.registry import _REGISTRY
+from perturb_lens.replication.registry import CLAIMS
 
 N_LEN = 21  # curve grid t = 0, 0.05, ..., 1
 LEE_PAIR = {"real-difference": 2.0, "real-mixture": 1.0}
@@ -37,9 +37,7 @@ LEE_PAIR = {"real-difference": 2.0, "real-mixture": 1.0}
 
 def _claims() -> dict:
     """The registered claims by id (registering them first)."""
-    import perturb_lens.replication.claims  # noqa: F401
-
-    return dict(_REGISTRY)
+    return dict(CLAIMS.items())
 
 
 def _verdict(root: Path, claim_id: str):
@@ -525,7 +523,7 @@ def test_user_claims_register(tmp_path: Path) -> None:
             fields = {k: v for k, v in entry.__dict__.items() if k != "claim_id"}
             register_replication("bad", **{**fields, "runs": ("x",)})
     finally:
-        _REGISTRY.pop("test-claim")
+        CLAIMS.unregister("test-claim")
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -581,7 +579,7 @@ def test_stable_regions_on_a_tiny_model(tmp_path: Path, gpt2_dir: Path, webtext_
     """The sharpness quartiles shown are those of the run's curves, computed here with numpy
     (largest step-to-step increase of L2 over its value at t = 1, per prompt pair)."""
     from perturb_lens import load_results
-    from perturb_lens.runner import run_experiment
+    from perturb_lens.workflows.experiment import run_experiment
 
     cfg = {
         "model": str(gpt2_dir),

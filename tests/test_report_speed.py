@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 from synthetic_runs import REPO, make_run, small_config, tiny_figure_run
 
+from perturb_lens.analysis.tables import curves, curves_of
 from perturb_lens.plots import Plot, write_report
 from perturb_lens.plots.figures import line_panels
 from perturb_lens.plots.registry import RunView
 from perturb_lens.plots.render import render_plots
 from perturb_lens.plots.sets import bar_lengths
-from perturb_lens.results.analysis import curves, curves_of
 from perturb_lens.results.sketch import DEFAULT_ALPHA
 from perturb_lens.results.summary import summary_rows
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import kl_floor32, logit_bound, run_config, run_in_subprocess
 
-from perturb_lens.config import ConfigError, load_config
-from perturb_lens.directions import register_direction
+from perturb_lens.config.schema import ConfigError, load_config
+from perturb_lens.directions.base import register_direction
 from perturb_lens.results import ConfigMismatchError, load_manifest, load_results
 from perturb_lens.results.summary import summary_rows
-from perturb_lens.runner import run_experiment
+from perturb_lens.workflows.experiment import run_experiment
 
 
 def _config(gpt2_dir: Path, text_file: Path, **over) -> dict:

@@ -64,7 +64,7 @@ def _dead_fraction(sae: SAE, x: torch.Tensor) -> float:
 
 def _train(kind: str, tmp: Path, **spec: object) -> tuple[SAE, torch.Tensor, torch.Tensor]:
     from perturb_lens.executors.compute import torch_threads
-    from perturb_lens.saes.train import SAETrainConfig, train_sae
+    from perturb_lens.workflows.sae_training import SAETrainConfig, train_sae
 
     x, dictionary = _dictionary_data()
     _killed_init(kind, x, tmp / "init")
@@ -346,7 +346,7 @@ def test_train_saes_streams_from_disk_and_evaluates_held_out(
     from transformers import AutoModelForCausalLM
 
     from perturb_lens.models.load import load_model
-    from perturb_lens.saes.train import SAETrainConfig, train_saes
+    from perturb_lens.workflows.sae_training import SAETrainConfig, train_saes
 
     model = load_model(str(llama_dir))
     g = torch.Generator().manual_seed(0)
@@ -368,7 +368,7 @@ def test_train_saes_streams_from_disk_and_evaluates_held_out(
             {"name": "l", "kind": "local", "l1": 0.05, "resample_at": [0.5]},
         ],
     )
-    import perturb_lens.data as data_mod
+    import perturb_lens.data.text as data_mod
 
     with pytest.MonkeyPatch.context() as mp:  # held-out rows without a text file
         mp.setattr(data_mod, "dataset_tokens", lambda d, m, progress=True: held)
@@ -475,7 +475,7 @@ def test_pack_unpack_round_trip_and_refuse_tampering(
 def test_cli_pack_and_unpack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from perturb_lens.cli import app
+    from perturb_lens.cli.app import app
 
     monkeypatch.setenv("PERTURB_LENS_CACHE", str(tmp_path / "cache"))
     folders = [str(f) for f in _two_saes(tmp_path / "trained")]
@@ -501,7 +501,7 @@ def test_cli_train_reports_throughput_and_held_out_metrics(
     import yaml
     from typer.testing import CliRunner
 
-    from perturb_lens.cli import app
+    from perturb_lens.cli.app import app
 
     data = {"source": str(webtext_path), "seq_len": 8, "n_seqs": 6}
     held = tmp_path / "held.jsonl"  # the last documents: text the training rows do not reach
@@ -564,7 +564,7 @@ def test_topk_e2e_saes_sit_at_the_local_saes_l0(llama_dir: Path, tmp_path: Path)
     from pydantic import ValidationError
 
     from perturb_lens.models.load import load_model
-    from perturb_lens.saes.train import SAESpec, SAETrainConfig, train_saes
+    from perturb_lens.workflows.sae_training import SAESpec, SAETrainConfig, train_saes
 
     with pytest.raises(ValidationError, match="needs l1 > 0"):
         SAESpec(name="x", kind="e2e")

@@ -232,7 +232,7 @@ def test_training_recovers_a_known_dictionary(tmp_path: Path, spec: dict) -> Non
     """Activations made from 48 unit features (about 3 active per token, magnitudes 1-2):
     >= 90% of the true features have a decoder row at cosine >= 0.9."""
     from perturb_lens.executors.compute import torch_threads
-    from perturb_lens.saes.train import SAETrainConfig, train_sae
+    from perturb_lens.workflows.sae_training import SAETrainConfig, train_sae
 
     g = torch.Generator().manual_seed(0)
     d, n_feat, n = 32, 48, 8192
@@ -259,7 +259,7 @@ def test_train_saes_all_objectives_and_resume(llama_dir: Path, tmp_path: Path) -
     """local, topk, e2e and e2e+ds train on a tiny model; a finished set is skipped; an
     interrupted SAE resumes from its checkpoint to the same weights."""
     from perturb_lens.models.load import load_model
-    from perturb_lens.saes.train import SAETrainConfig, train_saes
+    from perturb_lens.workflows.sae_training import SAETrainConfig, train_saes
 
     model = load_model(str(llama_dir))
     tokens = torch.randint(3, 1000, (12, 10), generator=torch.Generator().manual_seed(0))
@@ -378,7 +378,7 @@ def test_sae_stats_against_naive(llama_dir: Path) -> None:
 
 
 def _dctx(sae: SAE, x: torch.Tensor, seqs: torch.Tensor, seq_of_row: torch.Tensor, **opt):
-    from perturb_lens.directions import DirectionContext
+    from perturb_lens.directions.base import DirectionContext
 
     g = torch.Generator().manual_seed(7)
     return DirectionContext(
@@ -387,7 +387,7 @@ def _dctx(sae: SAE, x: torch.Tensor, seqs: torch.Tensor, seq_of_row: torch.Tenso
 
 
 def test_sae_feature_is_alive_and_inactive_in_the_sequence() -> None:
-    from perturb_lens.directions import make_directions
+    from perturb_lens.directions.base import make_directions
 
     sae = random_sae(d_in=16, d_sae=60, seed=4)
     with torch.no_grad():
@@ -497,7 +497,7 @@ def test_cli_train_stats_and_suite(llama_dir: Path, webtext_path: Path, tmp_path
     """`sae train` (then refusing to overwrite), `sae stats`, `sae run` on a tiny model."""
     from typer.testing import CliRunner
 
-    from perturb_lens.cli import app
+    from perturb_lens.cli.app import app
 
     data = {"source": str(webtext_path), "seq_len": 8, "n_seqs": 6}
     train_cfg = {

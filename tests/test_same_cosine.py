@@ -16,13 +16,13 @@ from random_sae import random_sae
 from transformers import AutoModelForCausalLM
 
 from perturb_lens import load_model
-from perturb_lens.config import ConfigError, load_config, validate_config
-from perturb_lens.directions import DirectionContext, make_directions, same_cosine_target
+from perturb_lens.config.lengths import resolve_lengths
+from perturb_lens.config.schema import ConfigError, load_config, validate_config
+from perturb_lens.directions.base import DirectionContext, make_directions, same_cosine_target
 from perturb_lens.experiments.same_cosine import SAE_LABEL, nearest
-from perturb_lens.lengths import resolve_lengths
 from perturb_lens.results import load_results
-from perturb_lens.runner import run_experiment
-from perturb_lens.stats import fit_stats
+from perturb_lens.statistics.activations import fit_stats
+from perturb_lens.workflows.experiment import run_experiment
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NEW_PRESETS = sorted(
@@ -63,7 +63,7 @@ def _rows(cfg: dict, folder: Path, **given) -> pd.DataFrame:
     float64 model stay float64)."""
     from perturb_lens.engine.run import shard_ids
     from perturb_lens.experiments.same_cosine import same_cosine_shard
-    from perturb_lens.runner import prepare
+    from perturb_lens.workflows.experiment import prepare
 
     ctx = prepare(validate_config(cfg), folder, progress=False, **given)
     ids = shard_ids(ctx.tokens.shape[0], ctx.config.shard_seqs)
@@ -374,8 +374,8 @@ def test_figures_show_the_analysis_numbers(tmp_path: Path) -> None:
     (aggregated here with plain pandas)."""
     from matplotlib.collections import PathCollection
 
+    from perturb_lens.analysis.tables import curves
     from perturb_lens.plots import figures_for
-    from perturb_lens.results.analysis import curves
     from perturb_lens.results.summary import summary_rows
 
     run = _synthetic_same_cosine_run(tmp_path / "run")
@@ -417,8 +417,8 @@ def test_suite_figures_5_6_show_each_sae_by_type_and_l0(tmp_path: Path) -> None:
     from matplotlib.colors import LogNorm, to_rgba
     from synthetic_runs import make_run, synthetic_rows
 
+    from perturb_lens.analysis.tables import curves
     from perturb_lens.plots.suite import suite_figures
-    from perturb_lens.results.analysis import curves
     from perturb_lens.results.summary import summary_rows
 
     saes = {"local-l1-2": ("local", 40.0), "local-l1-5": ("local", 12.0), "e2e-l1-2": ("e2e", 25.0)}
@@ -459,7 +459,7 @@ def test_run_suite_records_l0_and_writes_figures_5_6(llama_dir: Path, tmp_path: 
     figures 5-6 are written."""
     import json
 
-    from perturb_lens.saes.suite import SAESuiteConfig, run_suite
+    from perturb_lens.workflows.sae_suite import SAESuiteConfig, run_suite
 
     hf = AutoModelForCausalLM.from_pretrained(llama_dir)
     d = hf.config.hidden_size
@@ -490,7 +490,7 @@ def test_run_suite_records_l0_and_writes_figures_5_6(llama_dir: Path, tmp_path: 
     records = {r["label"]: r for r in json.loads((out / "saes.json").read_text())}
     assert {k: r["type"] for k, r in records.items()} == {"local-l1-1": "local", "e2e-l1-1": "e2e"}
     from perturb_lens import load_model
-    from perturb_lens.data import dataset_tokens
+    from perturb_lens.data.text import dataset_tokens
 
     tokens = dataset_tokens(
         validate_config(cfg.run_config(cfg.saes[0], hook)).data, load_model(str(llama_dir))
@@ -511,7 +511,7 @@ def test_cli_prints_the_cosine_tables(gpt2_dir: Path, webtext_path: Path, tmp_pa
     import yaml
     from typer.testing import CliRunner
 
-    from perturb_lens.cli import app
+    from perturb_lens.cli.app import app
 
     random_sae(64, 128, hook="blocks.1.hook_resid_pre", bias=-0.5).save(tmp_path / "sae")
     cfg = _config(

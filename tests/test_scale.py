@@ -8,7 +8,7 @@ import torch
 from conftest import EPS32, float32_tol
 
 from perturb_lens import run_experiment
-from perturb_lens.directions import (
+from perturb_lens.directions.base import (
     DirectionContext,
     check_scale,
     list_scales,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from perturb_lens.stats import (
+from perturb_lens.statistics.activations import (
     NORM_QUANTILES,
     ActivationStats,
     StatsAccumulator,

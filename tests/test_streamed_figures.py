@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from synthetic_runs import make_run, small_config, synthetic_rows
 
-from perturb_lens.config import load_config, validate_config
+from perturb_lens.config.schema import load_config, validate_config
 from perturb_lens.plots import figures_for
 from perturb_lens.plots.registry import RunView
 from perturb_lens.plots.report import compare_plots
@@ -21,7 +21,7 @@ from perturb_lens.plots.suite import suite_figures
 from perturb_lens.results import RunStore, config_hash
 from perturb_lens.results.aggregate import aggregate_rows
 from perturb_lens.results.summary import summary_rows
-from perturb_lens.saes.suite import suite_summary
+from perturb_lens.workflows.sae_suite import suite_summary
 
 SUBSTITUTION = ["SAE(x)", "isotropic", "cov-random-mixture", "real-mixture"]
 N_BOOT = 1000  # the figures' default resamples (seed 0)

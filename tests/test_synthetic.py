@@ -9,9 +9,9 @@ from conftest import EPS32, float32_tol
 from random_sae import random_sae
 from scipy.stats import ks_2samp
 
-from perturb_lens.directions import DirectionContext, scaled_directions
+from perturb_lens.directions.base import DirectionContext, scaled_directions
+from perturb_lens.directions.synthetic import LatentStats, synthesize
 from perturb_lens.saes.sae import SAE
-from perturb_lens.saes.synthetic import LatentStats, synthesize
 
 D_IN, D_SAE = 32, 128
 # A float32 vector rescaled to a norm, that norm taken in float64: the float32 sum of D_IN squares

@@ -12,27 +12,25 @@ import pandas as pd
 import pytest
 from synthetic_runs import PRESETS, make_run
 
-from perturb_lens.config import load_config
-from perturb_lens.results import (
+from perturb_lens.analysis import (
     Claim,
     claim_intervals,
     format_verdicts,
-    load_results,
     parse_claim,
     register_claim,
     registered_claims,
-    sequence_sums,
     verdict_table,
     verdicts,
 )
-from perturb_lens.results.verdicts import (
-    _REGISTRY,
+from perturb_lens.analysis.verdicts import (
+    CLAIMS,
     _length_ranges,
-    expanded_tail,
-    ratio_intervals,
     stats_fit,
     verdict_rows,
 )
+from perturb_lens.config.schema import load_config
+from perturb_lens.results import load_results, sequence_sums
+from perturb_lens.statistics.bootstrap import expanded_tail, ratio_intervals
 
 LENGTHS = [0.0, 1.0, 2.0, 4.0, 8.0]
 SEQ_LEN = 6
@@ -245,7 +243,7 @@ def test_user_claims(tmp_path: Path) -> None:
         assert verdicts(run)["claim"].tolist() == ["ablation > isotropic"]
         assert claim in registered_claims() and claim.source == "user"
     finally:
-        del _REGISTRY[claim.text]
+        CLAIMS.unregister(claim.text)
     with pytest.raises(ValueError, match="needs directions 'ablation' and 'real-mixture'"):
         verdicts(run, ["ablation ~ real-mixture"])
 
@@ -473,7 +471,7 @@ def test_tables_print(tmp_path: Path) -> None:
 def test_real_tiny_run(tmp_path: Path, shard_config: dict) -> None:
     """The conftest run (random GPT-2, 8 x 16 WebText tokens) with the four claimed directions."""
     from perturb_lens.results.summary import summary_rows
-    from perturb_lens.runner import run_experiment
+    from perturb_lens.workflows.experiment import run_experiment
 
     directions = ["isotropic", "cov-random-mixture", "real-difference", "real-mixture"]
     cfg = {**shard_config, "metrics": ["kl", "l2"], "directions": directions}
@@ -557,7 +555,7 @@ def test_cli_prints_verdicts(tmp_path: Path, shard_config: dict) -> None:
     import yaml
     from typer.testing import CliRunner
 
-    from perturb_lens.cli import app
+    from perturb_lens.cli.app import app
 
     cli, wide = CliRunner(), {"COLUMNS": "200"}
     path = tmp_path / "cfg.yaml"

@@ -19,17 +19,22 @@ from typing import Any
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("OMP_DYNAMIC", "FALSE")
 
+from perturb_lens.builtins import BUILTINS
+from perturb_lens.common.registry import install_builtins
+
+install_builtins(BUILTINS)
+
 _API = {
-    "Run": "perturb_lens.run_handle",
-    "__version__": "perturb_lens.version",
+    "Run": "perturb_lens.workflows.run_handle",
+    "__version__": "perturb_lens.common.version",
     "curves": "perturb_lens.results",
-    "load_config": "perturb_lens.config",
+    "load_config": "perturb_lens.config.schema",
     "load_model": "perturb_lens.models.load",
     "load_results": "perturb_lens.results",
-    "open_run": "perturb_lens.run_handle",
-    "plot": "perturb_lens.run_handle",
+    "open_run": "perturb_lens.workflows.run_handle",
+    "plot": "perturb_lens.workflows.run_handle",
     "run_aggregates": "perturb_lens.results",
-    "run_experiment": "perturb_lens.runner",
+    "run_experiment": "perturb_lens.workflows.experiment",
     "summary_table": "perturb_lens.results",
     "threshold_lengths": "perturb_lens.results",
     "verdicts": "perturb_lens.results",

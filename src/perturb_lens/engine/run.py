@@ -3,7 +3,7 @@
 A run is split into shards of ``shard_seqs`` sequences. Each shard is a pure function of the
 context (config, tokens, fitted statistics) and its id: its directions are seeded by (run seed,
 token batch, direction label), so a re-executed shard gives identical rows wherever it runs. The
-runner (:mod:`perturb_lens.runner`) builds the context and writes the shards.
+runner (:mod:`perturb_lens.workflows.experiment`) builds the context and writes the shards.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from perturb_lens.config import DirectionConfig, ExperimentConfig
-from perturb_lens.directions import (
+from perturb_lens.common.seeds import derive_seed
+from perturb_lens.config.schema import DirectionConfig, ExperimentConfig
+from perturb_lens.directions.base import (
     DirectionContext,
     DirectionFn,
     explicit_directions,
@@ -26,8 +27,7 @@ from perturb_lens.directions import (
 )
 from perturb_lens.engine.sweep import SweepPlan, clean_pass
 from perturb_lens.models.base import CleanRun, LensModel
-from perturb_lens.seeds import derive_seed
-from perturb_lens.stats import ActivationStats
+from perturb_lens.statistics.activations import ActivationStats
 
 
 def shard_ids(n_seqs: int, shard_seqs: int, n_directions: int = 0) -> list[str]:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from perturb_lens.metrics import at_least_float32
+from perturb_lens.metrics.builtin import at_least_float32
 
 
 def vocab_block(device: torch.device) -> int:

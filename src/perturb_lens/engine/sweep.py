@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from perturb_lens.config import NONFINITE_POLICIES, SCOPES
+from perturb_lens.config.schema import NONFINITE_POLICIES, SCOPES
 from perturb_lens.engine.softmax import kl_linear, lse_linear, softmax_moment
-from perturb_lens.metrics import (
+from perturb_lens.metrics.builtin import (
     NONFINITE,
     at_least_float32,
     downstream_metrics,

@@ -1,6 +1,7 @@
 """What an executor is: it computes the shards of a run and hands each back to the driver.
 
-The driver (:func:`perturb_lens.runner.run_experiment`) is the only writer of the run directory:
+The driver (:func:`perturb_lens.workflows.experiment.run_experiment`) is the only writer of the
+run directory:
 it writes every shard it gets back through :class:`~perturb_lens.results.store.RunStore`
 (atomically, with its sha256 in the manifest). A shard is a pure function of the job and its id
 (its seed is derived from the run seed and the shard id), so an executor may compute a shard again
@@ -22,17 +23,18 @@ from torch import Tensor
 from perturb_lens.executors.compute import ComputeMismatchError, cpu_model, torch_threads
 
 if TYPE_CHECKING:
-    from perturb_lens.config import ExperimentConfig
+    from perturb_lens.config.schema import ExperimentConfig
     from perturb_lens.engine.run import RunContext
     from perturb_lens.models.base import LensModel
-    from perturb_lens.stats import ActivationStats
+    from perturb_lens.statistics.activations import ActivationStats
 
 ShardFn = Callable[["RunContext", str], pd.DataFrame]
 """Computes the rows of one shard from the run context and the shard id (module-level function,
 so that it pickles by reference to a worker)."""
 
 PrepareFn = Callable[..., "RunContext"]
-"""Builds the run context (:func:`perturb_lens.runner.prepare`; module-level, so it pickles)."""
+"""Builds the run context (:func:`perturb_lens.workflows.experiment.prepare`; module-level, so
+    it pickles)."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from perturb_lens.cores import available_cores
+from perturb_lens.common.cores import available_cores
 
 
 class ComputeMismatchError(ValueError):

@@ -15,6 +15,7 @@ register_experiment(
     tables=f"{_PKG}.plateaus:plateau_tables",
     **LAST_POSITION_CURVES,
     curve_stats=("plateau_length",),
+    judged=False,  # no direction comparison: base points, not directions
 )
 register_experiment(
     "same-cosine",
@@ -24,6 +25,7 @@ register_experiment(
     section="same_cosine",
     tables=f"{_PKG}.same_cosine:same_cosine_tables",
     figures="same-cosine",
+    judged=False,  # targets at a cosine, not directions at a length
 )
 register_experiment(
     "sensitive-directions",
@@ -40,6 +42,7 @@ register_experiment(
     tables=f"{_PKG}.stable_regions:stable_region_tables",
     **LAST_POSITION_CURVES,
     curve_stats=("sharpness", "max_slope_step"),
+    judged=False,  # prompt pairs, not directions
 )
 register_experiment(
     "synthetic-activations",

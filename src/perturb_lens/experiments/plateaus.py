@@ -6,7 +6,7 @@ base is a registered direction whose raw vector moves ``x`` there, e.g. ``synthe
 ``cov-random-difference``). The run's ``directions`` (default: isotropic unit directions, the same
 ones for every base) then perturb the base by each length, and every metric is measured against
 the base's own output. Rows carry a ``base`` column;
-:func:`~perturb_lens.results.curve_stats.curve_statistics` gives one row per curve (plateau length,
+:func:`~perturb_lens.analysis.curve_stats.curve_statistics` gives one row per curve (plateau length,
 max-slope step, sharpness).
 """
 
@@ -19,11 +19,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from perturb_lens.config import DirectionConfig, DirectionList, ExperimentConfig
+from perturb_lens.analysis.curve_stats import curve_metric, curve_statistics, statistic_summary
+from perturb_lens.config.schema import DirectionConfig, DirectionList, ExperimentConfig
 from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
 from perturb_lens.engine.sweep import SweepPlan, sweep
 from perturb_lens.models.base import CleanRun, LensModel
-from perturb_lens.results.curve_stats import curve_metric, curve_statistics, statistic_summary
 
 REAL = "real"
 

@@ -3,9 +3,9 @@
 An entry says everything the rest of the package needs to know about an experiment: the config
 section holding its options (a pydantic model of its own), the scope it requires, the function
 computing one shard's rows, the tables ``perturb-lens run`` prints, and the figure set of its
-runs. This module imports nothing of the package (but the dependency-free
-:mod:`perturb_lens.builtin_modules`), so the config, the runner and the figures can all look
-experiments up without importing any experiment's code.
+runs, and whether the direction claims judge its runs. Entries live in
+``registry("experiment")`` (:mod:`perturb_lens.common.registry`), so that the config and the
+figures can look experiments up by kind without importing this stage or any experiment's code.
 
 The code an entry names (``shard``, ``options``, ``tables``) may be given as a ``"module:name"``
 reference, imported when the entry is first fetched with :func:`get_experiment`,
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from perturb_lens.builtin_modules import BuiltinModules
+from perturb_lens.common.registry import registry
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -45,6 +45,19 @@ class ExperimentInfo:
     tables: TablesFn | str | None = None
     figures: str = "curves"  # the figure set (plots.registry) of its runs
     curve_stats: tuple[str, ...] = ()  # per-curve statistics its figures compare (interpolation)
+    judged: bool = True  # whether the direction claims (verdicts) judge its runs
+
+    def resolved(self) -> ExperimentInfo:
+        """This entry with its ``"module:name"`` references imported (and kept so in the
+        registry)."""
+        refs = {f: getattr(self, f) for f in _REFERENCES if isinstance(getattr(self, f), str)}
+        if not refs:
+            return self
+        code = {}
+        for field_name, ref in refs.items():
+            module, _, attr = ref.partition(":")
+            code[field_name] = getattr(importlib.import_module(module), attr)
+        return EXPERIMENTS.register(self.name, replace(self, **code))
 
 
 LAST_POSITION_CURVES: dict[str, Any] = {
@@ -56,25 +69,10 @@ LAST_POSITION_CURVES: dict[str, Any] = {
 its shard function builds for the whole shard (plateau bases, prompt pairs), and compares the
 per-curve statistics of its runs (``register_experiment(..., **LAST_POSITION_CURVES)``)."""
 
-_EXPERIMENTS: dict[str, ExperimentInfo] = {}
-_REFERENCES = ("shard", "options", "tables")  # the fields that may name code as "module:name"
-BUILTINS = BuiltinModules("perturb_lens.experiments.builtin")
-"""Registers the built-in experiments (by reference): imported at the first lookup or
+EXPERIMENTS = registry("experiment", "register yours with perturb_lens.register_experiment")
+"""name -> :class:`ExperimentInfo`; the built-ins (by reference) register at the first lookup or
 registration, first, so that a later registration of a built-in's name replaces the built-in."""
-
-
-def _resolved(entry: ExperimentInfo) -> ExperimentInfo:
-    """``entry`` with its ``"module:name"`` references imported (and kept so)."""
-    refs = {f: getattr(entry, f) for f in _REFERENCES if isinstance(getattr(entry, f), str)}
-    if not refs:
-        return entry
-    code = {}
-    for field_name, ref in refs.items():
-        module, _, attr = ref.partition(":")
-        code[field_name] = getattr(importlib.import_module(module), attr)
-    entry = replace(entry, **code)
-    _EXPERIMENTS[entry.name] = entry
-    return entry
+_REFERENCES = ("shard", "options", "tables")  # the fields that may name code as "module:name"
 
 
 def register_experiment(
@@ -86,43 +84,40 @@ def register_experiment(
     model needs the config ``section`` that holds it. ``shard``, ``options`` and ``tables`` may be
     ``"module:name"`` references (imported at the first fetch). Registering a name again replaces
     it."""
-    BUILTINS.load()
+    EXPERIMENTS.load()
     entry = ExperimentInfo(name=name, shard=shard, **info)
     if (entry.options is None) != (entry.section is None):
         raise ValueError(f"experiment {name!r}: give both options= and section=, or neither")
-    clash = [e.name for e in _EXPERIMENTS.values() if e.section and e.section == entry.section]
+    clash = [e.name for e in EXPERIMENTS.values() if e.section and e.section == entry.section]
     if entry.section and clash and clash != [name]:
         raise ValueError(f"experiment {name!r}: config section {entry.section!r} is {clash[0]}'s")
-    _EXPERIMENTS[name] = entry
-    return entry
+    return EXPERIMENTS.register(name, entry)
 
 
 def get_experiment(name: str) -> ExperimentInfo:
     """The registered experiment ``name``; the error lists the known ones."""
-    BUILTINS.load()
-    if name not in _EXPERIMENTS:
+    entry = EXPERIMENTS.find(name)
+    if entry is None:
         raise ValueError(
-            f"Unknown experiment {name!r}; choose from {', '.join(_EXPERIMENTS)} (or register "
-            "yours with perturb_lens.experiments.register_experiment)."
+            f"Unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS.names())} (or "
+            "register yours with perturb_lens.register_experiment)."
         )
-    return _resolved(_EXPERIMENTS[name])
+    return entry.resolved()
 
 
 def find_experiment(name: str) -> ExperimentInfo | None:
     """The registered experiment ``name``, or None."""
     entry = declared_experiment(name)
-    return _resolved(entry) if entry is not None else None
+    return entry.resolved() if entry is not None else None
 
 
 def declared_experiment(name: str) -> ExperimentInfo | None:
     """The registered experiment ``name`` as registered, or None: its code (``shard``,
     ``options``, ``tables``) may still be ``"module:name"`` references, not imported (figures
     and reports need only its scope, figure set and curve statistics)."""
-    BUILTINS.load()
-    return _EXPERIMENTS.get(name)
+    return EXPERIMENTS.find(name)
 
 
 def list_experiments() -> list[ExperimentInfo]:
     """Every registered experiment, in registration order."""
-    BUILTINS.load()
-    return [_resolved(e) for e in list(_EXPERIMENTS.values())]
+    return [e.resolved() for e in EXPERIMENTS.values()]

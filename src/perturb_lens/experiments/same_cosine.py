@@ -23,8 +23,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from perturb_lens.config import SAE_LABEL, ExperimentConfig
-from perturb_lens.directions import same_cosine_target
+from perturb_lens.config.schema import SAE_LABEL, ExperimentConfig
+from perturb_lens.directions.base import same_cosine_target
 from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
 from perturb_lens.engine.sweep import sweep
 from perturb_lens.models.base import CleanRun
@@ -192,7 +192,7 @@ def sae_vs_random(
     are left out (``n_tokens`` counts those used). The mean norm ratios of both are given: with a
     fixed ``norm_ratio`` (e.g. 0.9) and SAE(x) near ratio 1 the comparison mixes cosine and norm
     (near cosine 1 the norm change dominates); ``norm_ratio: sae`` compares at equal norm."""
-    from perturb_lens.results.verdicts import ratio_intervals
+    from perturb_lens.statistics.bootstrap import ratio_intervals
 
     sae = rows[rows["direction"] == SAE_LABEL].set_index(["seq", "pos"])
     out = []

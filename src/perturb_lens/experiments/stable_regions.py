@@ -8,7 +8,8 @@ at the last position, so perturbing A's last position along ``x_B - x_A`` by ``t
 walks exactly from A's output (t = 0) to B's (t = 1). Sharpness: the largest step-to-step increase
 of the L2 distance (at the last layer's ``resid_post``) over its value at t = 1.
 
-:func:`perturb_lens.runner.stable_region_sharpness` runs several models (sizes, checkpoints)
+:func:`perturb_lens.workflows.experiment.stable_region_sharpness` runs several models (sizes,
+checkpoints)
 and returns one frame with a ``model`` column; :func:`sharpness_quantiles` summarises it.
 """
 
@@ -22,11 +23,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from perturb_lens.config import ExperimentConfig
+from perturb_lens.analysis.curve_stats import curve_metric, curve_statistics, statistic_summary
+from perturb_lens.common.seeds import derive_seed
+from perturb_lens.config.schema import ExperimentConfig
 from perturb_lens.engine.run import RunContext, shard_clean
 from perturb_lens.engine.sweep import sweep
-from perturb_lens.results.curve_stats import curve_metric, curve_statistics, statistic_summary
-from perturb_lens.seeds import derive_seed
 
 PAIR = "prompt-pair"
 

@@ -2,7 +2,7 @@
 cov-random and SAE-composed synthetic targets (directions with ``scale: raw``, lengths ``t`` in
 [0, 1]) and compare where the output changes fastest and how long it stays flat.
 
-The targets are direction generators (:mod:`perturb_lens.saes.synthetic`); the shards are the
+The targets are direction generators (:mod:`perturb_lens.directions.synthetic`); the shards are the
 plain sweep's.
 """
 
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-from perturb_lens.config import ExperimentConfig
-from perturb_lens.results.curve_stats import (
+from perturb_lens.analysis.curve_stats import (
     curve_metric,
     curve_statistics,
     ks_vs_reference,
     statistic_summary,
 )
+from perturb_lens.config.schema import ExperimentConfig
 
 
 def synthetic_tables(rows: pd.DataFrame, cfg: ExperimentConfig) -> dict[str, pd.DataFrame]:

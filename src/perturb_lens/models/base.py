@@ -25,8 +25,8 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import Tensor
 
-from perturb_lens.models.hooks import Hook, hook_names, last_resid_post, parse_hook
-from perturb_lens.models.options import FRAMES, default_frame
+from perturb_lens.common.hooks import Hook, hook_names, last_resid_post, parse_hook
+from perturb_lens.config.options import FRAMES, default_frame
 from perturb_lens.models.registry import native_families
 
 

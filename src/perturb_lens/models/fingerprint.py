@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from perturb_lens.paths import cache_root
+from perturb_lens.common.paths import cache_root
 
 log = logging.getLogger(__name__)
 

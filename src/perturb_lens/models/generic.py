@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from perturb_lens.common.hooks import Hook
 from perturb_lens.models.base import CleanRun, LensModel, ModelSpec, config_shape
-from perturb_lens.models.hooks import Hook
+from perturb_lens.models.registry import GENERIC, register_family
 
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
@@ -282,3 +283,6 @@ class GenericLens(LensModel):
         if self.softcap:  # Gemma 2 style final-logit soft-capping, applied after the LM head
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
+
+
+register_family(GENERIC, (), GenericLens, native=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from perturb_lens.models.native import NativeLens
+from perturb_lens.models.registry import register_family
 from perturb_lens.models.weights import WeightMap
 
 
@@ -39,3 +40,6 @@ class GPT2Lens(NativeLens):
         eps="layer_norm_epsilon",
         conv1d=True,  # HF Conv1D stores [in, out]
     )
+
+
+register_family("gpt2", ("GPT2LMHeadModel",), GPT2Lens, gguf=("gpt2",))

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from perturb_lens.common.hooks import Hook
 from perturb_lens.models.base import ModelSpec
 from perturb_lens.models.generic import GenericLens
-from perturb_lens.models.hooks import Hook
 from perturb_lens.models.layers import ACTIVATIONS
 from perturb_lens.models.native import NativeLens
 

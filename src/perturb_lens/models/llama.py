@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from perturb_lens.models.native import NativeLens
+from perturb_lens.models.registry import register_family
 from perturb_lens.models.weights import WeightMap
 
 
@@ -32,3 +33,6 @@ class LlamaLens(NativeLens):
         final=("model.norm", "lm_head.weight"),
         eps="rms_norm_eps",
     )
+
+
+register_family("llama", ("LlamaForCausalLM",), LlamaLens, gguf=("llama",))

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
+from perturb_lens.common.paths import cache_root
+from perturb_lens.config.options import DTYPE_NAMES
 from perturb_lens.models.base import LensModel
 from perturb_lens.models.fingerprint import record_files
 from perturb_lens.models.from_objects import lens_from_object, wrap
 from perturb_lens.models.native import resolve_precision
-from perturb_lens.models.options import DTYPE_NAMES
 from perturb_lens.models.registry import native_gguf_archs
-from perturb_lens.paths import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from perturb_lens.common.hooks import HOOK_KINDS, Hook
+from perturb_lens.config.options import PRECISIONS
 from perturb_lens.models.base import CleanRun, LensModel, ModelSpec, config_shape
-from perturb_lens.models.hooks import HOOK_KINDS, Hook
 from perturb_lens.models.layers import ACTIVATIONS, apply_rotary, norm, rotary_cos_sin, split_heads
-from perturb_lens.models.options import PRECISIONS
 from perturb_lens.models.weights import WeightMap, Weights
 
 RESID_PRE, ATTN_OUT, MLP_OUT, RESID_POST = range(4)

@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from perturb_lens.models.native import NativeLens
+from perturb_lens.models.registry import register_family
 from perturb_lens.models.weights import WeightMap, Weights
 
 
@@ -52,3 +53,6 @@ class GPTNeoXLens(NativeLens):
             if t is not None:
                 p[key] = t.reshape(self.spec.n_heads, 3, -1).transpose(0, 1).reshape(t.shape)
         return p
+
+
+register_family("neox", ("GPTNeoXForCausalLM",), GPTNeoXLens)

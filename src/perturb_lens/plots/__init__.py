@@ -7,8 +7,6 @@ sets with ``@register_figures("name")`` using the drawing functions of
 :mod:`perturb_lens.plots.figures` and the builders in :mod:`perturb_lens.plots.sets`.
 """
 
-from perturb_lens.plots import same_cosine as _same_cosine  # noqa: F401  (same-cosine figures)
-from perturb_lens.plots import sets as _sets  # noqa: F401  (registers the built-in figure sets)
 from perturb_lens.plots.registry import (
     Plot,
     RunView,

@@ -1,7 +1,7 @@
 """Generic matplotlib figures drawn from aggregated frames (the analysis helpers' output).
 
 Every function here only draws: the numbers come in as a DataFrame from
-:mod:`perturb_lens.results.analysis` (:func:`~perturb_lens.results.curves`, ``bars``,
+:mod:`perturb_lens.analysis.tables` (:func:`~perturb_lens.results.curves`, ``bars``,
 ``histograms``, ...), so a figure shows exactly what the analysis API returns. Each series is
 tagged (SVG ``id`` containing ``pl--{series}--``) so the HTML report can show and hide it.
 """

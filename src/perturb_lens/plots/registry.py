@@ -1,7 +1,7 @@
 """Figure sets by name; a run's figure set is the one its experiment registered.
 
 A figure set is a function ``RunView -> list[Plot]``. It aggregates with the analysis helpers
-(:mod:`perturb_lens.results.analysis`) and draws with :mod:`perturb_lens.plots.figures`; the
+(:mod:`perturb_lens.analysis.tables`) and draws with :mod:`perturb_lens.plots.figures`; the
 aggregated frame travels with the figure (:attr:`Plot.data`), so the numbers a figure shows can be
 checked against the analysis API and are saved beside it as CSV.
 
@@ -25,8 +25,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from perturb_lens.analysis.tables import pick_lengths
+from perturb_lens.common.registry import registry
 from perturb_lens.experiments.registry import ExperimentInfo, declared_experiment
-from perturb_lens.metrics import metric_names
+from perturb_lens.metrics.builtin import metric_names
 from perturb_lens.plots.style import style
 from perturb_lens.results.aggregate import (
     Aggregates,
@@ -38,7 +40,6 @@ from perturb_lens.results.aggregate import (
     threshold_histogram,
     threshold_summary,
 )
-from perturb_lens.results.analysis import pick_lengths
 from perturb_lens.results.shards import results_mode, shard_columns
 from perturb_lens.results.store import load_manifest
 from perturb_lens.results.summary import summary_rows
@@ -262,14 +263,16 @@ class RunView:
 
 
 FigureSet = Callable[[RunView], list[Plot]]
-_REGISTRY: dict[str, FigureSet] = {}
+FIGURE_SETS = registry("figure set", "register one with perturb_lens.register_figures")
+"""name -> figure set; the built-ins (plots.sets, plots.same_cosine) register at the first
+lookup."""
 
 
 def register_figures(experiment: str) -> Callable[[FigureSet], FigureSet]:
     """Decorator: make ``fn(view) -> list[Plot]`` the figure set of ``experiment`` runs."""
 
     def decorate(fn: FigureSet) -> FigureSet:
-        _REGISTRY[experiment] = fn
+        FIGURE_SETS.register(experiment, fn)
         return fn
 
     return decorate
@@ -280,14 +283,16 @@ def figure_set(experiment: str) -> FigureSet:
     registered under its name, else the generic curve figures."""
     info = declared_experiment(experiment)
     name = info.figures if info is not None else experiment
-    if name not in _REGISTRY:
+    found = FIGURE_SETS.find(name)
+    if found is None:
         log.info("no figure set %r for %r: using the generic curve figures", name, experiment)
-    return _REGISTRY.get(name, _REGISTRY["curves"])
+        return FIGURE_SETS.get("curves")
+    return found
 
 
 def registered() -> dict[str, FigureSet]:
     """Experiment type -> figure set, for the sets registered so far."""
-    return dict(_REGISTRY)
+    return dict(FIGURE_SETS.items())
 
 
 def figures_for(run_dir: str | Path | RunView) -> list[Plot]:

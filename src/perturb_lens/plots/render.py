@@ -7,7 +7,7 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Sequence
 
-from perturb_lens.cores import available_cores
+from perturb_lens.common.cores import available_cores
 from perturb_lens.plots.registry import Plot
 
 Job = tuple[str, bool]  # (format, logy)

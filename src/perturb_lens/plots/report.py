@@ -19,7 +19,15 @@ from typing import Any
 
 import pandas as pd
 
-from perturb_lens import version
+from perturb_lens.analysis.tables import pick_lengths
+from perturb_lens.analysis.verdicts import (
+    judged,
+    stats_fit,
+    verdict_notes,
+    verdict_rows,
+    verdicts,
+)
+from perturb_lens.common import version
 from perturb_lens.plots.figures import (
     Palette,
     bar_panels,
@@ -47,16 +55,8 @@ from perturb_lens.plots.sets import (
     size_kl_plot,
     size_kl_points,
 )
-from perturb_lens.results.analysis import pick_lengths
 from perturb_lens.results.store import MANIFEST, atomic_write, diff_configs
-from perturb_lens.results.verdicts import (
-    NOT_JUDGED,
-    stats_fit,
-    verdict_notes,
-    verdict_rows,
-    verdicts,
-)
-from perturb_lens.stats_size import fit_size_warning
+from perturb_lens.statistics.fit_size import fit_size_warning
 
 DEFAULT_FORMATS = ("svg",)  # the page's own figures; PNG (a render as dear again) on request
 REPORT = "report.html"
@@ -268,7 +268,7 @@ def _tables(view: RunView) -> str:
 def _verdicts(view: RunView) -> str:
     """The published claims that apply to the run, per metric (paired 95% CIs, sequences
     resampled), with their notes; or a line saying why there are none."""
-    if view.experiment in NOT_JUDGED:
+    if not judged(view.experiment):
         return f"<p>Not applicable: a {_esc(view.experiment)} run has no directions to compare.</p>"
     parts = []
     for metric in [m for m in ("kl", "l2") if m in view.metrics]:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.figure import Figure
 
-from perturb_lens.config import SAE_LABEL
+from perturb_lens.analysis import tables as an
+from perturb_lens.config.schema import SAE_LABEL
 from perturb_lens.plots.figures import _grid, _tag, series_color
 from perturb_lens.plots.registry import Plot, RunView, register_figures
 from perturb_lens.plots.sets import metric_label, run_title
 from perturb_lens.plots.style import marker_for, style
-from perturb_lens.results import analysis as an
 
 MAX_POINTS = 3000  # SAE points drawn per figure (a seeded sample beyond that)
 SAE_COLOR = "#222222"

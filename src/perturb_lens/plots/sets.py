@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from perturb_lens.metrics import get_metric, metric_names
+from perturb_lens.analysis import tables as an
+from perturb_lens.metrics.builtin import get_metric, metric_names
 from perturb_lens.plots.figures import (
     bar_panels,
     distribution_figure,
@@ -21,7 +22,6 @@ from perturb_lens.plots.figures import (
     token_panels,
 )
 from perturb_lens.plots.registry import Plot, RunView, register_figures
-from perturb_lens.results import analysis as an
 
 # Lee & Heimersheim figure 1: difference vs mixture, per target family.
 FIG1_PANELS = {
@@ -406,7 +406,7 @@ def sharpness_plot(
 def interpolation_stats(view: RunView) -> tuple[pd.DataFrame, str, str]:
     """``(curve statistics, series column, metric)`` of an interpolation run: one row per curve
     (``curve_statistics`` of L2, else the first metric); plateau runs' series is base · target."""
-    from perturb_lens.results.curve_stats import curve_metric, curve_statistics
+    from perturb_lens.analysis.curve_stats import curve_metric, curve_statistics
 
     metric = curve_metric(view.metrics)
     stats = curve_statistics(view.rows, metric)

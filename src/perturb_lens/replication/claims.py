@@ -3,10 +3,10 @@ each. The paper's numbers are quotations (the source says where from); ours come
 
 from __future__ import annotations
 
+from perturb_lens.analysis.verdicts import BAND, MIN_SEQS, Claim
 from perturb_lens.replication import evaluators as ev
 from perturb_lens.replication.inference import ALPHA, CI_WORD
 from perturb_lens.replication.registry import register_replication
-from perturb_lens.results.verdicts import BAND, MIN_SEQS, Claim
 
 LEE = "seed 002_1ae696a3b7dae122.txt (Lee & Heimersheim 2024, LessWrong post)"
 GIGLEMIANI = "seed 001_3350060bcd2f68c0.txt (abstract); the numbers as quoted in issue 17"

@@ -11,7 +11,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from perturb_lens.config import DirectionConfig
+from perturb_lens.analysis.curve_stats import curve_metric, curve_statistics, ks_vs_reference
+from perturb_lens.analysis.verdicts import (
+    MIN_SEQS,
+    Claim,
+    claim_intervals,
+    ratio_intervals,
+    registered_claims,
+    stats_fit,
+    verdict_rows,
+    verdicts,
+)
+from perturb_lens.config.schema import DirectionConfig
 from perturb_lens.replication.inference import (
     ALPHA,
     CI_WORD,
@@ -23,20 +34,9 @@ from perturb_lens.replication.inference import (
     sign_test,
 )
 from perturb_lens.replication.registry import Row, Verdict
-from perturb_lens.results.curve_stats import curve_metric, curve_statistics, ks_vs_reference
 from perturb_lens.results.shards import run_directions, sequence_sums
 from perturb_lens.results.store import MANIFEST, load_manifest
 from perturb_lens.results.summary import summary_rows
-from perturb_lens.results.verdicts import (
-    MIN_SEQS,
-    Claim,
-    claim_intervals,
-    ratio_intervals,
-    registered_claims,
-    stats_fit,
-    verdict_rows,
-    verdicts,
-)
 
 L0_MATCH = 0.10  # e2e and local SAEs are compared where their L0 differ by at most 10%
 STEEP = 5.0  # a stable-region transition: the median sharpness above 5x a straight line's

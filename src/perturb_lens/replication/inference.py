@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from perturb_lens.analysis.verdicts import MIN_SEQS
 from perturb_lens.replication.registry import Verdict
-from perturb_lens.results.verdicts import MIN_SEQS, expanded_tail
+from perturb_lens.statistics.bootstrap import expanded_tail
 
 CI = 0.95
 CI_WORD = f"{CI:.0%}"  # how the interval is named in the table
@@ -27,7 +28,7 @@ def bootstrap_interval(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(low, high)`` of ``stat(indices)`` over ``n_boot`` resamples of ``n`` units drawn with
     replacement (seeded): Hesterberg's expanded percentile interval, as the verdicts use
-    (:func:`~perturb_lens.results.verdicts.expanded_tail`); ``stat`` may return a vector."""
+    (:func:`~perturb_lens.analysis.verdicts.expanded_tail`); ``stat`` may return a vector."""
     if n < 2:
         raise ValueError(f"a bootstrap interval needs at least 2 units, got {n}")
     rng = np.random.default_rng(seed)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from perturb_lens.common.registry import registry
+
 Verdict = Literal["replicated", "not replicated", "inconclusive"]
 VERDICTS: tuple[str, ...] = ("replicated", "not replicated", "inconclusive")
 NOT_RUN = "not run"
@@ -53,7 +55,9 @@ class ReplicationClaim:
     rule: str
 
 
-_REGISTRY: dict[str, ReplicationClaim] = {}
+CLAIMS = registry("replication claim", "register one with perturb_lens.register_replication")
+"""claim id -> :class:`ReplicationClaim`; the published ones (replication.claims) register at the
+first lookup."""
 
 
 def register_replication(claim_id: str, **fields: object) -> ReplicationClaim:
@@ -68,10 +72,9 @@ def register_replication(claim_id: str, **fields: object) -> ReplicationClaim:
             f"claim {claim_id!r}: runs {unknown or '[]'} are not in the runs-root layout "
             f"({', '.join(RUNS)}); add them to perturb_lens.replication.layout.RUNS"
         )
-    _REGISTRY[claim_id] = entry
-    return entry
+    return CLAIMS.register(claim_id, entry)
 
 
 def replication_claims() -> list[ReplicationClaim]:
     """Every registered claim, in registration order."""
-    return list(_REGISTRY.values())
+    return CLAIMS.values()

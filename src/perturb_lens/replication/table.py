@@ -54,7 +54,6 @@ def evaluate_claim(claim: ReplicationClaim, root: str | Path) -> Result:
 
 def replication_results(root: str | Path) -> list[Result]:
     """Every registered claim evaluated on the runs under ``root``."""
-    import perturb_lens.replication.claims  # noqa: F401  (registers the published claims)
 
     return [evaluate_claim(c, root) for c in replication_claims()]
 

@@ -1,19 +1,9 @@
-"""Results: the run directory (Parquet shards + manifest, resumable) and pandas analysis helpers."""
+"""Results: the run directory (Parquet shards + manifest, resumable; :mod:`.store`), its shards'
+readers (:mod:`.shards`), the quantile sketches and aggregates of aggregate runs
+(:mod:`.sketch`, :mod:`.aggregate`, :mod:`.compaction`)."""
 
+from perturb_lens.common.writes import config_hash
 from perturb_lens.results.aggregate import Aggregates, aggregate_curves, run_aggregates
-from perturb_lens.results.analysis import (
-    bars,
-    curves,
-    histograms,
-    kde_curves,
-    ks_distances,
-    pick_lengths,
-    scatter_points,
-    summary_table,
-    threshold_lengths,
-    threshold_summary,
-    token_curves,
-)
 from perturb_lens.results.shards import sequence_sums
 from perturb_lens.results.store import (
     ChecksumError,
@@ -24,27 +14,15 @@ from perturb_lens.results.store import (
     RunStore,
     atomic_write,
     atomic_write_json,
-    config_hash,
     diff_configs,
     file_sha256,
     load_manifest,
     load_results,
 )
-from perturb_lens.results.verdicts import (
-    Claim,
-    claim_intervals,
-    format_verdicts,
-    parse_claim,
-    register_claim,
-    registered_claims,
-    verdict_table,
-    verdicts,
-)
 
 __all__ = [
     "Aggregates",
     "ChecksumError",
-    "Claim",
     "ConfigMismatchError",
     "InputsChangedError",
     "ManifestError",
@@ -53,29 +31,11 @@ __all__ = [
     "aggregate_curves",
     "atomic_write",
     "atomic_write_json",
-    "bars",
-    "claim_intervals",
     "config_hash",
-    "curves",
     "diff_configs",
     "file_sha256",
-    "format_verdicts",
-    "histograms",
-    "kde_curves",
-    "ks_distances",
     "load_manifest",
     "load_results",
-    "parse_claim",
-    "pick_lengths",
-    "register_claim",
-    "registered_claims",
     "run_aggregates",
-    "scatter_points",
     "sequence_sums",
-    "summary_table",
-    "threshold_lengths",
-    "threshold_summary",
-    "token_curves",
-    "verdict_table",
-    "verdicts",
 ]

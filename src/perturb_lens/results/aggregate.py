@@ -41,10 +41,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from perturb_lens.metrics import NONFINITE, get_metric, metric_names
-from perturb_lens.results.analysis import _quantile, pick_lengths
-from perturb_lens.results.bootstrap import resample_weights
+from perturb_lens.metrics.builtin import NONFINITE, get_metric, metric_names
 from perturb_lens.results.compaction import sketch_tables
+from perturb_lens.results.frames import _quantile, pick_lengths
 from perturb_lens.results.shards import (
     _sum_by,
     _terms,
@@ -62,6 +61,7 @@ from perturb_lens.results.sketch import (
 )
 from perturb_lens.results.store import ChecksumError, load_manifest
 from perturb_lens.results.summary import summary_filters
+from perturb_lens.statistics.bootstrap import resample_weights
 
 SAMPLE_SEQS = 4  # sequences whose rows an aggregate shard keeps (token-curve figures)
 GROUP = ["direction", "length"]
@@ -198,7 +198,7 @@ def _first_crossings(
     keys: pd.DataFrame, values: np.ndarray, threshold: float | None
 ) -> pd.DataFrame:
     """Tokens per (direction, first length whose value exceeds ``threshold``; NaN: never), as
-    :func:`~perturb_lens.results.analysis.threshold_lengths` finds them per token."""
+    :func:`~perturb_lens.analysis.tables.threshold_lengths` finds them per token."""
     if threshold is None:
         return pd.DataFrame(columns=[*GROUP, "count", "threshold"])
     codes, units = _codes(keys[["seq", "pos", "direction"]])
@@ -395,7 +395,7 @@ def aggregate_curves(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Per (direction, length): ``n`` and ``stat`` in the layout of
-    :func:`~perturb_lens.results.analysis.curves`.
+    :func:`~perturb_lens.analysis.tables.curves`.
 
     ``mean``, ``std``, ``min``, ``max`` are exact (from the moments); ``median`` and ``qXX`` come
     from the sketch (within its relative error, :mod:`~perturb_lens.results.sketch`).
@@ -475,7 +475,7 @@ def threshold_table(agg: Aggregates) -> pd.DataFrame:
 def threshold_summary(
     agg: Aggregates, stat: Sequence[str] = ("median", "q05", "q25", "q75", "q95")
 ) -> pd.DataFrame:
-    """:func:`~perturb_lens.results.analysis.threshold_summary` from the crossing counts (exact:
+    """:func:`~perturb_lens.analysis.tables.threshold_summary` from the crossing counts (exact:
     the first lengths are grid values): per direction ``n``, ``frac_never``, ``n_crossed``,
     ``stat``."""
     t = threshold_table(agg)
@@ -498,7 +498,7 @@ def threshold_summary(
 
 
 def threshold_histogram(agg: Aggregates, edges: np.ndarray) -> pd.DataFrame:
-    """:func:`~perturb_lens.results.analysis.histograms` (``right=True``) of the first-crossing
+    """:func:`~perturb_lens.analysis.tables.histograms` (``right=True``) of the first-crossing
     lengths per direction on ``edges``, from the crossing counts."""
     t = threshold_table(agg)
     edges = np.asarray(edges, np.float64)
@@ -540,7 +540,7 @@ def sample_rows(agg: Aggregates) -> pd.DataFrame:
 def run_summary_table(
     run_dir: str | Path, metric: str, lengths: Sequence[float] | None = None
 ) -> pd.DataFrame:
-    """:func:`~perturb_lens.results.analysis.summary_table` of one metric of a run, streamed
+    """:func:`~perturb_lens.analysis.tables.summary_table` of one metric of a run, streamed
     (either result mode)."""
     agg = run_aggregates(run_dir, metric)
     cv = aggregate_curves(agg, stat=("mean",), ci=None)
@@ -548,7 +548,7 @@ def run_summary_table(
 
 
 def summary_means(curves: pd.DataFrame, metric: str, picked: Iterable[float]) -> pd.DataFrame:
-    """:func:`~perturb_lens.results.analysis.summary_table` of one metric from its curves: mean
+    """:func:`~perturb_lens.analysis.tables.summary_table` of one metric from its curves: mean
     per direction (index) at the ``picked`` grid lengths, columns ``{metric}@{length:g}``."""
     wide = curves.pivot_table(index="direction", columns="length", values="mean", observed=True)
     return pd.DataFrame({f"{metric}@{float(x):g}": wide[x] for x in picked}, index=wide.index)

@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from perturb_lens.config import DirectionConfig
-from perturb_lens.metrics import NONFINITE, metric_names
+from perturb_lens.common.files import regular_file
+from perturb_lens.config.schema import DirectionConfig
+from perturb_lens.metrics.builtin import NONFINITE, metric_names
 from perturb_lens.results.store import load_manifest, verified_shard_bytes
 from perturb_lens.results.summary import summary_filters
-from perturb_lens.safe_files import regular_file
 
 
 def iter_batches(

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from perturb_lens.metrics import NONFINITE
+from perturb_lens.metrics.builtin import NONFINITE
 from perturb_lens.results.store import load_manifest, load_results
 
 

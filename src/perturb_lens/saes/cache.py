@@ -30,9 +30,9 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from perturb_lens.common.files import load_json
+from perturb_lens.common.writes import atomic_write, atomic_write_json
 from perturb_lens.models.base import LensModel
-from perturb_lens.results.store import atomic_write, atomic_write_json
-from perturb_lens.safe_files import load_json
 
 CacheDtype = Literal["float32", "bfloat16"]
 FLAGGED = ("bos", "outlier")  # token groups kept out of training, evaluated apart
@@ -124,7 +124,7 @@ class ActivationCache:
         buffer_chunks: int = 8,
     ) -> ActivationCache:
         """Cache ``tokens`` [N, T] at ``hook`` (resuming the chunks already written)."""
-        from perturb_lens.data import token_source_hash
+        from perturb_lens.data.text import token_source_hash
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

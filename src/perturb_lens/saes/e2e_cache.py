@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from perturb_lens.common.files import load_json
 from perturb_lens.models.base import CleanRun, LensModel
 from perturb_lens.saes.cache import atomic_save
-from perturb_lens.safe_files import load_json
 
 
 def cache_activations(
@@ -27,7 +27,7 @@ def cache_activations(
 ) -> dict[str, Tensor]:
     """Activations [N, T, d] (float32) at each hook, cached in chunks under ``hooks[hook]``; all
     hooks come from one pass per chunk (to the last hook)."""
-    from perturb_lens.data import token_source_hash
+    from perturb_lens.data.text import token_source_hash
 
     for hook, folder in hooks.items():
         folder.mkdir(parents=True, exist_ok=True)

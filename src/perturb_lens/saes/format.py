@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from perturb_lens.results.store import atomic_write
+from perturb_lens.common.writes import atomic_write
 
 if TYPE_CHECKING:
     from perturb_lens.saes.sae import SAE

@@ -33,10 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from perturb_lens.saes.format import CFG_FILE, WEIGHTS_FILE
-from perturb_lens.saes.pack import is_pack_ref, resolve_pack_ref
-from perturb_lens.saes.sae import SAE, SAEConfig
-from perturb_lens.safe_files import (
+from perturb_lens.common.files import (
     CONFIG_MAX_BYTES,
     JSON_MAX_BYTES,
     UnreadableFileError,
@@ -44,7 +41,10 @@ from perturb_lens.safe_files import (
     regular_file,
     torch_load,
 )
-from perturb_lens.yaml_loader import parse_yaml
+from perturb_lens.common.yaml_files import parse_yaml
+from perturb_lens.saes.format import CFG_FILE, WEIGHTS_FILE
+from perturb_lens.saes.pack import is_pack_ref, resolve_pack_ref
+from perturb_lens.saes.sae import SAE, SAEConfig
 
 _RMSNORM_MODELS = re.compile(r"llama|gemma|qwen|mistral|smollm|phi-3|olmo", re.IGNORECASE)
 

@@ -13,8 +13,8 @@ refused with the file named) and installs the archive under
 ``ARCHIVE.tar.gz`` / ``ARCHIVE.tar.gz:ID`` unpacks on first use.
 
 An archive is not trusted: it is streamed to disk, each entry's header checked before its data
-is read (:mod:`perturb_lens.safe_archive`: regular files under ``<name>/`` with the names above
-only, at most :data:`~perturb_lens.safe_archive.MAX_MEMBERS` entries, declared sizes within
+is read (:mod:`perturb_lens.common.archive`: regular files under ``<name>/`` with the names above
+only, at most :data:`~perturb_lens.common.archive.MAX_MEMBERS` entries, declared sizes within
 :data:`PACK_RATIO` times the archive's size and the free disk), so memory and time stay bounded
 whatever it claims. An existing ``<name>/<version>/`` folder is replaced only if it is an install
 of that pack holding nothing its manifest does not list; links are never followed or replaced.
@@ -34,10 +34,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from perturb_lens.paths import cache_root, file_mode
-from perturb_lens.saes.format import CFG_FILE, WEIGHTS_FILE
-from perturb_lens.safe_archive import MAX_MEMBERS, ArchiveError, TarContents, read_tar_gz
-from perturb_lens.safe_files import (
+from perturb_lens.common.archive import MAX_MEMBERS, ArchiveError, TarContents, read_tar_gz
+from perturb_lens.common.files import (
     JSON_MAX_BYTES,
     MIB,
     UnreadableFileError,
@@ -46,6 +44,8 @@ from perturb_lens.safe_files import (
     open_regular,
     size_text,
 )
+from perturb_lens.common.paths import cache_root, file_mode
+from perturb_lens.saes.format import CFG_FILE, WEIGHTS_FILE
 
 PACK_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -123,7 +123,7 @@ def _entry(folder: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
 def pack_saes(folders: list[str | Path], archive: str | Path, *, name: str, version: str) -> Path:
     """Write the SAE ``folders`` (ids: their folder names) into the archive ``archive``
     (all-or-nothing: a temp file beside it, renamed into place)."""
-    from perturb_lens.version import __version__
+    from perturb_lens.common.version import __version__
 
     _check_name("Pack name", name)
     _check_name("Pack version", version)

@@ -27,7 +27,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from perturb_lens.models.options import FRAMES
+from perturb_lens.config.options import FRAMES
 
 Activation = Literal["relu", "topk", "jumprelu"]
 Normalization = Literal["none", "expected_average_only_in", "constant_norm_rescale", "layer_norm"]

@@ -38,8 +38,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from perturb_lens.models.base import CleanRun, LensModel
-from perturb_lens.results.verdicts import ratio_intervals
 from perturb_lens.saes.sae import SAE
+from perturb_lens.statistics.bootstrap import ratio_intervals
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def load_ablation_mean(path: str | os.PathLike[str], hook: str, frame: str) -> T
     ablation at ``hook`` in ``frame``; refuses statistics of another hook or frame."""
     from pathlib import Path
 
-    from perturb_lens.stats import ActivationStats
+    from perturb_lens.statistics.activations import ActivationStats
 
     p = Path(path)
     file = p / "stats.safetensors" if p.is_dir() else p

@@ -1,0 +1,5 @@
+"""``python -m perturb_lens.cli``: the command line."""
+
+from perturb_lens.cli.app import app
+
+app()

@@ -2,7 +2,7 @@
 
 A run directory that looks like a sensitive-directions run of the main preset (SmolLM2, 6
 directions, its 24 relative lengths, KL and L2, all positions of 128-token sequences) is written
-through the real store (``RunStore.create`` / ``write_shard`` / ``finish``), shard by shard, so
+through the real store (``ResultStore.create`` / ``write_shard`` / ``finish``), shard by shard, so
 writing 10^8 rows holds one shard in memory. Its columns are the engine's: ``seq`` (int32),
 ``pos`` (int16), ``direction`` (dictionary), ``length`` (float32), ``kl``, ``l2`` (float32).
 
@@ -47,8 +47,8 @@ import numpy as np
 import pandas as pd
 
 from perturb_lens.config.schema import load_config
-from perturb_lens.engine.run import shard_ids
-from perturb_lens.results import RunStore, config_hash
+from perturb_lens.engine.shard import shard_ids
+from perturb_lens.results import ResultStore, config_hash
 from perturb_lens.results.aggregate import aggregate_rows
 from perturb_lens.results.compaction import COMPACT_EVERY, compact, write_aggregate_shard
 from perturb_lens.results.sketch import DEFAULT_ALPHA
@@ -133,7 +133,7 @@ def write_run(
     shard_seqs: int = SHARD_SEQS,
 ) -> tuple[int, dict[str, float]]:
     """A complete synthetic run of at least ``n_rows`` rows (whole sequences), written shard by
-    shard through :class:`RunStore`. Returns the number of rows written and, for an aggregate
+    shard through :class:`ResultStore`. Returns the number of rows written and, for an aggregate
     run (compacted as the runner does: every ``COMPACT_EVERY`` shards and at the end), its bytes
     on disk without compaction (the shards' sketch files as written, all kept) and with it, and
     the seconds (wall, CPU) the compactions took."""
@@ -166,7 +166,7 @@ def write_run(
         "drop_last_position": True,
     }
     written, sketch_files, wall, cpu = 0, 0, 0.0, 0.0
-    with RunStore(folder) as store:
+    with ResultStore(folder) as store:
         store.create(cfg, config_hash(cfg), meta, resume=False)
         for i, sid in enumerate(shard_ids(n_seqs, shard_seqs)):
             seqs = range(i * shard_seqs, min(n_seqs, (i + 1) * shard_seqs))

@@ -1,4 +1,4 @@
-"""Synthetic run directories for figure and report tests (no model: RunStore + made-up rows)."""
+"""Synthetic run directories for figure and report tests (no model: ResultStore + made-up rows)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from perturb_lens.config.schema import load_config
-from perturb_lens.results import RunStore, config_hash
+from perturb_lens.results import ResultStore, config_hash
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs").glob("sensitive_directions_*.yaml"))
@@ -57,7 +57,7 @@ def make_run(
         "include_bos": True,
         "drop_last_position": True,
     }
-    with RunStore(folder) as store:
+    with ResultStore(folder) as store:
         store.create(cfg, config_hash(cfg), meta, resume=False)
         half = rows["seq"].max() // 2
         store.write_shard("s00000", rows[rows.seq <= half])

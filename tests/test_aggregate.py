@@ -20,8 +20,8 @@ from perturb_lens.analysis import claim_intervals
 from perturb_lens.analysis.tables import curves, histograms, threshold_lengths
 from perturb_lens.analysis.tables import threshold_summary as rows_threshold_summary
 from perturb_lens.config.schema import ConfigError, validate_config
-from perturb_lens.plots.registry import RunView, figures_for
-from perturb_lens.results import RunStore, config_hash, load_manifest
+from perturb_lens.plots.registry import RunReader, figures_for
+from perturb_lens.results import ResultStore, config_hash, load_manifest
 from perturb_lens.results.aggregate import (
     SAMPLE_SEQS,
     aggregate_curves,
@@ -179,7 +179,7 @@ def _synthetic_run(folder: Path, rows: pd.DataFrame, results: str) -> Path:
     if results == "rows":
         return make_run(folder, cfg, rows=rows)
     meta = {"scope": "all-positions", "seq_len": 6, "lengths": [0.0, 1.0, 3.0, 9.0]}
-    with RunStore(folder) as store:
+    with ResultStore(folder) as store:
         store.create(cfg, config_hash(cfg), meta, resume=False)
         for i, part in enumerate((rows[rows.seq < 5], rows[rows.seq >= 5])):
             store.write_shard(f"s{i}", aggregate_rows(part, ["kl", "dce"], meta))
@@ -264,7 +264,7 @@ def test_aggregate_run_reports_like_the_rows_run(synthetic_pair: tuple[Path, Pat
     assert a.keys() == b.keys() and {"all_kl", "bars_kl", "threshold_kl", "tokens_kl"} <= a.keys()
     for name in a:
         pd.testing.assert_frame_equal(a[name].data, b[name].data, rtol=1e-12)
-    view = RunView(agg_run)
+    view = RunReader(agg_run)
     assert set(view.token_sample("kl")["seq"]) == set(range(SAMPLE_SEQS))
     with pytest.raises(ValueError, match="aggregate run"):
         _ = view.rows
@@ -292,7 +292,7 @@ def test_aggregate_shards_are_much_smaller() -> None:
         ("aggregate", aggregate_rows(rows, ["kl", "dce"], meta)),
     ):
         buf = io.BytesIO()
-        pq.write_table(table, buf)  # as RunStore.write_shard writes them
+        pq.write_table(table, buf)  # as ResultStore.write_shard writes them
         sizes[name] = buf.tell()
     assert sizes["aggregate"] * 3 < sizes["rows"], sizes
 

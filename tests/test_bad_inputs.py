@@ -38,8 +38,8 @@ from perturb_lens.models.load import ModelLoadError, load_model
 from perturb_lens.results import (
     ConfigMismatchError,
     InputsChangedError,
+    ResultStore,
     RunLockedError,
-    RunStore,
     file_sha256,
     load_manifest,
     load_results,
@@ -284,7 +284,7 @@ def test_resume_with_different_config(tmp_path: Path, config: dict, reference: P
 
 def test_two_runs_writing_to_one_directory(tmp_path: Path, config: dict) -> None:
     run_dir = tmp_path / "run"
-    holder = RunStore(run_dir).open()  # another run holds the directory
+    holder = ResultStore(run_dir).open()  # another run holds the directory
     try:
         with pytest.raises(RunLockedError, match=f"another run \\(pid {os.getpid()}\\)") as err:
             run_experiment(config, run_dir, progress=False)

@@ -17,7 +17,7 @@ from conftest import run_files
 import perturb_lens.results.compaction as compaction
 from perturb_lens.analysis import claim_intervals
 from perturb_lens.config.schema import validate_config
-from perturb_lens.results import ChecksumError, RunStore, config_hash
+from perturb_lens.results import ChecksumError, ResultStore, config_hash
 from perturb_lens.results import load_manifest as manifest_of
 from perturb_lens.results.aggregate import (
     aggregate_curves,
@@ -70,7 +70,7 @@ def _drive(
     compaction every ``every`` pending sketch files (None: none) and, with ``final`` once all
     shards are written, the last compaction and ``finish``."""
     cfg = _config()
-    with RunStore(folder) as store:
+    with ResultStore(folder) as store:
         store.create(cfg, config_hash(cfg), META, resume=(folder / "manifest.json").exists())
         done = store.done_shards()
         for sid in (s for s in shards if s not in done):
@@ -215,7 +215,7 @@ def test_damaged_sketch_files_are_recomputed_on_resume(tmp_path: Path) -> None:
     (run / "sketches" / "s2.parquet").write_bytes(b"damaged")
     with pytest.raises(ChecksumError, match=r"sketch of shard s2 .* --resume"):
         run_metric_aggregates(run, ["kl"])
-    with RunStore(run) as store:
+    with ResultStore(run) as store:
         store.create(_config(), config_hash(_config()), META, resume=True)
         assert store.done_shards() == {"s0", "s1"}
     (run / "sketch-2.parquet").write_bytes(b"damaged too")  # loses s0's and s1's sketches
@@ -234,7 +234,7 @@ def test_run_with_the_sketch_inside_older_shards_reads_and_resumes(tmp_path: Pat
     rows = _rows(seed=5)
     ref = _drive(tmp_path / "ref", rows, SHARDS, every=None)
     run, cfg = tmp_path / "run", _config()
-    with RunStore(run) as store:
+    with ResultStore(run) as store:
         store.create(cfg, config_hash(cfg), META, resume=False)
         for sid in SHARDS[:2]:
             store.write_shard(sid, aggregate_rows(_part(rows, sid), METRICS, META))

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from perturb_lens.analysis.curve_stats import (
+from perturb_lens.analysis.curve_shape import (
     curve_statistics,
     ks_vs_reference,
     max_slope_step,

@@ -12,13 +12,14 @@ from conftest import EPS32, float32_tol, kl_floor32, logit_bound
 from random_sae import random_sae
 
 from perturb_lens import load_model, run_experiment
-from perturb_lens.analysis.curve_stats import curve_statistics, ks_vs_reference
+from perturb_lens.analysis.curve_shape import curve_statistics, ks_vs_reference
 from perturb_lens.config.schema import load_config, validate_config
-from perturb_lens.engine.run import shard_directions
+from perturb_lens.engine.shard import shard_directions
 from perturb_lens.experiments.plateaus import base_points
 from perturb_lens.experiments.stable_regions import sharpness_quantiles
 from perturb_lens.results.store import load_results
-from perturb_lens.workflows.experiment import prepare, stable_region_sharpness
+from perturb_lens.workflows.experiment import prepare
+from perturb_lens.workflows.sharpness import stable_region_sharpness
 
 HOOK = "blocks.1.hook_resid_pre"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

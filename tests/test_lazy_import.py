@@ -16,7 +16,7 @@ import pytest
 from synthetic_runs import make_run, small_config
 
 from perturb_lens.config.schema import validate_config
-from perturb_lens.results import RunStore, config_hash
+from perturb_lens.results import ResultStore, config_hash
 from perturb_lens.results.aggregate import aggregate_rows
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -58,7 +58,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from perturb_lens.results.summary import summary_rows
 
     rows = summary_rows(rows_run)
-    with RunStore(root / "agg") as store:
+    with ResultStore(root / "agg") as store:
         store.create(cfg, config_hash(cfg), meta, resume=False)
         store.write_shard("s0", aggregate_rows(rows, ["kl"], meta))
         store.finish()

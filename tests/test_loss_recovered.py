@@ -78,7 +78,7 @@ def x_scale(lens, tokens: torch.Tensor) -> float:
 
 def test_loss_recovered_against_naive(models, tokens: torch.Tensor) -> None:
     """ce_clean / ce_sae / ce_zero / ce_mean and both loss recovered against plain forwards."""
-    from perturb_lens.saes.stats import sae_stats
+    from perturb_lens.saes.quality import sae_stats
 
     lens, hf = models
     sae = make_sae(64, 96, x_scale(lens, tokens))
@@ -122,7 +122,7 @@ def test_loss_recovered_interval_resamples_sequences(models) -> None:
     ~1e-70, so the 95 % interval runs from the lower to the higher of the two sequences' own loss
     recovered (each from plain forwards of that sequence alone, zero ablation); with one sequence
     repeated every resample is that sequence: the interval is the point."""
-    from perturb_lens.saes.stats import sae_stats
+    from perturb_lens.saes.quality import sae_stats
 
     lens, hf = models
     tokens = torch.randint(3, 1000, (16, 9), generator=torch.Generator().manual_seed(5))
@@ -166,7 +166,7 @@ def test_loss_recovered_interval_resamples_sequences(models) -> None:
 def test_closed_form_saes(models, tokens: torch.Tensor) -> None:
     """Identity SAE: loss recovered 1 (both); zeros: 0 against zero ablation; the mean: 0 against
     mean ablation (the same substitution, so exactly 0); a given mean is used as given."""
-    from perturb_lens.saes.stats import hook_mean, sae_stats
+    from perturb_lens.saes.quality import hook_mean, sae_stats
 
     lens, hf = models
     mean = hook_mean(lens, tokens, HOOK)
@@ -202,7 +202,7 @@ def naive_l0(sae: SAE, lens, tokens: torch.Tensor, keep: torch.Tensor) -> float:
 def test_l0_sweep_masks_frequent_latents(models, tokens: torch.Tensor) -> None:
     """Steps reach the L0 grid with the fewest masked latents, most frequent first; masking none
     is the unmasked SAE exactly, masking every firing latent gives L0 0; L0 never increases."""
-    from perturb_lens.saes.stats import sae_stats
+    from perturb_lens.saes.quality import sae_stats
     from perturb_lens.workflows.l0_sweep import l0_sweep
 
     lens, _ = models
@@ -271,7 +271,7 @@ def test_figure_shows_the_table(models, tokens: torch.Tensor) -> None:
 
 
 def test_bad_inputs_are_named(models, tokens: torch.Tensor, tmp_path: Path) -> None:
-    from perturb_lens.saes.stats import load_ablation_mean, sae_stats
+    from perturb_lens.saes.quality import load_ablation_mean, sae_stats
     from perturb_lens.statistics.activations import fit_stats
     from perturb_lens.workflows.l0_sweep import l0_sweep
 

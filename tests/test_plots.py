@@ -1,6 +1,6 @@
 """Figures, reports and comparisons: every plotted number equals the analysis API's aggregation.
 
-Run directories are synthetic (written with RunStore from a preset's validated config), so these
+Run directories are synthetic (written with ResultStore from a preset's validated config), so these
 tests need no model and take seconds.
 """
 
@@ -40,7 +40,7 @@ from perturb_lens.plots import (
     write_comparison,
     write_report,
 )
-from perturb_lens.plots.registry import RunView
+from perturb_lens.plots.registry import RunReader
 from perturb_lens.plots.report import inline_svg, run_labels
 from perturb_lens.plots.sets import (
     FIG1_PANELS,
@@ -120,7 +120,7 @@ def preset_run(preset: Path, folder: Path) -> Path:
 @pytest.mark.parametrize("preset", ALL_PRESETS, ids=lambda p: p.stem)
 def test_each_preset_yields_its_figure_set(preset: Path, tmp_path: Path) -> None:
     run = preset_run(preset, tmp_path / "run")
-    view = RunView(run)
+    view = RunReader(run)
     info = get_experiment(view.experiment)
     assert info.figures in registered()
     names = {p.name for p in figures_for(view)}
@@ -329,7 +329,7 @@ def test_sae_substitution_figures_per_run_and_per_sae(tmp_path: Path) -> None:
     mean_rtol = 24 * EPS32
     np.testing.assert_allclose(heights, sorted(means.to_numpy()), rtol=mean_rtol)
 
-    views = [RunView(r) for r in runs]
+    views = [RunReader(r) for r in runs]
     assert run_labels(views) == ["local-L0=30", "e2e-L0=27"]
     for v, label in zip(views, run_labels(views), strict=True):
         v.label = label
@@ -350,7 +350,7 @@ def test_registry_plugs_in_new_experiments(run_dir: Path) -> None:
     assert figure_set("no-such-experiment") is registered()["curves"]
 
     @register_figures("my-experiment")
-    def mine(view: RunView) -> list[Plot]:
+    def mine(view: RunReader) -> list[Plot]:
         return []
 
     try:
@@ -414,7 +414,7 @@ def test_inline_svg_prefixes_ids() -> None:
 
 def test_compare_overlays_runs(small_run: Path, tmp_path: Path) -> None:
     other = make_run(tmp_path / "layer2", small_config(), hook="blocks.2.hook_resid_pre")
-    views = [RunView(small_run), RunView(other)]
+    views = [RunReader(small_run), RunReader(other)]
     assert run_labels(views) == ["blocks.6.hook_resid_pre", "blocks.2.hook_resid_pre"]
     out = write_comparison([small_run, other], tmp_path / "cmp", metric="kl", formats=("svg",))
     text = out.read_text()
@@ -473,7 +473,7 @@ def interpolation_run(folder: Path, experiment: str, seed: int = 0) -> Path:
 
 @pytest.mark.parametrize("experiment", ["synthetic-activations", "plateaus", "stable-regions"])
 def test_interpolation_figure_sets(experiment: str, tmp_path: Path) -> None:
-    from perturb_lens.analysis.curve_stats import curve_statistics
+    from perturb_lens.analysis.curve_shape import curve_statistics
 
     run = interpolation_run(tmp_path / "run", experiment)
     got = {p.name: p for p in figures_for(run)}
@@ -488,11 +488,11 @@ def test_interpolation_figure_sets(experiment: str, tmp_path: Path) -> None:
 
 
 def test_compare_stable_regions_shows_sharpness_per_run(tmp_path: Path) -> None:
-    from perturb_lens.analysis.curve_stats import curve_statistics
+    from perturb_lens.analysis.curve_shape import curve_statistics
     from perturb_lens.plots.report import compare_plots
 
     runs = [interpolation_run(tmp_path / f"m{i}", "stable-regions", seed=i) for i in range(2)]
-    views = [RunView(r) for r in runs]
+    views = [RunReader(r) for r in runs]
     plots = {p.name: p for p in compare_plots(views, "l2")}
     data = plots["compare_sharpness"].data.set_index("run")
     for view in views:

@@ -16,7 +16,7 @@ from synthetic_runs import REPO, make_run, small_config, tiny_figure_run
 from perturb_lens.analysis.tables import curves, curves_of
 from perturb_lens.plots import Plot, write_report
 from perturb_lens.plots.figures import line_panels
-from perturb_lens.plots.registry import RunView
+from perturb_lens.plots.registry import RunReader
 from perturb_lens.plots.render import render_plots
 from perturb_lens.plots.sets import bar_lengths
 from perturb_lens.results.sketch import DEFAULT_ALPHA
@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _plots(run_dir: Path) -> list[Plot]:
     """Three small figures of the run, built afresh (each test renders its own copies)."""
-    cv = RunView(run_dir).curves("kl")
+    cv = RunReader(run_dir).curves("kl")
     out = []
     for i, dirs in enumerate((["isotropic"], ["real-mixture"], None)):
         data = cv if dirs is None else cv[cv["direction"].isin(dirs)]
@@ -81,7 +81,7 @@ def test_forked_workers_render_what_this_process_renders(run_dir: Path) -> None:
 
 
 def test_bars_come_from_the_curves_with_the_same_numbers(run_dir: Path) -> None:
-    view = RunView(run_dir)
+    view = RunReader(run_dir)
     data = view.bars("kl", bar_lengths(view))
     rows = summary_rows(run_dir)
     sub = rows[rows["length"].isin(data.attrs["lengths"])].astype({"kl": np.float64})

@@ -564,12 +564,12 @@ def test_topk_e2e_saes_sit_at_the_local_saes_l0(llama_dir: Path, tmp_path: Path)
     from pydantic import ValidationError
 
     from perturb_lens.models.load import load_model
-    from perturb_lens.workflows.sae_training import SAESpec, SAETrainConfig, train_saes
+    from perturb_lens.workflows.sae_training import SAETrainConfig, SAETrainEntry, train_saes
 
     with pytest.raises(ValidationError, match="needs l1 > 0"):
-        SAESpec(name="x", kind="e2e")
+        SAETrainEntry(name="x", kind="e2e")
     with pytest.raises(ValidationError, match="use kind topk"):
-        SAESpec(name="x", kind="local", l1=1.0, k=4)
+        SAETrainEntry(name="x", kind="local", l1=1.0, k=4)
     model = load_model(str(llama_dir))
     tokens = torch.randint(3, 1000, (8, 10), generator=torch.Generator().manual_seed(1))
     tokens[:, 0] = model.bos_token_id

@@ -321,7 +321,7 @@ def test_sae_stats_against_naive(llama_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from perturb_lens.models.load import load_model
-    from perturb_lens.saes.stats import sae_stats
+    from perturb_lens.saes.quality import sae_stats
 
     model = load_model(str(llama_dir))
     hf = AutoModelForCausalLM.from_pretrained(str(llama_dir)).float().eval()
@@ -423,7 +423,7 @@ def test_substitution_sweep_reaches_sae_x_and_matches_stats(llama_dir: Path, tmp
 
     from perturb_lens import load_results, run_experiment
     from perturb_lens.models.load import load_model
-    from perturb_lens.saes.stats import sae_stats
+    from perturb_lens.saes.quality import sae_stats
 
     model = load_model(str(llama_dir))
     sae = random_sae(d_in=model.spec.d_model, d_sae=80, seed=1, skip_bos=True)

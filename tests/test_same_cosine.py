@@ -61,7 +61,7 @@ def _config(folder: Path, hook: str, **rest) -> dict:
 def _rows(cfg: dict, folder: Path, **given) -> pd.DataFrame:
     """Every shard's rows as the shard function returns them (before the store: metrics of a
     float64 model stay float64)."""
-    from perturb_lens.engine.run import shard_ids
+    from perturb_lens.engine.shard import shard_ids
     from perturb_lens.experiments.same_cosine import same_cosine_shard
     from perturb_lens.workflows.experiment import prepare
 
@@ -574,7 +574,7 @@ def test_all_positions_sae_point_is_sae_substitution_and_bos_stays(
     substituted at every position but BOS: their mean KL over the counted positions equals
     ``sae_stats``' KL (itself pinned to plain transformers forwards in test_loss_recovered), in
     float64 to 1e-9; BOS is never replaced (zero step, zero KL), for the random targets too."""
-    from perturb_lens.saes.stats import sae_stats
+    from perturb_lens.saes.quality import sae_stats
 
     model = load_model(str(llama_dir), frame="raw", dtype="float64", device="cpu")
     tokens = _tokens(vocab=model.spec.vocab_size)

@@ -19,8 +19,8 @@ from conftest import unwritable
 from perturb_lens.results import (
     ChecksumError,
     ConfigMismatchError,
+    ResultStore,
     RunLockedError,
-    RunStore,
     atomic_write_json,
     config_hash,
     diff_configs,
@@ -49,8 +49,8 @@ def shard_frame(seed: int, directions=("isotropic", "ablation")) -> pd.DataFrame
     )
 
 
-def open_store(run_dir: Path, config: dict = CONFIG, *, resume: bool = False) -> RunStore:
-    store = RunStore(run_dir)
+def open_store(run_dir: Path, config: dict = CONFIG, *, resume: bool = False) -> ResultStore:
+    store = ResultStore(run_dir)
     store.create(config, config_hash(config), META, resume=resume)
     return store
 
@@ -156,8 +156,8 @@ def test_lock_refuses_a_second_writer(tmp_path: Path) -> None:
 
 def test_lock_holds_across_processes(tmp_path: Path) -> None:
     holder = (
-        "import sys; from perturb_lens.analysis import RunStore\n"
-        f"s = RunStore({str(tmp_path)!r}); s.create({{}}, 'h', {{}}, resume=False)\n"
+        "import sys; from perturb_lens.analysis import ResultStore\n"
+        f"s = ResultStore({str(tmp_path)!r}); s.create({{}}, 'h', {{}}, resume=False)\n"
         "print('locked', flush=True); sys.stdin.read()\n"
     )
     proc = subprocess.Popen(
@@ -166,10 +166,10 @@ def test_lock_holds_across_processes(tmp_path: Path) -> None:
     try:
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(RunLockedError, match=f"pid {proc.pid}"):
-            RunStore(tmp_path).create({}, "h", {}, resume=True)
+            ResultStore(tmp_path).create({}, "h", {}, resume=True)
     finally:
         proc.communicate(timeout=30)
-    with RunStore(tmp_path) as store:  # released when the holder exited
+    with ResultStore(tmp_path) as store:  # released when the holder exited
         store.create({}, "h", {}, resume=True)
 
 
@@ -225,7 +225,7 @@ def test_unwritable_location_says_what_to_do(tmp_path: Path, monkeypatch) -> Non
 
 def test_write_requires_create_and_a_safe_shard_id(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="create"):
-        RunStore(tmp_path).write_shard("s0", shard_frame(0))
+        ResultStore(tmp_path).write_shard("s0", shard_frame(0))
     with open_store(tmp_path) as store, pytest.raises(ValueError, match="shard id"):
         store.write_shard("../evil", shard_frame(0))
 

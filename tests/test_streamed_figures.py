@@ -15,10 +15,10 @@ from synthetic_runs import make_run, small_config, synthetic_rows
 
 from perturb_lens.config.schema import load_config, validate_config
 from perturb_lens.plots import figures_for
-from perturb_lens.plots.registry import RunView
+from perturb_lens.plots.registry import RunReader
 from perturb_lens.plots.report import compare_plots
 from perturb_lens.plots.suite import suite_figures
-from perturb_lens.results import RunStore, config_hash
+from perturb_lens.results import ResultStore, config_hash
 from perturb_lens.results.aggregate import aggregate_rows
 from perturb_lens.results.summary import summary_rows
 from perturb_lens.workflows.sae_suite import suite_summary
@@ -77,7 +77,7 @@ def aggregate_run(folder: Path, cfg: dict, rows: pd.DataFrame, metrics: list[str
         "include_bos": True,
     }
     half = rows["seq"].max() // 2
-    with RunStore(folder) as store:
+    with ResultStore(folder) as store:
         store.create(cfg, config_hash(cfg), meta, resume=False)
         for i, part in enumerate((rows[rows.seq <= half], rows[rows.seq > half])):
             store.write_shard(f"s{i}", aggregate_rows(part, metrics, meta))
@@ -87,12 +87,12 @@ def aggregate_run(folder: Path, cfg: dict, rows: pd.DataFrame, metrics: list[str
 
 @pytest.fixture
 def no_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail any figure that reads every row of a run (``RunView.rows``)."""
+    """Fail any figure that reads every row of a run (``RunReader.rows``)."""
 
-    def refuse(self: RunView) -> None:
+    def refuse(self: RunReader) -> None:
         pytest.fail(f"{self.run_dir}: a figure read every row instead of the aggregates")
 
-    monkeypatch.setattr(RunView, "rows", property(refuse))
+    monkeypatch.setattr(RunReader, "rows", property(refuse))
 
 
 def test_substitution_figures_stream_and_agree_across_modes(tmp_path: Path, no_rows) -> None:
@@ -146,7 +146,7 @@ def test_compare_with_size_streams_the_scatter(tmp_path: Path, no_rows) -> None:
         runs.append(
             make_run(tmp_path / f"run{i}", cfg, rows=rows, hook=f"blocks.{i}.hook_resid_pre")
         )
-    views = [RunView(r, f"L{i}") for i, r in enumerate(runs)]
+    views = [RunReader(r, f"L{i}") for i, r in enumerate(runs)]
     plots = {p.name: p for p in compare_plots(views, "kl")}
     points = plots["scatter_size_kl"].data.set_index("run")
     assert list(points.index) == ["L0", "L1"]

@@ -314,7 +314,7 @@ def test_cov_random_claims_flag_small_fits(tmp_path: Path, stats: dict | None, u
 def test_sequence_sums_equal_a_pandas_groupby(
     tmp_path: Path, scope: str, include_bos: bool, drop_last: bool, split: str
 ) -> None:
-    from perturb_lens.results import RunStore, load_manifest
+    from perturb_lens.results import ResultStore, load_manifest
 
     factors = {"real-difference": 2.0, "real-mixture": 1.0, "isotropic": 0.5}
     rows = _rows(factors, n_seq=9)
@@ -323,7 +323,7 @@ def test_sequence_sums_equal_a_pandas_groupby(
     _set_meta(run, scope=scope, include_bos=include_bos, drop_last_position=drop_last)
     if split == "pos":
         m = load_manifest(run)
-        with RunStore(tmp_path / "split") as store:
+        with ResultStore(tmp_path / "split") as store:
             store.create(m["config"], m["config_hash"], m["meta"], resume=False)
             store.write_shard("s0", rows[rows["pos"] < 3])
             store.write_shard("s1", rows[rows["pos"] >= 3])
@@ -529,10 +529,10 @@ def test_suite_folder_gives_rows_per_run(tmp_path: Path) -> None:
 
 
 def test_runs_it_cannot_judge_are_refused(tmp_path: Path) -> None:
-    from perturb_lens.results import RunStore, config_hash
+    from perturb_lens.results import ResultStore, config_hash
 
     cfg = _config([{"name": "real-difference"}, {"name": "real-mixture"}])
-    with RunStore(tmp_path / "empty") as store:
+    with ResultStore(tmp_path / "empty") as store:
         store.create(cfg, config_hash(cfg), {"scope": "all-positions", "seq_len": 6}, resume=False)
     with pytest.raises(ValueError, match=r"no result rows of .* yet"):
         verdicts(tmp_path / "empty")

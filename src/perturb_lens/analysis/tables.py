@@ -12,8 +12,7 @@ left out of every statistic.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from statistics import NormalDist
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,9 +23,9 @@ from perturb_lens.results.frames import (  # noqa: F401  (MissingColumnError, pi
     _require,
     pick_lengths,
 )
+from perturb_lens.statistics.bootstrap import mean_intervals
 
 STATS = ("mean", "median", "std", "min", "max")
-_BOOT_ELEMENTS = 1 << 22  # resampled values held in memory at once by the bootstrap (32 MiB)
 
 
 def _group_stats(g: pd.core.groupby.SeriesGroupBy, stat: Sequence[str]) -> pd.DataFrame:
@@ -47,72 +46,6 @@ def _indexed_out(out: pd.DataFrame | pd.Series, **attrs: object) -> pd.DataFrame
     """``out`` with its group index as columns and ``attrs`` (the parameters that made it)."""
     out = out.reset_index()
     out.attrs.update(attrs)
-    return out
-
-
-def _batches(items: np.ndarray, sizes: np.ndarray, limit: int) -> Iterator[np.ndarray]:
-    """Consecutive runs of ``items`` whose ``sizes`` add up to at most ``limit`` (or one item)."""
-    start, total = 0, 0
-    for i, size in enumerate(sizes):
-        if i > start and total + size > limit:
-            yield items[start:i]
-            start, total = i, 0
-        total += size
-    if start < len(items):
-        yield items[start:]
-
-
-def _mean_ci(
-    values: Sequence[np.ndarray],
-    codes: np.ndarray,
-    ci: float,
-    n_boot: int,
-    seed: int,
-    boot_max_n: int,
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per group, for each array of ``values``: a ``ci`` interval of the mean (percentile
-    bootstrap, or normal for big groups) as ``(low, high, method)``.
-
-    ``codes`` numbers the groups 0..G-1 (the same rows in every array). Groups of at most
-    ``boot_max_n`` rows are resampled ``n_boot`` times, many groups per numpy call (indices
-    drawn within each group's segment of the sorted values); bigger groups use mean +- z * s /
-    sqrt(n), which at that size agrees with the bootstrap to within the bootstrap's own
-    Monte-Carlo noise at a fraction of the cost. The arrays share the resampled indices (drawing
-    them is most of the cost), so each gets the interval it would get alone.
-    """
-    order = np.argsort(codes, kind="stable")
-    sizes = np.bincount(codes)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    alpha = (1.0 - ci) / 2.0
-    big = sizes > boot_max_n
-    method = np.where(big, "normal", "bootstrap")
-    sorted_values = [v[order] for v in values]
-    out = []
-    for vals in sorted_values:
-        lo, hi = np.empty(len(sizes)), np.empty(len(sizes))
-        if big.any():
-            mean = np.add.reduceat(vals, starts) / sizes
-            sq = np.add.reduceat((vals - np.repeat(mean, sizes)) ** 2, starts)
-            half = NormalDist().inv_cdf(1.0 - alpha) * np.sqrt(sq / (sizes - 1) / sizes)
-            lo[big], hi[big] = (mean - half)[big], (mean + half)[big]
-        out.append((lo, hi, method))
-
-    rng = np.random.default_rng(seed)
-    small = np.flatnonzero(~big)
-    for batch in _batches(small, sizes[small], _BOOT_ELEMENTS):
-        seg_n = sizes[batch]
-        rows = int(seg_n.sum())
-        base, width = np.repeat(starts[batch], seg_n), np.repeat(seg_n, seg_n)
-        offsets = np.concatenate([[0], np.cumsum(seg_n)[:-1]])
-        step = max(1, _BOOT_ELEMENTS // rows)
-        boots = [np.empty((n_boot, len(batch))) for _ in values]
-        for b in range(0, n_boot, step):  # c resamples of every group at once
-            c = min(step, n_boot - b)
-            idx = base + (rng.random((c, rows)) * width).astype(np.int64)
-            for vals, boot in zip(sorted_values, boots, strict=True):
-                boot[b : b + c] = np.add.reduceat(vals[idx], offsets, axis=1) / seg_n
-        for (lo, hi, _), boot in zip(out, boots, strict=True):
-            lo[batch], hi[batch] = np.quantile(boot, [alpha, 1.0 - alpha], axis=0)
     return out
 
 
@@ -177,7 +110,7 @@ def curves_of(
         frames = {m: _group_stats(g[m], stat) for m in names}
         if ci is not None:
             values = [data[m].to_numpy() for m in names]
-            bounds = _mean_ci(values, g.ngroup().to_numpy(), ci, n_boot, seed, boot_max_n)
+            bounds = mean_intervals(values, g.ngroup().to_numpy(), ci, n_boot, seed, boot_max_n)
             for m, (lo, hi, method) in zip(names, bounds, strict=True):
                 frames[m]["ci_low"], frames[m]["ci_high"], frames[m]["ci_method"] = lo, hi, method
         for m, frame in frames.items():

@@ -143,9 +143,7 @@ def run(
     """Run (or resume) an experiment; write Parquet shards + manifest; print a summary table."""
     from perturb_lens.analysis.verdicts import judged
     from perturb_lens.config.schema import load_config
-    from perturb_lens.experiments import get_experiment
-    from perturb_lens.results.aggregate import run_summary_table
-    from perturb_lens.results.summary import nonfinite_rows, summary_rows
+    from perturb_lens.results.summary import nonfinite_rows
     from perturb_lens.workflows.experiment import run_experiment
 
     out = checked_out(out)
@@ -160,14 +158,11 @@ def run(
             address=address,
             allow_cpu_change=allow_cpu_change,
         )
-        tables = get_experiment(cfg.experiment).tables
-        rows = summary_rows(run_dir) if tables is not None else None
-    for metric in cfg.metrics[:2]:
-        table = run_summary_table(run_dir, metric)  # streamed: rows or aggregate runs
-        table.columns = [f"{float(c.split('@')[1]):.3g}" for c in table.columns]
-        _print_frame(table, f"mean {metric} by length ({cfg.scope}, {cfg.hook})")
-    for title, t in (tables(rows, cfg) if tables is not None else {}).items():
-        _print_frame(t.set_index([c for c in ("base", "direction") if c in t.columns]), title)
+        tables = run_dir.tables()
+    for title, table in tables.items():
+        if all("@" in str(c) for c in table.columns):  # length@L -> L
+            table.columns = [f"{float(str(c).split('@')[1]):.3g}" for c in table.columns]
+        _print_frame(table, title)
     _print_fit(run_dir)
     if judged(cfg.experiment):
         _print_verdicts(run_dir, [m for m in ("kl", "l2") if m in cfg.metrics][:1] or ["kl"])
@@ -176,7 +171,10 @@ def run(
             f"Non-finite rows (NaN/inf): {n_bad}, flagged in column 'nonfinite' and left out of "
             "the means above"
         )
-    console().print(f"Results: [bold]{run_dir}[/bold]  (load with perturb_lens.load_results)")
+    console().print(
+        f"Results: [bold]{run_dir}[/bold]  (open with perturb_lens.open_run: rows(), curves(), "
+        "verdicts(), figures())"
+    )
 
 
 def _print_verdicts(run_dir: Any, metrics: list[str], claims: list[str] | None = None) -> None:

@@ -107,7 +107,7 @@ def _eval_setup(
 
 def _means(mean_from: str | None, saes: dict[str, SAE], frame: str) -> dict[str, Tensor]:
     """hook -> fitted mean from ``--mean-from`` for every hook of ``saes`` (none without it)."""
-    from perturb_lens.saes.stats import load_ablation_mean
+    from perturb_lens.saes.quality import load_ablation_mean
 
     if mean_from is None:
         return {}
@@ -132,7 +132,7 @@ def stats(
     import pandas as pd
 
     from perturb_lens.saes.io import load_sae
-    from perturb_lens.saes.stats import sae_stats
+    from perturb_lens.saes.quality import sae_stats
 
     csv = checked_out(csv, "--csv", "sae_stats.csv")
     with user_errors():

@@ -40,6 +40,14 @@ class Hook:
         return self.name
 
 
+def read_hook(name: object) -> Hook | None:
+    """The hook a well-formed name denotes, whatever the model (None if ``name`` is not
+    ``blocks.LAYER.KIND`` with a known kind): the one parser of hook names; :func:`parse_hook`
+    also checks the layer against a model."""
+    match = _HOOK_RE.match(str(name)) if name is not None else None
+    return None if match is None else Hook(int(match.group(1)), HOOK_KINDS.index(match.group(2)))
+
+
 def hook_names(n_layers: int) -> list[str]:
     """All hook names of an ``n_layers`` model, in forward order."""
     return [f"blocks.{layer}.{kind}" for layer in range(n_layers) for kind in HOOK_KINDS]
@@ -51,15 +59,15 @@ def parse_hook(name: str | Hook, n_layers: int) -> Hook:
         if name.layer < n_layers:
             return name
         name = name.name
-    match = _HOOK_RE.match(str(name))
-    if match is None or int(match.group(1)) >= n_layers:
+    hook = read_hook(name)
+    if hook is None or hook.layer >= n_layers:
         valid = hook_names(n_layers)
         shown = ", ".join(valid[:4]) + ", ..., " + ", ".join(valid[-4:])
         raise UnknownHookError(
             f"Unknown hook {name!r} for a {n_layers}-layer model. Valid hook names are "
             f"blocks.{{0..{n_layers - 1}}}.{{{', '.join(HOOK_KINDS)}}}: {shown}."
         )
-    return Hook(int(match.group(1)), HOOK_KINDS.index(match.group(2)))
+    return hook
 
 
 def last_resid_post(n_layers: int) -> str:

@@ -6,7 +6,6 @@ results, and a run directory refuses to resume under a different config.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -24,7 +23,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from perturb_lens.common.files import CONFIG_MAX_BYTES, UnreadableFileError, read_limited
-from perturb_lens.common.hooks import HOOK_KINDS
+from perturb_lens.common.hooks import HOOK_KINDS, read_hook
 from perturb_lens.common.names import MAX_LENGTH, is_plain_name
 from perturb_lens.common.registry import registry
 from perturb_lens.common.yaml_files import MAX_DEPTH, DuplicateKeyError, TooDeepError, parse_yaml
@@ -95,15 +94,10 @@ def check_device(device: str | None) -> str | None:
     return device
 
 
-_HOOK_NAME = re.compile(r"blocks\.(\d+)\.(\w+)")
-
-
 def _hook_position(name: str | None) -> tuple[int, int] | None:
     """(layer, kind index) of a well-formed hook name: its place in the forward pass."""
-    m = _HOOK_NAME.fullmatch(name or "")
-    if m is None or m.group(2) not in HOOK_KINDS:
-        return None
-    return int(m.group(1)), HOOK_KINDS.index(m.group(2))
+    hook = read_hook(name)
+    return None if hook is None else (hook.layer, hook.kind_index)
 
 
 def check_read_after_hook(hook: str, read: str | None) -> None:

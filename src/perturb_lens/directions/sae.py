@@ -27,8 +27,8 @@ from perturb_lens.common.files import UnreadableFileError, torch_load
 from perturb_lens.common.writes import atomic_write
 from perturb_lens.directions.base import DirectionContext, register_direction, register_scale
 from perturb_lens.models.base import LensModel
+from perturb_lens.saes.quality import ALIVE_EPS, alive_latents
 from perturb_lens.saes.sae import SAE
-from perturb_lens.saes.stats import ALIVE_EPS, alive_latents
 
 FEATURE_CHOICES = ("inactive", "active", "dead")
 

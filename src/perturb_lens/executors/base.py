@@ -2,7 +2,7 @@
 
 The driver (:func:`perturb_lens.workflows.experiment.run_experiment`) is the only writer of the
 run directory:
-it writes every shard it gets back through :class:`~perturb_lens.results.store.RunStore`
+it writes every shard it gets back through :class:`~perturb_lens.results.store.ResultStore`
 (atomically, with its sha256 in the manifest). A shard is a pure function of the job and its id
 (its seed is derived from the run seed and the shard id), so an executor may compute a shard again
 after a worker died, in any order, on any machine, and the run directory stays consistent and
@@ -24,15 +24,15 @@ from perturb_lens.executors.compute import ComputeMismatchError, cpu_model, torc
 
 if TYPE_CHECKING:
     from perturb_lens.config.schema import ExperimentConfig
-    from perturb_lens.engine.run import RunContext
+    from perturb_lens.engine.shard import ShardContext
     from perturb_lens.models.base import LensModel
     from perturb_lens.statistics.activations import ActivationStats
 
-ShardFn = Callable[["RunContext", str], pd.DataFrame]
+ShardFn = Callable[["ShardContext", str], pd.DataFrame]
 """Computes the rows of one shard from the run context and the shard id (module-level function,
 so that it pickles by reference to a worker)."""
 
-PrepareFn = Callable[..., "RunContext"]
+PrepareFn = Callable[..., "ShardContext"]
 """Builds the run context (:func:`perturb_lens.workflows.experiment.prepare`; module-level, so
     it pickles)."""
 
@@ -41,7 +41,7 @@ PrepareFn = Callable[..., "RunContext"]
 class ShardJob:
     """Everything a worker needs to compute any shard of one run (picklable, shipped once).
 
-    A worker rebuilds the :class:`~perturb_lens.engine.run.RunContext` from it once per process
+    A worker rebuilds the :class:`~perturb_lens.engine.shard.ShardContext` from it once per process
     with ``prepare``: the model from ``config.model`` (or ``model``, when the driver was handed
     one; the same for ``sae``), and the driver's tokens and fitted statistics, so nothing is
     refitted and no shared filesystem is needed.
@@ -64,7 +64,7 @@ class ShardJob:
     @classmethod
     def from_context(
         cls,
-        ctx: RunContext,
+        ctx: ShardContext,
         run_dir: Path,
         shard_fn: ShardFn,
         prepare: PrepareFn,
@@ -92,7 +92,7 @@ class ShardJob:
             cpu=cpu,
         )
 
-    def compute(self, ctx: RunContext, shard_id: str) -> pd.DataFrame:
+    def compute(self, ctx: ShardContext, shard_id: str) -> pd.DataFrame:
         """One shard's rows with the run's torch thread count (None: as set), refused on another
         CPU kind than ``cpu`` (None: any). Every executor computes shards through this."""
         if self.cpu is not None and cpu_model() != self.cpu:
@@ -106,7 +106,7 @@ class ShardJob:
         with torch_threads(self.threads):
             return self.shard_fn(ctx, shard_id)
 
-    def context(self) -> RunContext:
+    def context(self) -> ShardContext:
         """Rebuild the run context (loads the model unless the job carries one)."""
         return self.prepare(
             self.config,
@@ -127,7 +127,7 @@ class Executor(Protocol):
     name: str
 
     def map(
-        self, job: ShardJob, shard_ids: Sequence[str], ctx: RunContext | None = None
+        self, job: ShardJob, shard_ids: Sequence[str], ctx: ShardContext | None = None
     ) -> Iterator[tuple[str, pd.DataFrame]]:
         """Compute ``shard_ids`` (in any order, each with ``job.compute``); ``ctx`` is the
         driver's context, if useful."""

@@ -10,7 +10,7 @@ import pandas as pd
 from perturb_lens.executors.base import ShardJob
 
 if TYPE_CHECKING:
-    from perturb_lens.engine.run import RunContext
+    from perturb_lens.engine.shard import ShardContext
 
 
 class LocalExecutor:
@@ -19,7 +19,7 @@ class LocalExecutor:
     name = "local"
 
     def map(
-        self, job: ShardJob, shard_ids: Sequence[str], ctx: RunContext | None = None
+        self, job: ShardJob, shard_ids: Sequence[str], ctx: ShardContext | None = None
     ) -> Iterator[tuple[str, pd.DataFrame]]:
         """Yield ``(shard_id, rows)`` for each shard in order."""
         ctx = ctx if ctx is not None else job.context()

@@ -17,7 +17,7 @@ import pandas as pd
 from perturb_lens.executors.base import ShardJob
 
 if TYPE_CHECKING:
-    from perturb_lens.engine.run import RunContext
+    from perturb_lens.engine.shard import ShardContext
 
 RAY_INSTALL = "pip install 'perturb-lens[ray]'"
 
@@ -85,7 +85,7 @@ class RayExecutor:
         import_ray()  # fail now, before any work, if Ray is missing
 
     def map(
-        self, job: ShardJob, shard_ids: Sequence[str], ctx: RunContext | None = None
+        self, job: ShardJob, shard_ids: Sequence[str], ctx: ShardContext | None = None
     ) -> Iterator[tuple[str, pd.DataFrame]]:
         """Submit every shard, yield ``(shard_id, rows)`` as each finishes."""
         ray = import_ray()

@@ -6,7 +6,7 @@ base is a registered direction whose raw vector moves ``x`` there, e.g. ``synthe
 ``cov-random-difference``). The run's ``directions`` (default: isotropic unit directions, the same
 ones for every base) then perturb the base by each length, and every metric is measured against
 the base's own output. Rows carry a ``base`` column;
-:func:`~perturb_lens.analysis.curve_stats.curve_statistics` gives one row per curve (plateau length,
+:func:`~perturb_lens.analysis.curve_shape.curve_statistics` gives one row per curve (plateau length,
 max-slope step, sharpness).
 """
 
@@ -19,9 +19,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from perturb_lens.analysis.curve_stats import curve_metric, curve_statistics, statistic_summary
+from perturb_lens.analysis.curve_shape import curve_metric, curve_statistics, statistic_summary
 from perturb_lens.config.schema import DirectionConfig, DirectionList, ExperimentConfig
-from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
+from perturb_lens.engine.shard import ShardContext, shard_clean, shard_directions
 from perturb_lens.engine.sweep import SweepPlan, sweep
 from perturb_lens.models.base import CleanRun, LensModel
 
@@ -67,7 +67,7 @@ def rebase_last(model: LensModel, clean: CleanRun, x_base: Tensor, plan: SweepPl
     )
 
 
-def base_points(ctx: RunContext, shard_id: str, x: Tensor) -> dict[str, Tensor]:
+def base_points(ctx: ShardContext, shard_id: str, x: Tensor) -> dict[str, Tensor]:
     """Base activations [B, d] at the last position, per base label of ``config.plateaus``."""
     x_last = x[:, -1].float()
     out: dict[str, Tensor] = {}
@@ -82,7 +82,7 @@ def base_points(ctx: RunContext, shard_id: str, x: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def plateau_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
+def plateau_shard(ctx: ShardContext, shard_id: str) -> pd.DataFrame:
     """Rows of one shard: for every base point, the sweep of ``directions`` x ``lengths`` around
     it, measured against the base's output (column ``base``)."""
     sl = ctx.shard_slice(shard_id)  # the config guarantees scope=last-position

@@ -36,7 +36,7 @@ class ExperimentInfo:
     """A registered experiment type (the config's ``experiment`` value)."""
 
     name: str
-    shard: Callable[..., pd.DataFrame] | str  # (RunContext, shard_id) -> rows; module-level
+    shard: Callable[..., pd.DataFrame] | str  # (ShardContext, shard_id) -> rows; module-level
     description: str = ""
     options: type[BaseModel] | str | None = None  # the model of its config section
     section: str | None = None  # the config key of that section (e.g. ``plateaus``)

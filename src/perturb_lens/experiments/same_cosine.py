@@ -25,7 +25,7 @@ from torch import Tensor
 
 from perturb_lens.config.schema import SAE_LABEL, ExperimentConfig
 from perturb_lens.directions.base import same_cosine_target
-from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
+from perturb_lens.engine.shard import ShardContext, shard_clean, shard_directions
 from perturb_lens.engine.sweep import sweep
 from perturb_lens.models.base import CleanRun
 
@@ -89,7 +89,7 @@ def _at_rows(values: Tensor, df: pd.DataFrame, seq_offset: int) -> np.ndarray:
 
 
 def _targets(
-    ctx: RunContext, shard_id: str, clean: CleanRun, x_sae: Tensor | None
+    ctx: ShardContext, shard_id: str, clean: CleanRun, x_sae: Tensor | None
 ) -> list[tuple[str, float | None, Tensor, Tensor]]:
     """``(label, grid cosine or None for SAE(x), y [B, T, d] float64, ratio [B, T])`` of every
     replacement; positions before the first replaced one keep ``x``.
@@ -128,7 +128,7 @@ def _targets(
     return out
 
 
-def same_cosine_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
+def same_cosine_shard(ctx: ShardContext, shard_id: str) -> pd.DataFrame:
     """Rows of one shard: every direction x grid cosine, then the SAE points (one sweep at
     length 1 along ``y - x`` per replacement, sharing the clean pass)."""
     opts: SameCosineOptions = ctx.config.same_cosine

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from perturb_lens.engine.run import RunContext, shard_clean, shard_directions
+from perturb_lens.engine.shard import ShardContext, shard_clean, shard_directions
 from perturb_lens.engine.sweep import sweep
 
 
-def sweep_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
+def sweep_shard(ctx: ShardContext, shard_id: str) -> pd.DataFrame:
     """Rows of one shard: clean pass, directions for every token, the sweep."""
     clean = shard_clean(ctx, shard_id)
     dirs = shard_directions(ctx, shard_id, clean.x)

@@ -8,7 +8,7 @@ at the last position, so perturbing A's last position along ``x_B - x_A`` by ``t
 walks exactly from A's output (t = 0) to B's (t = 1). Sharpness: the largest step-to-step increase
 of the L2 distance (at the last layer's ``resid_post``) over its value at t = 1.
 
-:func:`perturb_lens.workflows.experiment.stable_region_sharpness` runs several models (sizes,
+:func:`perturb_lens.workflows.sharpness.stable_region_sharpness` runs several models (sizes,
 checkpoints)
 and returns one frame with a ``model`` column; :func:`sharpness_quantiles` summarises it.
 """
@@ -23,10 +23,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from perturb_lens.analysis.curve_stats import curve_metric, curve_statistics, statistic_summary
+from perturb_lens.analysis.curve_shape import curve_metric, curve_statistics, statistic_summary
 from perturb_lens.common.seeds import derive_seed
 from perturb_lens.config.schema import ExperimentConfig
-from perturb_lens.engine.run import RunContext, shard_clean
+from perturb_lens.engine.shard import ShardContext, shard_clean
 from perturb_lens.engine.sweep import sweep
 
 PAIR = "prompt-pair"
@@ -41,7 +41,7 @@ class StableRegionsOptions(BaseModel):
     )
 
 
-def replacement_tokens(ctx: RunContext, shard_id: str) -> Tensor:
+def replacement_tokens(ctx: ShardContext, shard_id: str) -> Tensor:
     """The last token of each prompt B [B] (always different from prompt A's last token)."""
     sl = ctx.shard_slice(shard_id)
     last = ctx.tokens[:, -1]
@@ -61,7 +61,7 @@ def replacement_tokens(ctx: RunContext, shard_id: str) -> Tensor:
     return out + (out >= own).long()  # uniform over the vocabulary without the original token
 
 
-def stable_region_shard(ctx: RunContext, shard_id: str) -> pd.DataFrame:
+def stable_region_shard(ctx: ShardContext, shard_id: str) -> pd.DataFrame:
     """Rows of one shard: the interpolation from each prompt A to its prompt B (direction
     ``prompt-pair``), with the two last tokens in ``token_a`` / ``token_b``."""
     sl = ctx.shard_slice(shard_id)  # the config guarantees scope=last-position

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from perturb_lens.analysis.curve_stats import (
+from perturb_lens.analysis.curve_shape import (
     curve_metric,
     curve_statistics,
     ks_vs_reference,

@@ -9,7 +9,7 @@ sets with ``@register_figures("name")`` using the drawing functions of
 
 from perturb_lens.plots.registry import (
     Plot,
-    RunView,
+    RunReader,
     figure_set,
     figures_for,
     register_figures,
@@ -20,7 +20,7 @@ from perturb_lens.plots.report import write_comparison, write_report
 
 __all__ = [
     "Plot",
-    "RunView",
+    "RunReader",
     "figure_set",
     "figures_for",
     "register_figures",

@@ -38,7 +38,7 @@ from perturb_lens.plots.figures import (
 )
 from perturb_lens.plots.registry import (
     Plot,
-    RunView,
+    RunReader,
     check_formats,
     figures_for,
     save_plots,
@@ -190,7 +190,7 @@ def _page(title: str, subtitle: str, body: str, sections: Sequence[tuple[str, st
     )
 
 
-def _run_facts(view: RunView) -> list[tuple[str, Any]]:
+def _run_facts(view: RunReader) -> list[tuple[str, Any]]:
     m, c, man = view.meta, view.config, view.manifest
     lengths = m.get("lengths") or []
     data = c.get("data", {})
@@ -226,12 +226,12 @@ def _run_facts(view: RunView) -> list[tuple[str, Any]]:
     ]
 
 
-def _fit_text(view: RunView) -> str:
+def _fit_text(view: RunReader) -> str:
     fit = stats_fit(view.run_dir, view.manifest)
     return "unknown" if fit is None else f"{fit[0]:,} samples ({fit[0] / fit[1]:.3g} × d_model)"
 
 
-def _fit_banner(view: RunView) -> str:
+def _fit_banner(view: RunReader) -> str:
     """A warning box when the statistics were fitted on fewer than 10 x d_model samples."""
     fit = stats_fit(view.run_dir, view.manifest)
     warning = fit_size_warning(*fit) if fit is not None else None
@@ -250,10 +250,10 @@ def _alpha_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns=lambda c: f"α = {float(c.split('@')[1]):.3g}")
 
 
-def _tables(view: RunView) -> str:
+def _tables(view: RunReader) -> str:
     parts = []
     for metric in view.metrics:
-        table = _alpha_columns(view.summary_table(metric))
+        table = _alpha_columns(view.summary(metric))
         parts.append(f"<h3>Mean {_esc(metric)} by length</h3>{_table(table)}")
         threshold = metric_threshold(metric)
         if threshold is not None:
@@ -265,7 +265,7 @@ def _tables(view: RunView) -> str:
     return "".join(parts)
 
 
-def _verdicts(view: RunView) -> str:
+def _verdicts(view: RunReader) -> str:
     """The published claims that apply to the run, per metric (paired 95% CIs, sequences
     resampled), with their notes; or a line saying why there are none."""
     if not judged(view.experiment):
@@ -280,7 +280,7 @@ def _verdicts(view: RunView) -> str:
     return "".join(parts) or "<p>No published claim applies to this run's directions.</p>"
 
 
-def _data_links(view: RunView, out_dir: Path) -> str:
+def _data_links(view: RunReader, out_dir: Path) -> str:
     items = [
         f'<li><a href="{_esc(_rel(view.run_dir / MANIFEST, out_dir))}">{MANIFEST}</a>'
         " (config, meta, shard checksums)</li>"
@@ -295,9 +295,9 @@ def _data_links(view: RunView, out_dir: Path) -> str:
     return f"<ul>{''.join(items)}</ul>"
 
 
-def run_view(run_dir: str | Path) -> RunView:
+def run_view(run_dir: str | Path) -> RunReader:
     """The run at ``run_dir``, refused (saying what to do) when it has no finished shard."""
-    view = RunView(run_dir)
+    view = RunReader(run_dir)
     if not view.manifest["shards"]:
         raise ValueError(
             f"{view.run_dir} has no finished shard yet, so there is nothing to plot: finish it "
@@ -401,7 +401,7 @@ def _write_page(out_file: Path, page: str) -> None:
     atomic_write(out_file, lambda f: f.write(data))
 
 
-def run_labels(views: Sequence[RunView]) -> list[str]:
+def run_labels(views: Sequence[RunReader]) -> list[str]:
     """Short distinct labels: an SAE suite's run names; else the config values that differ
     between runs (e.g. the hook) when one or two keys differ; else the directories' names."""
     names = [v.run_dir.name for v in views]
@@ -436,7 +436,7 @@ def _lookup(config: dict, dotted: str) -> Any:
     return value
 
 
-def compare_plots(views: Sequence[RunView], metric: str = "kl") -> list[Plot]:
+def compare_plots(views: Sequence[RunReader], metric: str = "kl") -> list[Plot]:
     """Figures overlaying runs: all curves (colour = direction, line style = run), one panel per
     direction (colour = run), bars per run at three lengths (per-layer / per-SAE bars), and for
     stable-region runs the sharpness quartiles per run (model sizes, checkpoints)."""
@@ -581,7 +581,7 @@ def write_comparison(
         else "<p>The configs are identical.</p>"
     )
     table = (
-        pd.concat([_alpha_columns(v.summary_table(metric)).assign(run=v.label) for v in views])
+        pd.concat([_alpha_columns(v.summary(metric)).assign(run=v.label) for v in views])
         .reset_index()
         .set_index(["run", "direction"])
     )

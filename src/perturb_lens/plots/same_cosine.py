@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from perturb_lens.analysis import tables as an
 from perturb_lens.config.schema import SAE_LABEL
 from perturb_lens.plots.figures import _grid, _tag, series_color
-from perturb_lens.plots.registry import Plot, RunView, register_figures
+from perturb_lens.plots.registry import Plot, RunReader, register_figures
 from perturb_lens.plots.sets import metric_label, run_title
 from perturb_lens.plots.style import marker_for, style
 
@@ -93,13 +93,13 @@ def cosine_panels(
     return fig
 
 
-def ratio_text(view: RunView) -> str:
+def ratio_text(view: RunReader) -> str:
     """The norm ratio of the run's targets, in words."""
     ratio = (view.config.get("same_cosine") or {}).get("norm_ratio", 0.9)
     return "the SAE's own ||SAE(x)||/||x||" if ratio == "sae" else f"{ratio:g}"
 
 
-def same_cosine_plot(view: RunView, metric: str) -> Plot:
+def same_cosine_plot(view: RunReader, metric: str) -> Plot:
     """One metric against the cosine grid, per generator, with the SAE points over it."""
     rows = view.rows
     curves, bins, points = (
@@ -141,6 +141,6 @@ def same_cosine_plot(view: RunView, metric: str) -> Plot:
 
 
 @register_figures("same-cosine")
-def same_cosine_figures(view: RunView) -> list[Plot]:
+def same_cosine_figures(view: RunReader) -> list[Plot]:
     """Every metric against cos(y, x), per generator, with the SAE points."""
     return [same_cosine_plot(view, m) for m in view.metrics]

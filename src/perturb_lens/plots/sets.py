@@ -4,13 +4,13 @@ building blocks for the interpolation experiments (distributions with KS distanc
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
 from perturb_lens.analysis import tables as an
+from perturb_lens.common.hooks import read_hook
 from perturb_lens.metrics.builtin import get_metric, metric_names
 from perturb_lens.plots.figures import (
     bar_panels,
@@ -21,7 +21,7 @@ from perturb_lens.plots.figures import (
     scatter_figure,
     token_panels,
 )
-from perturb_lens.plots.registry import Plot, RunView, register_figures
+from perturb_lens.plots.registry import Plot, RunReader, register_figures
 
 # Lee & Heimersheim figure 1: difference vs mixture, per target family.
 FIG1_PANELS = {
@@ -44,11 +44,11 @@ N_TOKEN_CURVES = 5
 
 def short_hook(hook: object) -> str:
     """``blocks.11.hook_resid_post`` -> ``L11 resid_post`` (other names unchanged)."""
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", str(hook))
-    return f"L{m[1]} {m[2]}" if m else str(hook)
+    h = read_hook(hook)
+    return f"L{h.layer} {h.kind.removeprefix('hook_')}" if h else str(hook)
 
 
-def metric_label(metric: str, view: RunView | None = None, stat: str = "mean") -> str:
+def metric_label(metric: str, view: RunReader | None = None, stat: str = "mean") -> str:
     """Axis label of a metric from the metric registry (``stat`` in front: "mean KL ...")."""
     read = short_hook(view.meta.get("read")) if view and view.meta.get("read") else "a later layer"
     if metric not in metric_names():
@@ -61,7 +61,7 @@ def metric_threshold(metric: str) -> float | None:
     return get_metric(metric).threshold if metric in metric_names() else None
 
 
-def length_label(view: RunView) -> str:
+def length_label(view: RunReader) -> str:
     """x-axis label: the length, and its unit when the grid is relative to the median norm."""
     if view.curve_stats:  # interpolation experiments
         return "interpolation t (0: the activation, 1: the target)"
@@ -70,7 +70,7 @@ def length_label(view: RunView) -> str:
     return "perturbation length α"
 
 
-def run_title(view: RunView) -> str:
+def run_title(view: RunReader) -> str:
     """A short line naming the run: model, hook, scope."""
     m = view.meta
     return f"{m.get('model', '?')} · {short_hook(m.get('hook', '?'))} · {m.get('scope', '?')}"
@@ -91,7 +91,7 @@ def _series(frame: pd.DataFrame, column: str = "direction") -> list[str]:
     return [str(v) for v in dict.fromkeys(frame[column].tolist())]
 
 
-def published_panels(view: RunView, metric: str) -> list[Plot]:
+def published_panels(view: RunReader, metric: str) -> list[Plot]:
     """Figures 1 and 2 (and their L2 versions): mean with 95 % bootstrap band vs length."""
     cv = view.curves(metric)
     out = []
@@ -121,7 +121,7 @@ def published_panels(view: RunView, metric: str) -> list[Plot]:
     return out
 
 
-def curve_plots(view: RunView, metric: str) -> list[Plot]:
+def curve_plots(view: RunReader, metric: str) -> list[Plot]:
     """Every direction's mean curve; quantile bands and medians; individual token curves."""
     cv = view.curves(metric)
     xlabel, ylabel = length_label(view), metric_label(metric, view)
@@ -186,7 +186,7 @@ def curve_plots(view: RunView, metric: str) -> list[Plot]:
     ]
 
 
-def bar_lengths(view: RunView) -> list[float]:
+def bar_lengths(view: RunReader) -> list[float]:
     """The lengths of figures 7-8: alpha = 20, 40, 61 (nearest on the grid) when the grid is
     absolute and reaches 61; else the same fractions (of 91) of the run's largest length."""
     grid = np.asarray(view.meta.get("lengths") or view.grid, dtype=float)
@@ -195,7 +195,7 @@ def bar_lengths(view: RunView) -> list[float]:
     return an.pick_lengths(view.lengths_frame, [f * grid.max() for f in BAR_FRACTIONS])
 
 
-def bar_plot(view: RunView, metric: str) -> Plot:
+def bar_plot(view: RunReader, metric: str) -> Plot:
     """Figures 7-8 style: mean per direction at three lengths, with 95 % bootstrap whiskers."""
     data = view.bars(metric, bar_lengths(view))
     figure = bar_panels(
@@ -211,7 +211,7 @@ def bar_plot(view: RunView, metric: str) -> Plot:
     return Plot(f"bars_{metric}", f"Bars · {metric}", caption, figure, data, False, _series(data))
 
 
-def threshold_plot(view: RunView, metric: str, threshold: float) -> Plot:
+def threshold_plot(view: RunReader, metric: str, threshold: float) -> Plot:
     """Histogram per direction of the length at which a token's metric first exceeds
     ``threshold``; the fraction that never does is noted in each panel."""
     grid = view.grid
@@ -242,7 +242,7 @@ def threshold_plot(view: RunView, metric: str, threshold: float) -> Plot:
 
 
 @register_figures("curves")
-def curve_figures(view: RunView) -> list[Plot]:
+def curve_figures(view: RunReader) -> list[Plot]:
     """Generic figures of any run over lengths: for each metric, all directions' means,
     quantile bands, token curves, bars at three lengths and threshold-crossing histograms."""
     view.prefetch_curves(view.metrics)
@@ -258,7 +258,7 @@ def curve_figures(view: RunView) -> list[Plot]:
 
 
 @register_figures("sensitive-directions")
-def sensitive_direction_figures(view: RunView) -> list[Plot]:
+def sensitive_direction_figures(view: RunReader) -> list[Plot]:
     """Lee & Heimersheim figures 1-2 for KL and L2 (supplementary 1-2 for a layer-2 run), then
     the generic curve figures (SAE error / feature runs: figures 5-8 per SAE); a one-length run
     (SAE substitution) gets :func:`sae_substitution_figures`. Per-layer and per-SAE figures:
@@ -273,7 +273,7 @@ def sensitive_direction_figures(view: RunView) -> list[Plot]:
 
 
 @register_figures("sae-substitution")
-def sae_substitution_figures(view: RunView) -> list[Plot]:
+def sae_substitution_figures(view: RunReader) -> list[Plot]:
     """Figures 3-4 (mean of each metric for SAE(x) against the epsilon-baselines, per direction
     over all its rows) and supplementary figure 3 (mean ``size`` = ||SAE(x) - x|| against mean KL
     per SAE direction), from the streamed aggregates: memory flat in the run's rows."""
@@ -301,7 +301,7 @@ def sae_substitution_figures(view: RunView) -> list[Plot]:
     return out
 
 
-def sae_directions(view: RunView) -> list[str]:
+def sae_directions(view: RunReader) -> list[str]:
     """Labels of the run's SAE directions (config name ``sae-*``, e.g. ``SAE(x)``)."""
     out = []
     for d in view.config.get("directions", []):
@@ -311,7 +311,7 @@ def sae_directions(view: RunView) -> list[str]:
     return out
 
 
-def size_kl_points(view: RunView, groups: dict[str, list[str]], by: str) -> pd.DataFrame:
+def size_kl_points(view: RunReader, groups: dict[str, list[str]], by: str) -> pd.DataFrame:
     """``analysis.scatter_points(rows, "size", "kl", by=[by])`` of a run streamed: per group
     (``by`` value -> directions), the mean and 95 % interval of ``size`` and of ``kl``."""
     parts = []
@@ -403,10 +403,10 @@ def sharpness_plot(
     )
 
 
-def interpolation_stats(view: RunView) -> tuple[pd.DataFrame, str, str]:
+def interpolation_stats(view: RunReader) -> tuple[pd.DataFrame, str, str]:
     """``(curve statistics, series column, metric)`` of an interpolation run: one row per curve
     (``curve_statistics`` of L2, else the first metric); plateau runs' series is base · target."""
-    from perturb_lens.analysis.curve_stats import curve_metric, curve_statistics
+    from perturb_lens.analysis.curve_shape import curve_metric, curve_statistics
 
     metric = curve_metric(view.metrics)
     stats = curve_statistics(view.rows, metric)
@@ -417,7 +417,7 @@ def interpolation_stats(view: RunView) -> tuple[pd.DataFrame, str, str]:
 
 
 @register_figures("interpolation")
-def interpolation_figures(view: RunView) -> list[Plot]:
+def interpolation_figures(view: RunReader) -> list[Plot]:
     """Synthetic activations, plateaus, stable regions: the distribution of each curve statistic
     the experiment registered (``curve_stats``) per target type with KS distances (Giglemiani et
     al.), sharpness quartiles per target when sharpness is one (stable regions; across models:

@@ -19,7 +19,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from perturb_lens.plots.figures import _grid, _tag
-from perturb_lens.plots.registry import Plot, RunView
+from perturb_lens.plots.registry import Plot, RunReader
 from perturb_lens.plots.sets import length_label, metric_label, sae_directions
 from perturb_lens.plots.style import style
 
@@ -28,7 +28,7 @@ BASELINE_GREYS = ("#555555", "#999999", "#bbbbbb", "#333333")
 CMAP = "viridis"
 
 
-def suite_views(folder: str | Path) -> list[tuple[RunView, dict]]:
+def suite_views(folder: str | Path) -> list[tuple[RunReader, dict]]:
     """Each finished run of a suite folder with its SAE's record (``type``, ``l0``; label order
     of ``saes.json``, then any other run)."""
     folder = Path(folder)
@@ -38,7 +38,7 @@ def suite_views(folder: str | Path) -> list[tuple[RunView, dict]]:
     runs = [p for p in sorted(folder.iterdir()) if (p / "manifest.json").is_file()]
     order = {label: i for i, label in enumerate(info)}
     runs.sort(key=lambda p: order.get(p.name, len(order)))
-    return [(RunView(p, p.name), info.get(p.name, {"label": p.name})) for p in runs]
+    return [(RunReader(p, p.name), info.get(p.name, {"label": p.name})) for p in runs]
 
 
 def extrapolation_curves(folder: str | Path, metric: str = "kl") -> pd.DataFrame:

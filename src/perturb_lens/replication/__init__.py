@@ -1,7 +1,7 @@
 """Replication of the published claims: a registry of claims, each judged on its runs under a
 runs root, and the generated ``REPLICATION.md`` (``perturb-lens replication RUNS_ROOT``)."""
 
-from perturb_lens.replication.layout import RUNS, RunSpec, layout_text
+from perturb_lens.replication.layout import RUNS, ReplicationRun, layout_text
 from perturb_lens.replication.registry import (
     NOT_RUN,
     VERDICTS,
@@ -25,9 +25,9 @@ __all__ = [
     "RUNS",
     "VERDICTS",
     "ReplicationClaim",
+    "ReplicationRun",
     "Result",
     "Row",
-    "RunSpec",
     "evaluate_claim",
     "layout_text",
     "register_replication",

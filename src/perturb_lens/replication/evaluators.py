@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from perturb_lens.analysis.curve_stats import curve_metric, curve_statistics, ks_vs_reference
+from perturb_lens.analysis.curve_shape import curve_metric, curve_statistics, ks_vs_reference
 from perturb_lens.analysis.verdicts import (
     MIN_SEQS,
     Claim,

@@ -15,7 +15,7 @@ SUBSTITUTION_SEQS = "base.data.n_seqs=12"
 
 
 @dataclass(frozen=True)
-class RunSpec:
+class ReplicationRun:
     """A run folder under the runs root: ``name``, ``kind`` (``run``: a run directory with
     manifest.json; ``suite``: an ``sae run`` folder of runs; ``sae-folders``: an ``sae train``
     folder of SAEs with eval.json) and the ``command`` that writes it (``{root}``: the root)."""
@@ -39,20 +39,20 @@ class RunSpec:
         return self.command.format(root=str(root).rstrip("/") or ".")
 
 
-def _spec(name: str, kind: Kind, command: str, preset: str, *overrides: str) -> RunSpec:
+def _spec(name: str, kind: Kind, command: str, preset: str, *overrides: str) -> ReplicationRun:
     args = " ".join((f"configs/{preset}.yaml", *overrides))
-    return RunSpec(name, kind, f"perturb-lens {command} {args} --out {{root}}/{name}")
+    return ReplicationRun(name, kind, f"perturb-lens {command} {args} --out {{root}}/{name}")
 
 
-def _run(name: str, preset: str, *overrides: str) -> RunSpec:
+def _run(name: str, preset: str, *overrides: str) -> ReplicationRun:
     return _spec(name, "run", "run", preset, *overrides)
 
 
-def _suite(name: str, *overrides: str) -> RunSpec:
+def _suite(name: str, *overrides: str) -> ReplicationRun:
     return _spec(name, "suite", "sae run", name, *overrides)
 
 
-RUNS: dict[str, RunSpec] = {
+RUNS: dict[str, ReplicationRun] = {
     r.name: r
     for r in (
         _run("sensitive_directions_lee", "replicate_sensitive_directions_smollm2"),

@@ -10,8 +10,8 @@ from perturb_lens.results.store import (
     ConfigMismatchError,
     InputsChangedError,
     ManifestError,
+    ResultStore,
     RunLockedError,
-    RunStore,
     atomic_write,
     atomic_write_json,
     diff_configs,
@@ -26,8 +26,8 @@ __all__ = [
     "ConfigMismatchError",
     "InputsChangedError",
     "ManifestError",
+    "ResultStore",
     "RunLockedError",
-    "RunStore",
     "aggregate_curves",
     "atomic_write",
     "atomic_write_json",
@@ -39,3 +39,13 @@ __all__ = [
     "run_aggregates",
     "sequence_sums",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``RunStore``: the old name of :class:`ResultStore` (one release, with a warning)."""
+    if name == "RunStore":
+        import warnings
+
+        warnings.warn("RunStore is now ResultStore", DeprecationWarning, stacklevel=2)
+        return ResultStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

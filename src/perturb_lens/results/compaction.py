@@ -39,7 +39,7 @@ from perturb_lens.results.store import (
     SKETCH_FILE,
     SKETCHES,
     ChecksumError,
-    RunStore,
+    ResultStore,
     atomic_write,
     covered_shards,
     file_sha256,
@@ -85,19 +85,19 @@ def shard_parts(table: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 
 def write_aggregate_shard(
-    store: RunStore, shard_id: str, table: pa.Table, *, info: dict | None = None
+    store: ResultStore, shard_id: str, table: pa.Table, *, info: dict | None = None
 ) -> None:
     """Write an aggregate shard: its sketch to its own file, the rest as the shard."""
     rest, sketch = shard_parts(table)
     store.write_shard(shard_id, rest, info=info, sketch=sketch)
 
 
-def compact(store: RunStore, *, min_pending: int = 1) -> bool:
+def compact(store: ResultStore, *, min_pending: int = 1) -> bool:
     """Merge the shards' sketch files into the run-level sketch (the steps of the module
     docstring) when at least ``min_pending`` wait; then (or whenever ``min_pending`` <= 1) remove
     the files no reader uses. Returns whether it merged. ``store`` must be open for writing."""
     if not store.writing:
-        raise RuntimeError("RunStore.create() must be called before compact()")
+        raise RuntimeError("ResultStore.create() must be called before compact()")
     pending = sketch_entries(store.manifest)
     merged = bool(pending) and len(pending) >= min_pending and _merge(store, pending)
     if merged or min_pending <= 1:  # every merge, and the run's last compaction
@@ -105,7 +105,7 @@ def compact(store: RunStore, *, min_pending: int = 1) -> bool:
     return merged
 
 
-def _merge(store: RunStore, pending: list[tuple[str, dict]]) -> bool:
+def _merge(store: ResultStore, pending: list[tuple[str, dict]]) -> bool:
     """Steps 1-2 of the module docstring for the ``pending`` sketch files that read back as
     recorded (a damaged one stays pending: its shard is recomputed on resume). Returns whether
     any was merged."""
@@ -136,7 +136,7 @@ def _merge(store: RunStore, pending: list[tuple[str, dict]]) -> bool:
     return True
 
 
-def remove_unused(store: RunStore) -> None:
+def remove_unused(store: ResultStore) -> None:
     """Delete the run-level sketch files the manifest does not name and the sketch files of
     shards the run-level sketch covers (left by a compaction that stopped after its commit)."""
     manifest = store.manifest

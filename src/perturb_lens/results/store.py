@@ -75,7 +75,7 @@ _SHARD_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 class RunLockedError(FolderLockedError):
-    """Another process (or another RunStore in this one) is writing to the run directory."""
+    """Another process (or another ResultStore in this one) is writing to the run directory."""
 
 
 class NotARunError(FileExistsError):
@@ -239,12 +239,12 @@ def check_same_config(run_dir: Path, old: dict, config: dict, new_hash: str) -> 
     )
 
 
-class RunStore:
+class ResultStore:
     """Writer (and reader) of one run directory.
 
     Typical use by the engine::
 
-        with RunStore(out) as store:
+        with ResultStore(out) as store:
             store.create(config, config_hash(config), meta, resume=resume)
             done = store.done_shards()
             for s in (s for s in shard_ids if s not in done):
@@ -268,7 +268,7 @@ class RunStore:
         equal ``config_hash`` (else the differing keys are named) and it is kept as is.
         """
         if self._manifest is not None:
-            raise RuntimeError(f"RunStore({self.run_dir}) is already open")
+            raise RuntimeError(f"ResultStore({self.run_dir}) is already open")
         self.open()
         try:
             manifest_path = self.run_dir / MANIFEST
@@ -294,7 +294,7 @@ class RunStore:
             self.close()
             raise
 
-    def open(self) -> RunStore:
+    def open(self) -> ResultStore:
         """Make the run directory and take its lock, before any work (idempotent).
 
         Fails fast, saying what to do, when the directory cannot be written or another run holds
@@ -356,7 +356,7 @@ class RunStore:
         os.close(fd)
         os.unlink(probe)
 
-    def __enter__(self) -> RunStore:
+    def __enter__(self) -> ResultStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -485,7 +485,7 @@ class RunStore:
         same rows, resume refuses other inputs) writes none, as it is counted there.
         """
         if self._lock_fd is None or self._manifest is None:
-            raise RuntimeError("RunStore.create() must be called before write_shard()")
+            raise RuntimeError("ResultStore.create() must be called before write_shard()")
         if not _SHARD_ID.fullmatch(shard_id):
             raise ValueError(f"shard id {shard_id!r} must match {_SHARD_ID.pattern}")
         side = None
@@ -526,7 +526,7 @@ class RunStore:
         """Apply ``change`` to a copy of the manifest and write it atomically (the commit point
         of every write: the manifest on disk is always whole and up to date)."""
         if not self.writing:
-            raise RuntimeError("RunStore.create() must be called before writing to the run")
+            raise RuntimeError("ResultStore.create() must be called before writing to the run")
         with self._mutex:
             manifest = copy.deepcopy(self._manifest)
             change(manifest)
@@ -656,3 +656,13 @@ def load_results(
     # point to the aggregate API instead of naming missing columns)
     df.attrs.update(results=manifest["config"].get("results", "rows"), run_dir=str(run_dir))
     return df
+
+
+def __getattr__(name: str) -> object:
+    """``RunStore``: the old name of :class:`ResultStore` (one release, with a warning)."""
+    if name == "RunStore":
+        import warnings
+
+        warnings.warn("RunStore is now ResultStore", DeprecationWarning, stacklevel=2)
+        return ResultStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

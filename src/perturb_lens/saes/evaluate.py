@@ -6,7 +6,7 @@ Groups: ``tokens`` (the tokens an SAE trains on: no BOS, no outlier-norm tokens)
 tokens) and ``explained_variance`` (``1 - SSE / sum ||x - mean_group(x)||^2``; None for a group
 without spread, such as BOS, whose activation is the same in every row). ``dead_fraction``
 counts latents with ``f > ALIVE_EPS`` on no held-out training-group token. The CE increase comes
-from :func:`perturb_lens.saes.stats.sae_stats` on held-out sequences (BOS excluded; SAE(x)
+from :func:`perturb_lens.saes.quality.sae_stats` on held-out sequences (BOS excluded; SAE(x)
 substituted at every other position, outlier-norm tokens included).
 """
 
@@ -19,8 +19,8 @@ from torch import Tensor
 
 from perturb_lens.models.base import LensModel
 from perturb_lens.saes.cache import FLAGGED, ActivationCache
+from perturb_lens.saes.quality import ALIVE_EPS, sae_stats
 from perturb_lens.saes.sae import SAE
-from perturb_lens.saes.stats import ALIVE_EPS, sae_stats
 
 
 class GroupMetrics:

@@ -41,6 +41,7 @@ from perturb_lens.common.files import (
     regular_file,
     torch_load,
 )
+from perturb_lens.common.hooks import read_hook
 from perturb_lens.common.yaml_files import parse_yaml
 from perturb_lens.saes.format import CFG_FILE, WEIGHTS_FILE
 from perturb_lens.saes.pack import is_pack_ref, resolve_pack_ref
@@ -248,11 +249,11 @@ def _load_release_from_hub(release: str, sae_id: str, *, frame: str | None) -> S
             f"Loading SAELens release {release!r} needs sae_lens: pip install sae-lens "
             f"(without it, perturb-lens knows only {sorted(HUB_RELEASES)})."
         )
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", sae_id)
-    if m is None:
+    hook = read_hook(sae_id)
+    if hook is None or hook.kind != "hook_resid_pre":
         raise SAELoadError(f"SAE id {sae_id!r} must look like blocks.<layer>.hook_resid_pre.")
     repo, template = HUB_RELEASES[release]
-    path = template.format(hook=sae_id, layer=m.group(1))
+    path = template.format(hook=sae_id, layer=hook.layer)
     try:
         from huggingface_hub import snapshot_download
 

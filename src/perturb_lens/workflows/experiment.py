@@ -1,7 +1,7 @@
 """Run an experiment end to end: tokens, statistics, shards, result store. Resumable.
 
 The runner composes the stages: it loads the model, the tokens and the SAE, fits (or reloads)
-the activation statistics, builds the engine's :class:`~perturb_lens.engine.run.RunContext`, has
+the activation statistics, builds the engine's :class:`~perturb_lens.engine.shard.ShardContext`, has
 an executor compute the shards with the experiment's registered shard function, and writes them
 through the result store. It is what the command line and the public API call.
 
@@ -14,29 +14,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import platform
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from perturb_lens.analysis.curve_stats import curve_statistics
 from perturb_lens.common import version
-from perturb_lens.common.files import UnreadableFileError, torch_load
-from perturb_lens.common.paths import cache_root
-from perturb_lens.common.seeds import derive_seed
 from perturb_lens.common.writes import config_hash
 from perturb_lens.config.lengths import resolve_lengths
 from perturb_lens.config.schema import ExperimentConfig, validate_config
-from perturb_lens.data.text import dataset_tokens, read_rows, token_source_hash
+from perturb_lens.data.text import dataset_tokens, token_source_hash
 from perturb_lens.directions.base import check_scale, get_direction
-from perturb_lens.engine.run import RunContext, shard_ids
+from perturb_lens.engine.shard import ShardContext, shard_ids
 from perturb_lens.engine.sweep import SweepPlan
 from perturb_lens.executors import Executor, ShardFn, ShardJob, get_executor
 from perturb_lens.executors.compute import (
@@ -53,166 +47,28 @@ from perturb_lens.results.aggregate import aggregate_rows
 from perturb_lens.results.compaction import COMPACT_EVERY, compact, write_aggregate_shard
 from perturb_lens.results.store import (
     MANIFEST,
-    RunStore,
-    atomic_write,
+    ResultStore,
     check_new_or_resume,
     file_sha256,
     load_manifest,
-    load_results,
 )
 from perturb_lens.statistics.activations import (
-    DEFAULT_FIT_PER_DIM,
     ActivationStats,
-    PoolSampler,
-    StatsFileError,
     fit_size_warning,
-    fit_stats,
-    hook_activations,
+)
+from perturb_lens.statistics.cache import (  # noqa: F401  (load_stats, fit_run_stats: re-exported)
+    POOL_FILE,
+    STATS_FILE,
+    cached_stats,
+    copy_stats,
+    fit_run_stats,
+    load_stats,
+    save_stats,
+    stats_tokens,
 )
 from perturb_lens.workflows.run_handle import Run
 
 log = logging.getLogger(__name__)
-
-STATS_FILE = "stats.safetensors"
-POOL_FILE = "pool.pt"
-
-
-def fit_run_stats(
-    cfg: ExperimentConfig, model: LensModel, tokens: Tensor, progress: bool = True
-) -> tuple[ActivationStats, Tensor]:
-    """Mean/covariance/norms of the non-BOS activations at the hook over the statistics tokens,
-    and a seeded pool of them (``stats.pool_size``) for the real-* directions."""
-    n, t = tokens.shape
-    if t < 2:
-        raise ValueError("Sequences need at least 2 tokens (BOS + text) to fit statistics.")
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "pool"))
-    pool = PoolSampler(n * (t - 1), cfg.stats.pool_size, gen)
-    batches = hook_activations(model, tokens, cfg.hook, cfg.stats.batch_seqs, progress=progress)
-    stats = fit_stats(
-        batches, hook=cfg.hook, frame=model.frame, jitter=cfg.stats.jitter, seed=cfg.seed, pool=pool
-    )
-    return stats, pool.sample()
-
-
-def stats_tokens(
-    cfg: ExperimentConfig,
-    model: LensModel,
-    tokens: Tensor,
-    *,
-    given: bool = False,
-    progress: bool = True,
-) -> Tensor:
-    """The token rows the statistics are fitted on (``stats`` section): ``stats.n_seqs`` rows, or
-    enough for ``stats.n_tokens`` non-BOS samples, or by default for max(20 x d_model, the
-    measured) samples. From the run's own source the measured ``tokens`` are the first rows and
-    the rest is read beyond them; from ``stats.source``, rows of that source. ``given`` (tokens
-    handed in, not read from ``data``) with no ``stats.source``: a prefix of ``tokens``."""
-    n, t = tokens.shape
-    if t < 2:
-        raise ValueError("Sequences need at least 2 tokens (BOS + text) to fit statistics.")
-    sc = cfg.stats
-    if sc.n_seqs is not None:
-        rows = sc.n_seqs
-    elif sc.n_tokens is not None:
-        rows = math.ceil(sc.n_tokens / (t - 1))
-    else:
-        rows = max(n, math.ceil(DEFAULT_FIT_PER_DIM * model.spec.d_model / (t - 1)))
-    if sc.source is None and (given or rows <= n):
-        return tokens[:rows]
-    source = cfg.data.source if sc.source is None else sc.source
-    out = read_rows(cfg.data, model, source, rows, progress=progress)
-    if out.shape[0] < rows:
-        log.warning(
-            "The statistics source %s has %d rows of %d tokens, fewer than the %d asked for: "
-            "fitting on those",
-            source,
-            out.shape[0],
-            t,
-            rows,
-        )
-    return out
-
-
-def _cached_stats(
-    cfg: ExperimentConfig,
-    model: LensModel,
-    tokens: Tensor,
-    run_dir: Path,
-    progress: bool,
-) -> tuple[ActivationStats, Tensor, Path]:
-    """Statistics, pool and the folder of their files: the run dir's if they match the sha256 its
-    manifest recorded, else the shared cache (keyed by the model's weights, the fit sample's
-    tokens and the settings), else fitted on ``tokens`` (the fit sample) into it. Damaged cache
-    files are refitted."""
-    key = derive_seed(
-        model_fingerprint(model),
-        model.frame,
-        cfg.dtype,
-        cfg.hook,
-        token_source_hash(tokens),
-        cfg.stats.jitter,
-        cfg.stats.pool_size,
-        cfg.seed,
-    )
-    cache = cache_root() / "stats" / f"{key:016x}"
-    if _run_stats_intact(run_dir):
-        return *load_stats(run_dir), run_dir
-    if (cache / STATS_FILE).is_file() or (cache / POOL_FILE).is_file():
-        try:
-            return *load_stats(cache), cache
-        except (StatsFileError, FileNotFoundError) as e:
-            log.warning("Ignoring unreadable statistics cache %s (%s); fitting again", cache, e)
-    stats, pool = fit_run_stats(cfg, model, tokens, progress)
-    cache.mkdir(parents=True, exist_ok=True)
-    save_stats(cache, stats, pool)
-    return stats, pool, cache
-
-
-def _run_stats_intact(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run whose statistics files are those its manifest recorded
-    (if not, warn: they are refitted, and a resume refused unless they come out identical)."""
-    if not (run_dir / MANIFEST).is_file():
-        return False
-    recorded = load_manifest(run_dir)["meta"]
-    for name, key in ((STATS_FILE, "stats_sha256"), (POOL_FILE, "pool_sha256")):
-        path = run_dir / name
-        if not path.is_file() or file_sha256(path) != recorded.get(key):
-            state = "damaged or replaced" if path.is_file() else "missing"
-            log.warning(
-                "%s is %s (its sha256 is not the one in the manifest); recomputing the "
-                "statistics: the resume goes on only if they come out identical",
-                path,
-                state,
-            )
-            return False
-    return True
-
-
-def load_stats(folder: Path) -> tuple[ActivationStats, Tensor]:
-    """Statistics and pool saved by :func:`save_stats`; damaged files raise StatsFileError."""
-    stats = ActivationStats.load(folder / STATS_FILE)
-    path = folder / POOL_FILE
-    try:
-        pool = torch_load(path, "pool of activations")
-    except UnreadableFileError as e:
-        raise StatsFileError(str(e)) from None
-    if not (isinstance(pool, Tensor) and pool.ndim == 2 and pool.shape[1] == stats.d_model):
-        raise StatsFileError(f"{path} does not hold a [n, {stats.d_model}] pool of activations")
-    return stats, pool
-
-
-def save_stats(folder: Path, stats: ActivationStats, pool: Tensor) -> None:
-    """Statistics and the real-activation pool, saved (atomically) into ``folder``."""
-    stats.save(folder / STATS_FILE)
-    atomic_write(folder / POOL_FILE, lambda f: torch.save(pool.contiguous(), f))
-
-
-def _copy_stats(src: Path, run_dir: Path) -> None:
-    """The statistics files, byte for byte (their sha256 is in the manifest), into the run dir."""
-    for name in (STATS_FILE, POOL_FILE):
-        data = (src / name).read_bytes()
-        atomic_write(run_dir / name, lambda f, data=data: f.write(data))
-
 
 def prepare(
     cfg: ExperimentConfig,
@@ -224,7 +80,7 @@ def prepare(
     stats: tuple[ActivationStats, Tensor] | None = None,
     sae: Any = None,
     progress: bool = True,
-) -> RunContext:
+) -> ShardContext:
     """Load the model and tokens, fit (or reload) statistics; everything shards need.
 
     ``stats`` (statistics and pool, e.g. the driver's, on an executor's worker) skips fitting;
@@ -257,7 +113,9 @@ def prepare(
     stats_files = None
     if stats is None:
         fit_tokens = stats_tokens(cfg, model, tokens, given=given, progress=progress)
-        *stats, stats_files = _cached_stats(cfg, model, fit_tokens, run_dir, progress)
+        *stats, stats_files = cached_stats(
+            cfg, model, fit_tokens, run_dir, progress, _recorded_meta(run_dir) or None
+        )
         if warning := fit_size_warning(stats[0].n_tokens, stats[0].d_model):
             log.warning(warning)
     stats, pool = stats
@@ -278,7 +136,8 @@ def prepare(
         # over the measured tokens, which workers are shipped too (the fit sample is the driver's)
         n_stats = min(cfg.stats.n_seqs or tokens.shape[0], tokens.shape[0])
         sae.alive = cached_alive(sae, model, tokens[:n_stats], run_dir, progress=progress)
-    return RunContext(cfg, model, tokens, stats, pool, plan, dict(explicit or {}), sae, stats_files)
+    explicit = dict(explicit or {})
+    return ShardContext(cfg, model, tokens, stats, pool, plan, explicit, sae, stats_files)
 
 
 def _run_sae(cfg: ExperimentConfig, model: LensModel, sae: Any) -> Any:
@@ -300,7 +159,7 @@ def _check_context(seq_len: int, model: LensModel) -> None:
         )
 
 
-def _meta(ctx: RunContext, threads: int, cpu: str) -> dict[str, Any]:
+def _meta(ctx: ShardContext, threads: int, cpu: str) -> dict[str, Any]:
     cfg = ctx.config
     return {
         "threads": threads,  # the torch threads every shard was computed with
@@ -335,7 +194,7 @@ def _meta(ctx: RunContext, threads: int, cpu: str) -> dict[str, Any]:
     }
 
 
-def _fingerprints(ctx: RunContext) -> dict[str, Any]:
+def _fingerprints(ctx: ShardContext) -> dict[str, Any]:
     """What the rows depend on beyond the config: model weights, statistics files, explicit
     directions, SAE weights (a resume is refused when any differs)."""
     out: dict[str, Any] = {"weights_fingerprint": model_fingerprint(ctx.model)}
@@ -405,14 +264,14 @@ def run_experiment(
     check_same_compute(run_dir, old_meta, threads, cpu, allow_cpu_change=allow_cpu_change)
     runner = get_executor(executor, address)
     # unwritable or locked: refused before any work
-    with RunStore(run_dir).open() as store, torch_threads(threads):
+    with ResultStore(run_dir).open() as store, torch_threads(threads):
         ctx = prepare(
             cfg, run_dir, model=model, tokens=tokens, explicit=explicit, sae=sae, progress=progress
         )
         # other inputs (tokens, weights, statistics, versions): refused on resume
         store.create(cfg_dict, run_hash, _meta(ctx, threads, cpu), resume=resume)
         if ctx.stats_files != run_dir:
-            _copy_stats(ctx.stats_files, run_dir)
+            copy_stats(ctx.stats_files, run_dir)
         n_dirs = len(cfg.directions) if cfg.shard_by_direction else 0
         ids = shard_ids(ctx.tokens.shape[0], cfg.shard_seqs, n_dirs)
         done = store.done_shards()
@@ -457,34 +316,3 @@ def _recorded_meta(run_dir: Path) -> dict[str, Any]:
     manifest = load_manifest(run_dir)
     meta = manifest.get("meta") if isinstance(manifest, dict) else None
     return meta if isinstance(meta, dict) else {}
-
-
-def stable_region_sharpness(
-    models: Sequence[str | LensModel],
-    config: Mapping[str, Any],
-    out: str | Path,
-    *,
-    resume: bool = False,
-    tokens: Tensor | None = None,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Run the stable-regions ``config`` on each model (names, paths or loaded models; e.g.
-    several sizes or training checkpoints) into ``out/<i>-<name>``; one row per curve with a
-    ``model`` column, ``sharpness``, ``max_slope_step`` and ``plateau_length``. ``tokens``: the
-    prompts [N, T] for every model instead of ``config.data`` (only for one shared tokenizer)."""
-    frames = []
-    for i, m in enumerate(models):
-        name = m if isinstance(m, str) else m.source
-        cfg = {**config, "experiment": "stable-regions", "model": name}
-        run_dir = run_experiment(
-            cfg,
-            Path(out) / f"{i:02d}-{Path(str(name)).name}",
-            resume=resume,
-            model=None if isinstance(m, str) else m,
-            tokens=tokens,
-            progress=progress,
-        )
-        stats = curve_statistics(load_results(run_dir), "l2")
-        stats.insert(0, "model", str(name))
-        frames.append(stats)
-    return pd.concat(frames, ignore_index=True)

@@ -9,8 +9,8 @@ increased the l1 penalty to achieve L0 norm X, how does the loss recovered chang
 - ``family``: SAEs trained at other L1 coefficients / k (e.g. one ``perturb-lens sae train``
   output), each as it is.
 
-Every row is an :class:`~perturb_lens.saes.stats.SAEStats` of the same tokens, computed in one
-:func:`~perturb_lens.saes.stats.sae_stats` call (the clean passes and the mean are shared).
+Every row is an :class:`~perturb_lens.saes.quality.SAEStats` of the same tokens, computed in one
+:func:`~perturb_lens.saes.quality.sae_stats` call (the clean passes and the mean are shared).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from perturb_lens.models.base import LensModel
+from perturb_lens.saes.quality import counted_activations, sae_stats
 from perturb_lens.saes.sae import SAE
-from perturb_lens.saes.stats import counted_activations, sae_stats
 
 TABLE_FILE = "l0_sweep"  # <out>/l0_sweep.csv and .parquet
 COLUMNS = (

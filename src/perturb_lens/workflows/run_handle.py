@@ -8,32 +8,40 @@ as a path keeps working; paths derived from it (``run / "manifest.json"``) are p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from perturb_lens.analysis.tables import threshold_lengths
 from perturb_lens.analysis.verdicts import verdicts
+from perturb_lens.config.schema import validate_config
+from perturb_lens.experiments.registry import get_experiment
+from perturb_lens.metrics.builtin import get_metric
+from perturb_lens.results.aggregate import Aggregates, run_aggregates, run_summary_table
 from perturb_lens.results.store import load_manifest, load_results
+from perturb_lens.results.summary import summary_rows
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from perturb_lens.plots.registry import Plot, RunView
+    from perturb_lens.plots.registry import Plot, RunReader
 
 _PathBase = type(Path())
 
 
 class Run(_PathBase):  # type: ignore[misc, valid-type]
     """A run directory with its results: ``rows()``, ``curves(metric)``, ``summary()``,
-    ``verdicts()``, ``figures()``; in Jupyter it shows its summary, verdicts and main figure."""
+    ``thresholds(metric)``, ``aggregates(metric)``, ``verdicts()``, ``tables()``, ``figures()``,
+    ``report()``; in Jupyter it shows its summary, verdicts and main figure."""
 
     def with_segments(self, *parts: Any) -> Path:  # Python >= 3.12: derived paths are plain
         return Path(*parts)
 
     @cached_property
-    def view(self) -> RunView:
+    def view(self) -> RunReader:
         """The run as the figure sets see it (manifest, averaged rows, cached curves)."""
         from perturb_lens.plots.report import run_view
 
@@ -58,11 +66,49 @@ class Run(_PathBase):  # type: ignore[misc, valid-type]
 
     def summary(self, metric: str = "kl") -> pd.DataFrame:
         """Mean ``metric`` by direction (rows) and length (columns)."""
-        return self.view.summary_table(metric)
+        return self.view.summary(metric)
 
-    def verdicts(self, metric: str = "kl") -> pd.DataFrame:
-        """The published claims that apply to the run, judged on ``metric`` (paired 95% CIs)."""
-        return verdicts(Path(self), metric=metric)
+    def verdicts(self, metric: str = "kl", claims: Sequence[str] | None = None) -> pd.DataFrame:
+        """The published claims that apply to the run (or ``claims``, e.g. ``["a > b"]``), judged
+        on ``metric`` (paired 95% CIs)."""
+        return verdicts(Path(self), list(claims) if claims else None, metric=metric)
+
+    def thresholds(self, metric: str = "kl", threshold: float | None = None) -> pd.DataFrame:
+        """Per token and direction, the smallest length whose ``metric`` exceeds ``threshold``
+        (default: the metric's registered threshold, 0.1 nats for KL); a rows run only."""
+        if threshold is None:
+            threshold = get_metric(metric).threshold
+            if threshold is None:
+                raise ValueError(f"metric {metric!r} has no default threshold: pass threshold=")
+        rows = self.rows(columns=["seq", "pos", "direction", "length", metric])
+        return threshold_lengths(rows, metric, threshold=threshold)
+
+    def aggregates(self, metric: str = "kl") -> Aggregates:
+        """The run's merged mergeable statistics of ``metric`` (exact sums and counts per
+        direction x length, quantile sketch, per-sequence sums), in either result mode."""
+        return run_aggregates(Path(self), metric)
+
+    def tables(self, metrics: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
+        """What ``perturb-lens run`` prints, by title: mean ``metric`` by direction and length
+        (columns ``length@L``) for ``metrics`` (default: the run's first two), then the tables
+        its experiment registers (e.g. plateau lengths)."""
+        config = validate_config(load_manifest(Path(self))["config"])
+        out = {}
+        for metric in metrics or config.metrics[:2]:
+            title = f"mean {metric} by length ({config.scope}, {config.hook})"
+            out[title] = run_summary_table(Path(self), metric)  # streamed: either result mode
+        tables = get_experiment(config.experiment).tables
+        if tables is not None:
+            for title, frame in tables(summary_rows(Path(self)), config).items():
+                out[title] = frame.set_index([c for c in ("base", "direction") if c in frame])
+        return out
+
+    def report(self, out: str | Path | None = None, *, log_y: bool = False) -> Path:
+        """Write the run's self-contained ``report.html`` (default: in the run folder) and its
+        figures; returns the report's path."""
+        from perturb_lens.plots.report import write_report
+
+        return write_report(Path(self), out, log_y=log_y)
 
     def figures(self) -> list[Plot]:
         """The run's figure set (chosen by its experiment type): ``Plot`` objects with
@@ -105,7 +151,7 @@ def plot(run: str | Path, name: str) -> Figure:
     return open_run(run).figure(name)
 
 
-def _plots(view: RunView) -> list[Plot]:
+def _plots(view: RunReader) -> list[Plot]:
     from perturb_lens.plots import figures_for
 
     return figures_for(view)

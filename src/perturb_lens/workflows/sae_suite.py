@@ -192,7 +192,7 @@ def sae_record(entry: SuiteSAE, sae: SAE, model: LensModel, run_cfg: ExperimentC
     """``label``, ``hook``, ``type`` and ``l0`` (mean over the run's tokens and averaged positions)
     of one SAE of the suite."""
     from perturb_lens.data.text import dataset_tokens
-    from perturb_lens.saes.stats import sae_stats
+    from perturb_lens.saes.quality import sae_stats
 
     tokens = dataset_tokens(run_cfg.data, model, progress=False)
     stats = sae_stats(sae, model, tokens, include_bos=run_cfg.include_bos, progress=False)[0]
@@ -208,12 +208,12 @@ def suite_summary(out: str | Path, *, reference: str = "SAE(x)") -> pd.DataFrame
     """Mean of every metric (published averaging) per SAE label, hook, direction and length,
     with ``ratio_<metric>`` = mean of ``reference`` / mean of the direction (same SAE, length).
     Streamed shard by shard from either result mode (``size``: rows runs only)."""
-    from perturb_lens.plots.registry import RunView
+    from perturb_lens.plots.registry import RunReader
     from perturb_lens.results.aggregate import aggregate_curves
 
     frames = []
     for run_dir in sorted(p for p in Path(out).iterdir() if (p / "manifest.json").is_file()):
-        view = RunView(run_dir)
+        view = RunReader(run_dir)
         means = [
             aggregate_curves(view.aggregates(m), stat=("mean",), ci=None)
             .set_index(["direction", "length"])["mean"]

@@ -75,6 +75,7 @@ from perturb_lens.saes.e2e_cache import (
     clean_from_x,
     default_ds_hooks,
 )
+from perturb_lens.saes.quality import token_kl
 from perturb_lens.saes.recipes import (
     Decay,
     aux_k_loss,
@@ -88,7 +89,6 @@ from perturb_lens.saes.recipes import (
     warmup_factor,
 )
 from perturb_lens.saes.sae import SAE, SAEConfig
-from perturb_lens.saes.stats import token_kl
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SAESpec(_Strict):
+class SAETrainEntry(_Strict):
     """One SAE to train; unset fields take the set's defaults."""
 
     name: str
@@ -130,7 +130,7 @@ class SAESpec(_Strict):
         return check_folder_name(v, "SAE name", "--out/NAME (its SAELens folder)")
 
     @model_validator(mode="after")
-    def _check(self) -> SAESpec:
+    def _check(self) -> SAETrainEntry:
         if self.kind == "topk" and self.k is None:
             raise ValueError(f"SAE {self.name!r}: kind topk needs k")
         if self.kind == "local" and self.k is not None:
@@ -189,7 +189,7 @@ class SAETrainConfig(_Strict):
     )
     eval_data: DataConfig | None = Field(None, description="held-out text for eval.json")
     eval_ce_seqs: int = Field(64, ge=0, description="held-out rows the CE increase runs on")
-    saes: list[SAESpec]
+    saes: list[SAETrainEntry]
 
     @field_validator("name")
     @classmethod
@@ -272,7 +272,7 @@ class _Step:
 
     def __init__(
         self,
-        spec: SAESpec,
+        spec: SAETrainEntry,
         model: LensModel | None,
         hook: str,
         x: Tensor | None,
@@ -360,7 +360,9 @@ class _Step:
 class _Schedule:
     """Steps of one SAE: total, per epoch, and the batch stream of an epoch from a step on."""
 
-    def __init__(self, spec: SAESpec, cfg: SAETrainConfig, step_fn: _Step, source: Any) -> None:
+    def __init__(
+        self, spec: SAETrainEntry, cfg: SAETrainConfig, step_fn: _Step, source: Any
+    ) -> None:
         e2e = spec.kind in ("e2e", "e2e+ds")
         self.size = cfg.e2e_batch_seqs if e2e else cfg.batch_tokens
         epochs = spec.epochs or (cfg.e2e_epochs if e2e else cfg.epochs)
@@ -385,7 +387,7 @@ class _Schedule:
 
 
 def train_one(
-    spec: SAESpec,
+    spec: SAETrainEntry,
     cfg: SAETrainConfig,
     step_fn: _Step,
     sae: SAE,
@@ -519,7 +521,7 @@ def _init_stats(source: ActivationSource, cfg: SAETrainConfig) -> tuple[float, T
 
 def train_sae(
     cfg: SAETrainConfig,
-    spec: SAESpec,
+    spec: SAETrainEntry,
     x: Tensor | ActivationSource,
     folder: str | Path,
     *,
@@ -733,7 +735,7 @@ class _HookRun:
             buffer_chunks=c.buffer_chunks,
         )
 
-    def train(self, specs: list[SAESpec], eval_tokens: Tensor | None) -> dict[str, float]:
+    def train(self, specs: list[SAETrainEntry], eval_tokens: Tensor | None) -> dict[str, float]:
         """Cache what ``specs`` need, train them, evaluate them; return seconds per stage."""
         cfg, model, hook = self.cfg, self.model, self.hook
         t0 = time.perf_counter()

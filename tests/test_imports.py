@@ -185,3 +185,9 @@ def test_string_and_function_level_imports_count(tmp_path: Path) -> None:
 def test_no_import_runs_back_up() -> None:
     found = upward_imports(import_graph(SRC))
     assert not found, "imports of a later stage (see STAGES):\n" + "\n".join(found)
+
+
+def test_architecture_doc_names_every_stage() -> None:
+    doc = (SRC.parent / "docs" / "ARCHITECTURE.md").read_text()
+    missing = [s for s in STAGES if s and f"| `{s}/` |" not in doc]
+    assert not missing, f"docs/ARCHITECTURE.md has no row for the stages {missing}"

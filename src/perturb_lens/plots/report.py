@@ -245,7 +245,7 @@ def _direction_names(config: dict) -> list[str]:
     return names
 
 
-def _alpha_columns(table: pd.DataFrame) -> pd.DataFrame:
+def _length_columns(table: pd.DataFrame) -> pd.DataFrame:
     """``kl@17.5721`` -> ``α = 17.6`` (the metric is in the table's heading)."""
     return table.rename(columns=lambda c: f"α = {float(c.split('@')[1]):.3g}")
 
@@ -253,7 +253,7 @@ def _alpha_columns(table: pd.DataFrame) -> pd.DataFrame:
 def _tables(view: RunReader) -> str:
     parts = []
     for metric in view.metrics:
-        table = _alpha_columns(view.summary(metric))
+        table = _length_columns(view.summary(metric))
         parts.append(f"<h3>Mean {_esc(metric)} by length</h3>{_table(table)}")
         threshold = metric_threshold(metric)
         if threshold is not None:
@@ -581,7 +581,7 @@ def write_comparison(
         else "<p>The configs are identical.</p>"
     )
     table = (
-        pd.concat([_alpha_columns(v.summary(metric)).assign(run=v.label) for v in views])
+        pd.concat([_length_columns(v.summary(metric)).assign(run=v.label) for v in views])
         .reset_index()
         .set_index(["run", "direction"])
     )

@@ -220,6 +220,57 @@ class _Acc:
         self.sum_x = torch.zeros(d, dtype=torch.float64)
         self.sum_xx = 0.0
 
+    def add(
+        self, sae: SAE, model: LensModel, clean: Any, logits_c: Tensor, x: Tensor, m: Tensor
+    ) -> None:
+        """Add one batch: ``x`` [B, T, d] (widened) at the SAE's hook, ``m`` [T] the counted
+        positions."""
+        d = x.shape[-1]
+        f, x_hat = sae.encode_decode(x)
+        x_sub = torch.where(m[None, :, None], x_hat, x)
+        ce, kl = substituted_scores(model, clean, logits_c, x_sub, m)
+        xm, fm, err = x[:, m], f[:, m], (x_hat - x)[:, m]
+        self.n += fm.shape[0] * fm.shape[1]
+        self.l0 += float((fm > 0).sum())
+        self.alive |= (fm > ALIVE_EPS).reshape(-1, sae.d_sae).any(0).cpu()
+        self.sq += float(err.double().pow(2).sum())
+        self.rel += float((err.norm(dim=-1) / xm.norm(dim=-1).clamp_min(1e-12)).sum())
+        self.sum_x += xm.double().reshape(-1, d).sum(0).cpu()
+        self.sum_xx += float(xm.double().pow(2).sum())
+        self.ce.append(ce)
+        self.kl += float(kl.sum())
+
+    def result(
+        self, name: str, sae: SAE, ce_c: float, ablated: dict[str, Tensor], **extra: Any
+    ) -> SAEStats:
+        """The SAE's statistics from the sums (``ce_c``: clean CE per token; ``ablated``: the
+        per-sequence CE sums with the hook zero- and mean-ablated)."""
+        d = self.sum_x.shape[0]
+        total_var = self.sum_xx - float(self.sum_x.pow(2).sum()) / self.n
+        ce_s = float(torch.cat(self.ce).sum()) / self.n
+        ce_zero, ce_mean = (float(ablated[k].sum()) / self.n for k in ("zero", "mean"))
+        return SAEStats(
+            name=name,
+            hook=sae.hook,
+            d_sae=sae.d_sae,
+            n_tokens=self.n,
+            l0=self.l0 / self.n,
+            alive=int(self.alive.sum()),
+            dead=int((~self.alive).sum()),
+            mse=self.sq / (self.n * d),
+            rel_error=self.rel / self.n,
+            explained_variance=1.0 - self.sq / total_var,
+            ce_clean=ce_c,
+            ce_sae=ce_s,
+            ce_increase=ce_s - ce_c,
+            kl=self.kl / self.n,
+            ce_zero=ce_zero,
+            ce_mean=ce_mean,
+            loss_recovered_zero=loss_recovered(ce_zero, ce_s, ce_c),
+            loss_recovered_mean=loss_recovered(ce_mean, ce_s, ce_c),
+            **extra,
+        )
+
 
 def sae_stats(
     saes: SAE | Mapping[str, SAE],
@@ -269,30 +320,14 @@ def sae_stats(
                     ce_clean.append(token_ce(logits_c, tok)[:, m[:-1]].double().sum(-1).cpu())
                     n_tok += tok.shape[0] * int(m.sum())
                 x = _wide(clean.x)
-                xm = x[:, m]
                 for kind, fill in (("zero", torch.zeros(d)), ("mean", mu[hook])):
                     x_abl = torch.where(m3, fill.to(x), x)
                     ablated[hook][kind].append(
                         substituted_scores(model, clean, logits_c, x_abl, m)[0]
                     )
                 for name, sae in named.items():
-                    if sae.hook != hook:
-                        continue
-                    acc = accs[name]
-                    f, x_hat = sae.encode_decode(x)
-                    x_sub = torch.where(m3, x_hat, x)
-                    ce, kl = substituted_scores(model, clean, logits_c, x_sub, m)
-                    fm, err = f[:, m], (x_hat - x)[:, m]
-                    acc.n += fm.shape[0] * fm.shape[1]
-                    acc.l0 += float((fm > 0).sum())
-                    acc.alive |= (fm > ALIVE_EPS).reshape(-1, sae.d_sae).any(0).cpu()
-                    acc.sq += float(err.double().pow(2).sum())
-                    acc.rel += float((err.norm(dim=-1) / xm.norm(dim=-1).clamp_min(1e-12)).sum())
-                    acc.sum_x += xm.double().reshape(-1, d).sum(0).cpu()
-                    acc.sum_xx += float(xm.double().pow(2).sum())
-                    acc.ce.append(ce)
-                    acc.kl += float(kl.sum())
-    out = []
+                    if sae.hook == hook:
+                        accs[name].add(sae, model, clean, logits_c, x, m)
     clean_seq = torch.cat(ce_clean)
     ce_c = float(clean_seq.sum()) / n_tok
     ablated_seq = {h: {k: torch.cat(v) for k, v in kinds.items()} for h, kinds in ablated.items()}
@@ -301,37 +336,18 @@ def sae_stats(
         {k: ablated_seq[s.hook] for k, s in named.items()},
         clean_seq,
     )
-    for name, sae in named.items():
-        a = accs[name]
-        total_var = a.sum_xx - float(a.sum_x.pow(2).sum()) / a.n
-        ce_s = float(torch.cat(a.ce).sum()) / a.n
-        ce_zero, ce_mean = (float(ablated_seq[sae.hook][k].sum()) / a.n for k in ("zero", "mean"))
-        out.append(
-            SAEStats(
-                name=name,
-                hook=sae.hook,
-                d_sae=sae.d_sae,
-                n_tokens=a.n,
-                l0=a.l0 / a.n,
-                alive=int(a.alive.sum()),
-                dead=int((~a.alive).sum()),
-                mse=a.sq / (a.n * d),
-                rel_error=a.rel / a.n,
-                explained_variance=1.0 - a.sq / total_var,
-                ce_clean=ce_c,
-                ce_sae=ce_s,
-                ce_increase=ce_s - ce_c,
-                kl=a.kl / a.n,
-                ce_zero=ce_zero,
-                ce_mean=ce_mean,
-                loss_recovered_zero=loss_recovered(ce_zero, ce_s, ce_c),
-                loss_recovered_mean=loss_recovered(ce_mean, ce_s, ce_c),
-                mean_source="given" if sae.hook in given else "data",
-                n_seqs=int(clean_seq.shape[0]),
-                **intervals[name],
-            )
+    return [
+        accs[name].result(
+            name,
+            sae,
+            ce_c,
+            ablated_seq[sae.hook],
+            mean_source="given" if sae.hook in given else "data",
+            n_seqs=int(clean_seq.shape[0]),
+            **intervals[name],
         )
-    return out
+        for name, sae in named.items()
+    ]
 
 
 def _loss_recovered_intervals(

@@ -27,7 +27,6 @@ from perturb_lens.replication.inference import (
     ALPHA,
     CI_WORD,
     above,
-    bootstrap_interval,
     combine,
     ks_statistic,
     paired_difference,
@@ -37,6 +36,7 @@ from perturb_lens.replication.registry import Row, Verdict
 from perturb_lens.results.shards import run_directions, sequence_sums
 from perturb_lens.results.store import MANIFEST, load_manifest
 from perturb_lens.results.summary import summary_rows
+from perturb_lens.statistics.bootstrap import bootstrap_interval
 
 L0_MATCH = 0.10  # e2e and local SAEs are compared where their L0 differ by at most 10%
 STEEP = 5.0  # a stable-region transition: the median sharpness above 5x a straight line's

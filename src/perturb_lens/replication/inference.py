@@ -1,42 +1,20 @@
-"""The tests behind the replication verdicts: bootstrap intervals over prompts (the unit whose
-tokens are independent of the others'), a sign test over matched pairs, and the verdict word an
-interval gives."""
+"""The tests behind the replication verdicts: paired differences with bootstrap intervals over
+prompts (the unit whose tokens are independent of the others';
+:func:`~perturb_lens.statistics.bootstrap.bootstrap_interval`), a sign test over matched pairs,
+and the verdict word an interval gives."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 
 from perturb_lens.analysis.verdicts import MIN_SEQS
 from perturb_lens.replication.registry import Verdict
-from perturb_lens.statistics.bootstrap import expanded_tail
+from perturb_lens.statistics.bootstrap import bootstrap_interval
 
 CI = 0.95
 CI_WORD = f"{CI:.0%}"  # how the interval is named in the table
 ALPHA = 0.05  # the sign test's level
 N_BOOT = 2000
-
-
-def bootstrap_interval(
-    stat: Callable[[np.ndarray], np.ndarray | float],
-    n: int,
-    *,
-    ci: float = CI,
-    n_boot: int = N_BOOT,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(low, high)`` of ``stat(indices)`` over ``n_boot`` resamples of ``n`` units drawn with
-    replacement (seeded): Hesterberg's expanded percentile interval, as the verdicts use
-    (:func:`~perturb_lens.analysis.verdicts.expanded_tail`); ``stat`` may return a vector."""
-    if n < 2:
-        raise ValueError(f"a bootstrap interval needs at least 2 units, got {n}")
-    rng = np.random.default_rng(seed)
-    draws = np.stack([np.atleast_1d(stat(rng.integers(0, n, n))) for _ in range(n_boot)])
-    tail = expanded_tail((1.0 - ci) / 2.0, n)
-    low = np.quantile(draws, tail, axis=0, method="lower")
-    high = np.quantile(draws, 1.0 - tail, axis=0, method="higher")
-    return low, high
 
 
 def paired_difference(
@@ -49,7 +27,7 @@ def paired_difference(
     d = (a - b)[np.isfinite(a) & np.isfinite(b)]
     if d.size < MIN_SEQS:
         return float(d.mean()) if d.size else np.nan, np.nan, np.nan, int(d.size)
-    low, high = bootstrap_interval(lambda i: d[i].mean(), d.size, **options)  # type: ignore[arg-type]
+    low, high = bootstrap_interval(lambda i: d[i].mean(), d.size, **options)  # type: ignore
     return float(d.mean()), float(low[0]), float(high[0]), int(d.size)
 
 

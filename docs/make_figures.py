@@ -1,6 +1,6 @@
 """Make the documentation's figures (docs/figures/*.png, committed) from small real computations.
 
-    python docs/make_figures.py            # every figure (~3 min on 2 CPU cores: one small run)
+    python docs/make_figures.py            # every figure (one small run: ~260 CPU seconds)
     python docs/make_figures.py lengths    # only some: hooks scopes directions lengths run
 
 ``hooks`` and ``scopes`` are drawn from their definitions; ``directions`` draws each registered
@@ -199,6 +199,11 @@ def run_figures() -> None:
                         label=outcome)  # fmt: skip
         ax.axhline(1, color="k", lw=0.8)
         ax.set_yscale("log")
+        ax.set_yticks([0.25, 0.5, 1, 2, 4], ["0.25", "0.5", "1", "2", "4"])
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if " ~ " in claim:  # "about equal": the ratio within the band
+            for edge in ci.attrs["band"]:
+                ax.axhline(edge, color="#777", ls=":", lw=0.8)
         ax.set_title(claim.replace(" > ", " >\n").replace(" ~ ", " ~\n"), fontsize=7)
         ax.set_xlabel("length", fontsize=7)
         ax.tick_params(labelsize=6)

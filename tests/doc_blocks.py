@@ -132,7 +132,9 @@ def cli_commands(text: str) -> list[list[str]]:
     out = []
     for block in fenced_blocks(text, SHELL):
         for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line.removeprefix("$ "), comments=True)
+            lexer = shlex.shlex(line.removeprefix("$ "), posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True  # words as a shell splits them; ; && | apart
+            words = list(lexer)
             command: list[str] | None = None
             for word in [*words, "&&"]:
                 if word in ("&&", ";", "|", "||"):
@@ -181,10 +183,13 @@ def check_cli(args: list[str]) -> None:
 
 
 def run_configs(text: str) -> list[dict[str, Any]]:
-    """The YAML blocks of ``text`` that are run configs (not SAE training or suite files)."""
+    """The run configs in the YAML blocks of ``text``: whole configs and fragments, and the
+    ``base`` of SAE suites (``perturb-lens sae run``); SAE training files are left out."""
     out = []
     for block in fenced_blocks(text, "yaml"):
         data = yaml.safe_load(block)
-        if isinstance(data, dict) and not ({"saes", "base"} & set(data)):
+        if isinstance(data, dict) and "saes" in data:
+            data = data.get("base")  # a suite: its runs are the base with each SAE
+        if isinstance(data, dict):
             out.append(data)
     return out

@@ -102,6 +102,8 @@ def _default(param: Any) -> str:
     value = getattr(param, "default", None)
     if param.required or value is None or (_is_flag(param) and value is False):
         return ""
+    if _is_flag(param) and param.secondary_opts:  # --native/--generic: the one in effect
+        return f"`{param.opts[0] if value else param.secondary_opts[0]}`"
     if isinstance(value, list | tuple):
         return ", ".join(map(str, value)) if value else ""
     return f"`{value}`" if str(value) else ""
@@ -187,7 +189,7 @@ def api_reference() -> str:
             lines += [f"`{value!r}` (a {type(value).__name__}).", ""]
         else:
             lines += [f"::: {path}", "    options:", "      show_root_heading: false",
-                      "      heading_level: 3", ""]
+                      "      show_root_toc_entry: false", "      heading_level: 3", ""]
     return "\n".join(lines)
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import warnings
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from doc_blocks import fenced_blocks, run_blocks, section
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "examples" / "quickstart.ipynb"
@@ -59,8 +59,7 @@ def test_quickstart_notebook_runs(tmp_path: Path, smollm2) -> None:
 
 def readme_section_blocks() -> list[str]:
     """The python blocks of the README's "From TransformerLens / SAELens" section, in order."""
-    section = README.read_text().split("\n## From TransformerLens / SAELens\n", 1)[1]
-    return re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.DOTALL)
+    return fenced_blocks(section(README.read_text(), "From TransformerLens / SAELens"))
 
 
 def test_readme_tl_section_runs(tmp_path: Path, monkeypatch, smollm2) -> None:
@@ -88,11 +87,9 @@ def test_readme_tl_section_runs(tmp_path: Path, monkeypatch, smollm2) -> None:
     monkeypatch.setattr(HookedTransformer, "from_pretrained", classmethod(tiny_gpt2))
     monkeypatch.setattr(sae_lens.SAE, "from_pretrained", classmethod(random_sae))
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "readme"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for code in readme_section_blocks():
-            exec(compile(code, str(README), "exec"), namespace)
+        namespace = run_blocks(readme_section_blocks(), README, {"__name__": "readme"})
     run = namespace["run"]
     assert run == Path("runs/tl-gpt2") and run.meta["frame"] == "centered"
     assert type(namespace["fig"]).__name__ == "Figure"

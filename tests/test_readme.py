@@ -3,38 +3,29 @@ the metric against a plain float64 computation, the experiment against the plain
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from doc_blocks import fenced_blocks, registries_restored, run_blocks, section
 from naive import forward_with_edit
 
 from perturb_lens import load_results, run_experiment
-from perturb_lens.common.registry import registry
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def extending_snippets() -> list[str]:
     """The python blocks of the README's "Extending" section, in order."""
-    text = README.read_text()
-    section = text.split("\n## Extending\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    return fenced_blocks(section(README.read_text(), "Extending"))
 
 
 @pytest.fixture
 def snippets():
     """Run every snippet (in one namespace, as a reader would); unregister what they added."""
-    kinds = ("metric", "experiment", "model family", "direction", "figure set", "claim")
-    before = {kind: registry(kind).snapshot() for kind in kinds}
-    namespace: dict = {"__name__": "readme"}
-    for code in extending_snippets():
-        exec(compile(code, str(README), "exec"), namespace)
-    yield namespace
-    for kind, entries in before.items():
-        registry(kind).restore(entries)
+    with registries_restored():
+        yield run_blocks(extending_snippets(), README, {"__name__": "readme"})
 
 
 def test_readme_has_an_example_of_each_extension() -> None:

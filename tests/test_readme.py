@@ -11,7 +11,8 @@ import torch
 from doc_blocks import fenced_blocks, registries_restored, run_blocks, section
 from naive import forward_with_edit
 
-from perturb_lens import load_results, run_experiment
+from perturb_lens import run_experiment
+from perturb_lens.results import load_results
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -578,7 +578,7 @@ def test_cli_missing_root_is_a_clear_error(tmp_path: Path) -> None:
 def test_stable_regions_on_a_tiny_model(tmp_path: Path, gpt2_dir: Path, webtext_path: Path):
     """The sharpness quartiles shown are those of the run's curves, computed here with numpy
     (largest step-to-step increase of L2 over its value at t = 1, per prompt pair)."""
-    from perturb_lens import load_results
+    from perturb_lens.results import load_results
     from perturb_lens.workflows.experiment import run_experiment
 
     cfg = {
@@ -608,7 +608,7 @@ def test_sensitive_directions_on_a_tiny_model(tmp_path: Path, shard_reference: P
     mean KL cov-random-mixture / isotropic is computed here from the rows with pandas."""
     import shutil
 
-    from perturb_lens import load_results
+    from perturb_lens.results import load_results
 
     shutil.copytree(shard_reference, tmp_path / "sensitive_directions_lee")
     res = _verdict(tmp_path, "lee-cov-isotropic-lee")

@@ -421,7 +421,8 @@ def test_substitution_sweep_reaches_sae_x_and_matches_stats(llama_dir: Path, tmp
     baselines have size ||SAE(x) - x|| per token; BOS is left alone by a skip_bos SAE."""
     import numpy as np
 
-    from perturb_lens import load_results, run_experiment
+    from perturb_lens import run_experiment
+    from perturb_lens.results import load_results
     from perturb_lens.models.load import load_model
     from perturb_lens.saes.quality import sae_stats
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import write_gpt2_tokenizer
 
-from perturb_lens import data
+from perturb_lens.data import text as data
 from perturb_lens.data.text import (
     chunk_tokens,
     default_text_source,

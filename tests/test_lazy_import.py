@@ -102,7 +102,7 @@ LOOKUPS = (
     "from perturb_lens.config.schema import load_config\n"
     "from perturb_lens.directions.base import get_direction, list_directions, list_scales\n"
     "from perturb_lens.experiments import get_experiment, list_experiments\n"
-    "from perturb_lens.analysis import config_hash\n"
+    "from perturb_lens.results import config_hash\n"
     "over = ['experiment=plateaus', 'scope=last-position']\n"
     "cfg = load_config(None, over).model_dump(mode='json')\n"
     "out = {'experiments': [e.name for e in list_experiments()],\n"

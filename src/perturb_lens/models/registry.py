@@ -66,14 +66,16 @@ def register_family(
 
 
 def families() -> list[Family]:
-    """All registered families, in registration order."""
-    return FAMILIES.values()
+    """All registered families: the generic path first, then by name (whatever order their
+    modules were imported in)."""
+    return sorted(FAMILIES.values(), key=lambda f: (f.name != GENERIC, f.name))
 
 
 def get_family(name: str) -> Family:
     """The family named ``name`` (the error lists the registered ones)."""
     if name not in FAMILIES:
-        raise ValueError(f"Unknown model family {name!r}; registered: {', '.join(FAMILIES)}.")
+        names = ", ".join(f.name for f in families())
+        raise ValueError(f"Unknown model family {name!r}; registered: {names}.")
     return FAMILIES.get(name)
 
 

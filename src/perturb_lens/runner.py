@@ -58,6 +58,7 @@ from perturb_lens.results.store import (
     load_manifest,
     load_results,
 )
+from perturb_lens.results.tokens import save_token_text
 from perturb_lens.run_handle import Run
 from perturb_lens.safe_files import UnreadableFileError, torch_load
 from perturb_lens.seeds import derive_seed
@@ -411,6 +412,7 @@ def run_experiment(
         )
         # other inputs (tokens, weights, statistics, versions): refused on resume
         store.create(cfg_dict, run_hash, _meta(ctx, threads, cpu), resume=resume)
+        save_token_text(store, ctx.tokens, ctx.model.tokenizer, results=cfg.results)
         if ctx.stats_files != run_dir:
             _copy_stats(ctx.stats_files, run_dir)
         n_dirs = len(cfg.directions) if cfg.shard_by_direction else 0

@@ -189,7 +189,7 @@ def tokens_section(view: RunView, n: int = N_TABLE, n_seqs: int = N_VIEW_SEQS) -
     )
     seqs = sorted(text["seq"].unique())[:n_seqs] if text is not None else []
     parts = []
-    for i, (direction, rows) in enumerate(table.groupby("direction", observed=True, sort=False)):
+    for direction, rows in table.groupby("direction", observed=True, sort=False):
         crossed = rows["threshold_length"].notna().mean()
         view_html = (
             text_view(rows, text, grid, seqs, metric=metric, threshold=threshold)
@@ -197,7 +197,7 @@ def tokens_section(view: RunView, n: int = N_TABLE, n_seqs: int = N_VIEW_SEQS) -
             else ""
         )
         parts.append(
-            f'<details class="tokdir"{" open" if i == 0 else ""}><summary><b>'
+            f'<details class="tokdir" open><summary><b>'
             f"{html.escape(str(direction))}</b> · {len(rows):,} tokens, {crossed:.0%} cross "
             f'</summary><div class="tokcols"><div><h4>Most sensitive</h4>'
             f"{_table(rows.head(n), metric)}</div><div><h4>Least sensitive</h4>"

@@ -172,8 +172,8 @@ def test_old_run_without_token_text_says_so(tmp_path: Path) -> None:
     view = RunView(run)
     section = tokens_section(view)
     assert "keeps no token text" in section and "tokview" not in section.split("</style>")[1]
-    curves = label_curves(pd.DataFrame({"seq": [1], "pos": [2], "kl": [0.5]}), view)
-    assert curves["label"].tolist() == ["seq 1, pos 2"]
+    curves = pd.DataFrame({"seq": [1], "pos": [2], "kl": [0.5]})
+    assert label_curves(curves, view) is curves  # legends by position, as before
 
 
 def test_damaged_token_text_is_named_not_fatal(tmp_path: Path) -> None:

@@ -58,19 +58,20 @@ def _more_before(pos: int, context: int = CONTEXT_TOKENS) -> str:
 
 def token_label(token: str | None, context: str | None, seq: int, pos: int) -> str:
     """``…capital of| France|``: a few tokens of context, then the token between bars (visible
-    whitespace); ``seq 0, pos 25`` when the run keeps no token text."""
+    whitespace); ``token seq=0, pos=25`` when its text is unknown (no tokenizer)."""
     if token is None or pd.isna(token):
-        return f"seq {seq}, pos {pos}"
+        return f"token seq={seq}, pos={pos}"
     return f"{_more_before(pos)}{shown(context or '')}|{shown(token)}|"
 
 
 def label_curves(curves: pd.DataFrame, view: RunView) -> pd.DataFrame:
     """Token curves (``analysis.token_curves``) with a ``label`` column: the token in context
-    (:func:`token_label`), for the legends of the token-curve figures."""
+    (:func:`token_label`), for the legends of the token-curve figures; unchanged (labelled by
+    position) when the run keeps no token text."""
     text, _ = load_token_text(view.run_dir, view.manifest)
-    keys = curves[["seq", "pos"]].drop_duplicates()
-    if text is not None:
-        keys = keys.merge(text, on=["seq", "pos"], how="left")
+    if text is None:
+        return curves
+    keys = curves[["seq", "pos"]].drop_duplicates().merge(text, on=["seq", "pos"], how="left")
     labels = [
         token_label(r.get("token"), r.get("context"), int(r["seq"]), int(r["pos"]))
         for r in keys.to_dict("records")

@@ -132,30 +132,35 @@ def text_view(
     token shaded by its threshold length in ``rows`` (one direction of :func:`token_table`);
     hovering shows the length. Tokens outside the averages are greyed."""
     grid = np.sort(np.asarray(grid, dtype=np.float64))
-    crossing = rows.set_index(["seq", "pos"])["threshold_length"]
-    lines = []
-    for seq in seqs:
-        spans = [f'<span class="seqno">seq {int(seq)}</span>']
-        for r in text[text["seq"] == seq].sort_values("pos").to_dict("records"):
-            token = r["token"] if isinstance(r["token"], str) else f"<id {r['token_id']}>"
-            shown_text = html.escape(_CONTROL.sub("�", token.replace("\n", "↵\n")))
-            key = (int(seq), int(r["pos"]))
-            if key not in crossing.index:
-                tip, cls, style = f"pos {key[1]}: not in the averages", "tok na", ""
-            else:
-                length = crossing[key]
-                tip = (
-                    f"{metric} > {threshold:g} from α = {length:.4g}"
-                    if not pd.isna(length)
-                    else f"{metric} ≤ {threshold:g} up to α = {grid[-1]:.4g}"
-                ) + f"  (pos {key[1]})"
-                cls, style = "tok", _shade(length, grid)
-            spans.append(
-                f'<span class="{cls}" style="{style}" data-tip="{html.escape(tip)}">'
-                f"{shown_text}</span>"
-            )
-        lines.append(f'<div class="tokview">{"".join(spans)}</div>')
-    return "".join(lines)
+    keys = zip(rows["seq"].tolist(), rows["pos"].tolist(), strict=True)
+    crossing = dict(zip(keys, rows["threshold_length"].tolist(), strict=True))
+    shown_seqs = text[text["seq"].isin(list(seqs))].sort_values(["seq", "pos"])
+    spans: dict[int, list[str]] = {
+        int(s): [f'<span class="seqno">seq {int(s)}</span>'] for s in seqs
+    }
+    for seq, pos, token_id, token in zip(
+        shown_seqs["seq"].tolist(),
+        shown_seqs["pos"].tolist(),
+        shown_seqs["token_id"].tolist(),
+        shown_seqs["token"].tolist(),
+        strict=True,
+    ):
+        token = token if isinstance(token, str) else f"<id {token_id}>"
+        shown_text = html.escape(_CONTROL.sub("�", token.replace("\n", "↵\n")))
+        if (seq, pos) not in crossing:
+            tip, cls, style = f"pos {pos}: not in the averages", "tok na", ""
+        else:
+            length = crossing[(seq, pos)]
+            tip = (
+                f"{metric} > {threshold:g} from α = {length:.4g}"
+                if not pd.isna(length)
+                else f"{metric} ≤ {threshold:g} up to α = {grid[-1]:.4g}"
+            ) + f"  (pos {pos})"
+            cls, style = "tok", _shade(length, grid)
+        spans[int(seq)].append(
+            f'<span class="{cls}" style="{style}" data-tip="{html.escape(tip)}">{shown_text}</span>'
+        )
+    return "".join(f'<div class="tokview">{"".join(line)}</div>' for line in spans.values())
 
 
 def _legend(grid: np.ndarray, metric: str, threshold: float) -> str:

@@ -75,9 +75,14 @@ def token_text_frame(tokens: Any, tokenizer: Any, n_seqs: int | None = None) -> 
     if tokenizer is None:
         frame["token"] = pd.Series([None] * len(frame), dtype=object)
     else:  # each distinct id once: a vocabulary's worth of calls at most
-        text = {int(i): tokenizer.decode([int(i)]) for i in np.unique(ids)}
+        text = {int(i): _utf8(tokenizer.decode([int(i)])) for i in np.unique(ids)}
         frame["token"] = frame["token_id"].map(text)
     return frame
+
+
+def _utf8(text: str) -> str:
+    """``text`` as Parquet can store it (a lone surrogate becomes ``?``)."""
+    return str(text).encode("utf-8", "replace").decode("utf-8")
 
 
 def save_token_text(store: RunStore, tokens: Any, tokenizer: Any, *, results: str) -> None:
@@ -110,8 +115,9 @@ def load_token_text(
     if entry is None:
         return None, (
             f"{run_dir} keeps no token text ({TOKENS_FILE}: runs made by perturb-lens before "
-            "it was kept lack it), so tokens are named by sequence and position only. Run the "
-            "config again to get their text."
+            "it was kept lack it), so tokens are named by sequence and position only. Resuming "
+            f"the run (perturb-lens run CONFIG --out {run_dir} --resume) adds it without "
+            "recomputing a shard."
         )
     try:
         data = verified_bytes(run_dir, "the run's token text", entry, _TOKENS_PATTERN)
@@ -126,11 +132,14 @@ def with_context(text: pd.DataFrame, n: int = CONTEXT_TOKENS) -> pd.DataFrame:
     """``text`` with column ``context``: the texts of the ``n`` tokens before each token in its
     sequence, joined (None where the token text is unknown)."""
     text = text.sort_values(["seq", "pos"], ignore_index=True)
-    tokens = text["token"].where(text["token"].notna(), None)
-    by_seq = tokens.groupby(text["seq"], sort=False)
-    before = [by_seq.shift(k) for k in range(n, 0, -1)]
-    joined = pd.concat(before, axis=1).fillna("").astype(str).agg("".join, axis=1)
-    text["context"] = joined.where(tokens.notna(), None)
+    tokens = [t if isinstance(t, str) else None for t in text["token"].tolist()]
+    seqs = text["seq"].to_numpy()
+    first = np.searchsorted(seqs, seqs, side="left")  # each row's sequence starts here
+    context = [
+        None if tok is None else "".join(t or "" for t in tokens[max(i - n, first[i]) : i])
+        for i, tok in enumerate(tokens)
+    ]
+    text["token"], text["context"] = pd.Series(tokens), pd.Series(context)  # pandas' text dtype
     return text
 
 
@@ -164,7 +173,6 @@ def _rows_tokens(run_dir: Path, manifest: dict, metric: str, threshold: float) -
         rows = pa.Table.from_batches([b for _, b in group]).to_pandas()
         if NONFINITE in rows.columns:
             rows = rows[~rows[NONFINITE].astype(bool)]
-        rows["direction"] = rows["direction"].astype(str)
         parts.append(_per_token(rows, metric, threshold))
     return pd.concat(parts, ignore_index=True)
 

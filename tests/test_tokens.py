@@ -135,6 +135,9 @@ def test_text_view_escapes_html_in_token_text(tmp_path: Path) -> None:
     section = tokens_section(RunView(run))
     assert "<script>" not in section and "&lt;script&gt;" in section
     assert "Most sensitive" in section and "Least sensitive" in section
+    # position 0 (BOS) is summed up apart, not listed
+    assert "Position 0 (BOS) is left out of both lists" in section
+    assert not re.search(r"<td>\d+ · 0</td>", section) and re.search(r"<td>\d+ · 1</td>", section)
     assert section.count('<div class="tokview">') == 3 * 3  # 3 sequences x 3 directions
 
 

@@ -93,7 +93,8 @@ def _num(value: float) -> str:
 def _table(rows: pd.DataFrame, metric: str) -> str:
     """Rank, token in context, position, threshold length and maximum, as an HTML table."""
     head = (
-        "<tr><th>#</th><th>token in context</th><th>seq · pos</th><th>crosses at α</th>"
+        '<tr><th>#</th><th style="text-align: left">token in context</th><th>seq · pos</th>'
+        "<th>crosses at α</th>"
         f"<th>max {html.escape(metric)}</th></tr>"
     )
     body = []
@@ -196,20 +197,35 @@ def tokens_section(view: RunView, n: int = N_TABLE, n_seqs: int = N_VIEW_SEQS) -
     seqs = sorted(text["seq"].unique())[:n_seqs] if text is not None else []
     parts = []
     for direction, rows in table.groupby("direction", observed=True, sort=False):
-        crossed = rows["threshold_length"].notna().mean()
         view_html = (
             text_view(rows, text, grid, seqs, metric=metric, threshold=threshold)
             if text is not None
             else ""
         )
-        parts.append(
-            f'<details class="tokdir" open><summary><b>'
-            f"{html.escape(str(direction))}</b> · {len(rows):,} tokens, {crossed:.0%} cross "
-            f'</summary><div class="tokcols"><div><h4>Most sensitive</h4>'
-            f"{_table(rows.head(n), metric)}</div><div><h4>Least sensitive</h4>"
-            f"{_table(rows.tail(n).iloc[::-1], metric)}</div></div>"
-            + (f"<h4>Text view</h4>{view_html}" if view_html else "")
-            + "</details>"
-        )
+        parts.append(_direction_block(str(direction), rows, metric, n, view_html))
     legend = _legend(grid, metric, threshold) if text is not None and len(grid) else ""
     return f"<style>{_CSS}</style>{notes}{intro}{legend}{''.join(parts)}"
+
+
+def _direction_block(direction: str, rows: pd.DataFrame, metric: str, n: int, view: str) -> str:
+    """One direction: its most and least sensitive tokens (position 0, BOS, summed up apart:
+    it would fill the least sensitive list) and its text view."""
+    crossed = rows["threshold_length"].notna().mean()
+    first = rows[rows["pos"] == 0]
+    listed = rows[rows["pos"] > 0]
+    bos = ""
+    if len(first):
+        never = int(first["threshold_length"].isna().sum())
+        lowest = first["threshold_length"].min()
+        rest = "." if never == len(first) else f"; the others from α = {lowest:.4g}."
+        bos = (
+            f'<p class="sub">Position 0 (BOS) is left out of both lists: {never} of '
+            f"{len(first)} never cross{rest}</p>"
+        )
+    return (
+        f'<details class="tokdir" open><summary><b>{html.escape(direction)}</b> · '
+        f"{len(rows):,} tokens, {crossed:.0%} cross</summary>"
+        f'<div class="tokcols"><div><h4>Most sensitive</h4>{_table(listed.head(n), metric)}</div>'
+        f"<div><h4>Least sensitive</h4>{_table(listed.tail(n).iloc[::-1], metric)}</div></div>"
+        f"{bos}" + (f"<h4>Text view</h4>{view}" if view else "") + "</details>"
+    )

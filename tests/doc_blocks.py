@@ -146,7 +146,7 @@ def check_cli(args: list[str]) -> None:
     argument. ``--help`` anywhere is accepted."""
     import typer
 
-    from perturb_lens.cli import app
+    from perturb_lens.cli.app import app
 
     command: Any = typer.main.get_command(app)
     path = [PROGRAM]

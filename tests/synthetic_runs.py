@@ -11,6 +11,7 @@ import pandas as pd
 
 from perturb_lens.config.schema import load_config
 from perturb_lens.results import ResultStore, config_hash
+from perturb_lens.results.tokens import save_token_text
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs").glob("sensitive_directions_*.yaml"))
@@ -36,8 +37,10 @@ def make_run(
     *,
     rows: pd.DataFrame | None = None,
     hook: str = "blocks.6.hook_resid_pre",
+    token_text: tuple[np.ndarray, object] | None = None,
 ) -> Path:
-    """A complete run directory (manifest + two shards) with synthetic rows."""
+    """A complete run directory (manifest + two shards) with synthetic rows; ``token_text``:
+    (token ids [N, T], tokenizer) to keep as the run's token text, as the runner does."""
     cfg = config or load_config(PRESETS[0]).model_dump(mode="json")
     cfg = {**cfg, "hook": hook}
     names = [d.get("label") or d["name"] for d in cfg["directions"]]
@@ -59,6 +62,8 @@ def make_run(
     }
     with ResultStore(folder) as store:
         store.create(cfg, config_hash(cfg), meta, resume=False)
+        if token_text is not None:
+            save_token_text(store, *token_text, results=cfg.get("results", "rows"))
         half = rows["seq"].max() // 2
         store.write_shard("s00000", rows[rows.seq <= half])
         store.write_shard("s00001", rows[rows.seq > half])

@@ -422,8 +422,8 @@ def test_substitution_sweep_reaches_sae_x_and_matches_stats(llama_dir: Path, tmp
     import numpy as np
 
     from perturb_lens import run_experiment
-    from perturb_lens.results import load_results
     from perturb_lens.models.load import load_model
+    from perturb_lens.results import load_results
     from perturb_lens.saes.quality import sae_stats
 
     model = load_model(str(llama_dir))

@@ -1,4 +1,4 @@
-"""``python -m perturb_lens.cli``: the command line."""
+"""``python -m perturb_lens.cli.app``: the command line."""
 
 from perturb_lens.cli.app import app
 

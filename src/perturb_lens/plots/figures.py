@@ -162,12 +162,17 @@ def token_panels(
     ncols: int = 3,
 ) -> Figure:
     """Individual token curves (``tokens``, from :func:`~perturb_lens.results.token_curves`)
-    per series, thin, with the series mean (``means``, from ``curves``) drawn bold in black."""
+    per series, thin, with the series mean (``means``, from ``curves``) drawn bold in black;
+    legends from a ``label`` column of ``tokens`` if it has one, else the ``token`` keys."""
     with _series_grid(tokens, series, ncols, (3.8, 2.9), title) as (fig, panels):
         for ax, s in panels:
             c = series_color(s, palette)
             for tok, d in tokens[tokens[series] == s].groupby(list(token), sort=True):
-                label = "token " + ", ".join(f"{k}={v}" for k, v in zip(token, tok, strict=True))
+                label = (  # a "label" column: the token as text (plots.token_view.label_curves)
+                    str(d["label"].iloc[0])
+                    if "label" in d.columns
+                    else "token " + ", ".join(f"{k}={v}" for k, v in zip(token, tok, strict=True))
+                )
                 _tag(ax.plot(d[x], d[metric], color=c, lw=1.0, alpha=0.75, label=label), s)
             m = means[means[series] == s].sort_values(x)
             _tag(ax.plot(m[x], m["mean"], color="black", lw=2.0, label="mean"), s)

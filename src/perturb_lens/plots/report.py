@@ -55,6 +55,7 @@ from perturb_lens.plots.sets import (
     size_kl_plot,
     size_kl_points,
 )
+from perturb_lens.plots.token_view import tokens_section
 from perturb_lens.results.store import MANIFEST, atomic_write, diff_configs
 from perturb_lens.statistics.fit_size import fit_size_warning
 
@@ -352,6 +353,7 @@ def write_report(
         f'<h2 id="run">Run</h2>{_fit_banner(view)}{_facts(_run_facts(view))}'
         f'<h2 id="figures">Figures</h2>{_figures_html(plots, out_dir, formats, log_y)}'
         f'<h2 id="tables">Summary tables</h2>{_tables(view)}'
+        f'<h2 id="tokens">Most sensitive tokens</h2>{tokens_section(view)}'
         f'<h2 id="verdicts">Verdicts</h2>{_verdicts(view)}'
         f'<h2 id="config">Config</h2><details><summary>config (validated, hash '
         f"{_esc(view.manifest.get('config_hash'))})</summary><pre>{_esc(config)}</pre></details>"
@@ -361,6 +363,7 @@ def write_report(
         ("run", "Run"),
         ("figures", "Figures"),
         ("tables", "Tables"),
+        ("tokens", "Tokens"),
         ("verdicts", "Verdicts"),
         ("config", "Config"),
         ("data", "Data"),

@@ -22,6 +22,7 @@ from perturb_lens.plots.figures import (
     token_panels,
 )
 from perturb_lens.plots.registry import Plot, RunReader, register_figures
+from perturb_lens.plots.token_view import label_curves
 
 # Lee & Heimersheim figure 1: difference vs mixture, per target family.
 FIG1_PANELS = {
@@ -144,7 +145,7 @@ def curve_plots(view: RunReader, metric: str) -> list[Plot]:
         ncols=3,
         panel_size=(3.8, 2.9),
     )
-    tc = an.token_curves(view.token_sample(metric), N_TOKEN_CURVES, 0, metric)
+    tc = label_curves(an.token_curves(view.token_sample(metric), N_TOKEN_CURVES, 0, metric), view)
     tokens = token_panels(
         tc,
         cv,
@@ -177,7 +178,8 @@ def curve_plots(view: RunReader, metric: str) -> list[Plot]:
             f"tokens_{metric}",
             f"Token curves · {metric}",
             f"{N_TOKEN_CURVES} randomly chosen tokens per direction (seed 0), with the mean in "
-            "black: individual curves can be step-like where the mean is smooth.",
+            "black: individual curves can be step-like where the mean is smooth. Legend: the "
+            "token between bars, after a few tokens of its context.",
             tokens,
             tc,
             False,

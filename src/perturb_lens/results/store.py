@@ -12,6 +12,8 @@ Layout of a run directory::
                            until merged into the run-level ``sketch-{n}.parquet`` (manifest key
                            ``sketch``: file, sha256 and the shards it covers), see
                            :mod:`~perturb_lens.results.compaction`
+    tokens.parquet         the token id and text at each (seq, pos) the run keeps rows of
+                           (manifest key ``tokens``), see :mod:`~perturb_lens.results.tokens`
     .lock                  flock'ed by the writer for its lifetime; holds its PID
 
 Every file is written to a temporary file in its own folder, fsync'ed and moved into place with
@@ -68,8 +70,9 @@ RUN_SKETCH = "sketch"  # manifest key of the run-level (merged) quantile sketch
 FORMAT_VERSION = 2  # 2: an aggregate run's quantile sketch may live in sketch files (not shards)
 # what atomic_write leaves when killed: ".NAME." + mkstemp's 8 random characters + ".tmp"
 # files a run writes into its folder besides shards, sketches and the manifest (the statistics,
-# the pool, the SAE's alive latents: runner.STATS_FILE, POOL_FILE, saes.directions.ALIVE_FILE)
-RUN_FILES = frozenset({LOCK, "stats.safetensors", "pool.pt", "sae_alive.pt"})
+# the pool, the SAE's alive latents, the token text: runner.STATS_FILE, POOL_FILE,
+# saes.directions.ALIVE_FILE, results.tokens.TOKENS_FILE)
+RUN_FILES = frozenset({LOCK, "stats.safetensors", "pool.pt", "sae_alive.pt", "tokens.parquet"})
 _STALE_TMP = re.compile(r"\.[^/]+\.[a-z0-9_]{8}\.tmp")
 _SHARD_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 

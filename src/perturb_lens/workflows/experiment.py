@@ -52,6 +52,7 @@ from perturb_lens.results.store import (
     file_sha256,
     load_manifest,
 )
+from perturb_lens.results.tokens import save_token_text
 from perturb_lens.statistics.activations import (
     ActivationStats,
     fit_size_warning,
@@ -270,6 +271,7 @@ def run_experiment(
         )
         # other inputs (tokens, weights, statistics, versions): refused on resume
         store.create(cfg_dict, run_hash, _meta(ctx, threads, cpu), resume=resume)
+        save_token_text(store, ctx.tokens, ctx.model.tokenizer, results=cfg.results)
         if ctx.stats_files != run_dir:
             copy_stats(ctx.stats_files, run_dir)
         n_dirs = len(cfg.directions) if cfg.shard_by_direction else 0

@@ -8,6 +8,7 @@ as a path keeps working; paths derived from it (``run / "manifest.json"``) are p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -34,8 +35,9 @@ _PathBase = type(Path())
 
 class Run(_PathBase):  # type: ignore[misc, valid-type]
     """A run directory with its results: ``rows()``, ``curves(metric)``, ``summary()``,
-    ``thresholds(metric)``, ``aggregates(metric)``, ``verdicts()``, ``tables()``, ``figures()``,
-    ``report()``; in Jupyter it shows its summary, verdicts and main figure."""
+    ``thresholds(metric)``, ``tokens(metric)``, ``aggregates(metric)``, ``verdicts()``,
+    ``tables()``, ``figures()``, ``report()``; in Jupyter it shows its summary, verdicts and main
+    figure."""
 
     def with_segments(self, *parts: Any) -> Path:  # Python >= 3.12: derived paths are plain
         return Path(*parts)
@@ -109,6 +111,19 @@ class Run(_PathBase):  # type: ignore[misc, valid-type]
         from perturb_lens.plots.report import write_report
 
         return write_report(Path(self), out, log_y=log_y)
+
+    def tokens(self, metric: str = "kl", threshold: float | None = None) -> pd.DataFrame:
+        """Every token per direction, most sensitive first: the smallest length at which
+        ``metric`` exceeds ``threshold`` (default: its registered one), with the token's text and
+        context (``analysis.tokens.token_table``). What the table lacks (an aggregate run keeps
+        only its first sequences' rows; an old run no token text) is warned and in
+        ``attrs["notes"]``."""
+        from perturb_lens.analysis.tokens import token_table
+
+        table = token_table(Path(self), metric, threshold)
+        for note in table.attrs["notes"]:
+            warnings.warn(note, stacklevel=2)
+        return table
 
     def figures(self) -> list[Plot]:
         """The run's figure set (chosen by its experiment type): ``Plot`` objects with

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from perturb_lens.cli_errors import checked_out, set_verbose, user_errors
 from perturb_lens.cli_options import Quiet, console
+from perturb_lens.cli_presets import presets
 from perturb_lens.cli_replication import HELP, SHORT_HELP, replication
 from perturb_lens.cli_sae import sae_app
 
@@ -25,10 +26,24 @@ app = typer.Typer(
 app.add_typer(sae_app)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from perturb_lens.version import __version__
+
+        typer.echo(f"perturb-lens {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     """Activation-perturbation (sensitive directions) experiments on transformer LMs."""
@@ -112,7 +127,12 @@ def info(
 
 @app.command(context_settings={"allow_extra_args": False})
 def run(
-    config: Annotated[str, typer.Argument(help="Experiment config (.yaml/.yml/.toml).")],
+    config: Annotated[
+        str,
+        typer.Argument(
+            help="A preset name (perturb-lens presets) or a config file (.yaml/.yml/.toml)."
+        ),
+    ],
     overrides: Annotated[
         list[str] | None,
         typer.Argument(help="key=value overrides, e.g. data.n_seqs=64 scope=single-position."),
@@ -141,9 +161,10 @@ def run(
     ] = False,
 ) -> None:
     """Run (or resume) an experiment; write Parquet shards + manifest; print a summary table."""
-    from perturb_lens.config import load_config
+    from perturb_lens.config import load_config, validate_config
     from perturb_lens.experiments import get_experiment
     from perturb_lens.results.aggregate import run_summary_table
+    from perturb_lens.results.store import load_manifest
     from perturb_lens.results.summary import nonfinite_rows, summary_rows
     from perturb_lens.results.verdicts import NOT_JUDGED
     from perturb_lens.runner import run_experiment
@@ -160,6 +181,7 @@ def run(
             address=address,
             allow_cpu_change=allow_cpu_change,
         )
+        cfg = validate_config(load_manifest(run_dir)["config"])  # as run: layer depths resolved
         tables = get_experiment(cfg.experiment).tables
         rows = summary_rows(run_dir) if tables is not None else None
     for metric in cfg.metrics[:2]:
@@ -287,6 +309,7 @@ def verdicts_command(
 
 
 app.command(help=HELP, short_help=SHORT_HELP)(replication)
+app.command()(presets)
 
 if __name__ == "__main__":
     app()

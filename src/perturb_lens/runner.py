@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from perturb_lens import version
-from perturb_lens.config import ExperimentConfig, validate_config
+from perturb_lens.config import ExperimentConfig, resolve_depths, validate_config
 from perturb_lens.data import dataset_tokens, read_rows, token_source_hash
 from perturb_lens.directions import check_scale, get_direction
 from perturb_lens.engine.run import RunContext, shard_ids
@@ -44,6 +44,7 @@ from perturb_lens.lengths import resolve_lengths
 from perturb_lens.metrics import NONFINITE
 from perturb_lens.models.base import LensModel
 from perturb_lens.models.fingerprint import model_fingerprint
+from perturb_lens.models.hook_depths import depth_part
 from perturb_lens.paths import cache_root
 from perturb_lens.results.aggregate import aggregate_rows
 from perturb_lens.results.compaction import COMPACT_EVERY, compact, write_aggregate_shard
@@ -396,6 +397,7 @@ def run_experiment(
         model = load_model(
             model, frame=cfg.frame, dtype=cfg.dtype, device=cfg.device, precision=cfg.precision
         )
+    cfg, loaded = _resolve_depths(cfg, model)  # the run's id and manifest hold layer indices
     cfg_dict = cfg.model_dump(mode="json")
     run_hash = config_hash(cfg_dict)
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{run_hash[:8]}"
@@ -407,7 +409,7 @@ def run_experiment(
     # unwritable or locked: refused before any work
     with RunStore(run_dir).open() as store, torch_threads(threads):
         ctx = prepare(
-            cfg, run_dir, model=model, tokens=tokens, explicit=explicit, sae=sae, progress=progress
+            cfg, run_dir, model=loaded, tokens=tokens, explicit=explicit, sae=sae, progress=progress
         )
         # other inputs (tokens, weights, statistics, versions): refused on resume
         store.create(cfg_dict, run_hash, _meta(ctx, threads, cpu), resume=resume)
@@ -448,6 +450,22 @@ def run_experiment(
         compact(store)  # all sketch files merged before the run counts as complete
         store.finish({"seconds": round(time.perf_counter() - t0, 3), "shards": len(ids)})
     return Run(run_dir)
+
+
+def _resolve_depths(
+    cfg: ExperimentConfig, model: LensModel | None
+) -> tuple[ExperimentConfig, LensModel | None]:
+    """``cfg`` with its hook depths (``blocks.middle...``) resolved against the model, loading it
+    (once: ``prepare`` takes it) when it was not given; the model, when one was needed."""
+    if model is None and depth_part(cfg.hook) is None and depth_part(cfg.read) is None:
+        return cfg, None
+    if model is None:
+        from perturb_lens.models.load import load_model
+
+        model = load_model(
+            cfg.model, frame=cfg.frame, dtype=cfg.dtype, device=cfg.device, precision=cfg.precision
+        )
+    return resolve_depths(cfg, model.spec.n_layers), model
 
 
 def _recorded_meta(run_dir: Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from perturb_lens.experiments.registry import get_experiment, list_experiments
 from perturb_lens.folder_names import MAX_LENGTH, is_plain_name
 from perturb_lens.lengths import resolve_lengths
 from perturb_lens.metrics import check_metrics
-from perturb_lens.models.hook_depths import check_hook_depth, resolve_hook
+from perturb_lens.models.hook_depths import check_hook_depth, depth_part, resolve_hook
 from perturb_lens.models.hooks import HOOK_KINDS
 from perturb_lens.models.options import DTYPE_NAMES, FRAMES, PRECISIONS
 from perturb_lens.presets import (
@@ -117,8 +117,8 @@ def _hook_position(name: str | None) -> tuple[int, int] | None:
 
 def check_read_after_hook(hook: str, read: str | None) -> None:
     """The downstream read (l2/cos) must sit at or after the perturbed hook."""
-    if read is None:
-        return
+    if read is None or depth_part(hook) is not None or depth_part(read) is not None:
+        return  # a layer depth: checked once resolved for the model (resolve_depths)
     h, r = _hook_position(hook), _hook_position(read)
     if r is None:
         raise ValueError(

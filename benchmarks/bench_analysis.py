@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from perturb_lens.config.schema import load_config
+from perturb_lens.config.schema import load_config, resolve_depths
 from perturb_lens.engine.shard import shard_ids
 from perturb_lens.results import ResultStore, config_hash
 from perturb_lens.results.aggregate import aggregate_rows
@@ -55,6 +55,7 @@ from perturb_lens.results.sketch import DEFAULT_ALPHA
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "sensitive_directions_smollm2.yaml"
+SMOLLM2_LAYERS = 30  # the preset names its layer as a depth (middle): layer 15 of 30
 SEQ_LEN = 128
 SHARD_SEQS = 16  # 16 x 128 x 144 = 294,912 rows per shard
 MEDIAN_NORM = 3.0  # absolute length = relative length x the median norm, as the runner resolves
@@ -72,7 +73,7 @@ REL_TOL = 1e-9
 
 
 def _config() -> dict:
-    cfg = load_config(PRESET).model_dump(mode="json")
+    cfg = resolve_depths(load_config(PRESET), SMOLLM2_LAYERS).model_dump(mode="json")
     cfg["name"] = "bench_analysis"
     cfg["data"]["seq_len"] = SEQ_LEN
     cfg["shard_seqs"] = SHARD_SEQS

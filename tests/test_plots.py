@@ -90,9 +90,9 @@ def preset_run(preset: Path, folder: Path) -> Path:
     """A synthetic run shaped like ``preset`` (an SAE suite: one of its runs): its directions,
     lengths, metrics, scope and experiment; ``size`` when it has SAE directions; plateau bases."""
     from perturb_lens.config.lengths import resolve_lengths
-    from perturb_lens.config.schema import read_config_file
+    from perturb_lens.config.schema import read_config_source
 
-    raw = read_config_file(preset)
+    raw = read_config_source(preset)
     if "saes" in raw and "base" not in raw:
         pytest.skip("an SAE training config: it trains SAEs, its runs have no figure set")
     if "saes" in raw:

@@ -16,6 +16,7 @@ from random_sae import random_sae
 from transformers import AutoModelForCausalLM
 
 from perturb_lens import load_model
+from perturb_lens.common.hook_depths import resolve_hook
 from perturb_lens.config.lengths import resolve_lengths
 from perturb_lens.config.schema import ConfigError, load_config, validate_config
 from perturb_lens.directions.base import DirectionContext, make_directions, same_cosine_target
@@ -312,12 +313,13 @@ def test_new_presets_run_on_a_slice(
         overrides = {"model": str(request.getfixturevalue("gpt2_12_dir"))}
     else:
         model, source, overrides = request.getfixturevalue("smollm2"), cfg.data.source, {}
-    hook = cfg.hook if layer is None else f"blocks.{layer}.{kind}"
     data = cfg.model_dump(mode="json")
-    data.update(overrides, hook=hook, sae=None, shard_seqs=2)
+    data.update(overrides, sae=None, shard_seqs=2)
     data["data"] = {**data["data"], "source": source, "seq_len": 8, "n_seqs": 2}
     data["stats"] = {**data["stats"], "n_tokens": 64, "pool_size": 32}
     lens = model or load_model(data["model"], frame=cfg.frame, device="cpu")
+    hook = cfg.hook if layer is None else f"blocks.{layer}.{kind}"
+    data["hook"] = hook = resolve_hook(hook, lens.spec.n_layers)  # a preset's depth: its layer
     sae = None
     if cfg.sae is not None:
         d = lens.spec.d_model

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from perturb_lens.cli.errors import checked_out, set_verbose, user_errors
 from perturb_lens.cli.options import Quiet, console
+from perturb_lens.cli.presets import presets
 from perturb_lens.cli.replication import HELP, SHORT_HELP, replication
 from perturb_lens.cli.sae import sae_app
 
@@ -25,10 +26,24 @@ app = typer.Typer(
 app.add_typer(sae_app)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from perturb_lens.common.version import __version__
+
+        typer.echo(f"perturb-lens {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     """Activation-perturbation (sensitive directions) experiments on transformer LMs."""
@@ -112,7 +127,12 @@ def info(
 
 @app.command(context_settings={"allow_extra_args": False})
 def run(
-    config: Annotated[str, typer.Argument(help="Experiment config (.yaml/.yml/.toml).")],
+    config: Annotated[
+        str,
+        typer.Argument(
+            help="A preset name (perturb-lens presets) or a config file (.yaml/.yml/.toml)."
+        ),
+    ],
     overrides: Annotated[
         list[str] | None,
         typer.Argument(help="key=value overrides, e.g. data.n_seqs=64 scope=single-position."),
@@ -285,6 +305,7 @@ def verdicts_command(
 
 
 app.command(help=HELP, short_help=SHORT_HELP)(replication)
+app.command()(presets)
 
 if __name__ == "__main__":
     app()

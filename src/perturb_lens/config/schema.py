@@ -23,12 +23,21 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from perturb_lens.common.files import CONFIG_MAX_BYTES, UnreadableFileError, read_limited
+from perturb_lens.common.hook_depths import check_hook_depth, depth_part, resolve_hook
 from perturb_lens.common.hooks import HOOK_KINDS, read_hook
 from perturb_lens.common.names import MAX_LENGTH, is_plain_name
 from perturb_lens.common.registry import registry
 from perturb_lens.common.yaml_files import MAX_DEPTH, DuplicateKeyError, TooDeepError, parse_yaml
 from perturb_lens.config.lengths import resolve_lengths
 from perturb_lens.config.options import DTYPE_NAMES, FRAMES, PRECISIONS
+from perturb_lens.config.preset import (
+    DESCRIPTION_KEY,
+    PRESET_KEY,
+    UnknownPresetError,
+    is_preset_name,
+    merge,
+    preset_path,
+)
 from perturb_lens.metrics.builtin import check_metrics
 
 Scope = Literal["all-positions", "single-position", "last-position"]
@@ -102,8 +111,8 @@ def _hook_position(name: str | None) -> tuple[int, int] | None:
 
 def check_read_after_hook(hook: str, read: str | None) -> None:
     """The downstream read (l2/cos) must sit at or after the perturbed hook."""
-    if read is None:
-        return
+    if read is None or depth_part(hook) is not None or depth_part(read) is not None:
+        return  # a layer depth: checked once resolved for the model (resolve_depths)
     h, r = _hook_position(hook), _hook_position(read)
     if r is None:
         raise ValueError(
@@ -282,6 +291,11 @@ class ExperimentConfig(BaseModel):
     @classmethod
     def _check_name(cls, v: str) -> str:
         return check_run_name(v)
+
+    @field_validator("hook", "read")
+    @classmethod
+    def _check_depth(cls, v: str | None) -> str | None:
+        return check_hook_depth(v)
 
     @field_validator("device")
     @classmethod
@@ -483,11 +497,43 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def read_config_source(source: str | Path) -> dict[str, Any]:
+    """A config file's keys, or a shipped preset's by name (a name has no folder and no suffix).
+    A ``preset: NAME`` key starts from that preset and sets the file's other keys on top
+    (mappings merged key by key); a top-level ``description`` is dropped (not a setting)."""
+    try:
+        data = read_config_file(preset_path(str(source)) if is_preset_name(source) else source)
+        if PRESET_KEY in data:
+            name = data.pop(PRESET_KEY)
+            if not (isinstance(name, str) and is_preset_name(name)):
+                raise ConfigError(
+                    f"Config {source}: preset must be the name of a shipped preset (see "
+                    f"`perturb-lens presets`), not {name!r}."
+                )
+            data = merge(read_config_file(preset_path(name)), data)
+    except UnknownPresetError as err:
+        raise ConfigError(str(err)) from None
+    data.pop(DESCRIPTION_KEY, None)
+    return data
+
+
+def resolve_depths(cfg: ExperimentConfig, n_layers: int) -> ExperimentConfig:
+    """``cfg`` with the depths of its hook and read (``blocks.middle...``, ``blocks.25%...``)
+    replaced by the layer indices they name in an ``n_layers`` model (unchanged without any)."""
+    hook = resolve_hook(cfg.hook, n_layers)
+    read = resolve_hook(cfg.read, n_layers) if cfg.read is not None else None
+    if (hook, read) == (cfg.hook, cfg.read):
+        return cfg
+    return validate_config({**cfg.model_dump(mode="json"), "hook": hook, "read": read})
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> ExperimentConfig:
-    """Read, override and validate a config (no path: the defaults)."""
-    data = read_config_file(path) if path is not None else {}
+    """Read, override and validate a config file or a shipped preset by name (no path: the
+    defaults). A hook given as a depth stays so until the model is known (:func:`resolve_depths`;
+    the runner resolves it)."""
+    data = read_config_source(path) if path is not None else {}
     if "saes" in data:  # the SAE commands' files: say which command reads them
         command = "sae run" if "base" in data else "sae train"
         raise ConfigError(

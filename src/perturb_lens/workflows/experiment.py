@@ -25,9 +25,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from perturb_lens.common import version
+from perturb_lens.common.hook_depths import depth_part
 from perturb_lens.common.writes import config_hash
 from perturb_lens.config.lengths import resolve_lengths
-from perturb_lens.config.schema import ExperimentConfig, validate_config
+from perturb_lens.config.schema import ExperimentConfig, resolve_depths, validate_config
 from perturb_lens.data.text import dataset_tokens, token_source_hash
 from perturb_lens.directions.base import check_scale, get_direction
 from perturb_lens.engine.shard import ShardContext, shard_ids
@@ -256,6 +257,7 @@ def run_experiment(
         model = load_model(
             model, frame=cfg.frame, dtype=cfg.dtype, device=cfg.device, precision=cfg.precision
         )
+    cfg, loaded = _resolve_depths(cfg, model)  # the run's id and manifest hold layer indices
     cfg_dict = cfg.model_dump(mode="json")
     run_hash = config_hash(cfg_dict)
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{run_hash[:8]}"
@@ -267,7 +269,7 @@ def run_experiment(
     # unwritable or locked: refused before any work
     with ResultStore(run_dir).open() as store, torch_threads(threads):
         ctx = prepare(
-            cfg, run_dir, model=model, tokens=tokens, explicit=explicit, sae=sae, progress=progress
+            cfg, run_dir, model=loaded, tokens=tokens, explicit=explicit, sae=sae, progress=progress
         )
         # other inputs (tokens, weights, statistics, versions): refused on resume
         store.create(cfg_dict, run_hash, _meta(ctx, threads, cpu), resume=resume)
@@ -309,6 +311,22 @@ def run_experiment(
         compact(store)  # all sketch files merged before the run counts as complete
         store.finish({"seconds": round(time.perf_counter() - t0, 3), "shards": len(ids)})
     return Run(run_dir)
+
+
+def _resolve_depths(
+    cfg: ExperimentConfig, model: LensModel | None
+) -> tuple[ExperimentConfig, LensModel | None]:
+    """``cfg`` with its hook depths (``blocks.middle...``) resolved against the model, loading it
+    (once: ``prepare`` takes it) when it was not given; the model, when one was needed."""
+    if model is None and depth_part(cfg.hook) is None and depth_part(cfg.read) is None:
+        return cfg, None
+    if model is None:
+        from perturb_lens.models.load import load_model
+
+        model = load_model(
+            cfg.model, frame=cfg.frame, dtype=cfg.dtype, device=cfg.device, precision=cfg.precision
+        )
+    return resolve_depths(cfg, model.spec.n_layers), model
 
 
 def _recorded_meta(run_dir: Path) -> dict[str, Any]:

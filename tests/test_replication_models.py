@@ -5,6 +5,7 @@ inconclusive claim (against a hand computation), and the single-model layout sti
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -35,6 +36,7 @@ from perturb_lens.statistics.bootstrap import ratio_intervals
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-0.5b")
 MIDDLE = {"smollm2-135m": 15, "gemma3-270m": 9, "qwen2.5-0.5b": 12}  # n_layers // 2: 30, 18, 24
 LEE = "lee-difference-lee"
+FEATURES = "sae_feature_extrapolation_smollm2"
 
 
 def _lee_run(folder: Path, factor: float, model: str, n_seq: int = 40, **kw) -> Path:
@@ -239,7 +241,7 @@ def test_footnote_of_a_registered_claim(tmp_path: Path) -> None:
     label = re.match(r"\*\*inconclusive\*\*\[\^(n\d+)\]", cell).group(1)
     note = _footnotes(text)[label]
     assert note.startswith("**test-size** on gemma3-270m: inconclusive on n = 16 seqs")
-    assert "16 x (0.312 / 0.125)^2 = **100 seqs**" in note
+    assert "n' = 16 x (0.312 / 0.125)^2 = 100: about **100 seqs** would decide it." in note
     assert "n' = n (h / |estimate - bound|)^2" in text
     assert "[^" not in rows["test-size"][3]  # SmolLM2: not run, no footnote
 
@@ -271,7 +273,7 @@ def test_footnote_of_an_ordering_against_pandas(tmp_path: Path) -> None:
     label = re.match(r"\*\*inconclusive\*\*\[\^(n\d+)\]", cell).group(1)
     note = _footnotes(text)[label]
     assert note.startswith(f"**{LEE}** on qwen2.5-0.5b: inconclusive on n = 12 seqs")
-    assert f"= **{expected} seqs** would decide it" in note
+    assert f"about **{expected} seqs** would decide it" in note
     j = int(n_new.to_numpy().argmin())
     assert f"estimate {res['ratio'][j]:.3g} has CI [{res['ci_low'][j]:.3g}, " in note
 
@@ -309,3 +311,70 @@ def test_markdown_cells_stay_one_line(tmp_path: Path) -> None:
     header, rows = _table(text)
     assert all(len(r) == len(header) for r in rows.values())
     assert len(rows) == len(CLAIMS.values())
+
+
+def _size_notes(root: Path) -> dict[str, str]:
+    """Claim id -> its size footnote, in the file written from ``root``."""
+    text = write_replication(root, root / "R.md", command="c")[0].read_text()
+    return {re.match(r"\*\*([^*]+)\*\*", v).group(1): v
+            for k, v in _footnotes(text).items() if k.startswith("n")}  # fmt: skip
+
+
+def test_too_few_sequences_need_the_rules_minimum(tmp_path: Path) -> None:
+    """An SAE suite on 4 sequences: every SAE's interval excludes 1 (ratios near 3 and 2.5), but
+    the rule judges nothing under 10 sequences; so 10 would decide it."""
+    from test_replication import _suite
+
+    _suite(tmp_path / "gemma3-270m", {"a": 3.0, "b": 2.5}, n_seq=4)
+    notes = _size_notes(tmp_path)
+    note = notes["gurnee-sae-error"]
+    assert note.startswith("**gurnee-sae-error** on gemma3-270m: inconclusive on n = 4 seqs")
+    assert "excludes the bound 1, but the rule judges nothing under 10 seqs" in note
+    assert note.endswith("about **10 seqs** would decide it.")
+
+
+def test_alike_decoders_get_no_size(tmp_path: Path) -> None:
+    """Fig. 8 on an e2e SAE fine-tuned from its local one: the features are the same, so no
+    sample decides the comparison (no footnote), while the same run with distinct decoders is
+    judged."""
+    from safetensors.numpy import save_file
+    from test_replication import _suite
+
+    rng = np.random.default_rng(0)
+    local = rng.standard_normal((64, 16)).astype(np.float32)
+    root = tmp_path / "qwen2.5-0.5b"
+    saes = {}
+    for label, w in (("topk-k8", local), ("e2e-k8", local + 0.01)):
+        saes[label] = tmp_path / "saes" / label
+        saes[label].mkdir(parents=True)
+        save_file({"W_dec": w.astype(np.float32)}, str(saes[label] / "sae_weights.safetensors"))
+    directions = [{"name": "sae-feature", "which": "inactive"}, {"name": "isotropic"}]
+    suite = _suite(root, {"topk-k8": 2.0, "e2e-k8": 1.9}, folder=FEATURES, directions=directions,
+                   lengths=[0.0, 20.0, 40.0, 61.0], saes=saes)  # fmt: skip
+    records = [{"label": "topk-k8", "l0": 8.0, "type": "topk"},
+               {"label": "e2e-k8", "l0": 8.0, "type": "e2e"}]  # fmt: skip
+    (suite / "saes.json").write_text(json.dumps(records))
+    text = write_replication(tmp_path, tmp_path / "R.md", command="c")[0].read_text()
+    cell = _table(text)[1]["lee-feature-local"][5]
+    assert cell.startswith("**inconclusive**:") and "decoder rows alike" in cell
+    assert "lee-feature-local" not in _size_notes(tmp_path)
+
+
+def test_paired_difference_size(tmp_path: Path) -> None:
+    """Giglemiani's max-slope claim with overlapping steps on 12 prompts: the footnote's size is
+    n (h / |mean difference|)^2 from the interval shown in the cell."""
+    from test_replication import _synthetic_run
+
+    _synthetic_run(tmp_path / "gemma3-270m", 10, 10, 10, n=12)
+    text = write_replication(tmp_path, tmp_path / "R.md", command="c")[0].read_text()
+    _, rows = _table(text)
+    cell = rows["giglemiani-max-slope"][4]
+    m = re.search(r"paired difference cov-random - real (\S+) steps, 95% CI \[(\S+), (\S+)\]", cell)
+    diff, lo, hi = (float(x) for x in m.groups())
+    assert lo <= 0.0 <= hi and cell.startswith("**inconclusive**[^n")  # equal steps: a tie
+    note = _size_notes(tmp_path)["giglemiani-max-slope"]
+    # the cell rounds to 3 digits: the size from those numbers agrees to that precision
+    want = 12 * ((hi - lo) / 2 / abs(diff)) ** 2
+    got = float(re.search(r"\)\^2 = (\S+?)[,:]", note).group(1))
+    assert got == pytest.approx(want, rel=0.02)
+    assert "inconclusive on n = 12 prompts" in note

@@ -7,6 +7,7 @@ A root with no model folder is the single-model layout, written as :mod:`.table`
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,14 +54,19 @@ def _size_note(r: Result) -> str | None:
     if r.verdict != INCONCLUSIVE or (found := deciding_size(r.undecided)) is None:
         return None
     n_new, p = found
-    half = (p.high - p.low) / 2.0
-    gap = abs(p.estimate - p.bound)
-    return (
-        f"**{r.claim.claim_id}** on {r.model}: inconclusive on n = {p.n} {p.unit}; at "
-        f"{p.label} the estimate {p.estimate:.3g} has CI [{p.low:.3g}, {p.high:.3g}] (h = "
-        f"{half:.3g}) against the bound {p.bound:.3g}, so about n' = {p.n} x ({half:.3g} / "
-        f"{gap:.3g})^2 = **{n_new} {p.unit}** would decide it."
-    )
+    text = f"**{r.claim.claim_id}** on {r.model}: inconclusive on n = {p.n} {p.unit}; at {p.label} "
+    floor = f"the rule judges nothing under {p.min_n} {p.unit}"
+    if p.low <= p.bound <= p.high:
+        half, gap = (p.high - p.low) / 2.0, abs(p.estimate - p.bound)
+        raw = p.n * (half / gap) ** 2
+        text += (
+            f"the estimate {p.estimate:.3g} has CI [{p.low:.3g}, {p.high:.3g}] (h = {half:.3g}) "
+            f"against the bound {p.bound:.3g}, so n' = {p.n} x ({half:.3g} / {gap:.3g})^2 = "
+            f"{raw:.4g}" + (f", and {floor}" if n_new > math.ceil(raw) else "")
+        )
+    else:
+        text += f"the CI [{p.low:.3g}, {p.high:.3g}] excludes the bound {p.bound:.3g}, but {floor}"
+    return text + f": about **{n_new} {p.unit}** would decide it."
 
 
 def _model_cell(r: Result, size_label: str | None) -> str:

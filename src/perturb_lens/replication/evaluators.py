@@ -398,14 +398,12 @@ def e2e_vs_local_paired(
                 parts.append((p, at, r, n))
                 if words[-1] == "inconclusive":
                     label = f"{p.e2e} / {p.local}{at}"
-                    part = ratio_part(
-                        label, r["ratio"], r["ci_low"], r["ci_high"], n, below=True, min_n=MIN_SEQS
-                    )
                     undecided.append(
                         Undecided(label, np.nan, np.nan, np.nan, np.nan, n, group=label)
-                        if p.e2e in alike
-                        else Undecided(**{**part.__dict__, "group": label})
-                    )
+                        if p.e2e in alike  # the same features: no sample size decides it
+                        else ratio_part(label, r["ratio"], r["ci_low"], r["ci_high"], n,
+                                        below=True, group=label, min_n=MIN_SEQS)
+                    )  # fmt: skip
         if not parts:
             return Row(
                 ours="no e2e SAE of the suite has a local one at its L0",

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from perturb_lens.cli.atlas import SHORT_HELP as ATLAS_HELP
+from perturb_lens.cli.atlas import atlas
 from perturb_lens.cli.errors import checked_out, set_verbose, user_errors
 from perturb_lens.cli.options import Quiet, console
 from perturb_lens.cli.presets import presets
@@ -276,11 +278,28 @@ def compare(
         str, typer.Option("--format", help="Figure files to write beside it: svg, png or png,svg.")
     ] = "svg",
     log_y: LogY = False,
+    atlas_dirs: Annotated[
+        bool,
+        typer.Option(
+            "--atlas",
+            help="RUN_DIRS are atlas folders (perturb-lens atlas), one per model: write one "
+            "figure of each baseline's mean KL over isotropic against relative depth, the models "
+            "side by side, and its CSV (atlas.svg / atlas.csv in --out).",
+        ),
+    ] = False,
 ) -> None:
-    """Overlay several runs (e.g. one per layer or SAE) in one HTML page with figures."""
+    """Overlay several runs (e.g. one per layer or SAE) in one HTML page with figures; with
+    --atlas, draw the layer atlases of several models side by side."""
+    checked_out(out)
+    if atlas_dirs:
+        from perturb_lens.plots.atlas import write_atlas
+
+        with user_errors():
+            files = write_atlas(run_dirs, out, formats=_formats(fmt))
+        console().print("Atlas: " + ", ".join(f"[bold]{p}[/bold]" for p in files.values()))
+        return
     from perturb_lens.plots import write_comparison
 
-    checked_out(out)
     with user_errors():
         path = write_comparison(run_dirs, out, metric=metric, formats=_formats(fmt), log_y=log_y)
     console().print(f"Comparison: [bold]{path}[/bold]")
@@ -306,6 +325,7 @@ def verdicts_command(
 
 app.command(help=HELP, short_help=SHORT_HELP)(replication)
 app.command()(presets)
+app.command(short_help=ATLAS_HELP)(atlas)
 
 if __name__ == "__main__":
     app()

@@ -13,6 +13,7 @@ import pandas as pd
 
 from perturb_lens.analysis.curve_shape import curve_metric, curve_statistics, ks_vs_reference
 from perturb_lens.analysis.verdicts import (
+    BAND,
     MIN_SEQS,
     Claim,
     claim_intervals,
@@ -30,9 +31,10 @@ from perturb_lens.replication.inference import (
     combine,
     ks_statistic,
     paired_difference,
+    ratio_part,
     sign_test,
 )
-from perturb_lens.replication.registry import Row, Verdict
+from perturb_lens.replication.registry import Row, Undecided, Verdict
 from perturb_lens.results.shards import run_directions, sequence_sums
 from perturb_lens.results.store import MANIFEST, load_manifest
 from perturb_lens.results.summary import summary_rows
@@ -87,6 +89,32 @@ def _judged(r: pd.Series) -> tuple[Verdict, str]:
     return _WORDS[r["verdict"]], ""
 
 
+def _undecided_lengths(
+    run: Path, claim: Claim, metric: str, group: str = "", prefix: str = ""
+) -> list[Undecided]:
+    """The lengths a claim is inconclusive at on a run, as :class:`Undecided` parts of one
+    group (a decided length decides the ordering)."""
+    detail = claim_intervals(run, [claim], metric)
+    return [
+        ratio_part(
+            f"{prefix}length {r.length:.3g}",
+            r.ratio,
+            r.ci_low,
+            r.ci_high,
+            int(r.n_seqs),
+            op=claim.op,
+            band=BAND,
+            group=group,
+            min_n=MIN_SEQS,
+        )
+        for r in detail[detail["outcome"] == "inconclusive"].itertuples()
+    ]
+
+
+STUCK = Undecided("no sample size", np.nan, np.nan, np.nan, np.nan, 0)
+"""A part that no sample size decides (an unreliable fit, features that are the same)."""
+
+
 def ordering(claim: str, metric: str = "kl") -> Callable[[Sequence[Path]], Row]:
     """The evaluator of a registered verdict claim (``a > b`` / ``a ~ b``) on one run."""
 
@@ -95,6 +123,9 @@ def ordering(claim: str, metric: str = "kl") -> Callable[[Sequence[Path]], Row]:
         table = verdicts(runs[0], [c], metric=metric)
         r, shown = table.iloc[0], verdict_rows(table)[0]
         verdict, note = _judged(r)
+        parts: list[Undecided] = []
+        if verdict == "inconclusive":
+            parts = [STUCK] if note else _undecided_lengths(runs[0], c, metric)
         return Row(
             ours=f"mean {metric} ratio {c.a} / {c.b}: {shown['ratio a/b']} over the lengths judged",
             sample=sample(runs[0]) + f"; {r['n_seqs']} paired seqs",
@@ -102,6 +133,7 @@ def ordering(claim: str, metric: str = "kl") -> Callable[[Sequence[Path]], Row]:
             ci_or_test=f"paired {CI_WORD} CI of the ratio per length (sequences resampled): "
             f"holds at {shown['holds at']}; reversed at {shown['reversed at']}; "
             f"undecided at {shown['inconclusive at']}{note}",
+            undecided=tuple(parts),
         )
 
     return evaluate
@@ -118,6 +150,7 @@ def sae_substitution(
         suite, c = runs[0], _claim(claim)
         run_dirs = sorted(p for p in suite.iterdir() if (p / MANIFEST).is_file())
         parts, words, l0 = [], [], _suite_l0(suite)
+        undecided = []
         for run in run_dirs:
             res = claim_intervals(run, [c], "kl")
             res = res[res["outcome"] != "skipped"]
@@ -127,6 +160,20 @@ def sae_substitution(
                 parts.append(
                     (run.name, at, l0.get(run.name), r.ratio, r.ci_low, r.ci_high, r.n_seqs)
                 )
+                if r.outcome == "inconclusive":
+                    undecided.append(
+                        ratio_part(
+                            f"{run.name}{at}",
+                            r.ratio,
+                            r.ci_low,
+                            r.ci_high,
+                            int(r.n_seqs),
+                            op=c.op,
+                            band=BAND,
+                            group=f"{run.name}{at}",
+                            min_n=MIN_SEQS,
+                        )
+                    )
         if not parts:
             raise ValueError(f"no SAE run under {suite} has rows for {c.text!r}")
         ratios = np.array([p[3] for p in parts])
@@ -144,6 +191,7 @@ def sae_substitution(
             verdict=combine(words),
             ci_or_test=f"paired {CI_WORD} CI of the ratio per SAE (sequences resampled): "
             + "; ".join(f"{p[0]}{p[1]} [{_f(p[4])}, {_f(p[5])}]" for p in parts),
+            undecided=tuple(undecided),
         )
 
     return evaluate
@@ -164,6 +212,13 @@ def sae_suite_ordering(claim: Claim, metric: str = "kl") -> Callable[[Sequence[P
         judged = [_judged(r) for _, r in table.iterrows()]
         shown = verdict_rows(table)
         first = suite / str(table.iloc[0]["run"])
+        undecided: list[Undecided] = []
+        for run, (word, note) in zip(table["run"], judged, strict=True):
+            if word == "inconclusive":
+                group = f"{run}: "
+                stuck = [Undecided(group, np.nan, np.nan, np.nan, np.nan, 0, group=group)]
+                found = _undecided_lengths(suite / str(run), claim, metric, group, group)
+                undecided += stuck if note else found
         return Row(
             ours=f"mean {metric} ratio {claim.a} / {claim.b} over the lengths judged: "
             + "; ".join(f"{s['run']} {s['ratio a/b']}" for s in shown),
@@ -177,6 +232,7 @@ def sae_suite_ordering(claim: Claim, metric: str = "kl") -> Callable[[Sequence[P
                 f"{s['run']} {s['holds at']} / {s['reversed at']}{note}"
                 for s, (_, note) in zip(shown, judged, strict=True)
             ),
+            undecided=tuple(undecided),
         )
 
     return evaluate
@@ -309,7 +365,7 @@ def e2e_vs_local_paired(
             columns=["name", "kind", "l0", "kl"],
         )  # fmt: skip
         pairs = matched_pairs(evals)
-        parts, words, alike = [], [], {}
+        parts, words, alike, undecided = [], [], {}, []
         read: dict[str, pd.DataFrame] = {}  # a local SAE can pair with several e2e ones
         for p in pairs.itertuples():
             for label in (p.e2e, p.local):
@@ -340,6 +396,14 @@ def e2e_vs_local_paired(
                 words.append(above(*inverse, 1.0) if judged else "inconclusive")
                 at = f" @ {length:g}" if lengths is not None else ""
                 parts.append((p, at, r, n))
+                if words[-1] == "inconclusive":
+                    label = f"{p.e2e} / {p.local}{at}"
+                    undecided.append(
+                        Undecided(label, np.nan, np.nan, np.nan, np.nan, n, group=label)
+                        if p.e2e in alike  # the same features: no sample size decides it
+                        else ratio_part(label, r["ratio"], r["ci_low"], r["ci_high"], n,
+                                        below=True, group=label, min_n=MIN_SEQS)
+                    )  # fmt: skip
         if not parts:
             return Row(
                 ours="no e2e SAE of the suite has a local one at its L0",
@@ -368,6 +432,7 @@ def e2e_vs_local_paired(
                 if alike
                 else ""
             ),
+            undecided=tuple(undecided),
         )
 
     return evaluate
@@ -418,12 +483,14 @@ def _later(run: Path, wide: pd.DataFrame, a: str, b: str, ours: str, test: str =
     """The row of a claim "a's step comes after b's": the mean paired difference a - b over
     prompts (``wide``: one row per prompt, a column per label) and its interval."""
     diff, lo, hi, n = paired_difference(wide[a].to_numpy(), wide[b].to_numpy())
+    part = Undecided(f"{a} - {b}", diff, lo, hi, 0.0, n, "prompts", "", diff < 0.0, MIN_SEQS)
     return Row(
         ours=ours,
         sample=sample(run) + f"; {n} prompts",
         verdict=above(lo, hi, 0.0),
         ci_or_test=f"paired difference {a} - {b} {_f(diff)} steps, {CI_WORD} CI [{_f(lo)}, "
         f"{_f(hi)}] (prompts resampled){test}",
+        undecided=(part,),
     )
 
 
@@ -446,6 +513,12 @@ def synthetic_like_real(runs: Sequence[Path]) -> Row:
     else:
         lo = hi = np.full(len(synth), np.nan)
     ks = {k: ks_statistic(x[k], x[real]) for k in (cov, *synth)}
+    gap = {s: ks[cov] - ks[s] for s in synth}
+    undecided = tuple(
+        Undecided(s, gap[s], a, b, 0.0, len(wide), "prompts", s, bool(gap[s] < 0.0), MIN_SEQS)
+        for s, a, b in zip(synth, lo, hi, strict=True)
+        if above(a, b, 0.0) == "inconclusive"
+    )
     return Row(
         ours=f"KS of the max-slope step ({metric}) to {real}: "
         + "; ".join(f"{k} {_f(v)}" for k, v in ks.items()),
@@ -453,6 +526,7 @@ def synthetic_like_real(runs: Sequence[Path]) -> Row:
         verdict=combine([above(a, b, 0.0) for a, b in zip(lo, hi, strict=True)]),
         ci_or_test=f"{CI_WORD} CI of KS({cov}) - KS(synthetic) per target (prompts resampled): "
         + "; ".join(f"{s} [{_f(a)}, {_f(b)}]" for s, a, b in zip(synth, lo, hi, strict=True)),
+        undecided=undecided,
     )
 
 
@@ -499,6 +573,9 @@ def sharp_transitions(runs: Sequence[Path]) -> Row:
     else:
         lo = hi = np.nan
     q25, med, q75 = np.quantile(s, [0.25, 0.5, 0.75]) if s.size else (np.nan,) * 3
+    bound = STEEP * line
+    part = Undecided("median sharpness", med, lo, hi, bound, s.size, "prompt pairs",
+                     against=bool(med < bound), min_n=MIN_SEQS)  # fmt: skip
     return Row(
         ours=f"sharpness ({metric}) quartiles {_f(q25)} / {_f(med)} / {_f(q75)}; a straight "
         f"line gives {_f(line)}",
@@ -506,4 +583,5 @@ def sharp_transitions(runs: Sequence[Path]) -> Row:
         verdict=above(lo, hi, STEEP * line),
         ci_or_test=f"{CI_WORD} CI of the median sharpness [{_f(lo)}, {_f(hi)}] (pairs "
         f"resampled) vs {STEEP:g} x the straight line's = {_f(STEEP * line)}",
+        undecided=(part,),
     )

@@ -5,10 +5,13 @@ and the verdict word an interval gives."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 
 from perturb_lens.analysis.verdicts import MIN_SEQS
-from perturb_lens.replication.registry import Verdict
+from perturb_lens.replication.registry import Undecided, Verdict
 from perturb_lens.statistics.bootstrap import bootstrap_interval
 
 CI = 0.95
@@ -64,3 +67,77 @@ def combine(verdicts: list[Verdict]) -> Verdict:
     if verdicts and all(v == "replicated" for v in verdicts):
         return "replicated"
     return "not replicated" if "not replicated" in verdicts else "inconclusive"
+
+
+# ---------------------------------------------------------------------------------------------
+# The sample size that would decide an inconclusive claim
+
+SIZE_RULE = (
+    "n' = n (h / |estimate - bound|)^2, with h the half-width of the CI (high - low) / 2 on n "
+    "units: a CI's half-width shrinks as 1 / sqrt(n), so at n' the interval would just reach the "
+    "bound. An approximation: the estimate is taken as it is, and a new sample moves it too."
+)
+
+
+def needed_size(part: Undecided) -> int | None:
+    """The units at which ``part``'s interval would exclude its bound (:data:`SIZE_RULE`),
+    at least ``part.min_n``; None where no size decides it (NaN interval, estimate on the
+    bound, or an interval that does not contain the bound and is judged already)."""
+    values = (part.estimate, part.low, part.high, part.bound)
+    if not all(np.isfinite(v) for v in values):
+        return None
+    if not part.low <= part.bound <= part.high:
+        return part.min_n if part.n < part.min_n else None
+    gap = abs(part.estimate - part.bound)
+    if gap == 0.0:
+        return None
+    half = (part.high - part.low) / 2.0
+    return max(math.ceil(part.n * (half / gap) ** 2), part.min_n)
+
+
+def deciding_size(parts: Sequence[Undecided]) -> tuple[int, Undecided] | None:
+    """The sample size that would decide a claim left inconclusive by ``parts``, and the part it
+    comes from: per group its smallest :func:`needed_size` (one decided part decides a group);
+    then the smallest over the groups leaning ``against`` (one decides the claim), else the
+    largest over all groups (each must be decided). None where no size decides it (a group
+    that no size decides, and none against)."""
+    groups: dict[str, list[tuple[int | None, Undecided]]] = {}
+    for p in parts:
+        groups.setdefault(p.group, []).append((needed_size(p), p))
+    best: list[tuple[int, Undecided]] = []
+    stuck = False
+    for members in groups.values():
+        sized = [(n, p) for n, p in members if n is not None]
+        if not sized:
+            stuck = True
+            continue
+        best.append(min(sized, key=lambda x: x[0]))
+    against = [b for b in best if b[1].against]
+    if against:
+        return min(against, key=lambda x: x[0])
+    if stuck or not best:
+        return None
+    return max(best, key=lambda x: x[0])
+
+
+def ratio_part(
+    label: str,
+    ratio: float,
+    low: float,
+    high: float,
+    n: int,
+    *,
+    op: str = ">",
+    band: tuple[float, float] = (0.8, 1.25),
+    group: str = "",
+    min_n: int = 0,
+    below: bool = False,
+) -> Undecided:
+    """The :class:`Undecided` of a ratio interval judged against 1 (``op`` ``>``; ``below``:
+    the claim is the ratio below 1) or, for ``~``, against the band edge nearest the ratio."""
+    if op == "~":
+        bound = min(band, key=lambda edge: abs(ratio - edge))
+        against = not band[0] <= ratio <= band[1]
+    else:
+        bound, against = 1.0, (ratio > 1.0) if below else (ratio < 1.0)
+    return Undecided(label, ratio, low, high, bound, n, "seqs", group, bool(against), min_n)

@@ -1,5 +1,6 @@
-"""The runs-root layout of ``perturb-lens replication``: ``RUNS_ROOT/<run name>/``, one folder per
-run below, each written by the command beside it (run from the repository root)."""
+"""The runs-root layout of ``perturb-lens replication``: ``RUNS_ROOT/<model>/<run name>/``, one
+folder per model and run (the presets' model's runs may also sit directly under the root, the
+single-model layout), each written by the command beside it (run from the repository root)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from perturb_lens.replication.models import MODEL_LAYERS, PRESET_MODEL, middle_hook, middle_layer
+
 Kind = Literal["run", "suite", "sae-folders"]
 WEBTEXT = "../shared/data/webtext/webtext.test.jsonl"
 # The sizes below are what 2 CPU cores allowed for the committed REPLICATION.md (the presets hold
 # the published sizes: drop the overrides on a bigger machine).
 SUBSTITUTION_SEQS = "base.data.n_seqs=12"
+# Another model than the presets' is judged with one TopK SAE at its middle layer (the layer-15
+# set's topk-k64, trained there by the specialized `sae train` command).
+SAE_TRAIN = "sae_train_smollm2_layer15_topk_e2e"
+MIDDLE_SAE = "{root}/" + SAE_TRAIN + "/topk-k64"
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,10 @@ class ReplicationRun:
     name: str
     kind: Kind
     command: str
+    specialize: tuple[str, ...] = ()
+    """What a run of another model adds before ``--out``: templates of ``{model}``, ``{layer}``
+    (its middle layer), ``{hook}`` (that layer's resid_pre) and ``{root}`` (the model's
+    folder)."""
 
     def path(self, root: str | Path) -> Path:
         return Path(root) / self.name
@@ -35,21 +46,39 @@ class ReplicationRun:
         marker = "manifest.json" if self.kind == "suite" else "eval.json"
         return path.is_dir() and any((p / marker).is_file() for p in path.iterdir())
 
-    def command_for(self, root: str | Path) -> str:
-        return self.command.format(root=str(root).rstrip("/") or ".")
+    def command_for(self, root: str | Path, model: str | None = None) -> str:
+        """The command writing this run under ``root`` (a model's folder): the preset's for its
+        own model (None), specialized with :attr:`specialize` for another."""
+        where = str(root).rstrip("/") or "."
+        command = self.command.format(root=where)
+        if model is None or model == PRESET_MODEL:
+            return command
+        head, out = command.rsplit(" --out ", 1)
+        at = {"model": model, "layer": middle_layer(model), "hook": middle_hook(model)}
+        extra = (t.format(root=where, **at) for t in self.specialize)
+        return " ".join((head, *extra, "--out", out))
 
 
-def _spec(name: str, kind: Kind, command: str, preset: str, *overrides: str) -> ReplicationRun:
+def _spec(
+    name: str, kind: Kind, command: str, preset: str, *overrides: str, specialize: tuple[str, ...]
+) -> ReplicationRun:
     args = " ".join((f"configs/{preset}.yaml", *overrides))
-    return ReplicationRun(name, kind, f"perturb-lens {command} {args} --out {{root}}/{name}")
+    command = f"perturb-lens {command} {args} --out {{root}}/{name}"
+    return ReplicationRun(name, kind, command, specialize)
 
 
-def _run(name: str, preset: str, *overrides: str) -> ReplicationRun:
-    return _spec(name, "run", "run", preset, *overrides)
+MODEL_HOOK = ("model={model}", "hook={hook}")
 
 
-def _suite(name: str, *overrides: str) -> ReplicationRun:
-    return _spec(name, "suite", "sae run", name, *overrides)
+def _run(name: str, preset: str, *overrides: str, sae: bool = False) -> ReplicationRun:
+    extra = (f"sae={MIDDLE_SAE}",) if sae else ()
+    return _spec(name, "run", "run", preset, *overrides, specialize=MODEL_HOOK + extra)
+
+
+def _suite(name: str, *overrides: str, label: str = "topk-k64") -> ReplicationRun:
+    saes = f"'saes=[{{{{label: {label}, sae: {MIDDLE_SAE}}}}}]'"
+    specialize = ("base.model={model}", saes)
+    return _spec(name, "suite", "sae run", name, *overrides, specialize=specialize)
 
 
 RUNS: dict[str, ReplicationRun] = {
@@ -62,23 +91,33 @@ RUNS: dict[str, ReplicationRun] = {
             f"data.source={WEBTEXT}",
         ),
         _suite("sae_substitution_smollm2", SUBSTITUTION_SEQS),
-        _suite("sae_substitution_smollm2_layers", SUBSTITUTION_SEQS),
+        _suite("sae_substitution_smollm2_layers", SUBSTITUTION_SEQS, label="L{layer:02d}"),
         _suite("sae_error_extrapolation_smollm2"),
         _suite("sae_feature_extrapolation_smollm2"),
         _spec(
-            "sae_train_smollm2_layer15_topk_e2e",
+            SAE_TRAIN,
             "sae-folders",
             "sae train",
-            "sae_train_smollm2_layer15_topk_e2e",
+            SAE_TRAIN,
+            specialize=(*MODEL_HOOK, "--only topk-k64"),
         ),
-        _run("synthetic_activations", "synthetic_activations_smollm2"),
-        _run("plateaus", "plateaus_smollm2", "data.n_seqs=100"),
+        _run("synthetic_activations", "synthetic_activations_smollm2", sae=True),
+        _run("plateaus", "plateaus_smollm2", "data.n_seqs=100", sae=True),
         _run("stable_regions", "stable_regions_smollm2", "data.n_seqs=100"),
     )
 }
 """The run folders the registered claims read, by name."""
 
 
-def layout_text(root: str = "RUNS_ROOT") -> str:
-    """The layout: each run's folder, then (indented) the command that writes it."""
-    return "\n".join(f"{r.path(root)}/\n    {r.command_for(root)}" for r in RUNS.values())
+def layout_text(root: str = "RUNS_ROOT", model: str | None = None) -> str:
+    """The layout of one model's folder ``root``: each run's folder, then (indented) the command
+    that writes it (``model``: None for the presets' own)."""
+    return "\n".join(f"{r.path(root)}/\n    {r.command_for(root, model)}" for r in RUNS.values())
+
+
+def models_layout_text(root: str = "RUNS_ROOT", models: tuple[str, ...] = ()) -> str:
+    """The multi-model layout: :func:`layout_text` of ``root/<model>`` per model (default:
+    every model of :data:`~perturb_lens.replication.models.MODEL_LAYERS`)."""
+    return "\n".join(
+        layout_text(f"{str(root).rstrip('/') or '.'}/{m}", m) for m in models or tuple(MODEL_LAYERS)
+    )

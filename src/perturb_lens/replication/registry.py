@@ -21,14 +21,38 @@ NOT_RUN = "not run"
 
 
 @dataclass(frozen=True)
+class Undecided:
+    """An interval that leaves a claim undecided: ``estimate`` with its CI ``low``-``high`` on
+    ``n`` units (``unit``: seqs, prompts, pairs) against the ``bound`` the verdict compares it
+    with; ``label`` names the part (a length, an SAE). Parts of one ``group`` (the lengths of
+    one ordering) decide it as soon as one is decided; every group must be decided for the
+    claim to replicate, while one ``against`` group (its estimate on the side that does not
+    replicate) decides it alone. ``min_n``: the fewest units the rule judges at all."""
+
+    label: str
+    estimate: float
+    low: float
+    high: float
+    bound: float
+    n: int
+    unit: str = "seqs"
+    group: str = ""
+    against: bool = False
+    min_n: int = 0
+
+
+@dataclass(frozen=True)
 class Row:
     """What an evaluator finds: ``ours`` (our number), ``sample`` (model, hook, SAE, size),
-    ``verdict`` (one of :data:`VERDICTS`) and ``ci_or_test`` (the interval or test behind it)."""
+    ``verdict`` (one of :data:`VERDICTS`) and ``ci_or_test`` (the interval or test behind it);
+    where the verdict is inconclusive, ``undecided`` holds the intervals that left it so (the
+    sample size that would decide it is computed from them)."""
 
     ours: str
     sample: str
     verdict: Verdict
     ci_or_test: str
+    undecided: tuple[Undecided, ...] = ()
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:

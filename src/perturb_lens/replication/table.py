@@ -1,6 +1,7 @@
-"""``REPLICATION.md``: every registered claim evaluated on the runs under a runs root, as one
-markdown table with the verdict rules below it. A claim whose run is missing says "not run" and
-the command that makes it; a run that cannot be judged says why; no number is typed in."""
+"""``REPLICATION.md`` of one model: every registered claim evaluated on the runs under a runs
+root, as one markdown table with the verdict rules below it. A claim whose run is missing says
+"not run" and the command that makes it; a run that cannot be judged says why; no number is typed
+in. The table across models (one column per model) is :mod:`.across`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perturb_lens.replication.layout import RUNS, layout_text
-from perturb_lens.replication.registry import NOT_RUN, ReplicationClaim, replication_claims
+from perturb_lens.replication.models import PRESET_MODEL
+from perturb_lens.replication.registry import (
+    NOT_RUN,
+    ReplicationClaim,
+    Undecided,
+    replication_claims,
+)
 
 CANNOT_JUDGE = "cannot judge"
 COLUMNS = (
@@ -26,7 +33,8 @@ COLUMNS = (
 @dataclass(frozen=True)
 class Result:
     """One line of the table: the claim and what its runs gave (``verdict`` may also be
-    :data:`NOT_RUN` or :data:`CANNOT_JUDGE`)."""
+    :data:`NOT_RUN` or :data:`CANNOT_JUDGE`) on ``model``; ``undecided``: the intervals that
+    left an inconclusive verdict so."""
 
     claim: ReplicationClaim
     ours: str
@@ -34,35 +42,42 @@ class Result:
     verdict: str
     ci_or_test: str
     commands: tuple[str, ...]
+    model: str = PRESET_MODEL
+    undecided: tuple[Undecided, ...] = ()
 
 
-def evaluate_claim(claim: ReplicationClaim, root: str | Path) -> Result:
-    """Evaluate one claim on the runs under ``root`` (see :mod:`.layout`)."""
+def evaluate_claim(claim: ReplicationClaim, root: str | Path, model: str | None = None) -> Result:
+    """Evaluate one claim on the runs under ``root`` (see :mod:`.layout`), a folder of
+    ``model``'s runs (None: the presets' model); a missing run's command is that model's."""
     specs = [RUNS[name] for name in claim.runs]
-    commands = tuple(s.command_for(root) for s in specs)
+    commands = tuple(s.command_for(root, model) for s in specs)
+    who = model or PRESET_MODEL
     missing = [s.name for s in specs if not s.present(root)]
     if missing:
         where = ", ".join(str(RUNS[m].path(root)) for m in missing)
-        return Result(claim, "-", f"missing: {where}", NOT_RUN, "-", commands)
+        return Result(claim, "-", f"missing: {where}", NOT_RUN, "-", commands, who)
     try:
         row = claim.evaluate([s.path(root) for s in specs])
     except (ValueError, KeyError, FileNotFoundError) as e:  # a run that does not fit the claim
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        return Result(claim, "-", "-", CANNOT_JUDGE, f"{type(e).__name__}: {msg}", commands)
-    return Result(claim, row.ours, row.sample, row.verdict, row.ci_or_test, commands)
+        return Result(claim, "-", "-", CANNOT_JUDGE, f"{type(e).__name__}: {msg}", commands, who)
+    fields = (row.ours, row.sample, row.verdict, row.ci_or_test)
+    return Result(claim, *fields, commands, who, row.undecided)
 
 
-def replication_results(root: str | Path) -> list[Result]:
-    """Every registered claim evaluated on the runs under ``root``."""
+def replication_results(root: str | Path, model: str | None = None) -> list[Result]:
+    """Every registered claim evaluated on the runs under ``root`` (a folder of ``model``'s
+    runs; None: the presets' model)."""
 
-    return [evaluate_claim(c, root) for c in replication_claims()]
+    return [evaluate_claim(c, root, model) for c in replication_claims()]
 
 
-def _cell(text: str) -> str:
+def cell(text: str) -> str:
+    """``text`` as one markdown table cell (one line, pipes escaped)."""
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _rule_notes(results: list[Result]) -> dict[tuple[str, str], str]:
+def rule_notes(results: list[Result]) -> dict[tuple[str, str], str]:
     """A footnote label per distinct (rule, source) of the claims, in order of appearance."""
     notes: dict[tuple[str, str], str] = {}
     for r in results:
@@ -90,7 +105,7 @@ def replication_markdown(results: list[Result], root: str | Path, command: str) 
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
-    notes = _rule_notes(results)
+    notes = rule_notes(results)
     for r in results:
         c = r.claim
         cells = (
@@ -103,27 +118,9 @@ def replication_markdown(results: list[Result], root: str | Path, command: str) 
             r.ci_or_test,
             "<br>".join(f"`{x}`" for x in r.commands),
         )
-        lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
+        lines.append("| " + " | ".join(cell(x) for x in cells) + " |")
     lines += ["", "## Verdict rules and sources", ""]
     for (rule, source), label in notes.items():
-        lines.append(f"[^{label}]: {_cell(rule)} Source: {_cell(source)}.")
+        lines.append(f"[^{label}]: {cell(rule)} Source: {cell(source)}.")
     lines += ["", "## Runs-root layout", "", "```", layout_text(str(root)), "```", ""]
     return "\n".join(lines)
-
-
-def write_replication(
-    root: str | Path, out: str | Path = "REPLICATION.md", *, command: str | None = None
-) -> tuple[Path, list[Result]]:
-    """Evaluate every claim on the runs under ``root`` and write ``out``; returns its path and
-    the results. ``command``: how the file is regenerated (default: the CLI call)."""
-    root_dir = Path(root)
-    if not root_dir.is_dir():
-        raise ValueError(
-            f"runs root {root} is not a folder: make it and run the commands of "
-            "`perturb-lens replication --help` into it"
-        )
-    results = replication_results(root)
-    command = command or f"perturb-lens replication {root} --out {out}"
-    path = Path(out)
-    path.write_text(replication_markdown(results, root, command))
-    return path, results

@@ -336,13 +336,20 @@ def fit_stats(
     for acts in batches:
         if acc is None:
             acc = StatsAccumulator(acts.shape[-1], seed=seed)
-        acc.update(acts, exclude_first_position=exclude_first_position)
-        if pool is not None:
-            rows = acts[:, 1:] if acts.ndim == 3 and exclude_first_position else acts
-            pool.take(rows.reshape(-1, acts.shape[-1]))
+        take_batch(acc, pool, acts, exclude_first_position)
     if acc is None:
         raise ValueError("fit_stats got no batches: pass at least one activation tensor.")
     return acc.finalize(hook=hook, frame=frame, jitter=jitter)
+
+
+def take_batch(
+    acc: StatsAccumulator, pool: PoolSampler | None, acts: Tensor, exclude_first_position: bool
+) -> None:
+    """One batch of activations into a fit: the accumulator, and the pool's sample of its rows."""
+    acc.update(acts, exclude_first_position=exclude_first_position)
+    if pool is not None:
+        rows = acts[:, 1:] if acts.ndim == 3 and exclude_first_position else acts
+        pool.take(rows.reshape(-1, acts.shape[-1]))
 
 
 class PoolSampler:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from perturb_lens.common.files import UnreadableFileError, torch_load
 from perturb_lens.common.paths import cache_root
@@ -26,9 +27,11 @@ from perturb_lens.statistics.activations import (
     DEFAULT_FIT_PER_DIM,
     ActivationStats,
     PoolSampler,
+    StatsAccumulator,
     StatsFileError,
     fit_stats,
     hook_activations,
+    take_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -105,17 +108,7 @@ def cached_stats(
     ``recorded`` (the meta of the run's manifest; None: a new run), else the shared cache (keyed
     by the model's weights, the fit sample's tokens and the settings), else fitted on ``tokens``
     (the fit sample) into it. Damaged cache files are refitted."""
-    key = derive_seed(
-        model_fingerprint(model),
-        model.frame,
-        cfg.dtype,
-        cfg.hook,
-        token_source_hash(tokens),
-        cfg.stats.jitter,
-        cfg.stats.pool_size,
-        cfg.seed,
-    )
-    cache = cache_root() / "stats" / f"{key:016x}"
+    cache = stats_cache_dir(cfg, model, tokens)
     if recorded is not None and _run_stats_intact(run_dir, recorded):
         return *load_stats(run_dir), run_dir
     if (cache / STATS_FILE).is_file() or (cache / POOL_FILE).is_file():
@@ -127,6 +120,60 @@ def cached_stats(
     cache.mkdir(parents=True, exist_ok=True)
     save_stats(cache, stats, pool)
     return stats, pool, cache
+
+
+def stats_cache_dir(cfg: ExperimentConfig, model: LensModel, tokens: Tensor) -> Path:
+    """The shared cache folder of a fit: keyed by the model's weights and frame, the dtype, the
+    hook, the fit sample's tokens and the settings."""
+    key = derive_seed(
+        model_fingerprint(model),
+        model.frame,
+        cfg.dtype,
+        cfg.hook,
+        token_source_hash(tokens),
+        cfg.stats.jitter,
+        cfg.stats.pool_size,
+        cfg.seed,
+    )
+    return cache_root() / "stats" / f"{key:016x}"
+
+
+def prefill_stats(
+    cfgs: list[ExperimentConfig], model: LensModel, tokens: Tensor, progress: bool = True
+) -> list[Path]:
+    """Fit the statistics of several runs that differ only in their hook (the fit sample
+    ``tokens`` is theirs: :func:`stats_tokens`) in one pass over the model, into the shared cache
+    where :func:`cached_stats` finds them; the same numbers as fitting each alone (the same
+    activations, batches, seeds and pool draws). Fits already cached are skipped. Returns the
+    cache folders."""
+    hooks = [model.parse_hook(c.hook) for c in cfgs]
+    if len({h.name for h in hooks}) != len(hooks):
+        raise ValueError("prefill_stats takes runs at distinct hooks")
+    folders = [stats_cache_dir(c, model, tokens) for c in cfgs]
+    todo = [i for i, f in enumerate(folders) if not (f / STATS_FILE).is_file()]
+    if not todo:
+        return folders
+    n, t = tokens.shape
+    first = min((hooks[i] for i in todo), key=lambda h: (h.layer, h.kind_index))
+    fits = {}
+    for i in todo:
+        c = cfgs[i]
+        gen = torch.Generator().manual_seed(derive_seed(c.seed, "pool"))
+        acc = StatsAccumulator(model.spec.d_model, seed=c.seed)
+        fits[i] = (acc, PoolSampler(n * (t - 1), c.stats.pool_size, gen))
+    reads = [hooks[i].name for i in todo if hooks[i] != first]
+    batch = cfgs[todo[0]].stats.batch_seqs
+    for s0 in tqdm(range(0, n, batch), desc="Activation statistics", disable=not progress):
+        clean = model.run_clean(tokens[s0 : s0 + batch].to(model.device), first, reads=reads)
+        for i, (acc, pool) in fits.items():
+            acts = clean.x if hooks[i] == first else clean.reads[hooks[i].name]
+            take_batch(acc, pool, acts, True)
+    for i, (acc, pool) in fits.items():
+        c = cfgs[i]
+        stats = acc.finalize(hook=c.hook, frame=model.frame, jitter=c.stats.jitter)
+        folders[i].mkdir(parents=True, exist_ok=True)
+        save_stats(folders[i], stats, pool.sample())
+    return folders
 
 
 def _run_stats_intact(run_dir: Path, recorded: dict[str, Any]) -> bool:

@@ -1,0 +1,173 @@
+"""``REPLICATION.md`` across models: one row per claim and one verdict column per model, read
+from ``RUNS_ROOT/<model>/<run>/`` (the presets' model's runs may also sit directly under the
+root, the single-model layout). A model's cell holds its verdict, our number, its sample and its
+interval or test; a missing run's cell says "not run" with the command that makes it for that
+model; an inconclusive verdict that a larger sample would decide gets that size in a footnote.
+A root with no model folder is the single-model layout, written as :mod:`.table` writes it."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from perturb_lens.replication.inference import SIZE_RULE, deciding_size
+from perturb_lens.replication.layout import RUNS, layout_text
+from perturb_lens.replication.models import MODEL_LAYERS, PRESET_MODEL, middle_layer, n_layers
+from perturb_lens.replication.registry import NOT_RUN
+from perturb_lens.replication.table import (
+    CANNOT_JUDGE,
+    Result,
+    cell,
+    replication_markdown,
+    replication_results,
+    rule_notes,
+)
+
+INCONCLUSIVE = "inconclusive"
+
+
+def model_folders(root: str | Path, models: Sequence[str] | None = None) -> dict[str, Path] | None:
+    """The folder each model's runs are read from: ``root/<model>``, or ``root`` itself for the
+    presets' model when its runs sit there and it has no folder. ``models``: the columns (None:
+    every model of :data:`~.models.MODEL_LAYERS` if ``root`` holds a model folder, else None:
+    the single-model layout)."""
+    root = Path(root)
+    if models is None:
+        if not any((root / m).is_dir() for m in MODEL_LAYERS):
+            return None
+        models = tuple(MODEL_LAYERS)
+    for m in models:
+        n_layers(m)  # unknown: the error names the known ones
+    legacy = not (root / PRESET_MODEL).is_dir() and any(r.present(root) for r in RUNS.values())
+    return {m: root if m == PRESET_MODEL and legacy else root / m for m in models}
+
+
+def models_results(folders: dict[str, Path]) -> dict[str, list[Result]]:
+    """Every registered claim evaluated on each model's folder (see :func:`model_folders`)."""
+    return {m: replication_results(folder, m) for m, folder in folders.items()}
+
+
+def _size_note(r: Result) -> str | None:
+    """The footnote of an inconclusive verdict that a larger sample would decide, or None."""
+    if r.verdict != INCONCLUSIVE or (found := deciding_size(r.undecided)) is None:
+        return None
+    n_new, p = found
+    text = f"**{r.claim.claim_id}** on {r.model}: inconclusive on n = {p.n} {p.unit}; at {p.label} "
+    floor = f"the rule judges nothing under {p.min_n} {p.unit}"
+    if p.low <= p.bound <= p.high:
+        half, gap = (p.high - p.low) / 2.0, abs(p.estimate - p.bound)
+        raw = p.n * (half / gap) ** 2
+        text += (
+            f"the estimate {p.estimate:.3g} has CI [{p.low:.3g}, {p.high:.3g}] (h = {half:.3g}) "
+            f"against the bound {p.bound:.3g}, so n' = {p.n} x ({half:.3g} / {gap:.3g})^2 = "
+            f"{raw:.4g}" + (f", and {floor}" if n_new > math.ceil(raw) else "")
+        )
+    else:
+        text += f"the CI [{p.low:.3g}, {p.high:.3g}] excludes the bound {p.bound:.3g}, but {floor}"
+    return text + f": about **{n_new} {p.unit}** would decide it."
+
+
+def _model_cell(r: Result, size_label: str | None) -> str:
+    if r.verdict == NOT_RUN:
+        return f"*{NOT_RUN}*: " + "<br>".join(f"`{x}`" for x in r.commands)
+    if r.verdict == CANNOT_JUDGE:
+        return f"**{CANNOT_JUDGE}**: {r.ci_or_test}"
+    ref = f"[^{size_label}]" if size_label else ""
+    return f"**{r.verdict}**{ref}: {r.ours}. Sample: {r.sample}. {r.ci_or_test}"
+
+
+def _header(model: str) -> str:
+    return f"{model} ({n_layers(model)} layers, middle {middle_layer(model)})"
+
+
+def models_markdown(
+    per_model: dict[str, list[Result]], folders: dict[str, Path], root: str | Path, command: str
+) -> str:
+    """The markdown of ``REPLICATION.md`` across models: a generated-by header, the table (claim
+    rows, a verdict column per model), the sample sizes that would decide, the verdict rules
+    (one footnote per rule) and each model's runs-root layout."""
+    models = list(per_model)
+    first = per_model[models[0]]
+    columns = ["claim", "paper", "paper's number", *(_header(m) for m in models)]
+    read_from = "; ".join(
+        f"{m} from `{folders[m]}`"
+        + (" (the single-model layout)" if folders[m] == Path(root) else "")
+        for m in models
+    )
+    counts = "; ".join(
+        f"{m}: " + ", ".join(f"{v} {n}" for v, n in Counter(r.verdict for r in res).items())
+        for m, res in per_model.items()
+    )
+    lines = [
+        "<!-- Generated file: do not edit. Regenerate with the command below. -->",
+        "# Replication of the published claims across models (perturb-lens)",
+        "",
+        f"Generated by `{command}` from the runs under `{root}`, one folder per model ("
+        f"{read_from}). Every number in a model's column is computed from that model's runs; "
+        "the paper's numbers are quotations of the source named in the rules below. A claim "
+        f"whose run is missing on a model is marked *{NOT_RUN}* with the command that makes "
+        f"it for that model: the {PRESET_MODEL} presets, for another model with `model=NAME "
+        "hook=blocks.K.hook_resid_pre` (K = n_layers // 2, its middle layer) and one TopK SAE "
+        "trained there.",
+        "",
+        f"Verdicts: {counts}.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    notes = rule_notes(first)
+    sizes: list[str] = []
+    for i, r0 in enumerate(first):
+        c = r0.claim
+        cells = [f"**{c.claim_id}**[^{notes[(c.rule, c.source)]}]: {c.claim}", c.paper]
+        cells.append(c.paper_number)
+        for m in models:
+            r = per_model[m][i]
+            note = _size_note(r)
+            if note is not None:
+                sizes.append(note)
+            cells.append(_model_cell(r, f"n{len(sizes)}" if note else None))
+        lines.append("| " + " | ".join(cell(x) for x in cells) + " |")
+    if sizes:
+        lines += ["", "## Sample sizes that would decide", "", f"{SIZE_RULE}", ""]
+        lines += [f"[^n{i}]: {cell(text)}" for i, text in enumerate(sizes, 1)]
+    lines += ["", "## Verdict rules and sources", ""]
+    for (rule, source), label in notes.items():
+        lines.append(f"[^{label}]: {cell(rule)} Source: {cell(source)}.")
+    lines += ["", "## Runs-root layout", "", "```"]
+    lines += [layout_text(str(folders[m]), m) for m in models]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def write_replication(
+    root: str | Path,
+    out: str | Path = "REPLICATION.md",
+    *,
+    command: str | None = None,
+    models: Sequence[str] | None = None,
+) -> tuple[Path, list[Result]]:
+    """Evaluate every claim on the runs under ``root`` and write ``out``; returns its path and
+    the results (each with its ``model``). ``models``: the columns (None: every known model
+    when ``root`` holds a model folder, else the single-model table of the runs in ``root``);
+    ``command``: how the file is regenerated (default: the CLI call)."""
+    root_dir = Path(root)
+    if not root_dir.is_dir():
+        raise ValueError(
+            f"runs root {root} is not a folder: make it and run the commands of "
+            "`perturb-lens replication --help` into it"
+        )
+    command = command or f"perturb-lens replication {root} --out {out}"
+    folders = model_folders(root_dir, models)
+    if folders is None:
+        results = replication_results(root)
+        text = replication_markdown(results, root, command)
+    else:
+        per_model = models_results(folders)
+        results = [r for res in per_model.values() for r in res]
+        text = models_markdown(per_model, folders, root, command)
+    path = Path(out)
+    path.write_text(text)
+    return path, results

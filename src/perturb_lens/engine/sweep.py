@@ -11,6 +11,12 @@ Scopes:
   perturbation leaks into another's measurement. Rows attend to the clean keys/values of their
   sequence (``LensModel.continue_at``): one token's compute per row.
 - ``last-position``: only the final position (plateau and stable-region experiments).
+
+Both scopes run one loop (:func:`_sweep_direction`) over a typed :class:`_SweepBatch` (the plan
+bound to a clean batch): suffix passes over an (n, m) grid of rows per sequence, each measured by
+:func:`_measure_pass`. A scope only says how one pass perturbs and continues
+(:func:`_all_positions_pass`: n lengths x T positions; :func:`_single_positions_pass`: n
+positions x L lengths).
 """
 
 from __future__ import annotations
@@ -171,6 +177,96 @@ class _Rows:
         return pd.DataFrame({k: np.concatenate(v) for k, v in self.cols.items()})
 
 
+@dataclass(frozen=True, eq=False)
+class _SweepBatch:
+    """A :class:`SweepPlan` bound to one clean batch: what every suffix pass of both scopes
+    shares, built once per :func:`sweep` call (B sequences, T positions, L lengths, width d)."""
+
+    model: LensModel
+    clean: CleanRun  # the clean pass; x [B, T, d]
+    plan: SweepPlan  # with rows_per_pass resolved (an int)
+    read: str  # the downstream hook of l2/cos
+    ref: _CleanOut  # clean-pass quantities the output metrics compare against
+    next_tokens: Tensor  # [B, T] long: the next token, -1 at the last position
+    lengths: Tensor  # [L] float32 (float64 for a float64 model)
+    seqs: Tensor  # [B] long: sequence numbers in the whole run (seq_offset + row)
+    first: int  # the first perturbed position: T - 1 under last-position, else 0
+
+    @classmethod
+    def build(
+        cls, model: LensModel, clean: CleanRun, plan: SweepPlan, seq_offset: int
+    ) -> _SweepBatch:
+        """Resolve ``rows_per_pass`` and the read; the clean reference, next tokens, lengths."""
+        b, t, _ = clean.x.shape
+        if plan.rows_per_pass is None:
+            plan = replace(plan, rows_per_pass=auto_rows_per_pass(model, t))
+        nxt = torch.full((b, t), -1, dtype=torch.long, device=clean.tokens.device)
+        nxt[:, :-1] = clean.tokens[:, 1:]
+        wide = torch.promote_types(clean.x.dtype, torch.float32)  # float64 for a float64 model
+        return cls(
+            model=model,
+            clean=clean,
+            plan=plan,
+            read=plan.read or model.default_read,
+            ref=_CleanOut.build(model, clean, plan.metrics, plan.rows_per_logits),
+            next_tokens=nxt,
+            lengths=torch.tensor(list(plan.lengths), dtype=wide, device=clean.x.device),
+            seqs=torch.arange(b) + seq_offset,
+            first=plan.first_position(t),
+        )
+
+    @property
+    def reads(self) -> list[str]:
+        """The downstream hooks a suffix pass returns: the read, if a metric needs it."""
+        return [self.read] if self.plan.needs_read else []
+
+    def metrics(
+        self, final: Tensor, i: int, sel: Tensor | None, pert_read: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Metrics [n, m] of sequence i's perturbed rows ``final`` / ``pert_read`` [n, m, d]:
+        all positions along m (``sel`` None), or positions ``sel`` [n] along n."""
+        clean_read = self.clean.reads.get(self.read)
+        if sel is None:
+            ref, nxt = self.ref.select(i), self.next_tokens[i]
+            clean_read = None if clean_read is None else clean_read[i].unsqueeze(0)
+        else:
+            ref, nxt = self.ref.select(i, sel), self.next_tokens[i, sel].unsqueeze(1)
+            clean_read = None if clean_read is None else clean_read[i, sel].unsqueeze(1)
+        f_c, logp_c, lse_c, u_c = ref
+        rest, lin = self.ref.rest, self.ref.lin
+        out = output_metrics(logp_c, self.model.unembed(final), rest, nxt) if rest else {}
+        if lin is not None:
+            out["kl"] = kl_linear(lse_c, u_c, f_c, lse_linear(final, *lin), final)
+        if pert_read is not None and clean_read is not None:
+            out.update(downstream_metrics(clean_read, pert_read, self.plan.metrics))
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class _Pass:
+    """One suffix pass on an (n, m) grid of rows per sequence: all-positions passes n lengths
+    x m = T positions; single-position passes n positions x m = L lengths."""
+
+    final: Tensor  # [B, n, m, d] final normed hidden state
+    read: Tensor | None  # [B, n, m, d] downstream read; None when no metric needs it
+    positions: Tensor | None  # [n] perturbed positions (single-position); None: all, along m
+    lengths: Tensor  # [n] (all-positions) or [m] (single-position)
+
+    def labels(self, j0: int, j1: int) -> tuple[np.ndarray | Tensor, Tensor]:
+        """Position and length of the rows of grid rows ``j0:j1``, flat in row order."""
+        m = self.final.shape[2]
+        if self.positions is None:
+            pos = np.tile(np.arange(m, dtype=np.int16), j1 - j0)
+            return pos, self.lengths[j0:j1].repeat_interleave(m)
+        pos = self.positions[j0:j1].to(torch.int16).repeat_interleave(m)
+        return pos, self.lengths.repeat(j1 - j0)
+
+
+def _spans(n: int, size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` chunks of ``range(n)``, ``size`` at a time."""
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
 def sweep(
     model: LensModel,
     clean: CleanRun,
@@ -181,32 +277,17 @@ def sweep(
 ) -> pd.DataFrame:
     """Rows (seq, pos, direction, length, metrics...) for every direction [B, T, d] and length."""
     b, t, d = clean.x.shape
-    if plan.rows_per_pass is None:
-        plan = replace(plan, rows_per_pass=auto_rows_per_pass(model, t))
-    read = plan.read or model.default_read
-    ref = _CleanOut.build(model, clean, plan.metrics, plan.rows_per_logits)
-    nxt = torch.full((b, t), -1, dtype=torch.long, device=clean.tokens.device)
-    nxt[:, :-1] = clean.tokens[:, 1:]
-    wide = torch.promote_types(clean.x.dtype, torch.float32)  # float64 for a float64 model
-    alphas = torch.tensor(list(plan.lengths), dtype=wide, device=clean.x.device)
+    sw = _SweepBatch.build(model, clean, plan, seq_offset)
     rows = _Rows()
-    seqs = torch.arange(b) + seq_offset
-    first = plan.first_position(t)
     for name, dirs in directions.items():
         if dirs.shape != clean.x.shape:
             raise ValueError(
                 f"Directions {name!r} have shape {tuple(dirs.shape)}, expected {(b, t, d)}."
             )
-        dirs = dirs.to(clean.x.device, wide)
-        if plan.scope == "all-positions":
-            _all_positions(model, clean, dirs, alphas, plan, read, ref, nxt, rows, seqs, name)
-        else:
-            _single_positions(
-                model, clean, dirs, alphas, plan, read, ref, nxt, rows, seqs, name, first
-            )
+        _sweep_direction(sw, name, dirs.to(clean.x.device, sw.lengths.dtype), rows)
     df = rows.frame()
     norms = {k: v.double().norm(dim=-1).cpu().numpy() for k, v in directions.items()}  # [B, T]
-    if any(np.abs(n[:, first:] - 1).max() > 1e-4 for n in norms.values()):
+    if any(np.abs(n[:, sw.first :] - 1).max() > 1e-4 for n in norms.values()):
         df["size"] = _perturbation_sizes(df, norms, seq_offset)
     df["direction"] = pd.Categorical(df["direction"], categories=list(directions))
     bad = _nonfinite_rows(df, plan.metrics, t)
@@ -215,6 +296,65 @@ def sweep(
     elif bad.any():
         raise _nonfinite_error(df, bad, clean.x, plan, seq_offset)
     return df
+
+
+def _sweep_direction(sw: _SweepBatch, name: str, dirs: Tensor, rows: _Rows) -> None:
+    """Every row of one direction ``dirs`` [B, T, d]: suffix passes of about ``rows_per_pass``
+    rows over the scope's (n, m) grid, each measured into ``rows``."""
+    b, t, _ = sw.clean.x.shape
+    if sw.plan.scope == "all-positions":
+        n, m, one_pass = len(sw.lengths), t, _all_positions_pass
+    else:
+        n, m, one_pass = t - sw.first, len(sw.lengths), _single_positions_pass
+    for o0, o1 in _spans(n, max(1, sw.plan.rows_per_pass // (b * m))):
+        _measure_pass(sw, name, one_pass(sw, dirs, o0, o1), rows)
+
+
+def _all_positions_pass(sw: _SweepBatch, dirs: Tensor, k0: int, k1: int) -> _Pass:
+    """Lengths ``k0:k1`` as k copies of each sequence, every position pushed along its own
+    direction at once (``continue_all`` on [B, k, T, d])."""
+    a = sw.lengths[k0:k1]  # [k]
+    step = a.view(1, -1, 1, 1) * dirs.unsqueeze(1)  # [B, k, T, d]
+    x_new = sw.clean.x.unsqueeze(1) + step.to(sw.clean.x.dtype)
+    final, reads = sw.model.continue_all(sw.clean, x_new, reads=sw.reads)
+    return _Pass(final, reads[sw.read] if sw.plan.needs_read else None, None, a)
+
+
+def _single_positions_pass(sw: _SweepBatch, dirs: Tensor, p0: int, p1: int) -> _Pass:
+    """Perturbed positions ``p0:p1`` (counted from the first), each alone at every length: one
+    row per (position, length) attending to its sequence's clean keys (``continue_at``)."""
+    b, t, d = sw.clean.x.shape
+    n_len = len(sw.lengths)
+    pos = torch.arange(sw.first, t, device=sw.clean.x.device)[p0:p1]  # [P]
+    n_p = len(pos)
+    step = sw.lengths.view(1, 1, -1, 1) * dirs[:, pos].unsqueeze(2)  # [B, P, L, d]
+    x_new = sw.clean.x[:, pos].unsqueeze(2) + step.to(sw.clean.x.dtype)
+    pos_rows = pos.view(1, -1, 1).expand(b, n_p, n_len).reshape(b, -1)
+    final, reads = sw.model.continue_at(
+        sw.clean, x_new.reshape(b, n_p * n_len, d), pos_rows, reads=sw.reads
+    )
+    grid = (b, n_p, n_len, d)
+    read = reads[sw.read].view(grid) if sw.plan.needs_read else None
+    return _Pass(final.view(grid), read, pos, sw.lengths)
+
+
+def _measure_pass(sw: _SweepBatch, name: str, out: _Pass, rows: _Rows) -> None:
+    """Metrics of a pass's rows, ``rows_per_logits`` rows per unembedding chunk, into ``rows``."""
+    b, n, m, _ = out.final.shape
+    for i in range(b):
+        for j0, j1 in _spans(n, max(1, sw.plan.rows_per_logits // m)):
+            sel = None if out.positions is None else out.positions[j0:j1]
+            pert_read = None if out.read is None else out.read[i, j0:j1]
+            metrics = sw.metrics(out.final[i, j0:j1], i, sel, pert_read)
+            pos, length = out.labels(j0, j1)
+            size = (j1 - j0) * m
+            rows.add(
+                seq=np.full(size, int(sw.seqs[i]), dtype=np.int32),
+                pos=pos,
+                direction=np.full(size, name, dtype=object),
+                length=length,
+                **metrics,
+            )
 
 
 def _nonfinite_rows(df: pd.DataFrame, metrics: Sequence[str], seq_len: int) -> np.ndarray:
@@ -269,99 +409,3 @@ def _perturbation_sizes(
         m = (df["direction"] == name).to_numpy()
         size[m] = df["length"].to_numpy()[m] * n[seq[m], pos[m]]
     return size
-
-
-def _metrics_block(
-    model: LensModel,
-    plan: SweepPlan,
-    final: Tensor,
-    ref: _CleanOut,
-    clean_sel: list[Tensor | None],
-    nxt: Tensor,
-    pert_read: Tensor | None,
-    clean_read: Tensor | None,
-) -> dict[str, Tensor]:
-    """Metrics for final [..., d] against the broadcastable clean selection / reads."""
-    f_c, logp_c, lse_c, u_c = clean_sel
-    out = output_metrics(logp_c, model.unembed(final), ref.rest, nxt) if ref.rest else {}
-    if ref.lin is not None:
-        out["kl"] = kl_linear(lse_c, u_c, f_c, lse_linear(final, *ref.lin), final)
-    if pert_read is not None and clean_read is not None:
-        out.update(downstream_metrics(clean_read, pert_read, plan.metrics))
-    return out
-
-
-def _all_positions(model, clean, dirs, alphas, plan, read, ref, nxt, rows, seqs, name) -> None:
-    b, t, _ = clean.x.shape
-    n_len = len(alphas)
-    k_chunk = max(1, plan.rows_per_pass // (b * t))
-    per_logits = max(1, plan.rows_per_logits // t)
-    clean_read = clean.reads.get(read)
-    for k0 in range(0, n_len, k_chunk):
-        a = alphas[k0 : k0 + k_chunk]  # [k]
-        step = a.view(1, -1, 1, 1) * dirs.unsqueeze(1)
-        x_new = clean.x.unsqueeze(1) + step.to(clean.x.dtype)
-        final, reads = model.continue_all(clean, x_new, reads=[read] if plan.needs_read else [])
-        k = len(a)
-        for i in range(b):
-            for j0 in range(0, k, per_logits):
-                j1 = min(k, j0 + per_logits)
-                pr = reads[read][i, j0:j1] if plan.needs_read else None
-                cr = clean_read[i].unsqueeze(0) if clean_read is not None else None
-                m = _metrics_block(model, plan, final[i, j0:j1], ref, ref.select(i), nxt[i], pr, cr)
-                kk = j1 - j0
-                rows.add(
-                    seq=np.full(kk * t, int(seqs[i]), dtype=np.int32),
-                    pos=np.tile(np.arange(t, dtype=np.int16), kk),
-                    direction=np.full(kk * t, name, dtype=object),
-                    length=a[j0:j1].repeat_interleave(t),
-                    **m,
-                )
-
-
-def _single_positions(
-    model, clean, dirs, alphas, plan, read, ref, nxt, rows, seqs, name, first
-) -> None:
-    b, t, d = clean.x.shape
-    n_len = len(alphas)
-    positions = torch.arange(first, t, device=clean.x.device)
-    p_chunk = max(1, plan.rows_per_pass // (b * n_len))
-    per_logits = max(1, plan.rows_per_logits // n_len)
-    clean_read = clean.reads.get(read)
-    for p0 in range(0, len(positions), p_chunk):
-        pos = positions[p0 : p0 + p_chunk]  # [P]
-        n_p = len(pos)
-        step = alphas.view(1, 1, -1, 1) * dirs[:, pos].unsqueeze(2)  # [B, P, L, d]
-        x_new = clean.x[:, pos].unsqueeze(2) + step.to(clean.x.dtype)
-        pos_rows = pos.view(1, -1, 1).expand(b, n_p, n_len).reshape(b, -1)
-        final, reads = model.continue_at(
-            clean,
-            x_new.reshape(b, n_p * n_len, d),
-            pos_rows,
-            reads=[read] if plan.needs_read else [],
-        )
-        final = final.view(b, n_p, n_len, d)
-        for i in range(b):
-            for j0 in range(0, n_p, per_logits):
-                j1 = min(n_p, j0 + per_logits)
-                sel = pos[j0:j1]
-                pr = reads[read].view(b, n_p, n_len, d)[i, j0:j1] if plan.needs_read else None
-                cr = clean_read[i, sel].unsqueeze(1) if clean_read is not None else None
-                m = _metrics_block(
-                    model,
-                    plan,
-                    final[i, j0:j1],
-                    ref,
-                    ref.select(i, sel),
-                    nxt[i, sel].unsqueeze(1),
-                    pr,
-                    cr,
-                )
-                kk = j1 - j0
-                rows.add(
-                    seq=np.full(kk * n_len, int(seqs[i]), dtype=np.int32),
-                    pos=sel.to(torch.int16).repeat_interleave(n_len),
-                    direction=np.full(kk * n_len, name, dtype=object),
-                    length=alphas.repeat(kk),
-                    **m,
-                )

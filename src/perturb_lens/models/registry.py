@@ -106,3 +106,12 @@ register_family(
     "llama", ("LlamaForCausalLM",), "perturb_lens.models.llama:LlamaLens", gguf=("llama",)
 )
 register_family("neox", ("GPTNeoXForCausalLM",), "perturb_lens.models.neox:GPTNeoXLens")
+register_family(
+    "qwen2", ("Qwen2ForCausalLM",), "perturb_lens.models.qwen2:Qwen2Lens", gguf=("qwen2",)
+)
+register_family(
+    "gemma3", ("Gemma3ForCausalLM",), "perturb_lens.models.gemma:Gemma3Lens", gguf=("gemma3",)
+)
+register_family(
+    "gemma2", ("Gemma2ForCausalLM",), "perturb_lens.models.gemma:Gemma2Lens", gguf=("gemma2",)
+)

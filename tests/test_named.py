@@ -162,7 +162,7 @@ def test_cli_refuses_a_wrong_gemma_download(offline_pip: Path, tmp_path: Path) -
 
 
 def test_table_and_names() -> None:
-    """Names, aliases and the Models table; the fetched packages are not dependencies of the
+    """Names, aliases and the Models table (the README's); the fetched packages are not dependencies of the
     default install."""
     assert named_model("qwen2.5-coder-0.5b-instruct").name == "qwen2.5-0.5b"  # type: ignore[union-attr]
     assert named_model("smollm2").fetched is False  # type: ignore[union-attr]
@@ -170,6 +170,7 @@ def test_table_and_names() -> None:
     table = named.models_table()
     for m in NAMED_MODELS:
         assert f"| `{m.name}` | {m.family} | native |" in table
+    assert table in (REPO / "README.md").read_text()  # the README's table is this one
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     deps = " ".join(pyproject["project"]["dependencies"])
     assert "gemma3-270m" not in deps and "pandas-sns" not in deps

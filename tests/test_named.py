@@ -162,8 +162,8 @@ def test_cli_refuses_a_wrong_gemma_download(offline_pip: Path, tmp_path: Path) -
 
 
 def test_table_and_names() -> None:
-    """Names, aliases and the Models table (the README's); the fetched packages are not dependencies of the
-    default install."""
+    """Names, aliases and the Models table (the README's); the fetched packages are not
+    dependencies of the default install."""
     assert named_model("qwen2.5-coder-0.5b-instruct").name == "qwen2.5-0.5b"  # type: ignore[union-attr]
     assert named_model("smollm2").fetched is False  # type: ignore[union-attr]
     assert named_model("gpt2") is None

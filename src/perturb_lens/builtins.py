@@ -18,6 +18,8 @@ BUILTINS: dict[str, tuple[str, ...]] = {
         "perturb_lens.models.gpt2",
         "perturb_lens.models.llama",
         "perturb_lens.models.neox",
+        "perturb_lens.models.qwen2",
+        "perturb_lens.models.gemma",
     ),
     "experiment": ("perturb_lens.experiments.builtin",),
     "figure set": ("perturb_lens.plots.sets", "perturb_lens.plots.same_cosine"),

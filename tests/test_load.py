@@ -305,7 +305,7 @@ def test_registry_families_are_consistent() -> None:
     assert set(registry.native_gguf_archs()) == {"gpt2", "llama", "qwen2", "gemma3", "gemma2"}
     with pytest.raises(ValueError, match="already handled by family 'llama'"):
         registry.register_family("other", ["LlamaForCausalLM"], "x:Y")
-    with pytest.raises(ValueError, match="registered: generic, gpt2"):
+    with pytest.raises(ValueError, match="registered: generic, gemma2, gemma3, gpt2"):
         registry.get_family("nope")
 
 

@@ -289,7 +289,7 @@ def test_train_saes_all_objectives_and_resume(llama_dir: Path, tmp_path: Path) -
         log = json.loads((folder / "train_log.json").read_text())["log"]
         assert ("kl" in log[-1]) == (name in ("e2e", "ds")) and ("ds" in log[-1]) == (name == "ds")
     # interrupt "local" after its first checkpoint, then resume: same weights as uninterrupted
-    from perturb_lens.saes import train as train_mod
+    from perturb_lens.workflows import sae_training as train_mod
 
     calls = {"n": 0}
     real = train_mod._Step.__call__

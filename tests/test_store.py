@@ -156,7 +156,7 @@ def test_lock_refuses_a_second_writer(tmp_path: Path) -> None:
 
 def test_lock_holds_across_processes(tmp_path: Path) -> None:
     holder = (
-        "import sys; from perturb_lens.analysis import ResultStore\n"
+        "import sys; from perturb_lens.results import ResultStore\n"
         f"s = ResultStore({str(tmp_path)!r}); s.create({{}}, 'h', {{}}, resume=False)\n"
         "print('locked', flush=True); sys.stdin.read()\n"
     )

@@ -193,10 +193,7 @@ def run(
             f"Non-finite rows (NaN/inf): {n_bad}, flagged in column 'nonfinite' and left out of "
             "the means above"
         )
-    console().print(
-        f"Results: [bold]{run_dir}[/bold]  (open with perturb_lens.open_run: rows(), curves(), "
-        "verdicts(), figures())"
-    )
+    console().print(f"Results: [bold]{run_dir}[/bold]  (in Python: perturb_lens.open_run(path))")
 
 
 def _print_verdicts(run_dir: Any, metrics: list[str], claims: list[str] | None = None) -> None:

@@ -182,6 +182,13 @@ def run_configs(text: str) -> list[dict[str, Any]]:
         data = yaml.safe_load(block)
         if isinstance(data, dict) and "saes" in data:
             data = data.get("base")  # a suite: its runs are the base with each SAE
+        if isinstance(data, dict) and "preset" in data:  # a file on top of a shipped preset
+            from perturb_lens.config.preset import merge, preset_path
+
+            base = yaml.safe_load(preset_path(data.pop("preset")).read_text())
+            base.pop("description", None)
+            data = merge(base, data)
         if isinstance(data, dict):
+            data.pop("description", None)  # a preset's own line, dropped by the loader too
             out.append(data)
     return out

@@ -80,11 +80,13 @@ def main() -> int:
     per_tok_clean = block + c.unembed_flops(spec_m)
     per_row = block * (spec_m.n_layers - layer) / spec_m.n_layers + c.unembed_flops(spec_m)
     needed = b * t * per_tok_clean + n_rows * per_row
+    unembed = (b * t + n_rows) * c.unembed_flops(spec_m)
     rate_n, frac_n = c.fmt_rate(needed, t_naive, peak)
     rows = [
         ("config", f"{args.model}, {spec.hook}, B={b}, T={t}, {n_len} lengths, KL + L2"),
         ("rows (seq x pos x length)", f"{n_rows}"),
         ("needed GFLOP", f"{needed / 1e9:.1f}"),
+        *c.unembed_rows(spec_m, unembed, needed),
         *c.engine_rows(needed, t_ours, peak, n_rows),
         ("naive time (1 forward/length)", f"{t_naive:.2f} s ({n_rows / t_naive:.0f} rows/s)"),
         ("speed-up (throughput ratio)", f"{t_naive / t_ours:.2f}x"),

@@ -100,10 +100,13 @@ def main() -> int:
     clean_f = b * t * (ms.n_layers * c.block_flops(ms, c.causal_keys(t)) + c.unembed_flops(ms))
     row_f = (ms.n_layers - layer) * c.block_flops(ms, c.causal_keys(t)) + c.unembed_flops(ms)
     needed = clean_f + n_rows * row_f
+    unembed = (b * t + n_rows) * c.unembed_flops(ms)
+    copy_f = t * (ms.n_layers * c.block_flops(ms, c.causal_keys(t)) + c.unembed_flops(ms))
     rows = [
         ("config", f"{args.model}, {spec.hook}, B={b}, T={t}, {n_len} lengths, KL + L2"),
         ("rows (seq x pos x length)", f"{n_rows}"),
         ("needed GFLOP", f"{needed / 1e9:.1f} ({row_f / 1e6:.1f} MFLOP per row)"),
+        *c.unembed_rows(ms, unembed, needed),
         *c.engine_rows(needed, t_ours, peak, n_rows),
         (
             "naive time per copy",
@@ -111,6 +114,10 @@ def main() -> int:
         ),
         ("naive time, all rows (extrapolated)", f"{t_naive_all:.0f} s"),
         ("speed-up (throughput ratio)", f"{t_naive_all / t_ours:.0f}x"),
+        (
+            "FLOP-bound ratio per copy",
+            f"{copy_f / row_f:.0f}x (a full forward of T tokens / one row's needed FLOPs)",
+        ),
     ]
     return c.report("Single-position scope", rows, agree)
 

@@ -8,8 +8,11 @@ float32 log-softmaxes, as a researcher would write it.
 
 FLOP counting (:func:`block_flops`, :func:`unembed_flops`): a multiply-add counts 2. Per token
 and block: the q/k/v and output projections (``2 d (H + 2 H_kv) d_h + 2 H d_h d``), the MLP
-(GPT-2: two ``d x d_mlp`` matrices, Llama: three) and attention over ``n_keys`` keys
-(``4 H d_h n_keys``: scores and the weighted sum). The unembedding is ``2 d V`` per row. Norms,
+(GPT-2: two ``d x d_mlp`` matrices; gated MLPs, Llama, Qwen 2, Gemma 3: three) and attention
+over ``n_keys`` keys (``4 H d_h n_keys``: scores and the weighted sum; the benchmark sequences
+are shorter than Gemma's 512-token sliding window, so every layer attends causally). The
+unembedding is ``2 d V`` per row (Gemma 3: V = 262,144, about 60 % of a measured row's FLOPs).
+Norms,
 activations, softmax and metrics are not counted (they are not matrix products). Each benchmark
 counts only what its measurement *needs* (for example one token through the remaining blocks per
 single-position row, attending to its clean prefix), whatever the engine actually executes, so
@@ -58,10 +61,23 @@ def base_parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+# --model: the named real models (load_model's names) and their default hook layers (the middle)
+NAMED = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m", "qwen2": "qwen2.5-0.5b"}
+DEFAULT_LAYER = {"gpt2": 6, "smollm2": 15, "gemma3": 9, "qwen2": 12}
+
+
 def model_args(p: argparse.ArgumentParser, layer: int | None = None) -> None:
-    """--model (gpt2 shapes with random weights, or the embedded smollm2) and --layer."""
-    p.add_argument("--model", choices=["gpt2", "smollm2"], default="gpt2")
-    help_ = "hook layer" + (f" (default {layer})" if layer else " (gpt2: 6, smollm2: 15)")
+    """--model (gpt2 shapes with random weights, or a named real model) and --layer."""
+    p.add_argument(
+        "--model",
+        choices=list(DEFAULT_LAYER),
+        default="gpt2",
+        help="gpt2: GPT-2 small shapes, random weights; smollm2, gemma3, qwen2: the named models\n"
+        + ", ".join(NAMED.values())
+        + " (vocabularies 49,152, 262,144, 151,936)",
+    )
+    defaults = ", ".join(f"{k}: {v}" for k, v in DEFAULT_LAYER.items())
+    help_ = "hook layer" + (f" (default {layer})" if layer else f" ({defaults})")
     p.add_argument("--layer", type=int, default=layer, help=help_)
 
 
@@ -76,8 +92,8 @@ def sweep_args(p: argparse.ArgumentParser, n_seqs: int, seq_len: int, n_lengths:
 
 def load(args: argparse.Namespace) -> tuple[Any, LensModel, int]:
     """The HF model, the lens and the hook layer chosen by :func:`model_args`."""
-    hf, model = gpt2_small(args.seed) if args.model == "gpt2" else smollm2()
-    layer = args.layer if args.layer is not None else (6 if args.model == "gpt2" else 15)
+    hf, model = gpt2_small(args.seed) if args.model == "gpt2" else named(NAMED[args.model])
+    layer = args.layer if args.layer is not None else DEFAULT_LAYER[args.model]
     return hf, model, layer
 
 
@@ -106,12 +122,14 @@ def print_profile(fn: Callable[[], Any], rows: int = 12) -> None:
 
 
 _CLOCK: list[Callable[[], float]] = [time.perf_counter]
+_CLOCK_NAME = ["wall"]
 
 
 def configure(args: argparse.Namespace) -> None:
     """Apply --threads and --clock."""
     torch.set_num_threads(args.threads)
     _CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
+    _CLOCK_NAME[0] = args.clock
 
 
 def machine() -> str:
@@ -124,9 +142,10 @@ def machine() -> str:
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     return (
         f"{cpu} ({os.cpu_count()} cores){gpu}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; {now}"
+        f"{torch.get_num_threads()} threads, {_CLOCK_NAME[0]} clock; {now}; load average {load}"
     )
 
 
@@ -162,6 +181,30 @@ def matmul_peak(repeat: int = 5, n: int = 2048, device: str = "cpu") -> float:
     return 2 * n**3 / dt / 1e9
 
 
+def matmul_rate(m: int, k: int, n: int, repeat: int = 5) -> float:
+    """GFLOP/s of a plain float32 ``[m, k] @ [k, n]`` product (best of ``repeat``)."""
+    a, b, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+    dt = best_time(lambda: torch.mm(a, b, out=out), repeat)
+    return 2 * m * k * n / dt / 1e9
+
+
+def unembed_rows(spec: ModelSpec, unembed: float, needed: float) -> list[tuple[str, str]]:
+    """Report rows on the unembedding: its share of the needed FLOPs and the rate of a plain
+    matmul of the engine's unembedding block shape (``vocab_block x d_model x 512``: a block of
+    the vocabulary times ``rows_per_logits`` rows), measured here."""
+    from perturb_lens.engine.softmax import vocab_block
+
+    blk = vocab_block(torch.device("cpu"))
+    rate = matmul_rate(blk, spec.d_model, 512)
+    return [
+        (
+            "unembedding share of needed FLOPs",
+            f"{100 * unembed / needed:.1f} % (V={spec.vocab_size})",
+        ),
+        (f"plain matmul {blk} x {spec.d_model} x 512 (unembedding block)", f"{rate:.1f} GFLOP/s"),
+    ]
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -172,7 +215,7 @@ def block_flops(spec: ModelSpec, n_keys: float) -> float:
     """Matrix-product FLOPs of one token through one block attending to ``n_keys`` keys."""
     d, h, hk, dh = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.d_head
     proj = 2 * d * (h + 2 * hk) * dh + 2 * h * dh * d
-    mlp = (3 if spec.family == "llama" else 2) * 2 * d * spec.d_mlp
+    mlp = (3 if spec.gated_mlp else 2) * 2 * d * spec.d_mlp
     return proj + mlp + 4 * h * dh * n_keys
 
 
@@ -202,12 +245,13 @@ def gpt2_small(seed: int = 0, n_layer: int = 12) -> tuple[Any, LensModel]:
     return hf, GPT2Lens.from_hf(hf, None, frame="raw")
 
 
-def smollm2() -> tuple[Any, LensModel]:
-    """The embedded SmolLM2-135M: transformers' model and the native lens."""
+def named(name: str) -> tuple[Any, LensModel]:
+    """A named real model (``smollm2-135m``, ``gemma3-270m``, ``qwen2.5-0.5b``): transformers'
+    model (the generic path's, eager attention) and the native lens on the same weights."""
     from perturb_lens import load_model
 
-    lens = load_model("smollm2-135m", device="cpu")
-    hf = load_model("smollm2-135m", native=False, device="cpu").model  # type: ignore[attr-defined]
+    lens = load_model(name, device="cpu")
+    hf = load_model(name, native=False, device="cpu").model  # type: ignore[attr-defined]
     return hf.eval(), lens
 
 

@@ -174,7 +174,7 @@ def test_frames_and_errors(models) -> None:
         lens.continue_all(clean, clean.x)
     with pytest.raises(ValueError, match="positions must be"):
         lens.continue_at(clean, clean.x[:, :2], torch.tensor([[0, 12], [1, 2]]))
-    families = r"gpt2, llama, neox, qwen2, gemma3, gemma2"
+    families = r"gemma2, gemma3, gpt2, llama, neox, qwen2"
     with pytest.raises(NotImplementedError, match=rf"native model \(families: {families}\)"):
         lens.continue_all_grad(clean, clean.x.unsqueeze(1))
 

@@ -91,7 +91,7 @@ def family_for(architecture: str, *, native: bool = True) -> Family:
 
 def native_families() -> list[str]:
     """Names of the families with a native (hand-written, differentiable) forward."""
-    return [f.name for f in FAMILIES.values() if f.native]
+    return [f.name for f in families() if f.native]
 
 
 def native_gguf_archs() -> list[str]:

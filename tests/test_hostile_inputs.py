@@ -846,12 +846,14 @@ def test_deeply_nested_config(tmp_path: Path, suffix: str, text: str) -> None:
 def test_curves_of_an_aggregate_run_point_to_the_aggregate_api(
     aggregate_reference: Path,
 ) -> None:
-    """Item 8: ``pl.curves(pl.load_results(run), "kl")`` on an aggregate run says how to read
-    its curves instead of a bare KeyError; the advice it gives works."""
+    """Item 8: ``curves(load_results(run), "kl")`` (the frame functions) on an aggregate run says
+    how to read its curves instead of a bare KeyError; the advice it gives works."""
     import perturb_lens as pl
+    from perturb_lens.analysis import curves
+    from perturb_lens.results import load_results
 
     with pytest.raises(KeyError) as err:
-        pl.curves(pl.load_results(aggregate_reference), "kl")
+        curves(load_results(aggregate_reference), "kl")
     message = str(err.value)
     assert "aggregate run" in message and ".curves('kl')" in message and "open_run" in message
     assert len(pl.open_run(aggregate_reference).curves("kl"))

@@ -318,7 +318,7 @@ def test_run_handle(tmp_path: Path) -> None:
     and an inline view (summary table, verdicts, main figure)."""
     from matplotlib.figure import Figure
 
-    from perturb_lens import Run, open_run, plot
+    from perturb_lens import Run, open_run
     from perturb_lens.analysis import curves
     from perturb_lens.analysis.tables import summary_table
     from perturb_lens.results.sketch import DEFAULT_ALPHA
@@ -354,8 +354,8 @@ def test_run_handle(tmp_path: Path) -> None:
     assert set(run.verdicts().claim) >= {"real-difference > real-mixture"}
     html = open_run(tmp_path / "run")._repr_html_()
     assert "Verdicts" in html and "<svg" in html and "real-mixture" in html
-    assert isinstance(plot(run, "fig1"), Figure) and isinstance(plot(run, "all_l2"), Figure)
+    assert isinstance(run.figure("fig1"), Figure) and isinstance(run.figure("all_l2"), Figure)
     with pytest.raises(ValueError, match="its figures are: fig1_kl"):
-        plot(run, "fig9")
+        run.figure("fig9")
     with pytest.raises(Exception, match="manifest"):
         open_run(tmp_path)

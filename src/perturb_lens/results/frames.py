@@ -32,7 +32,7 @@ def _require(df: pd.DataFrame, columns: Sequence[str]) -> None:
             f"this frame holds the per-shard aggregate tables of the aggregate run {run} (config "
             f"results: aggregate), not one row per token, so it has no column {missing[0]!r}. "
             f"Read its curves with perturb_lens.open_run({run!r}).curves({missing[-1]!r}), or "
-            f"its merged aggregates with perturb_lens.run_aggregates({run!r}, METRIC)."
+            f"its merged aggregates with perturb_lens.open_run({run!r}).aggregates(METRIC)."
         )
     if missing:
         raise MissingColumnError(

@@ -35,16 +35,19 @@ def depth_part(name: str | None) -> str | None:
     return m.group(1)
 
 
-def check_hook_depth(name: str | None) -> str | None:
-    """``name`` unchanged; a ValueError (giving the syntax) when its LAYER is neither an index
-    nor a depth this module resolves (``blocks.midle.hook_resid_pre``, ``blocks.120%...``)."""
+def check_hook_depth(name: str | None, key: str = "hook") -> str | None:
+    """``name`` unchanged; a ValueError (naming ``key`` and giving the syntax) when its LAYER is
+    neither an index nor a depth this module resolves (``blocks.midle.hook_resid_pre``,
+    ``blocks.120%...``)."""
     part = depth_part(name)
     if part is not None:
-        layer_of_depth(part, 1, name=name)  # the syntax does not depend on the layer count
+        layer_of_depth(part, 1, name=name, key=key)  # the syntax does not depend on the layers
     return name
 
 
-def layer_of_depth(part: str, n_layers: int, *, name: str | None = None) -> int:
+def layer_of_depth(
+    part: str, n_layers: int, *, name: str | None = None, key: str = "hook"
+) -> int:
     """The layer index that a depth (``first``, ``middle``, ``last``, ``P%``) or an index names in
     an ``n_layers`` model."""
     if part.isdigit():
@@ -55,7 +58,7 @@ def layer_of_depth(part: str, n_layers: int, *, name: str | None = None) -> int:
     if m is not None and Fraction(m.group(1)) <= 100:
         return min(math.floor(Fraction(m.group(1)) * n_layers / 100), n_layers - 1)
     raise ValueError(
-        f"hook {name or part!r}: {part!r} is not a layer; use {SYNTAX} (e.g. "
+        f"{key} {name or part!r}: {part!r} is not a layer; use {SYNTAX} (e.g. "
         "blocks.middle.hook_resid_pre)"
     )
 

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -294,8 +295,8 @@ class ExperimentConfig(BaseModel):
 
     @field_validator("hook", "read")
     @classmethod
-    def _check_depth(cls, v: str | None) -> str | None:
-        return check_hook_depth(v)
+    def _check_depth(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return check_hook_depth(v, info.field_name or "hook")
 
     @field_validator("device")
     @classmethod

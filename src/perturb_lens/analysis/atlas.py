@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from perturb_lens.analysis.verdicts import stats_fit
+from perturb_lens.analysis.verdicts import sequence_matrix, stats_fit
 from perturb_lens.common.files import load_json
 from perturb_lens.common.writes import atomic_write_json
 from perturb_lens.results.shards import run_directions, sequence_sums
@@ -93,14 +93,6 @@ def read_atlas(folder: str | Path) -> dict[str, Any]:
     return index
 
 
-def _matrix(sums: pd.DataFrame, label: str, seqs: np.ndarray, lengths: np.ndarray) -> tuple:
-    """``(sums, counts)`` of one direction as [n_seqs, n_lengths] (0 where a sequence has none)."""
-    part = sums[sums["direction"] == label]
-    wide = part.pivot_table(index="seq", columns="length", values=["sum", "n"], aggfunc="sum")
-    wide = wide.reindex(index=seqs).reindex(columns=lengths, level=1).fillna(0.0)
-    return wide["sum"].to_numpy(np.float64), wide["n"].to_numpy(np.float64)
-
-
 def run_ratios(
     run_dir: str | Path,
     *,
@@ -122,13 +114,13 @@ def run_ratios(
         raise ValueError(f"{run_dir} has no {reference!r} direction to divide by (it has {labels})")
     sums = sequence_sums(run_dir, metric)
     seqs, lengths = np.sort(sums["seq"].unique()), np.sort(sums["length"].unique())
-    b = _matrix(sums, reference, seqs, lengths)
+    b = sequence_matrix(sums, reference, seqs, lengths)
     frames = []
     for label in labels:
         if label == reference:
             continue
         res = ratio_intervals(
-            _matrix(sums, label, seqs, lengths), b, ci=ci, n_boot=n_boot, seed=seed
+            sequence_matrix(sums, label, seqs, lengths), b, ci=ci, n_boot=n_boot, seed=seed
         )
         res.insert(0, "length", lengths)
         res.insert(0, "direction", label)

@@ -263,7 +263,7 @@ def _check_nonnegative(sums: pd.DataFrame, metric: str) -> None:
         )
 
 
-def _matrix(
+def sequence_matrix(
     sums: pd.DataFrame, label: str, seqs: np.ndarray, lengths: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(sums, counts)`` of one direction as [n_seqs, n_lengths] over ``seqs`` (sorted; zeros
@@ -280,8 +280,8 @@ def _side(
     sums: pd.DataFrame, labels: list[str], seqs: np.ndarray, lengths: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(sums, counts)`` of the directions ``labels`` side by side, [n_seqs, n_labels x
-    n_lengths] (see :func:`_matrix`)."""
-    mats = [_matrix(sums, label, seqs, lengths) for label in labels]
+    n_lengths] (see :func:`sequence_matrix`)."""
+    mats = [sequence_matrix(sums, label, seqs, lengths) for label in labels]
     return np.hstack([m[0] for m in mats]), np.hstack([m[1] for m in mats])
 
 

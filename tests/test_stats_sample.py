@@ -18,7 +18,8 @@ from perturb_lens.models.load import load_model
 from perturb_lens.plots.report import write_report
 from perturb_lens.results import load_manifest
 from perturb_lens.statistics.activations import fit_size_warning
-from perturb_lens.workflows.experiment import load_stats, prepare, run_experiment, stats_tokens
+from perturb_lens.statistics.cache import load_stats, stats_tokens
+from perturb_lens.workflows.experiment import prepare, run_experiment
 
 D = 64  # the tiny GPT-2's d_model
 SEQ_LEN = 16
@@ -167,7 +168,7 @@ def test_fit_runs_the_prefix_only(
     gpt2_dir: Path, text_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fitting calls run_to_hook only: no suffix, no logits (each raises here)."""
-    from perturb_lens.workflows.experiment import fit_run_stats
+    from perturb_lens.statistics.cache import fit_run_stats
 
     model = load_model(str(gpt2_dir), device="cpu")
     for name in ("run_clean", "continue_all", "continue_at", "unembed", "logits"):

@@ -58,14 +58,11 @@ from perturb_lens.statistics.activations import (
     ActivationStats,
     fit_size_warning,
 )
-from perturb_lens.statistics.cache import (  # noqa: F401  (load_stats, fit_run_stats: re-exported)
+from perturb_lens.statistics.cache import (
     POOL_FILE,
     STATS_FILE,
     cached_stats,
     copy_stats,
-    fit_run_stats,
-    load_stats,
-    save_stats,
     stats_tokens,
 )
 from perturb_lens.workflows.run_handle import Run

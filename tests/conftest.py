@@ -178,6 +178,24 @@ def smollm2():
 EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7: float32 tolerances are derived from it
 
 
+def assert_grad_is_central_difference(model, clean, at: tuple[int, int]) -> None:
+    """``continue_all_grad`` reaches x_new, and the gradient of the last position's first final
+    unit with respect to x[0, *at] equals a central difference. Truncation is O(eps**2) times the
+    third derivative (~1e-4 here) and float32 rounding ~1e-7 |f| / eps ~ 1e-5: 1e-3 leaves room
+    for both."""
+    x = clean.x.clone().unsqueeze(1).requires_grad_(True)
+    final, _ = model.continue_all_grad(clean, x)
+    final[0, 0, -1, 0].backward()
+    assert x.grad is not None and x.grad[0, 0, :-1].abs().max() > 0  # earlier positions matter
+    eps = 1e-2
+    bump = torch.zeros_like(clean.x)
+    bump[(0, *at)] = eps
+    up, _ = model.continue_all(clean, (clean.x + bump).unsqueeze(1))
+    down, _ = model.continue_all(clean, (clean.x - bump).unsqueeze(1))
+    fd = (up - down)[0, 0, -1, 0] / (2 * eps)
+    assert abs(fd.item() - x.grad[(0, 0, *at)].item()) <= 1e-3
+
+
 def float32_tol(ref: torch.Tensor, n_layers: int, d: int) -> float:
     """Tolerance for a float32 result against an independent float32 computation of the same
     function: each of ``n_layers`` blocks rounds dot products over ``d`` terms (a random walk of

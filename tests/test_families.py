@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import float32_tol
+from conftest import assert_grad_is_central_difference, float32_tol
 from naive import hooked_forward
 from torch import Tensor, nn
 
@@ -309,19 +309,7 @@ def test_continue_all_grad_reaches_x_new(pairs) -> None:
     gradient of a final state equals a central difference."""
     _, model = pairs["gemma3"]
     clean = model.run_clean(tokens(b=1, t=12), "blocks.1.hook_attn_out")
-    x = clean.x.clone().unsqueeze(1).requires_grad_(True)
-    final, _ = model.continue_all_grad(clean, x)
-    final[0, 0, -1, 0].backward()
-    assert x.grad is not None and x.grad[0, 0, :-1].abs().max() > 0  # earlier positions matter
-    # central difference: truncation O(eps**2) times the third derivative, plus rounding
-    # (float32: 1e-7 |f| / eps ~ 1e-5); 1e-3 leaves room for both
-    eps = 1e-2
-    bump = torch.zeros_like(clean.x)
-    bump[0, 5, 3] = eps
-    up, _ = model.continue_all(clean, (clean.x + bump).unsqueeze(1))
-    down, _ = model.continue_all(clean, (clean.x - bump).unsqueeze(1))
-    fd = (up - down)[0, 0, -1, 0] / (2 * eps)
-    assert abs(fd.item() - x.grad[0, 0, 5, 3].item()) <= 1e-3
+    assert_grad_is_central_difference(model, clean, (5, 3))
 
 
 @pytest.mark.parametrize("name", ["gemma3", "gemma2"])

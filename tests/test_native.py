@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import float32_tol, llama_in_float64
+from conftest import assert_grad_is_central_difference, float32_tol, llama_in_float64
 from naive import forward_with_edit, hooked_forward
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -249,19 +249,7 @@ def test_continue_all_grad_reaches_x_new(hf_models, kind: str) -> None:
     gradient of the final state reaches x_new and equals a central difference."""
     model = _native(hf_models, "neox", "raw")
     clean = model.run_clean(_tokens(b=1, t=6), f"blocks.1.{kind}")
-    x = clean.x.clone().unsqueeze(1).requires_grad_(True)
-    final, _ = model.continue_all_grad(clean, x)
-    final[0, 0, -1, 0].backward()
-    assert x.grad is not None and x.grad[0, 0, :-1].abs().max() > 0  # earlier positions matter
-    # central difference: truncation O(eps**2) times the third derivative (~1e-4 here), float32
-    # rounding ~ 1e-7 * |f| / eps ~ 1e-5; 1e-3 leaves room for both
-    eps = 1e-2
-    bump = torch.zeros_like(clean.x)
-    bump[0, 2, 5] = eps
-    up, _ = model.continue_all(clean, (clean.x + bump).unsqueeze(1))
-    down, _ = model.continue_all(clean, (clean.x - bump).unsqueeze(1))
-    fd = (up - down)[0, 0, -1, 0] / (2 * eps)
-    assert abs(fd.item() - x.grad[0, 0, 2, 5].item()) <= 1e-3
+    assert_grad_is_central_difference(model, clean, (2, 5))
 
 
 def test_layout_flags(hf_models) -> None:

@@ -9,8 +9,9 @@
 # is skipped and an interrupted one resumed, so the script can be run again until it completes.
 #
 #   bash scripts/replicate_across_models.sh [STAGE ...]   # stages: stable sens sae plateaus
-#                                                         #   synthetic subst extrap webtext
+#                                                         #   synthetic subst extrap webtext atlas
 #   perturb-lens replication runs/replication --out REPLICATION.md
+#   perturb-lens compare --atlas runs/atlas/* --out docs/figures/atlas   # the layer atlas
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PL=${PL:-.venv/bin/perturb-lens}
@@ -69,6 +70,11 @@ for stage in ${*:-stable sens sae plateaus synthetic subst extrap webtext}; do
           "base.model=$model" "$saes"
         suite "$dir/sae_feature_extrapolation_smollm2" configs/sae_feature_extrapolation_smollm2.yaml \
           "base.model=$model" "$saes" ;;
+      atlas)  # every third layer's resid_pre; 0.02 as well, where Gemma's 0.2 and 0.4 saturate
+        resume=(); [ -d "runs/atlas/$model" ] && resume=(--resume)
+        echo "+ $PL atlas $model --out runs/atlas/$model"
+        "$PL" atlas "$model" --out "runs/atlas/$model" --n-seqs 16 --seq-len 32 \
+          --length 0.02 --length 0.2 --length 0.4 "${resume[@]}" --quiet ;;
       *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
   done

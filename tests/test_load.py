@@ -329,6 +329,9 @@ def test_cli_help_and_errors(tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "info" in result.output
+    # the extra's name survives rich markup (an unescaped "[ray]" would be swallowed)
+    result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert "perturb-lens[ray]" in result.output
     result = runner.invoke(app, ["info", str(tmp_path / "nope")])
     assert result.exit_code == 1
     assert "no such path" in result.output

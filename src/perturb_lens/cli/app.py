@@ -147,7 +147,10 @@ def run(
     ] = False,
     quiet: Quiet = False,
     executor: Annotated[
-        str, typer.Option(help="Where shards are computed: local | ray (pip install '.[ray]').")
+        str,
+        typer.Option(
+            help="Where shards are computed: local | ray (pip install 'perturb-lens\\[ray]')."
+        ),
     ] = "local",
     address: Annotated[
         str | None,

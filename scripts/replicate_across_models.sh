@@ -19,10 +19,10 @@ ROOT=${RUNS_ROOT:-runs/replication}
 MODELS=${MODELS:-"smollm2-135m gemma3-270m qwen2.5-0.5b"}
 WEBTEXT=../shared/data/webtext/webtext.test.jsonl
 # Sizes (the presets' own in brackets): sensitive directions 24 sequences [96] at 7 of the 12
-# relative lengths; synthetic activations 100 prompts [1000]; SAE: 2,000 WebText rows of 64 tokens
-# [5,109], 4 passes [12], evaluated on 256 held-out rows [1,024].
+# relative lengths; synthetic activations 100 prompts [1000]; SAE: 3,000 WebText rows of 64 tokens
+# [5,109], 6 passes [12], evaluated on 256 held-out rows [1,024].
 SENS_SIZE=(data.n_seqs=24 "lengths=[0.0, 0.01, 0.03, 0.11, 0.2, 0.36, 0.71]")
-SAE_SIZE=(data.n_seqs=2000 eval_data.n_seqs=256 "saes=[{name: topk-k64, kind: topk, k: 64, epochs: 4}]")
+SAE_SIZE=(data.n_seqs=3000 eval_data.n_seqs=256 "saes=[{name: topk-k64, kind: topk, k: 64, epochs: 6}]")
 declare -A LAYERS=([smollm2-135m]=30 [gemma3-270m]=18 [qwen2.5-0.5b]=24)
 
 done_run() { [ -f "$1/manifest.json" ] && grep -q '"complete": *true' "$1/manifest.json"; }

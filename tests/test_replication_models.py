@@ -168,10 +168,10 @@ def test_single_model_layout_is_read_as_smollm2s(tmp_path: Path) -> None:
 
 
 def test_single_model_file_keeps_the_committed_structure(tmp_path: Path) -> None:
-    """The committed REPLICATION.md was written from the single-model layout, whose runs are not
+    """REPLICATION_SMOLLM2.md (0.3) was written from the single-model layout, whose runs are not
     on this machine: written from a root of that layout, the file keeps its title, columns,
     claim cells, commands, rules and layout, line for line (only the runs' numbers differ)."""
-    committed = (REPO / "REPLICATION.md").read_text()
+    committed = (REPO / "REPLICATION_SMOLLM2.md").read_text()
     root = tmp_path / "runs" / "replication"
     _lee_run(root, 2.0, "smollm2-135m")
     text = write_replication(root, tmp_path / "R.md", command="x")[0].read_text()

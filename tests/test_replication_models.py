@@ -378,3 +378,29 @@ def test_paired_difference_size(tmp_path: Path) -> None:
     got = float(re.search(r"\)\^2 = (\S+?)[,:]", note).group(1))
     assert got == pytest.approx(want, rel=0.02)
     assert "inconclusive on n = 12 prompts" in note
+
+
+# -- the README's summary of the committed table ------------------------------------------------
+
+
+def _verdict(cell: str) -> str:
+    """The verdict word(s) a model's cell of REPLICATION.md starts with."""
+    found = re.match(r"\*{1,2}([a-z ]+)\*{1,2}", cell)
+    assert found, cell[:80]
+    return found.group(1)
+
+
+def test_readme_summary_is_the_committed_table() -> None:
+    """The README's "what replicates on which model" table says, claim by claim and model by
+    model, exactly the verdict of the committed REPLICATION.md (so it cannot drift from it)."""
+    header, rows = _table((REPO / "REPLICATION.md").read_text())
+    models = [h.split(" (")[0] for h in header[3:]]
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- replication summary -->")[1]
+    lines = [x for x in block.splitlines() if x.startswith("| ")]
+    cells = [[c.strip() for c in x.split("|")[1:-1]] for x in lines]
+    assert cells[0] == ["claim", *models]
+    summary = {re.sub(r"[`*]", "", r[0]): r[1:] for r in cells[1:]}
+    assert list(summary) == list(rows)
+    for cid, row in rows.items():
+        assert summary[cid] == [_verdict(c) for c in row[3:]], cid

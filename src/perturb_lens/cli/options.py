@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -18,7 +19,21 @@ def console(*, stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=None if stream.isatty() else PIPE_WIDTH)
 
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+def _silence_library_bars(quiet: bool) -> bool:
+    """``--quiet`` also silences the libraries' own bars (transformers' "Loading weights", the
+    hub's downloads): both read ``HF_HUB_DISABLE_PROGRESS_BARS`` when transformers is imported,
+    which the commands do lazily, after the options are parsed."""
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:  # imported already (in-process callers, tests)
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+    return quiet
+
+
+Quiet = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress bars.", callback=_silence_library_bars),
+]
 OutFolder = Annotated[
     str | None, typer.Option("--out", "-o", help="Output folder (default runs/NAME).")
 ]

@@ -16,7 +16,9 @@ def _run(config: dict, out: Path, *extra: str) -> str:
     cfg.write_text(yaml.safe_dump(config))
     proc = subprocess.run(
         [sys.executable, "-m", "perturb_lens.cli", "run", str(cfg), "--out", str(out), *extra],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout + proc.stderr
@@ -26,8 +28,15 @@ def test_quiet_silences_the_model_loading_bar(
     tmp_path: Path, gpt2_dir: Path, text_file: Path
 ) -> None:
     config = run_config(
-        gpt2_dir, text_file, layer=1, seq_len=8, n_seqs=2, pool_size=16,
-        name="quiet", lengths=[0, 1], directions=["isotropic"],
+        gpt2_dir,
+        text_file,
+        layer=1,
+        seq_len=8,
+        n_seqs=2,
+        pool_size=16,
+        name="quiet",
+        lengths=[0, 1],
+        directions=["isotropic"],
     )
     assert "Loading weights" in _run(config, tmp_path / "loud")  # the bar the flag must silence
     assert "Loading weights" not in _run(config, tmp_path / "quiet", "--quiet")

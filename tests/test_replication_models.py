@@ -404,3 +404,48 @@ def test_readme_summary_is_the_committed_table() -> None:
     assert list(summary) == list(rows)
     for cid, row in rows.items():
         assert summary[cid] == [_verdict(c) for c in row[3:]], cid
+
+
+# -- the SAE of each model ---------------------------------------------------------------------
+
+
+def _sae(folder: Path, ev: float, dead: float, hook: str) -> None:
+    sae = folder / "sae_train_smollm2_layer15_topk_e2e" / "topk-k64"
+    sae.mkdir(parents=True)
+    meta = {"kind": "topk", "k": 64, "tokens": 1234567, "epochs": 12.0, "hook_name": hook}
+    (sae / "cfg.json").write_text(json.dumps({"d_sae": 4608, "metadata": meta}))
+    held = {
+        "tokens": {"n": 16000, "l0": 64.0, "explained_variance": ev},
+        "dead_fraction": dead,
+        "ce": {"n": 7936, "ce_increase": 0.25},
+    }
+    (sae / "eval.json").write_text(json.dumps(held))
+
+
+def test_sae_section_reads_each_models_sae_against_the_targets(tmp_path: Path) -> None:
+    """Each model's bullet gives its SAE's held-out EV, L0, dead fraction and CE increase from
+    its eval.json, and says which target it missed: EV below 0.85 (SmolLM2 here), 1% dead or
+    more (Gemma here), nothing (Qwen has no SAE: its SAE claims are not run)."""
+    _lee_run(tmp_path / "smollm2-135m", 2.0, "smollm2-135m")
+    _sae(tmp_path / "smollm2-135m", 0.8491, 0.0, _hook("smollm2-135m"))
+    _sae(tmp_path / "gemma3-270m", 0.93, 0.01, _hook("gemma3-270m"))
+    path, _ = write_replication(tmp_path, tmp_path / "R.md", command="perturb-lens R")
+    section = path.read_text().split("## The SAE of each model")[1].split("\n## ")[0]
+    bullets = {b.split("**")[1]: b for b in section.splitlines() if b.startswith("- **")}
+    assert list(bullets) == list(MODELS)
+    smol, gemma, qwen = bullets.values()
+    assert "blocks.15.hook_resid_pre" in smol and "1,234,567 token-steps, 12 passes" in smol
+    assert "EV 0.849 (16,000 tokens), L0 64, dead 0.00%, CE increase 0.250 nat" in smol
+    assert smol.endswith("misses the targets: EV 0.849 < 0.85.")
+    assert gemma.endswith("misses the targets: dead 1.0% >= 1%.")
+    assert "no SAE at" in qwen and "not run" in qwen
+    _, rows = _table(path.read_text())  # the claim table is still read as before
+    assert LEE in rows
+
+
+def test_sae_meeting_every_target(tmp_path: Path) -> None:
+    from perturb_lens.replication.sae_quality import sae_line
+
+    _sae(tmp_path, 0.85, 0.0099, _hook("qwen2.5-0.5b"))
+    line = sae_line("qwen2.5-0.5b", tmp_path)
+    assert line.endswith("dead 0.99%, CE increase 0.250 nat (7,936 tokens): meets the targets.")

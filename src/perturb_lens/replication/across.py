@@ -16,6 +16,7 @@ from perturb_lens.replication.inference import SIZE_RULE, deciding_size
 from perturb_lens.replication.layout import RUNS, layout_text
 from perturb_lens.replication.models import MODEL_LAYERS, PRESET_MODEL, middle_layer, n_layers
 from perturb_lens.replication.registry import NOT_RUN
+from perturb_lens.replication.sae_quality import sae_section
 from perturb_lens.replication.table import (
     CANNOT_JUDGE,
     Result,
@@ -87,7 +88,7 @@ def models_markdown(
 ) -> str:
     """The markdown of ``REPLICATION.md`` across models: a generated-by header, the table (claim
     rows, a verdict column per model), the sample sizes that would decide, the verdict rules
-    (one footnote per rule) and each model's runs-root layout."""
+    (one footnote per rule), each model's SAE and its runs-root layout."""
     models = list(per_model)
     first = per_model[models[0]]
     columns = ["claim", "paper", "paper's number", *(_header(m) for m in models)]
@@ -133,6 +134,7 @@ def models_markdown(
     if sizes:
         lines += ["", "## Sample sizes that would decide", "", f"{SIZE_RULE}", ""]
         lines += [f"[^n{i}]: {cell(text)}" for i, text in enumerate(sizes, 1)]
+    lines += sae_section(folders)
     lines += ["", "## Verdict rules and sources", ""]
     for (rule, source), label in notes.items():
         lines.append(f"[^{label}]: {cell(rule)} Source: {cell(source)}.")

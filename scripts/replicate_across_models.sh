@@ -19,11 +19,13 @@ ROOT=${RUNS_ROOT:-runs/replication}
 MODELS=${MODELS:-"smollm2-135m gemma3-270m qwen2.5-0.5b"}
 WEBTEXT=../shared/data/webtext/webtext.test.jsonl
 # Sizes (the presets' own in brackets): sensitive directions 24 sequences [96] at 7 of the 12
-# relative lengths; synthetic activations 100 prompts [1000]; SAE: 3,000 WebText rows of 64 tokens
-# [5,109], 6 passes [12], evaluated on 256 held-out rows [1,024].
+# relative lengths; synthetic activations 100 prompts [1000]; SAE: all of WebText test in rows of
+# 64 tokens (5,109 / 4,815 / 4,768 rows under the three tokenizers), 12 passes, evaluated on 256
+# held-out rows [1,024].
 SENS_SIZE=(data.n_seqs=24 "lengths=[0.0, 0.01, 0.03, 0.11, 0.2, 0.36, 0.71]")
-SAE_SIZE=(data.n_seqs=3000 eval_data.n_seqs=256 "saes=[{name: topk-k64, kind: topk, k: 64, epochs: 6}]")
+SAE_SIZE=(eval_data.n_seqs=256 "saes=[{name: topk-k64, kind: topk, k: 64, epochs: 12}]")
 declare -A LAYERS=([smollm2-135m]=30 [gemma3-270m]=18 [qwen2.5-0.5b]=24)
+declare -A SAE_ROWS=([smollm2-135m]=5109 [gemma3-270m]=4815 [qwen2.5-0.5b]=4768)  # all of WebText test
 
 done_run() { [ -f "$1/manifest.json" ] && grep -q '"complete": *true' "$1/manifest.json"; }
 
@@ -59,6 +61,7 @@ for stage in ${*:-stable sens sae plateaus synthetic subst extrap webtext}; do
         out=$dir/sae_train_smollm2_layer15_topk_e2e; resume=(); [ -d "$out" ] && resume=(--resume)
         echo "+ $PL sae train ... ${at[*]} --out $out"
         "$PL" sae train configs/sae_train_smollm2_layer15_topk_e2e.yaml "${SAE_SIZE[@]}" "${at[@]}" \
+          "data.n_seqs=${SAE_ROWS[$model]}" \
           --only topk-k64 --out "$out" "${resume[@]}" --quiet ;;
       plateaus) run "$dir/plateaus" configs/plateaus_smollm2.yaml data.n_seqs=100 "${at[@]}" "sae=$sae" ;;
       synthetic) run "$dir/synthetic_activations" configs/synthetic_activations_smollm2.yaml \

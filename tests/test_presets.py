@@ -25,6 +25,15 @@ from perturb_lens.results.store import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 FROZEN = sorted((REPO / "tests" / "data" / "frozen_configs").glob("*.json"))
+# Files of configs/ that only named their preset and the default model, removed: the preset
+# itself is that run (its name aside).
+REPLACED_BY_PRESET = {
+    "sensitive_directions_gpt2": "sensitive-directions-gpt2",
+    "sensitive_directions_smollm2_attn_out": "sensitive-directions-attn-out",
+    "sensitive_directions_smollm2_mlp_out": "sensitive-directions-mlp-out",
+    "same_cosine_smollm2_attn_out": "same-cosine-attn-out",
+    "same_cosine_smollm2_mlp_out": "same-cosine-mlp-out",
+}
 # The layer counts of the models the old configs name (GPT-2 small: 12; SmolLM2-135M: 30).
 N_LAYERS = {"gpt2": 12, "smollm2-135m": 30}
 
@@ -77,7 +86,9 @@ def test_read_depth_and_order_checked_after_resolution() -> None:
     assert ok.read == "blocks.11.hook_resid_post"
 
 
-@pytest.mark.parametrize("frozen", FROZEN, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "frozen", [p for p in FROZEN if p.stem not in REPLACED_BY_PRESET], ids=lambda p: p.stem
+)
 def test_old_config_files_give_the_same_config(frozen: Path) -> None:
     """Each file of configs/ as its command reads it equals what it gave before presets existed
     (frozen in tests/data by the reader then); a layer depth resolved for the named model."""
@@ -97,8 +108,21 @@ def test_old_config_files_give_the_same_config(frozen: Path) -> None:
     assert got == old["config"]
 
 
+
 def test_every_old_config_is_frozen() -> None:
-    assert {p.stem for p in FROZEN} == {p.stem for p in (REPO / "configs").glob("*.yaml")}
+    kept = {p.stem for p in (REPO / "configs").glob("*.yaml")}
+    assert not kept & set(REPLACED_BY_PRESET)
+    assert {p.stem for p in FROZEN} == kept | set(REPLACED_BY_PRESET)
+
+
+@pytest.mark.parametrize(("old_file", "preset"), REPLACED_BY_PRESET.items())
+def test_removed_config_files_are_their_presets(old_file: str, preset: str) -> None:
+    """A removed file's run is its preset's on the default model: the same config but its name."""
+    old = json.loads((REPO / "tests" / "data" / "frozen_configs" / f"{old_file}.json").read_text())
+    cfg = load_config(preset)
+    got = resolve_depths(cfg, N_LAYERS[cfg.model]).model_dump(mode="json")
+    assert got["name"] == preset and old["config"]["name"] == old_file
+    assert got | {"name": old_file} == old["config"]
 
 
 def test_run_configs_in_configs_start_from_presets() -> None:

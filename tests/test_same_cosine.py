@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from perturb_lens import load_model
 from perturb_lens.common.hook_depths import resolve_hook
 from perturb_lens.config.lengths import resolve_lengths
+from perturb_lens.config.preset import PRESET_DIR
 from perturb_lens.config.schema import ConfigError, load_config, validate_config
 from perturb_lens.directions.base import DirectionContext, make_directions, same_cosine_target
 from perturb_lens.experiments.same_cosine import SAE_LABEL, nearest
@@ -26,10 +27,16 @@ from perturb_lens.statistics.activations import fit_stats
 from perturb_lens.workflows.experiment import run_experiment
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The configs/ files (GPT-2's published frame and data; SmolLM2 at layer 15 with its SAE) and the
+# packaged presets (any model; the embedded SmolLM2 by default).
 NEW_PRESETS = sorted(
     p
     for p in CONFIGS.glob("*.yaml")
     if p.name.startswith("same_cosine") or "attn_out" in p.name or "mlp_out" in p.name
+) + sorted(
+    p
+    for p in PRESET_DIR.glob("*.yaml")
+    if p.name.startswith("same-cosine") or "attn-out" in p.name or "mlp-out" in p.name
 )
 T = 7  # tokens per sequence in the runs here
 
@@ -268,11 +275,11 @@ def test_sae_ratio_without_an_sae_says_so(gpt2_dir: Path, tmp_path: Path) -> Non
 
 def test_new_presets_exist() -> None:
     names = {p.stem for p in NEW_PRESETS}
-    for exp in ("sensitive_directions", "same_cosine"):
-        for model in ("gpt2", "smollm2"):
-            for kind in ("attn_out", "mlp_out"):
-                assert f"{exp}_{model}_{kind}" in names
-    assert "same_cosine_smollm2" in names
+    for exp in ("sensitive-directions", "same-cosine"):
+        for kind in ("attn-out", "mlp-out"):
+            assert f"{exp}-{kind}" in names  # any model's (SmolLM2 by default)
+            assert f"{exp}_gpt2_{kind}".replace("-", "_") in names  # GPT-2's published setup
+    assert {"same-cosine", "same_cosine_smollm2"} <= names
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +295,7 @@ def _preset_cases() -> list:
     hook (layer None); the SmolLM2 ones (a 135M model on CPU) are slow."""
     cases = []
     for p in NEW_PRESETS:
-        marks = [pytest.mark.slow] if "smollm2" in p.name else []
+        marks = [pytest.mark.slow] if load_config(p).model == "smollm2-135m" else []
         for layer in (0, 1) if ("attn_out" in p.name or "mlp_out" in p.name) else (None,):
             cases.append(pytest.param(p, layer, marks=marks, id=f"{p.stem}-L{layer}"))
     return cases

@@ -65,7 +65,9 @@ def sae_section(folders: dict[str, Path]) -> list[str]:
     head = (
         f"Targets: held-out explained variance >= {MIN_EV} at L0 <= {MAX_L0}, fewer than "
         f"{MAX_DEAD:.0%} dead latents (never firing on the held-out tokens). Held-out: WebText "
-        "valid, text not trained on; BOS and outlier-norm tokens apart (not in EV)."
+        "valid, text not trained on; BOS and outlier-norm tokens apart (not in EV). The dead "
+        "fraction depends on the held-out size: a latent that fires once in 50,000 tokens "
+        "looks dead on 16,000."
     )
     return ["", "## The SAE of each model", "", head, ""] + [
         sae_line(m, f) for m, f in folders.items()

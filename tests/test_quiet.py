@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,11 @@ from conftest import run_config
 def _run(config: dict, out: Path, *extra: str) -> str:
     cfg = out.parent / f"{out.name}.yaml"
     cfg.write_text(yaml.safe_dump(config))
+    # not inherited from an earlier in-process `-q` command of the test session
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
     proc = subprocess.run(
         [sys.executable, "-m", "perturb_lens.cli", "run", str(cfg), "--out", str(out), *extra],
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,

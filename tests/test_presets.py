@@ -108,7 +108,6 @@ def test_old_config_files_give_the_same_config(frozen: Path) -> None:
     assert got == old["config"]
 
 
-
 def test_every_old_config_is_frozen() -> None:
     kept = {p.stem for p in (REPO / "configs").glob("*.yaml")}
     assert not kept & set(REPLACED_BY_PRESET)

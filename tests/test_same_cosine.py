@@ -27,17 +27,26 @@ from perturb_lens.statistics.activations import fit_stats
 from perturb_lens.workflows.experiment import run_experiment
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _kind(p: Path) -> str:
+    """A file's stem with preset dashes as config underscores (``same-cosine-attn-out`` ->
+    ``same_cosine_attn_out``), so that one test reads both spellings."""
+    return p.stem.replace("-", "_")
+
+
+def _branch_output(p: Path) -> bool:
+    return "attn_out" in _kind(p) or "mlp_out" in _kind(p)
+
+
 # The configs/ files (GPT-2's published frame and data; SmolLM2 at layer 15 with its SAE) and the
 # packaged presets (any model; the embedded SmolLM2 by default).
-NEW_PRESETS = sorted(
+NEW_PRESETS = [
     p
-    for p in CONFIGS.glob("*.yaml")
-    if p.name.startswith("same_cosine") or "attn_out" in p.name or "mlp_out" in p.name
-) + sorted(
-    p
-    for p in PRESET_DIR.glob("*.yaml")
-    if p.name.startswith("same-cosine") or "attn-out" in p.name or "mlp-out" in p.name
-)
+    for folder in (CONFIGS, PRESET_DIR)
+    for p in sorted(folder.glob("*.yaml"))
+    if _kind(p).startswith("same_cosine") or _branch_output(p)
+]
 T = 7  # tokens per sequence in the runs here
 
 
@@ -296,7 +305,7 @@ def _preset_cases() -> list:
     cases = []
     for p in NEW_PRESETS:
         marks = [pytest.mark.slow] if load_config(p).model == "smollm2-135m" else []
-        for layer in (0, 1) if ("attn_out" in p.name or "mlp_out" in p.name) else (None,):
+        for layer in (0, 1) if _branch_output(p) else (None,):
             cases.append(pytest.param(p, layer, marks=marks, id=f"{p.stem}-L{layer}"))
     return cases
 

@@ -21,12 +21,16 @@ def sae_folder(model_folder: Path) -> Path:
     return Path(MIDDLE_SAE.format(root=model_folder))
 
 
+def _num(x: float | None, spec: str) -> str:
+    return "undefined" if x is None else format(x, spec)
+
+
 def _misses(ev: float | None, l0: float | None, dead: float) -> list[str]:
     out = []
     if ev is None or ev < MIN_EV:
-        out.append(f"EV {'undefined' if ev is None else f'{ev:.3f}'} < {MIN_EV}")
+        out.append(f"EV {_num(ev, '.3f')} < {MIN_EV}")
     if l0 is None or l0 > MAX_L0:
-        out.append(f"L0 {l0} > {MAX_L0}")
+        out.append(f"L0 {_num(l0, 'g')} > {MAX_L0}")
     if dead >= MAX_DEAD:
         out.append(f"dead {dead:.1%} >= {MAX_DEAD:.0%}")
     return out
@@ -52,11 +56,11 @@ def sae_line(model: str, model_folder: Path) -> str:
     ce_text = (
         f"CE increase {ce['ce_increase']:.3f} nat ({ce['n']:,} tokens)" if ce else "CE not measured"
     )
-    ev_text = "undefined" if ev is None else f"{ev:.3f}"
     verdict = "meets the targets" if not misses else "misses the targets: " + "; ".join(misses)
     return (
         f"- **{model}**: `{folder}` at `{meta.get('hook_name', '?')}` ({trained}); held-out "
-        f"EV {ev_text} ({tok['n']:,} tokens), L0 {l0:g}, dead {dead:.2%}, {ce_text}: {verdict}."
+        f"EV {_num(ev, '.3f')} ({tok['n']:,} tokens), L0 {_num(l0, 'g')}, dead {dead:.2%}, "
+        f"{ce_text}: {verdict}."
     )
 
 
